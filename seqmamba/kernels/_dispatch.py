@@ -1,0 +1,46 @@
+"""One place decides which backend runs a kernel op.
+
+``backend="auto"`` picks Triton for CUDA tensors when the op has a Triton implementation and Triton
+imports, and the PyTorch reference otherwise. The environment variable ``SEQMAMBA_BACKEND``
+(``auto``, ``triton`` or ``ref``) overrides ``"auto"``; an explicit per-call backend wins over it.
+Asking for Triton where it cannot run is an error, never a silent fallback.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Literal
+
+import torch
+
+Backend = Literal["auto", "triton", "ref"]
+BACKENDS = ("auto", "triton", "ref")
+ENV_VAR = "SEQMAMBA_BACKEND"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(op: str, backend: str, tensor: torch.Tensor, has_triton_impl: bool) -> str:
+    """Return ``"triton"`` or ``"ref"`` for one call of ``op`` on ``tensor``'s device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={backend!r} is not one of {BACKENDS}")
+    if backend == "ref":
+        return "ref"
+    usable = has_triton_impl and tensor.is_cuda and triton_available()
+    if backend == "triton" and not usable:
+        why = ("no Triton kernel exists for it yet" if not has_triton_impl
+               else "its inputs are not CUDA tensors" if not tensor.is_cuda
+               else "triton is not installed")
+        raise RuntimeError(f"{op}: the Triton backend was requested but cannot run: {why}")
+    return "triton" if usable else "ref"
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64 (exactness tests), float32 otherwise (state math in fp32)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
