@@ -1,0 +1,148 @@
+"""Mamba-1 mixer: in_proj -> depthwise causal conv -> selective scan gated by z -> out_proj.
+
+Parameter names and shapes are those of mamba_ssm's ``Mamba`` and transformers' ``MambaMixer``, so their
+state dicts load unchanged. ``reverse=True`` makes the anti-causal mixer (flip ∘ Mamba ∘ flip along the
+length) without flipping any tensor, which is what BiMamba's backward direction is.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqmamba.config import MambaConfig
+from seqmamba.kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from seqmamba.state import MixerState
+
+
+def init_dt_bias(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
+    """Inverse softplus of dt ~ log-uniform[dt_min, dt_max] (floored), so softplus(bias) = dt at init."""
+    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Parameters enter the scans in float32, or float64 when the model runs in float64."""
+    return t if t is None or t.dtype == torch.float64 else t.float()
+
+
+def masked_dt(dt: torch.Tensor, dt_bias: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softplus(dt + bias), zero at padding, so that padded positions leave the state untouched.
+
+    dt: ``(..., l, c)`` or any shape broadcasting with ``mask`` after the caller's reshape.
+    """
+    return F.softplus(fp32(dt) + dt_bias) * mask
+
+
+class Mamba(nn.Module):
+    """Mamba-1 mixer. Input and output ``(b, l, d_model)``.
+
+    Args mirror mamba_ssm (``d_state``, ``d_conv``, ``expand``, ``dt_rank``, dt init range, ``conv_bias``,
+    ``bias``). ``reverse`` makes it anti-causal. ``segment_len``: without autograd, inputs longer than this
+    are processed in segments carrying the state, which bounds the activation memory (the output is the same).
+    ``backend`` is passed to every kernel (``"auto"``, ``"triton"``, ``"ref"``).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 dt_init_floor: float = 1e-4, dt_scale: float = 1.0, conv_bias: bool = True, bias: bool = False,
+                 reverse: bool = False, segment_len: int = 65536, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        cfg = MambaConfig(d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init_floor, dt_scale, conv_bias, bias)
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = cfg.resolved_dt_rank(d_model)
+        self.reverse, self.segment_len, self.backend = reverse, segment_len, backend
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                                bias=conv_bias, **factory)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        # dt_proj: weight ~ U(-s, s) with s = dt_scale / sqrt(dt_rank); bias = softplus^-1(dt) with dt log-uniform.
+        dt_std = dt_scale * self.dt_rank ** -0.5
+        with torch.no_grad():
+            nn.init.uniform_(self.dt_proj.weight, -dt_std, dt_std)
+            self.dt_proj.bias.copy_(init_dt_bias(self.d_inner, dt_min, dt_max, dt_init_floor))
+        self.dt_proj.bias._no_reinit = True
+        # S4D-real initialisation: A[:, i] = -(i + 1), stored as A_log (kept in fp32).
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A).to(device))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def allocate_state(self, batch: int, device=None, dtype=torch.float32) -> MixerState:
+        """Zero state for ``batch`` sequences: conv ``(b, d_inner, d_conv-1)``, ssm ``(b, d_inner, d_state)``."""
+        device = device or self.A_log.device
+        conv = torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=self.conv1d.weight.dtype)
+        return MixerState(conv, torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=dtype))
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None,
+                state: MixerState | None = None, return_state: bool = False):
+        """hidden_states ``(b, l, d_model)``; mask ``(b, l)`` bool/0-1, False at padding (any side).
+
+        ``state`` is the state after the previous segment (scan order); with ``return_state`` the state after
+        this segment is returned too: ``(out, state)``. Padded positions never change the state or the outputs
+        of real positions; their own outputs are unspecified.
+        """
+        length = hidden_states.shape[1]
+        if torch.is_grad_enabled() or length <= self.segment_len:
+            out, new_state = self._forward(hidden_states, mask, state)
+        else:
+            out, new_state = self._forward_segments(hidden_states, mask, state)
+        return (out, new_state) if return_state else out
+
+    def _forward_segments(self, hidden_states, mask, state):
+        out = torch.empty_like(hidden_states)
+        starts = list(range(0, hidden_states.shape[1], self.segment_len))
+        for start in reversed(starts) if self.reverse else starts:
+            window = slice(start, start + self.segment_len)
+            seg_mask = None if mask is None else mask[:, window]
+            out[:, window], state = self._forward(hidden_states[:, window], seg_mask, state)
+        return out, state
+
+    def _forward(self, hidden_states, mask, state):
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2*d_inner, l)
+        x, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
+        if mask is not None:
+            mask = mask.to(x.dtype)[:, None, :]  # (b, 1, l)
+            x = x * mask
+        x, conv_state = causal_conv1d(
+            x, self.conv1d.weight, self.conv1d.bias, initial_state=None if state is None else state.conv,
+            return_final_state=True, activation="silu", reverse=self.reverse, backend=self.backend)
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2n)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, d_inner, l), bias added in the scan
+        B, C = B.transpose(1, 2), C.transpose(1, 2)  # (b, n, l)
+        A = -torch.exp(fp32(self.A_log))  # (d_inner, n)
+        dt_bias, softplus = fp32(self.dt_proj.bias), True
+        if mask is not None:
+            dt, dt_bias, softplus = masked_dt(dt, dt_bias[:, None], mask), None, False
+        y, ssm_state = selective_scan(
+            x, dt, A, B, C, fp32(self.D), z=z, delta_bias=dt_bias, delta_softplus=softplus,
+            initial_state=None if state is None else state.ssm, return_final_state=True,
+            reverse=self.reverse, backend=self.backend)
+        out = self.out_proj(y.transpose(1, 2))  # (b, l, d_model)
+        return out, MixerState(conv_state, ssm_state)
+
+    def step(self, hidden_states: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
+        """One token: hidden_states ``(b, d_model)`` -> ``(b, d_model)`` and the new state."""
+        if self.reverse:
+            raise RuntimeError("Mamba.step: a reverse (anti-causal) mixer cannot run one token at a time")
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, d_inner) each
+        x, conv_state = causal_conv1d_update(x, state.conv, self.conv1d.weight, self.conv1d.bias,
+                                             activation="silu", backend=self.backend)
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = dt @ self.dt_proj.weight.t()  # (b, d_inner)
+        A = -torch.exp(fp32(self.A_log))
+        y, ssm_state = selective_state_update(state.ssm, x, dt, A, B, C, fp32(self.D), z=z,
+                                              delta_bias=fp32(self.dt_proj.bias), delta_softplus=True,
+                                              backend=self.backend)
+        return self.out_proj(y), MixerState(conv_state, ssm_state)

@@ -1,0 +1,62 @@
+"""BiMamba: the Caduceus definition, weight tying, combination strategies and padding masks."""
+import pytest
+import torch
+
+from seqmamba import BiMamba, Mamba, Mamba2
+from tests.utils import assert_close
+
+D = 16
+
+
+def make(mixer="mamba", **kw):
+    extra = {"d_state": 4} if mixer == "mamba" else {"d_state": 4, "headdim": 8, "chunk_size": 4}
+    model = BiMamba(D, mixer=mixer, **extra, **kw).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_weight_tie_shares_in_and_out_projections_only():
+    tied, untied = make(weight_tie=True), make(weight_tie=False)
+    assert tied.mamba_rev.in_proj.weight is tied.mamba_fwd.in_proj.weight
+    assert tied.mamba_rev.out_proj.weight is tied.mamba_fwd.out_proj.weight
+    assert tied.mamba_rev.x_proj.weight is not tied.mamba_fwd.x_proj.weight
+    assert untied.mamba_rev.in_proj.weight is not untied.mamba_fwd.in_proj.weight
+    n_tied = sum(p.numel() for p in tied.parameters())
+    assert n_tied < sum(p.numel() for p in untied.parameters())
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
+@pytest.mark.parametrize("strategy", ["add", "ew_multiply"])
+def test_matches_caduceus_definition(mixer, strategy):
+    """fwd(x) (op) flip(rev(flip(x))) with rev an ordinary causal mixer holding mamba_rev's weights."""
+    model = make(mixer, strategy=strategy)
+    cls, kw = (Mamba, {"d_state": 4}) if mixer == "mamba" else (Mamba2, {"d_state": 4, "headdim": 8, "chunk_size": 4})
+    causal_rev = cls(D, **kw).double()
+    causal_rev.load_state_dict(model.mamba_rev.state_dict())
+    x = torch.randn(2, 12, D, dtype=torch.float64)
+    a, b = model.mamba_fwd(x), causal_rev(x.flip(1)).flip(1)
+    expected = a + b if strategy == "add" else a * b
+    assert_close(f"BiMamba {strategy}", model(x), expected, 1e-10)
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
+def test_padding_mask_left_and_right(mixer):
+    model = make(mixer)
+    x = torch.randn(2, 9, D, dtype=torch.float64)
+    reference = model(x)
+    pad = 50 * torch.randn(2, 3, D, dtype=torch.float64)
+    for padded, real in ((torch.cat([x, pad], 1), slice(0, 9)), (torch.cat([pad, x], 1), slice(3, 12))):
+        mask = torch.zeros(2, 12, dtype=torch.bool)
+        mask[:, real] = True
+        assert_close("BiMamba with padding", model(padded, mask=mask)[:, real], reference, 1e-10)
+    unmasked = model(torch.cat([x, pad], 1))[:, :9]
+    assert (unmasked - reference).abs().max() > 1e-3, "without a mask the reverse direction must see the pads"
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="strategy"):
+        BiMamba(D, strategy="concat")
+    with pytest.raises(ValueError, match="mixer"):
+        BiMamba(D, mixer="lstm")

@@ -1,0 +1,154 @@
+"""Mamba and Mamba2 mixers: init, reverse, streaming, stepping, segmented inference, padding masks."""
+import math
+
+import pytest
+import torch
+
+from seqmamba import Mamba, Mamba2
+from tests.utils import assert_close
+
+D_MODEL = 16
+MIXERS = {
+    "mamba": lambda **kw: Mamba(D_MODEL, d_state=4, **kw),
+    "mamba2": lambda **kw: Mamba2(D_MODEL, d_state=4, headdim=8, ngroups=2, chunk_size=4, **kw),
+    "mamba2_g1": lambda **kw: Mamba2(D_MODEL, d_state=4, headdim=4, ngroups=1, chunk_size=8, **kw),
+}
+
+
+def make(kind, **kw):
+    torch.manual_seed(1)
+    mixer = MIXERS[kind](**kw).double()
+    with torch.no_grad():  # move every parameter away from its init so that mistakes show
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return mixer
+
+
+def copy_params(src, dst):
+    dst.load_state_dict(src.state_dict())
+    return dst
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+def test_shapes_dtype_and_grads(kind):
+    mixer = MIXERS[kind]()
+    x = torch.randn(2, 11, D_MODEL)
+    y = mixer(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    y.square().sum().backward()
+    for name, p in mixer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_mamba_init_follows_the_paper():
+    m = Mamba(64, d_state=16, dt_min=1e-3, dt_max=1e-1)
+    assert m.in_proj.weight.shape == (256, 64) and m.x_proj.weight.shape == (4 + 32, 128)
+    assert m.dt_proj.weight.shape == (128, 4) and m.conv1d.weight.shape == (128, 1, 4)
+    torch.testing.assert_close(m.A_log, torch.log(torch.arange(1.0, 17.0)).repeat(128, 1))
+    torch.testing.assert_close(m.D, torch.ones(128))
+    dt = torch.nn.functional.softplus(m.dt_proj.bias)
+    assert dt.min() >= 1e-3 * (1 - 1e-4) and dt.max() <= 1e-1 * (1 + 1e-4)
+    assert m.in_proj.bias is None and m.conv1d.bias is not None
+    assert m.A_log._no_weight_decay and m.D._no_weight_decay
+
+
+def test_mamba2_init_follows_the_paper():
+    m = Mamba2(64, d_state=16, headdim=16, ngroups=2)
+    assert m.nheads == 8 and m.in_proj.weight.shape == (2 * 128 + 2 * 2 * 16 + 8, 64)
+    assert m.conv1d.weight.shape == (128 + 64, 1, 4)
+    A = torch.exp(m.A_log)
+    assert A.min() >= 1 and A.max() <= 16
+    dt = torch.nn.functional.softplus(m.dt_bias)
+    assert dt.min() >= 1e-3 * (1 - 1e-4) and dt.max() <= 1e-1 * (1 + 1e-4)
+    assert m.dt_bias._no_weight_decay and m.norm.group_size == 64
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+def test_reverse_is_flip_of_causal(kind):
+    fwd = make(kind)
+    rev = copy_params(fwd, make(kind, reverse=True))
+    x = torch.randn(2, 13, D_MODEL, dtype=torch.float64)
+    assert_close("reverse", rev(x), fwd(x.flip(1)).flip(1), 1e-10)
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_streaming_chunks_equal_one_shot(kind, reverse):
+    mixer = make(kind, reverse=reverse)
+    x = torch.randn(2, 17, D_MODEL, dtype=torch.float64)
+    full, full_state = mixer(x, return_state=True)
+    pieces = [slice(0, 5), slice(5, 6), slice(6, 17)]
+    if reverse:  # a reverse mixer consumes the sequence from its end
+        pieces = [slice(11, 17), slice(10, 11), slice(0, 10)]
+    state, out = None, torch.empty_like(full)
+    for piece in pieces:
+        out[:, piece], state = mixer(x[:, piece], state=state, return_state=True)
+    assert_close("chunked output", out, full, 1e-10)
+    assert_close("conv state", state.conv, full_state.conv, 1e-10)
+    assert_close("ssm state", state.ssm, full_state.ssm, 1e-10)
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+def test_step_equals_one_shot(kind):
+    mixer = make(kind)
+    x = torch.randn(3, 9, D_MODEL, dtype=torch.float64)
+    full, full_state = mixer(x, return_state=True)
+    state = mixer.allocate_state(3, dtype=torch.float64)
+    outs = []
+    for t in range(x.shape[1]):
+        y, state = mixer.step(x[:, t], state)
+        outs.append(y)
+    assert_close("stepped output", torch.stack(outs, 1), full, 1e-10)
+    assert_close("stepped ssm state", state.ssm, full_state.ssm, 1e-10)
+    assert_close("stepped conv state", state.conv, full_state.conv, 1e-10)
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+def test_reverse_mixer_cannot_step(kind):
+    mixer = make(kind, reverse=True)
+    with pytest.raises(RuntimeError, match="reverse"):
+        mixer.step(torch.randn(1, D_MODEL, dtype=torch.float64), mixer.allocate_state(1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_segmented_inference_equals_one_shot(kind, reverse):
+    mixer = make(kind, reverse=reverse)
+    x = torch.randn(2, 23, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        whole = mixer(x)
+        mixer.segment_len = 5
+        segmented, state = mixer(x, return_state=True)
+        mixer.segment_len = 10**9
+        _, whole_state = mixer(x, return_state=True)
+    assert_close("segmented output", segmented, whole, 1e-10)
+    assert_close("segmented ssm state", state.ssm, whole_state.ssm, 1e-10)
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_padding_never_leaks(kind, reverse):
+    mixer = make(kind, reverse=reverse)
+    x = torch.randn(2, 10, D_MODEL, dtype=torch.float64)
+    reference = mixer(x)
+    pad = 100 * torch.randn(2, 4, D_MODEL, dtype=torch.float64)  # loud padding would show if it leaked
+    for padded, real in ((torch.cat([x, pad], 1), slice(0, 10)), (torch.cat([pad, x], 1), slice(4, 14))):
+        mask = torch.zeros(2, 14, dtype=torch.bool)
+        mask[:, real] = True
+        assert_close(f"masked output ({'right' if real.start == 0 else 'left'} pads)",
+                     mixer(padded, mask=mask)[:, real], reference, 1e-10)
+
+
+def test_mixed_lengths_in_one_batch():
+    mixer = make("mamba", reverse=True)
+    x = torch.randn(2, 8, D_MODEL, dtype=torch.float64)
+    mask = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
+    out = mixer(x, mask=mask)
+    assert_close("row 0", out[0], mixer(x[:1])[0], 1e-10)
+    assert_close("row 1", out[1, :5], mixer(x[1:, :5])[0], 1e-10)
+
+
+def test_dt_rank_auto():
+    assert Mamba(33).dt_rank == math.ceil(33 / 16)
+    with pytest.raises(ValueError, match="headdim"):
+        Mamba2(20, headdim=64)
