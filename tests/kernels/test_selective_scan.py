@@ -239,7 +239,8 @@ def test_autograd_saves_chunk_boundaries_not_full_states():
 def test_auto_chunk_size():
     assert auto_chunk_size(1, 1, 1) == 2048
     assert auto_chunk_size(64, 1024, 64) == 16
-    assert auto_chunk_size(2, 256, 16) == 512      # 2 * 256 * 16 * 512 = 2**22
+    assert auto_chunk_size(2, 256, 16) == 128               # 2 * 256 * 16 * 128 = 2**20 on CPU
+    assert auto_chunk_size(2, 256, 16, "cuda") == 1024      # 2**23 on a GPU
     x = make_inputs(l=33, groups=2, seed=6)
     with torch.no_grad():
         assert torch.allclose(selective_scan_ref(**x), selective_scan_ref(**x, chunk_size=5), rtol=1e-12)
