@@ -37,7 +37,40 @@ def masked_dt(dt: torch.Tensor, dt_bias: torch.Tensor, mask: torch.Tensor) -> to
     return F.softplus(fp32(dt) + dt_bias) * mask
 
 
-class Mamba(nn.Module):
+class SegmentedMixer(nn.Module):
+    """What Mamba and Mamba2 share: the call signature, streaming state, and segmented inference.
+
+    Subclasses define ``_forward(hidden_states, mask, state) -> (out, new_state)``, and the attributes
+    ``reverse`` and ``segment_len``.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None,
+                state: MixerState | None = None, return_state: bool = False):
+        """hidden_states ``(b, l, d_model)`` -> ``(b, l, d_model)``; mask ``(b, l)`` bool/0-1, False at padding
+        (on either side).
+
+        ``state`` is the state after the previous segment (scan order); with ``return_state`` the state after
+        this segment is returned too: ``(out, state)``. Padded positions never change the state or the outputs
+        of real positions; their own outputs are unspecified.
+        """
+        length = hidden_states.shape[1]
+        if torch.is_grad_enabled() or length <= self.segment_len:
+            out, new_state = self._forward(hidden_states, mask, state)
+        else:
+            out, new_state = self._forward_segments(hidden_states, mask, state)
+        return (out, new_state) if return_state else out
+
+    def _forward_segments(self, hidden_states, mask, state):
+        out = torch.empty_like(hidden_states)
+        starts = list(range(0, hidden_states.shape[1], self.segment_len))
+        for start in reversed(starts) if self.reverse else starts:
+            window = slice(start, start + self.segment_len)
+            seg_mask = None if mask is None else mask[:, window]
+            out[:, window], state = self._forward(hidden_states[:, window], seg_mask, state)
+        return out, state
+
+
+class Mamba(SegmentedMixer):
     """Mamba-1 mixer. Input and output ``(b, l, d_model)``.
 
     Args mirror mamba_ssm (``d_state``, ``d_conv``, ``expand``, ``dt_rank``, dt init range, ``conv_bias``,
@@ -83,30 +116,6 @@ class Mamba(nn.Module):
         device = device or self.A_log.device
         conv = torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=self.conv1d.weight.dtype)
         return MixerState(conv, torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=dtype))
-
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None,
-                state: MixerState | None = None, return_state: bool = False):
-        """hidden_states ``(b, l, d_model)``; mask ``(b, l)`` bool/0-1, False at padding (any side).
-
-        ``state`` is the state after the previous segment (scan order); with ``return_state`` the state after
-        this segment is returned too: ``(out, state)``. Padded positions never change the state or the outputs
-        of real positions; their own outputs are unspecified.
-        """
-        length = hidden_states.shape[1]
-        if torch.is_grad_enabled() or length <= self.segment_len:
-            out, new_state = self._forward(hidden_states, mask, state)
-        else:
-            out, new_state = self._forward_segments(hidden_states, mask, state)
-        return (out, new_state) if return_state else out
-
-    def _forward_segments(self, hidden_states, mask, state):
-        out = torch.empty_like(hidden_states)
-        starts = list(range(0, hidden_states.shape[1], self.segment_len))
-        for start in reversed(starts) if self.reverse else starts:
-            window = slice(start, start + self.segment_len)
-            seg_mask = None if mask is None else mask[:, window]
-            out[:, window], state = self._forward(hidden_states[:, window], seg_mask, state)
-        return out, state
 
     def _forward(self, hidden_states, mask, state):
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2*d_inner, l)

@@ -13,12 +13,12 @@ from torch import nn
 
 from seqmamba.config import Mamba2Config
 from seqmamba.kernels import causal_conv1d, causal_conv1d_update, selective_state_update, ssd_scan
-from seqmamba.mamba import fp32, init_dt_bias, masked_dt
+from seqmamba.mamba import SegmentedMixer, fp32, init_dt_bias, masked_dt
 from seqmamba.norm import RMSNormGated
 from seqmamba.state import MixerState
 
 
-class Mamba2(nn.Module):
+class Mamba2(SegmentedMixer):
     """Mamba-2 (SSD) mixer. Input and output ``(b, l, d_model)``.
 
     nheads = expand * d_model / headdim; B and C are shared by ``ngroups`` groups of heads.
@@ -67,25 +67,6 @@ class Mamba2(nn.Module):
         conv = torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=self.conv1d.weight.dtype)
         ssm = torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=dtype)
         return MixerState(conv, ssm)
-
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None,
-                state: MixerState | None = None, return_state: bool = False):
-        """hidden_states ``(b, l, d_model)``; mask ``(b, l)``, False at padding; see ``Mamba.forward``."""
-        length = hidden_states.shape[1]
-        if torch.is_grad_enabled() or length <= self.segment_len:
-            out, new_state = self._forward(hidden_states, mask, state)
-        else:
-            out, new_state = self._forward_segments(hidden_states, mask, state)
-        return (out, new_state) if return_state else out
-
-    def _forward_segments(self, hidden_states, mask, state):
-        out = torch.empty_like(hidden_states)
-        starts = list(range(0, hidden_states.shape[1], self.segment_len))
-        for start in reversed(starts) if self.reverse else starts:
-            window = slice(start, start + self.segment_len)
-            seg_mask = None if mask is None else mask[:, window]
-            out[:, window], state = self._forward(hidden_states[:, window], seg_mask, state)
-        return out, state
 
     def _split_xbc(self, xBC: torch.Tensor):
         """(..., conv_dim) -> x (..., nheads, headdim), B and C (..., ngroups, d_state)."""
