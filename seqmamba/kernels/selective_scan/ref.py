@@ -1,4 +1,4 @@
-"""Mamba-1 selective scan: PyTorch reference and public op.
+"""Mamba-1 selective scan: the PyTorch reference and its helpers.
 
 Shape letters: b batch, d channels, l length, n state size, g groups (B/C shared by d // g channels).
 
@@ -24,30 +24,12 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from seqmamba.kernels._dispatch import compute_dtype, resolve_backend
+from seqmamba.kernels._dispatch import compute_dtype
 
 # Elements of one (b, d, n, T) chunk: about 2^20 stays in a CPU's caches (measured fastest on CPU); a GPU
 # wants fewer, larger launches.
 _TARGET_CHUNK_ELEMS = {"cpu": 2 ** 20, "cuda": 2 ** 23}
 _MIN_CHUNK, _MAX_CHUNK = 16, 2048
-
-# Seam for a fused kernel: a callable with selective_scan_ref's signature. None until one exists.
-_selective_scan_triton = None
-
-
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_final_state=False, reverse=False, *, chunk_size=None,
-                   backend="auto"):
-    """Selective scan. u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l) or (b, g, n, l);
-    D, delta_bias: (d,); initial_state: (b, d, n).
-
-    Returns y (b, d, l) in u's dtype, or (y, final_state (b, d, n)) when return_final_state.
-    """
-    which = resolve_backend("selective_scan", backend, u, has_triton_impl=_selective_scan_triton is not None)
-    impl = _selective_scan_triton if which == "triton" else selective_scan_ref
-    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state,
-                reverse, chunk_size=chunk_size)
-
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        initial_state=None, return_final_state=False, reverse=False, chunk_size=None):

@@ -1,0 +1,169 @@
+"""Kernel benchmarks on one GPU: seqmamba's Triton selective scan against the PyTorch reference and, when it
+is importable in the same process, mamba_ssm's CUDA kernel; plus the floors from FIELD_NOTES section 1.
+
+    python benchmarks/kernels.py                    # every shape, table printed last
+    python benchmarks/kernels.py --quick            # the small shapes only
+    python benchmarks/kernels.py --check            # also compare with the reference at every shape
+
+Times are medians of ``triton.testing.do_bench`` (CUDA events); inputs are random (never zeros), bf16 u, delta,
+B, C, z and fp32 A, D, delta_bias, softplus on, z gating on, one group of B/C (the FIELD_NOTES setting).
+Bandwidth counts the bytes a perfect kernel must move (inputs read once, outputs written once); the exp rate
+counts one exp per (channel, position, state).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+
+import torch
+
+SHAPES = [  # (batch, d_inner, d_state, length); FIELD_NOTES section 1, plus 4M tokens
+    (8, 1536, 16, 2048),
+    (4, 1536, 16, 16384),
+    (1, 1536, 16, 65536),
+    (1, 1536, 16, 1 << 20),
+    (1, 512, 16, 1 << 20),
+    (1, 1536, 16, 1 << 22),
+]
+# mamba_ssm 2.3.2 on an H100 80GB HBM3 (FIELD_NOTES section 1): fwd ms, bwd ms
+MAMBA_SSM_H100 = {
+    (8, 1536, 16, 2048): (0.451, 1.847), (4, 1536, 16, 16384): (2.097, 7.525),
+    (1, 1536, 16, 65536): (2.216, 7.828), (1, 1536, 16, 1 << 20): (36.26, 125.4),
+    (1, 512, 16, 1 << 20): (11.77, 60.07),
+}
+COPY_TBPS = 3.0e12      # measured device-to-device copy on the H100 (FIELD_NOTES)
+EXP_PER_S = 4.2e12      # special-function unit exp rate (FIELD_NOTES)
+
+
+def make(b, d, n, l, dtype=torch.bfloat16, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s, dt=dtype: torch.randn(*s, generator=g, device=device, dtype=torch.float32).to(dt)  # noqa
+    return dict(
+        u=r(b, d, l), delta=(r(b, d, l, dt=torch.float32) * 0.5 - 4.0).to(dtype),
+        A=-torch.exp(r(d, n, dt=torch.float32) * 0.5), B=r(b, n, l), C=r(b, n, l),
+        D=r(d, dt=torch.float32), z=r(b, d, l), delta_bias=r(d, dt=torch.float32) * 0.3)
+
+
+def floors(b, d, n, l, elt=2):
+    pairs = b * d * l
+    byte_floor = (4 * pairs + 2 * b * n * l) * elt / COPY_TBPS * 1e3
+    exp_floor = pairs * n / EXP_PER_S * 1e3
+    return byte_floor, exp_floor
+
+
+def bench(fn, rep_ms=200):
+    import triton
+    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_shape(shape, args, mamba_fn):
+    from seqmamba.kernels.selective_scan import selective_scan, selective_scan_ref
+    b, d, n, l = shape
+    x = make(b, d, n, l)
+    row = {"shape": f"b{b} d{d} n{n} l{l}"}
+    kw = dict(delta_softplus=True, return_final_state=True)
+    ours = lambda: selective_scan(**x, **kw, backend="triton")  # noqa: E731
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    row["fwd_ms"] = bench(ours)
+    row["fwd_extra_GB"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    leaves = {k: v.detach().requires_grad_() for k, v in x.items()}
+    y, h = selective_scan(**leaves, **kw, backend="triton")
+    dy, dh = torch.randn_like(y), torch.randn_like(h)
+
+    def fwd_bwd():
+        y, h = selective_scan(**leaves, **kw, backend="triton")
+        torch.autograd.backward((y, h), (dy, dh))
+    del y, h
+    for v in leaves.values():
+        v.grad = None
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    row["fwdbwd_ms"] = bench(fwd_bwd)
+    row["fwdbwd_extra_GB"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
+    bf, ef = floors(b, d, n, l)
+    row["floor_ms"] = max(bf, ef)
+    row["GBps"] = (4 * b * d * l + 2 * b * n * l) * 2 / row["fwd_ms"] / 1e6
+    row["Texp_s"] = b * d * l * n / row["fwd_ms"] / 1e9
+    if args.check or b * d * l <= (1 << 25):
+        with torch.no_grad():
+            yt, ht = ours()
+            if b * d * l <= (1 << 31):
+                yr, hr = selective_scan_ref(**x, **kw)
+                row["err_y"], row["err_h"] = rel(yt, yr), rel(ht, hr)
+            else:  # the last window of 2^16 positions, started from the Triton state before it
+                w = 1 << 16
+                xs = {k: (v[..., :-w] if k in ("u", "delta", "z", "B", "C") else v) for k, v in x.items()}
+                _, h_before = selective_scan(**xs, **kw, backend="triton")
+                xw = {k: (v[..., -w:] if k in ("u", "delta", "z", "B", "C") else v) for k, v in x.items()}
+                yr, hr = selective_scan_ref(**xw, **kw, initial_state=h_before)
+                row["err_y"], row["err_h"] = rel(yt[..., -w:], yr), rel(ht, hr)
+    if l * b * d <= (1 << 27) and not args.no_ref:
+        row["ref_fwd_ms"] = bench(lambda: selective_scan_ref(**x, **kw), rep_ms=100)
+    if mamba_fn is not None and b * d * l < (1 << 31):
+        try:
+            mx = {k: v for k, v in x.items()}
+            row["mamba_fwd_ms"] = bench(lambda: mamba_fn(mx["u"], mx["delta"], mx["A"], mx["B"], mx["C"], mx["D"],
+                                                          z=mx["z"], delta_bias=mx["delta_bias"],
+                                                          delta_softplus=True, return_last_state=True))
+        except Exception as e:  # noqa: BLE001
+            row["mamba_err"] = repr(e)[:80]
+    anchor = MAMBA_SSM_H100.get(shape)
+    if anchor:
+        row["fieldnotes_fwd_ms"], row["fieldnotes_bwd_ms"] = anchor
+        row["fwd_vs_fieldnotes"] = row["fwd_ms"] / anchor[0]
+        row["bwd_vs_fieldnotes"] = row["bwd_ms"] / anchor[1]
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shapes only")
+    p.add_argument("--check", action="store_true", help="compare with the reference at every shape")
+    p.add_argument("--no-ref", action="store_true", help="skip timing the PyTorch reference")
+    p.add_argument("--shapes", default=None, help="indices into SHAPES, comma separated")
+    p.add_argument("--json", default=None, help="write the rows here")
+    args = p.parse_args(argv)
+    import triton
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_fn
+    except Exception:  # noqa: BLE001
+        mamba_fn = None
+    shapes = SHAPES[:3] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                mamba_ssm=mamba_fn is not None)
+    print(json.dumps(info))
+    rows = []
+    for s in shapes:
+        try:
+            rows.append(run_shape(s, args, mamba_fn))
+        except torch.cuda.OutOfMemoryError as e:
+            rows.append({"shape": str(s), "error": "OOM " + str(e)[:60]})
+        torch.cuda.empty_cache()
+        print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+    cols = ["shape", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fieldnotes_fwd_ms", "fieldnotes_bwd_ms", "mamba_fwd_ms",
+            "ref_fwd_ms", "floor_ms", "GBps", "Texp_s", "fwd_extra_GB", "fwdbwd_extra_GB", "err_y", "err_h"]
+    print("\n| " + " | ".join(cols) + " |")
+    for r in rows:
+        print("| " + " | ".join(
+            (f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Mamba-1 selective scan: the public op, its PyTorch reference (``ref.py``) and its Triton kernels
+(``chunk.py``, imported only when Triton is installed).
+
+    dt_t = softplus(delta_t + delta_bias)            (softplus and delta_bias optional)
+    h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t       h_{-1} = initial_state or 0
+    y_t  = sum_n C_t * h_t + D * u_t,  then y_t *= silu(z_t) when z is given
+
+Shape letters: b batch, d channels, l length, n state size, g groups (B/C shared by d // g channels).
+"""
+from __future__ import annotations
+
+import torch
+
+from seqmamba.kernels._dispatch import resolve_backend, triton_available
+from seqmamba.kernels.selective_scan.ref import (_contract_c, _grouped, _per_channel_mul, _scan_,  # noqa: F401
+                                                 _scan_chunk, _skip_and_gate, auto_chunk_size,
+                                                 check_scan_args, delta_dt, linear_scan, selective_scan_ref)
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _load_triton():
+    if not triton_available():
+        return None
+    try:
+        from seqmamba.kernels.selective_scan.chunk import selective_scan_triton
+    except Exception:  # a broken Triton install: the reference still works  # pragma: no cover
+        return None
+    return selective_scan_triton
+
+
+# Seam for the fused kernel: a callable with selective_scan_ref's signature, or None without Triton.
+_selective_scan_triton = _load_triton()
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_final_state=False, reverse=False, *, chunk_size=None,
+                   backend="auto"):
+    """Selective scan. u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l) or (b, g, n, l);
+    D, delta_bias: (d,); initial_state: (b, d, n).
+
+    Returns y (b, d, l) in u's dtype, or (y, final_state (b, d, n), fp32) when return_final_state.
+    ``backend="auto"`` runs the Triton kernels for CUDA tensors (fp32, bf16, fp16; float64 inputs go to the
+    reference, which is exact in float64) and the chunked reference otherwise. ``chunk_size`` tunes the
+    reference only.
+    """
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    which = resolve_backend("selective_scan", backend, u, has_triton_impl=_selective_scan_triton is not None)
+    if which == "triton" and any(t is not None and t.dtype not in _TRITON_DTYPES
+                                 for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)):
+        if backend == "triton":
+            raise RuntimeError("selective_scan: the Triton backend takes fp32/bf16/fp16 inputs; "
+                               "use backend='ref' for float64")
+        which = "ref"
+    impl = _selective_scan_triton if which == "triton" else selective_scan_ref
+    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state,
+                reverse, chunk_size=chunk_size)
+
+
+__all__ = ["selective_scan", "selective_scan_ref", "auto_chunk_size", "check_scan_args", "delta_dt",
+           "linear_scan"]

@@ -1,0 +1,572 @@
+"""Triton selective scan, chunked over the length (forward and backward).
+
+Same math as :func:`seqmamba.kernels.selective_scan.ref.selective_scan_ref`. The length is cut into tiles
+of ``T`` positions (a tile is scanned in registers with ``tl.associative_scan``) and tiles are grouped into
+chunks; one program walks the tiles of one chunk for a block of ``BD`` channels, carrying the (BD, n) state.
+
+Forward, in scan order (``reverse`` only changes the address of position j: t = j or l-1-j; nothing is
+flipped in memory):
+  1. ``_fwd_kernel`` MODE 0 (only with more than one chunk): each chunk scanned from a zero state gives its
+     local end state and sum(dt) (the decay over the chunk is exp(A * sum dt), one exp per channel and state);
+  2. ``_fwd_state_kernel``: one sequential pass over the chunk summaries gives every chunk's start state;
+  3. ``_fwd_kernel`` MODE 1: each chunk rescanned from its start state writes y, the chunk's end state
+     (the last one is the final state) and, under autograd, the state at every tile start (b, l/T, d, n):
+     the backward recomputes everything else from these, never storing (b, d, l, n).
+
+Backward: with g_t = dL/dh_t (all paths), g_t = dy_t C_t + exp(dt_{t+1} A) g_{t+1}, g_l = dht.
+  1. ``_bwd_sum_kernel`` + ``_bwd_state_kernel``: the same summary / state-passing trick from the right gives
+     g at the end of each backward chunk;
+  2. ``_bwd_kernel``: one program per (batch, group, channel split, chunk) walks its tiles right to left and,
+     for each tile, every channel block of its share of the group: recomputes h from the saved tile state,
+     g from the carried one, and writes du, ddelta, dz; dB and dC (summed over the channels of the group) are
+     accumulated in registers, dA, dD, ddelta_bias into per-chunk slots that only this program touches. No
+     atomics anywhere: the backward is deterministic (summed in a fixed order by torch afterwards).
+
+Accumulation is fp32 for every input dtype; all offsets are 64-bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Tile length; forward/backward channel block caps; programs we aim to have in flight.
+TILE = 64
+MAX_BD_FWD = 4
+MAX_BD_BWD = 4
+TARGET_PROGRAMS = 2048
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # Compose x -> a1 x + b1 and then x -> a2 x + b2 (the reverse scan uses the same combine: triton hands it
+    # the carry coming from the right first).
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(x):
+    # log1p(exp(x)) computed with Kahan's trick (log(w) * e / (w - 1)), exact to fp32 rounding for x << 0.
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _dt_tile(delta_ptr, row_off, t_off, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(BD, T) raw delta tile -> (dl = delta + bias, dt); dt is 0 where masked (an identity step)."""
+    dl = tl.load(delta_ptr + row_off[:, None] + t_off[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dl += bias[:, None]
+    if SOFTPLUS:
+        dt = _softplus(dl)
+    else:
+        dt = dl
+    dt = tl.where(mask, dt, 0.0)
+    return dl, dt
+
+
+@triton.jit
+def _fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
+    hin_ptr, hout_ptr, dtsum_ptr, tstate_ptr,
+    su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    sz_b, sz_d, sz_l, sy_b, sy_d, sy_l,
+    dim, nstate, seqlen, cpg, tiles_per_chunk, n_tiles, n_chunks,
+    MODE: tl.constexpr, HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    ndb = dim // BD
+    pb = (pid // ndb).to(tl.int64)
+    d_off = ((pid % ndb) * BD + tl.arange(0, BD)).to(tl.int64)  # BD divides d // g: one group per program
+    grp = (pid % ndb) * BD // cpg
+    n_off = tl.arange(0, BN).to(tl.int64)
+    n_mask = n_off < nstate
+    dn_mask = n_mask[None, :] & (d_off[:, None] < dim)
+
+    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d_off).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d_off).to(tl.float32)
+
+    # state slots (b, chunk, d, n) fp32, contiguous
+    slot = ((pb * n_chunks + chunk) * dim + d_off[:, None]) * nstate + n_off[None, :]
+    if HAS_HIN:
+        h = tl.load(hin_ptr + slot, mask=dn_mask, other=0.0)
+    else:
+        h = tl.zeros([BD, BN], dtype=tl.float32)
+    dtacc = tl.zeros([BD], dtype=tl.float32)
+
+    u_row = pb * su_b + d_off * su_d
+    dl_row = pb * sdl_b + d_off * sdl_d
+    B_row = pb * sB_b + grp.to(tl.int64) * sB_g + n_off * sB_n
+    C_row = pb * sC_b + grp.to(tl.int64) * sC_g + n_off * sC_n
+    ar = tl.arange(0, T)
+    is_last = (ar == T - 1)[None, None, :]
+
+    k0 = chunk * tiles_per_chunk
+    for kk in range(0, tiles_per_chunk):  # tiles past the end are fully masked: identity steps
+        k = k0 + kk
+        j = k.to(tl.int64) * T + ar
+        valid = j < seqlen
+        if REVERSE:
+            t = seqlen - 1 - j
+        else:
+            t = j
+        mask = valid[None, :] & (d_off[:, None] < dim)
+        if SAVE_STATES:
+            tl.store(tstate_ptr + ((pb * n_tiles + k) * dim + d_off[:, None]) * nstate + n_off[None, :], h,
+                     mask=dn_mask & (k < n_tiles))
+        _, dt = _dt_tile(delta_ptr, dl_row, t * sdl_l, mask, bias, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + u_row[:, None] + t[None, :] * su_l, mask=mask, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + B_row[:, None] + t[None, :] * sB_l, mask=n_mask[:, None] & valid[None, :],
+                     other=0.0).to(tl.float32)
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])          # (BD, BN, T)
+        bx = (dt * u)[:, None, :] * Bt[None, :, :]
+        ca, hs = tl.associative_scan((a, bx), 2, _combine)
+        hh = hs + ca * h[:, :, None]
+        h = tl.sum(tl.where(is_last, hh, 0.0), axis=2)
+        if MODE == 0:
+            dtacc += tl.sum(dt, axis=1)
+        else:
+            Ct = tl.load(C_ptr + C_row[:, None] + t[None, :] * sC_l, mask=n_mask[:, None] & valid[None, :],
+                         other=0.0).to(tl.float32)
+            y = tl.sum(hh * Ct[None, :, :], axis=1)            # (BD, T)
+            if HAS_D:
+                y += Dv[:, None] * u
+            if HAS_Z:
+                zz = tl.load(z_ptr + (pb * sz_b + d_off * sz_d)[:, None] + t[None, :] * sz_l, mask=mask,
+                             other=0.0).to(tl.float32)
+                y = y * zz * tl.sigmoid(zz)
+            tl.store(y_ptr + (pb * sy_b + d_off * sy_d)[:, None] + t[None, :] * sy_l,
+                     y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(hout_ptr + slot, h, mask=dn_mask)
+    if MODE == 0:
+        tl.store(dtsum_ptr + (pb * n_chunks + chunk) * dim + d_off, dtacc)
+
+
+@triton.jit
+def _fwd_state_kernel(A_ptr, hloc_ptr, dtsum_ptr, h0_ptr, hstart_ptr, dim, nstate, n_chunks,
+                      HAS_H0: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """h_start[c] = h; h = exp(A sum dt_c) h + h_loc[c], c = 0..n_chunks-1 (sequential)."""
+    pid = tl.program_id(0)
+    ndb = dim // BD
+    pb = (pid // ndb).to(tl.int64)
+    d_off = ((pid % ndb) * BD + tl.arange(0, BD)).to(tl.int64)
+    n_off = tl.arange(0, BN).to(tl.int64)
+    m = (n_off < nstate)[None, :] & (d_off[:, None] < dim)
+    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=m, other=0.0).to(tl.float32) * 1.4426950408889634
+    dn = d_off[:, None] * nstate + n_off[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + pb * dim * nstate + dn, mask=m, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BD, BN], dtype=tl.float32)
+    for c in range(0, n_chunks):
+        base = (pb * n_chunks + c) * dim
+        tl.store(hstart_ptr + base * nstate + dn, h, mask=m)
+        s = tl.load(dtsum_ptr + base + d_off)
+        hl = tl.load(hloc_ptr + base * nstate + dn, mask=m, other=0.0)
+        h = tl.exp2(A2 * s[:, None]) * h + hl
+
+
+@triton.jit
+def _bwd_sum_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, gloc_ptr, dtsum_ptr,
+    sdl_b, sdl_d, sdl_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    dim, nstate, seqlen, cpg, tiles_per_chunk, n_tiles, n_chunks,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+):
+    """Per backward chunk: g at its first position from a zero g beyond its end, and sum of dt_{j+1}."""
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    ndb = dim // BD
+    pb = (pid // ndb).to(tl.int64)
+    d_off = ((pid % ndb) * BD + tl.arange(0, BD)).to(tl.int64)
+    grp = (pid % ndb) * BD // cpg
+    n_off = tl.arange(0, BN).to(tl.int64)
+    n_mask = n_off < nstate
+    dn_mask = n_mask[None, :] & (d_off[:, None] < dim)
+    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d_off).to(tl.float32)
+    g = tl.zeros([BD, BN], dtype=tl.float32)
+    dtacc = tl.zeros([BD], dtype=tl.float32)
+    dl_row = pb * sdl_b + d_off * sdl_d
+    C_row = pb * sC_b + grp.to(tl.int64) * sC_g + n_off * sC_n
+    ar = tl.arange(0, T)
+    is_first = (ar == 0)[None, None, :]
+    k0 = chunk * tiles_per_chunk
+    for kk in range(0, tiles_per_chunk):  # right to left; tiles past the end are fully masked
+        k = k0 + tiles_per_chunk - 1 - kk
+        j = k.to(tl.int64) * T + ar
+        valid = j < seqlen
+        valid_n = (j + 1) < seqlen
+        if REVERSE:
+            t = seqlen - 1 - j
+            t_n = t - 1
+        else:
+            t = j
+            t_n = t + 1
+        mask = valid[None, :] & (d_off[:, None] < dim)
+        mask_n = valid_n[None, :] & (d_off[:, None] < dim)
+        _, dt_n = _dt_tile(delta_ptr, dl_row, t_n * sdl_l, mask_n, bias, HAS_BIAS, SOFTPLUS)
+        dy = tl.load(dout_ptr + (pb * so_b + d_off * so_d)[:, None] + t[None, :] * so_l, mask=mask,
+                     other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_ptr + (pb * sz_b + d_off * sz_d)[:, None] + t[None, :] * sz_l, mask=mask,
+                         other=0.0).to(tl.float32)
+            dy = dy * zz * tl.sigmoid(zz)
+        Ct = tl.load(C_ptr + C_row[:, None] + t[None, :] * sC_l, mask=n_mask[:, None] & valid[None, :],
+                     other=0.0).to(tl.float32)
+        a_n = tl.exp2(dt_n[:, None, :] * A2[:, :, None])
+        bv = dy[:, None, :] * Ct[None, :, :]
+        pa, gs = tl.associative_scan((a_n, bv), 2, _combine, reverse=True)
+        gg = gs + pa * g[:, :, None]
+        g = tl.sum(tl.where(is_first, gg, 0.0), axis=2)
+        dtacc += tl.sum(dt_n, axis=1)
+    slot = ((pb * n_chunks + chunk) * dim + d_off[:, None]) * nstate + n_off[None, :]
+    tl.store(gloc_ptr + slot, g, mask=dn_mask)
+    tl.store(dtsum_ptr + (pb * n_chunks + chunk) * dim + d_off, dtacc)
+
+
+@triton.jit
+def _bwd_state_kernel(A_ptr, gloc_ptr, dtsum_ptr, dht_ptr, gin_ptr, dim, nstate, n_chunks,
+                      HAS_DHT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """g_in[c] = g; g = g_loc[c] + exp(A sum dt_{j+1}) g, c = n_chunks-1..0; g starts as dht."""
+    pid = tl.program_id(0)
+    ndb = dim // BD
+    pb = (pid // ndb).to(tl.int64)
+    d_off = ((pid % ndb) * BD + tl.arange(0, BD)).to(tl.int64)
+    n_off = tl.arange(0, BN).to(tl.int64)
+    m = (n_off < nstate)[None, :] & (d_off[:, None] < dim)
+    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=m, other=0.0).to(tl.float32) * 1.4426950408889634
+    dn = d_off[:, None] * nstate + n_off[None, :]
+    if HAS_DHT:
+        g = tl.load(dht_ptr + pb * dim * nstate + dn, mask=m, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros([BD, BN], dtype=tl.float32)
+    for cc in range(0, n_chunks):
+        c = n_chunks - 1 - cc
+        base = (pb * n_chunks + c) * dim
+        tl.store(gin_ptr + base * nstate + dn, g, mask=m)
+        s = tl.load(dtsum_ptr + base + d_off)
+        gl = tl.load(gloc_ptr + base * nstate + dn, mask=m, other=0.0)
+        g = gl + tl.exp2(A2 * s[:, None]) * g
+
+
+@triton.jit
+def _bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, tstate_ptr, gbuf_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    dim, nstate, seqlen, cpg, n_groups, n_splits, db_per_split, tiles_per_chunk, n_tiles, n_chunks,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    split = pid % n_splits
+    grp = (pid // n_splits) % n_groups
+    pb = (pid // (n_splits * n_groups)).to(tl.int64)
+    ndb_g = cpg // BD
+    i0 = split * db_per_split
+    n_off = tl.arange(0, BN).to(tl.int64)
+    n_mask = n_off < nstate
+    ar = tl.arange(0, T)
+    is_first = (ar == 0)[None, None, :]
+    B_row = pb * sB_b + grp.to(tl.int64) * sB_g + n_off * sB_n
+    C_row = pb * sC_b + grp.to(tl.int64) * sC_g + n_off * sC_n
+    # dB/dC partials: (b, splits, g, n, l) fp32, contiguous
+    dBC_row = ((pb * n_splits + split) * n_groups + grp) * nstate + n_off
+    slot_c = pb * n_chunks + chunk
+
+    k0 = chunk * tiles_per_chunk
+    for kk in range(0, tiles_per_chunk):  # right to left; tiles past the end are fully masked
+        k = k0 + tiles_per_chunk - 1 - kk
+        j = k.to(tl.int64) * T + ar
+        valid = j < seqlen
+        valid_n = (j + 1) < seqlen
+        if REVERSE:
+            t = seqlen - 1 - j
+            t_n = t - 1
+        else:
+            t = j
+            t_n = t + 1
+        bc_mask = n_mask[:, None] & valid[None, :]
+        Bt = tl.load(B_ptr + B_row[:, None] + t[None, :] * sB_l, mask=bc_mask, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + C_row[:, None] + t[None, :] * sC_l, mask=bc_mask, other=0.0).to(tl.float32)
+        dB_acc = tl.zeros([BN, T], dtype=tl.float32)
+        dC_acc = tl.zeros([BN, T], dtype=tl.float32)
+        for ii in range(0, db_per_split):  # channel blocks past the group's end are masked
+            i = i0 + ii
+            d_off = (grp * cpg + i * BD + tl.arange(0, BD)).to(tl.int64)
+            dmask = (tl.arange(0, BD) * 0 + i) < ndb_g
+            dn_mask = n_mask[None, :] & dmask[:, None]
+            dn = d_off[:, None] * nstate + n_off[None, :]
+            mask = valid[None, :] & dmask[:, None]
+            mask_n = valid_n[None, :] & dmask[:, None]
+            A = tl.load(A_ptr + dn, mask=dn_mask, other=0.0).to(tl.float32)
+            A2 = A * 1.4426950408889634
+            bias = tl.zeros([BD], dtype=tl.float32)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + d_off, mask=dmask, other=0.0).to(tl.float32)
+            dl_row = pb * sdl_b + d_off * sdl_d
+            dl, dt = _dt_tile(delta_ptr, dl_row, t * sdl_l, mask, bias, HAS_BIAS, SOFTPLUS)
+            _, dt_n = _dt_tile(delta_ptr, dl_row, t_n * sdl_l, mask_n, bias, HAS_BIAS, SOFTPLUS)
+            u_off = (pb * su_b + d_off * su_d)[:, None] + t[None, :] * su_l
+            u = tl.load(u_ptr + u_off, mask=mask, other=0.0).to(tl.float32)
+            o_off = (pb * so_b + d_off * so_d)[:, None] + t[None, :] * so_l
+            dout = tl.load(dout_ptr + o_off, mask=mask, other=0.0).to(tl.float32)
+
+            # forward recompute of h inside the tile from the saved tile-start state
+            h0 = tl.load(tstate_ptr + (pb * n_tiles + k) * dim * nstate + dn, mask=dn_mask & (k < n_tiles), other=0.0)
+            a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+            dtu = dt * u
+            bx = dtu[:, None, :] * Bt[None, :, :]
+            ca, hs = tl.associative_scan((a, bx), 2, _combine)
+            h = hs + ca * h0[:, :, None]
+
+            if HAS_Z:
+                z_off = (pb * sz_b + d_off * sz_d)[:, None] + t[None, :] * sz_l
+                zz = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
+                sg = tl.sigmoid(zz)
+                ypre = tl.sum(h * Ct[None, :, :], axis=1)
+                if HAS_D:
+                    Dv = tl.load(D_ptr + d_off, mask=dmask, other=0.0).to(tl.float32)
+                    ypre += Dv[:, None] * u
+                dz = dout * ypre * sg * (1.0 + zz * (1.0 - sg))
+                tl.store(dz_ptr + (pb * dim + d_off)[:, None] * seqlen + t[None, :],
+                         dz.to(dz_ptr.dtype.element_ty), mask=mask)
+                dy = dout * zz * sg
+            else:
+                dy = dout
+            dC_acc += tl.sum(dy[:, None, :] * h, axis=0)
+
+            # adjoint: g_t = dy_t C_t + exp(dt_{t+1} A) g_{t+1}, carried between tiles in gbuf
+            gslot = (slot_c * dim) * nstate + dn
+            gc = tl.load(gbuf_ptr + gslot, mask=dn_mask, other=0.0)
+            a_n = tl.exp2(dt_n[:, None, :] * A2[:, :, None])
+            bv = dy[:, None, :] * Ct[None, :, :]
+            pa, gs = tl.associative_scan((a_n, bv), 2, _combine, reverse=True)
+            g = gs + pa * gc[:, :, None]
+            tl.store(gbuf_ptr + gslot, tl.sum(tl.where(is_first, g, 0.0), axis=2), mask=dn_mask)
+            if k == 0:
+                tl.store(dh0_ptr + pb * dim * nstate + dn, tl.sum(tl.where(is_first, g * a, 0.0), axis=2),
+                         mask=dn_mask)
+
+            ah = h - bx                                        # = exp(dt A) h_{t-1}
+            gB = tl.sum(g * Bt[None, :, :], axis=1)            # (BD, T)
+            gah = g * ah
+            du = gB * dt
+            ddt = gB * u + tl.sum(gah * A[:, :, None], axis=1)
+            if HAS_D:
+                Dv = tl.load(D_ptr + d_off, mask=dmask, other=0.0).to(tl.float32)
+                du += dy * Dv[:, None]
+                tl.store(dD_ptr + slot_c * dim + d_off, tl.load(dD_ptr + slot_c * dim + d_off, mask=dmask, other=0.0)
+                         + tl.sum(dy * u, axis=1), mask=dmask)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(dl)
+            ddt = tl.where(mask, ddt, 0.0)
+            tl.store(du_ptr + (pb * dim + d_off)[:, None] * seqlen + t[None, :], du.to(du_ptr.dtype.element_ty),
+                     mask=mask)
+            tl.store(ddelta_ptr + (pb * dim + d_off)[:, None] * seqlen + t[None, :],
+                     ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+            if HAS_BIAS:
+                tl.store(dbias_ptr + slot_c * dim + d_off, tl.load(dbias_ptr + slot_c * dim + d_off, mask=dmask, other=0.0)
+                         + tl.sum(ddt, axis=1), mask=dmask)
+            dA_slot = slot_c * dim * nstate + dn
+            tl.store(dA_ptr + dA_slot, tl.load(dA_ptr + dA_slot, mask=dn_mask, other=0.0)
+                     + tl.sum(gah * dt[:, None, :], axis=2), mask=dn_mask)
+            dB_acc += tl.sum(g * dtu[:, None, :], axis=0)
+        tl.store(dB_ptr + dBC_row[:, None] * seqlen + t[None, :], dB_acc, mask=bc_mask)
+        tl.store(dC_ptr + dBC_row[:, None] * seqlen + t[None, :], dC_acc, mask=bc_mask)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+def _pow2_divisor(x: int, cap: int) -> int:
+    """Largest power of two dividing x, at most cap."""
+    p = 1
+    while p * 2 <= cap and x % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def _grouped(X):
+    return X if X.dim() == 4 else X.unsqueeze(1)
+
+
+def _strides3(t):
+    return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
+
+
+def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, save_states, tile=TILE,
+         n_chunks=None, num_warps=4):
+    """Returns y, final_state (b, d, n) fp32, tile_states (b, n_tiles, d, n) fp32 or None."""
+    b, d, l = u.shape
+    n = A.shape[1]
+    B4, C4 = _grouped(B), _grouped(C)
+    g = B4.shape[1]
+    cpg = d // g
+    BD = _pow2_divisor(cpg, MAX_BD_FWD)
+    BN = max(triton.next_power_of_2(n), 2)
+    ndb = d // BD
+    n_tiles = max(triton.cdiv(l, tile), 1)
+    if n_chunks is None:
+        n_chunks = min(n_tiles, max(1, triton.cdiv(TARGET_PROGRAMS, b * ndb)))
+    tpc = triton.cdiv(n_tiles, n_chunks)
+    n_chunks = triton.cdiv(n_tiles, tpc)
+    dev = u.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    y = torch.empty(b, d, l, device=dev, dtype=u.dtype)
+    hout = torch.empty(b, n_chunks, d, n, **f32)
+    tstates = torch.empty(b, n_tiles, d, n, **f32) if save_states else hout
+    A = A.contiguous()
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+                 REVERSE=reverse, BD=BD, BN=BN, T=tile)
+    strides = (*_strides3(u), *_strides3(delta), *B4.stride(), *C4.stride(), *_strides3(z), *_strides3(y))
+    dummy = hout
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    if n_chunks == 1:
+        hin = h0
+    else:
+        hloc = torch.empty(b, n_chunks, d, n, **f32)
+        dtsum = torch.empty(b, n_chunks, d, **f32)
+        _fwd_kernel[(b * ndb, n_chunks)](
+            u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, y, dummy, hloc, dtsum, dummy, *strides,
+            d, n, l, cpg, tpc, n_tiles, n_chunks, MODE=0, HAS_HIN=False, SAVE_STATES=False,
+            **flags, num_warps=num_warps)
+        hin = torch.empty(b, n_chunks, d, n, **f32)
+        _fwd_state_kernel[(b * ndb,)](A, hloc, dtsum, h0 if h0 is not None else dummy, hin, d, n, n_chunks,
+                                      HAS_H0=h0 is not None, BD=BD, BN=BN, num_warps=1)
+    _fwd_kernel[(b * ndb, n_chunks)](
+        u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, y, hin if hin is not None else dummy, hout, dummy,
+        tstates, *strides, d, n, l, cpg, tpc, n_tiles, n_chunks, MODE=1, HAS_HIN=hin is not None,
+        SAVE_STATES=save_states, **flags, num_warps=num_warps)
+    return y, hout[:, -1].clone() if n_chunks > 1 else hout[:, 0], (tstates if save_states else None)
+
+
+def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, dht, tile=TILE,
+         n_chunks=None, n_splits=None, num_warps=4):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0), each in its input's dtype (None where
+    the input is None)."""
+    b, d, l = u.shape
+    n = A.shape[1]
+    B4, C4 = _grouped(B), _grouped(C)
+    g = B4.shape[1]
+    cpg = d // g
+    BD = _pow2_divisor(cpg, MAX_BD_BWD)
+    BDs = _pow2_divisor(cpg, MAX_BD_FWD)  # summary/state passes: any block works, reuse the forward's
+    BN = max(triton.next_power_of_2(n), 2)
+    ndb_g = cpg // BD
+    n_tiles = tstates.shape[1]
+    assert n_tiles == max(triton.cdiv(l, tile), 1)
+    if n_chunks is None:
+        n_chunks = min(n_tiles, max(1, triton.cdiv(TARGET_PROGRAMS, b * g)))
+    tpc = triton.cdiv(n_tiles, n_chunks)
+    n_chunks = triton.cdiv(n_tiles, tpc)
+    if n_splits is None:
+        n_splits = min(ndb_g, max(1, triton.cdiv(TARGET_PROGRAMS, b * g * n_chunks)))
+    dbps = triton.cdiv(ndb_g, n_splits)
+    n_splits = triton.cdiv(ndb_g, dbps)
+    dev = u.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    A = A.contiguous()
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    dummy = torch.empty(1, **f32)
+    dht_c = dht.float().contiguous() if dht is not None else None
+    gbuf = torch.empty(b, n_chunks, d, n, **f32)
+    if n_chunks == 1:
+        if dht_c is not None:
+            gbuf.copy_(dht_c.unsqueeze(1))
+        else:
+            gbuf.zero_()
+    else:
+        ndb = d // BDs
+        gloc = torch.empty(b, n_chunks, d, n, **f32)
+        dtsum = torch.empty(b, n_chunks, d, **f32)
+        _bwd_sum_kernel[(b * ndb, n_chunks)](
+            delta, A, C4, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
+            dout, gloc, dtsum, *_strides3(delta), *C4.stride(), *_strides3(z), *_strides3(dout),
+            d, n, l, cpg, tpc, n_tiles, n_chunks, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=softplus, REVERSE=reverse, BD=BDs, BN=BN, T=tile, num_warps=num_warps)
+        _bwd_state_kernel[(b * ndb,)](A, gloc, dtsum, dht_c if dht_c is not None else dummy, gbuf, d, n,
+                                      n_chunks, HAS_DHT=dht_c is not None, BD=BDs, BN=BN, num_warps=1)
+    du = torch.empty(b, d, l, device=dev, dtype=u.dtype)
+    ddelta = torch.empty(b, d, l, device=dev, dtype=delta.dtype)
+    dz = torch.empty(b, d, l, device=dev, dtype=z.dtype) if z is not None else None
+    dBp = torch.empty(b, n_splits, g, n, l, **f32)
+    dCp = torch.empty(b, n_splits, g, n, l, **f32)
+    dAp = torch.zeros(b, n_chunks, d, n, **f32)
+    dDp = torch.zeros(b, n_chunks, d, **f32) if D is not None else None
+    dbp = torch.zeros(b, n_chunks, d, **f32) if delta_bias is not None else None
+    dh0 = torch.empty(b, d, n, **f32)
+    _bwd_kernel[(b * g * n_splits, n_chunks)](
+        u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, dout, tstates, gbuf,
+        du, ddelta, dz if dz is not None else dummy, dBp, dCp, dAp, dDp if dDp is not None else dummy,
+        dbp if dbp is not None else dummy, dh0,
+        *_strides3(u), *_strides3(delta), *B4.stride(), *C4.stride(), *_strides3(z), *_strides3(dout),
+        d, n, l, cpg, g, n_splits, dbps, tpc, n_tiles, n_chunks,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+        REVERSE=reverse, BD=BD, BN=BN, T=tile, num_warps=num_warps)
+    dB = dBp.sum(1) if n_splits > 1 else dBp[:, 0]
+    dC = dCp.sum(1) if n_splits > 1 else dCp[:, 0]
+    dB, dC = dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype)
+    dA = dAp.sum((0, 1)).to(A.dtype)
+    dD = dDp.sum((0, 1)).to(D.dtype) if D is not None else None
+    dbias = dbp.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, tuning):
+        tuning = tuning or {}
+        save = any(ctx.needs_input_grad)
+        y, ht, tstates = _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
+                              save_states=save, tile=tuning.get("tile", TILE),
+                              n_chunks=tuning.get("fwd_chunks"))
+        if save:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates)
+        ctx.softplus, ctx.reverse, ctx.tuning = softplus, reverse, tuning
+        return y, ht
+
+    @staticmethod
+    def backward(ctx, dy, dht):
+        u, delta, A, B, C, D, z, delta_bias, initial_state, tstates = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(u)
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _bwd(
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.reverse, tstates, dy, dht,
+            tile=ctx.tuning.get("tile", TILE), n_chunks=ctx.tuning.get("bwd_chunks"),
+            n_splits=ctx.tuning.get("bwd_splits"))
+        dh0 = dh0.to(initial_state.dtype) if initial_state is not None else None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          initial_state=None, return_final_state=False, reverse=False, chunk_size=None,
+                          _tuning=None):
+    """Triton implementation with :func:`selective_scan_ref`'s signature (``chunk_size`` is ignored: the
+    kernel picks its own tiling). Inputs fp32/bf16/fp16 on a CUDA device (or any device under
+    TRITON_INTERPRET=1); arguments are assumed validated by the caller. ``_tuning`` (tests, benchmarks):
+    dict with any of tile, fwd_chunks, bwd_chunks, bwd_splits."""
+    y, ht = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
+                                  bool(reverse), _tuning)
+    return (y, ht) if return_final_state else y

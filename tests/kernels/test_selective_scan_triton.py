@@ -1,0 +1,212 @@
+"""Triton selective scan against the reference.
+
+CPU: the kernels run under the Triton interpreter (tiny shapes, forced small tiles so that every multi-chunk
+path, channel split and tail is taken). GPU (``-m gpu``): realistic shapes, bf16, 64-bit offsets, determinism,
+and the core modules with ``backend="auto"`` against ``backend="ref"``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqmamba.kernels.selective_scan import selective_scan, selective_scan_ref
+from tests.kernels.interpret import load_interpreted
+from tests.kernels.test_selective_scan import assert_close, detached, make_inputs, run_with_grads
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def chunk():
+    return load_interpreted("seqmamba.kernels.selective_scan.chunk")
+
+
+def triton_fn(impl, tuning=None, **kw):
+    def fn(**x):
+        return impl(**x, return_final_state=True, _tuning=tuning, **kw)
+    return fn
+
+
+def ref_fn(**kw):
+    def fn(**x):
+        return selective_scan_ref(**x, return_final_state=True, **kw)
+    return fn
+
+
+# (name, make_inputs overrides, softplus, reverse, tuning)
+CASES = [
+    ("one-tile", dict(l=7), True, False, None),
+    ("chunks+splits", dict(l=37, groups=2), True, False, dict(tile=4, fwd_chunks=3, bwd_chunks=4, bwd_splits=2)),
+    ("reverse-chunks", dict(l=37, groups=2), True, True, dict(tile=4, fwd_chunks=4, bwd_chunks=3, bwd_splits=1)),
+    ("3d-BC-no-options", dict(l=21, groups=None, z=False, D=False, delta_bias=False, h0=False), False, True,
+     dict(tile=8, fwd_chunks=2, bwd_chunks=2)),
+    ("groups4-n5", dict(l=18, groups=4, n=5), True, False, dict(tile=8, fwd_chunks=1, bwd_chunks=3)),
+    ("length1", dict(l=1, groups=2), True, True, dict(tile=4)),
+]
+
+
+@pytest.mark.parametrize("name,over,softplus,reverse,tuning", CASES, ids=[c[0] for c in CASES])
+def test_interpreted_matches_reference(chunk, name, over, softplus, reverse, tuning):
+    """Outputs, final state and every gradient (dh0 included) of fp32 inputs against the float64 reference."""
+    kw = dict(b=2, d=4, n=3, seed=len(name))
+    kw.update(over)
+    x = make_inputs(dtype=torch.float32, **kw)
+    got = run_with_grads(triton_fn(chunk.selective_scan_triton, tuning, delta_softplus=softplus, reverse=reverse), x)
+    want = run_with_grads(ref_fn(delta_softplus=softplus, reverse=reverse), detached(x, torch.float64))
+    assert got["y"].dtype == torch.float32 and got["final_state"].dtype == torch.float32
+    assert_close(got, want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interpreted_low_precision(chunk, dtype):
+    """bf16/fp16 u, delta, B, C, z (fp32 A, D, bias): y in the input dtype, gradients in each input's dtype,
+    close to the fp32 reference on the same (rounded) inputs."""
+    x = make_inputs(b=1, d=4, n=4, l=19, groups=2, dtype=dtype, seed=3)
+    for k in ("A", "D", "delta_bias", "initial_state"):
+        x[k] = x[k].detach().float().requires_grad_()
+    got = run_with_grads(triton_fn(chunk.selective_scan_triton, dict(tile=4, fwd_chunks=2, bwd_chunks=2),
+                                   delta_softplus=True), x)
+    assert got["y"].dtype == dtype and got["du"].dtype == dtype and got["dA"].dtype == torch.float32
+    want = run_with_grads(ref_fn(delta_softplus=True), detached(x, torch.float64))
+    assert_close(got, want, rtol=2e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+def test_interpreted_y_only_and_state_only(chunk):
+    """Cotangent on y alone (no dht) and on the final state alone (no dy) both give the reference's grads."""
+    x = make_inputs(b=1, d=4, n=2, l=13, groups=1, dtype=torch.float32, seed=5)
+    tuning = dict(tile=4, fwd_chunks=2, bwd_chunks=2)
+    for use in ("y", "state"):
+        grads = []
+        for fn, inp in ((triton_fn(chunk.selective_scan_triton, tuning, delta_softplus=True), detached(x)),
+                        (ref_fn(delta_softplus=True), detached(x, torch.float64))):
+            y, h = fn(**inp)
+            out = y.sum() if use == "y" else (h * torch.arange(h.numel()).view_as(h)).sum()
+            gs = torch.autograd.grad(out, list(inp.values()), allow_unused=True)
+            grads.append({k: torch.zeros_like(v) if gr is None else gr for (k, v), gr in zip(inp.items(), gs)})
+        assert_close(*grads, rtol=2e-5)
+
+
+def test_interpreted_no_grad_returns_y_only(chunk):
+    x = {k: v.detach().float() for k, v in make_inputs(b=1, d=4, n=2, l=9, seed=2).items()}
+    y = chunk.selective_scan_triton(**x, delta_softplus=True)
+    want = selective_scan_ref(**x, delta_softplus=True)
+    assert isinstance(y, torch.Tensor)
+    assert (y - want).abs().max() < 1e-5 * want.abs().max()
+
+
+def test_float64_on_auto_goes_to_reference():
+    """backend='auto' never sends float64 to Triton (CPU here: the reference either way); 'triton' on CPU
+    tensors is an error naming why."""
+    x = {k: v.detach() for k, v in make_inputs(l=5).items()}
+    assert torch.equal(selective_scan(**x), selective_scan_ref(**x))
+    with pytest.raises(RuntimeError, match="not CUDA"):
+        selective_scan(**x, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+def _cuda_inputs(b, d, n, l, groups=1, dtype=torch.float32, seed=0):
+    x = make_inputs(b=b, d=d, n=n, l=l, groups=groups, dtype=torch.float32, seed=seed)
+    x = {k: v.detach().cuda() for k, v in x.items()}
+    for k in ("u", "delta", "B", "C", "z"):
+        x[k] = x[k].to(dtype)
+    return {k: v.requires_grad_() for k, v in x.items()}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shape,groups", [((2, 64, 16, 3000), 1), ((1, 96, 8, 70000), 3), ((3, 32, 32, 129), None)])
+def test_gpu_fp32_matches_reference(shape, groups, reverse):
+    x = _cuda_inputs(*shape, groups=groups, seed=sum(shape))
+    got = run_with_grads(triton_fn(selective_scan, None, delta_softplus=True, reverse=reverse), x)
+    want = run_with_grads(ref_fn(delta_softplus=True, reverse=reverse), detached(x, torch.float64))
+    assert_close(got, want, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_bf16_realistic_shape():
+    x = _cuda_inputs(8, 1536, 16, 2048, dtype=torch.bfloat16, seed=1)
+    got = run_with_grads(triton_fn(selective_scan, None, delta_softplus=True), x)
+    want = run_with_grads(ref_fn(delta_softplus=True), detached(x, torch.float64))
+    assert_close(got, want, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_deterministic_backward():
+    x = _cuda_inputs(2, 256, 16, 8192, groups=2, dtype=torch.bfloat16, seed=4)
+    a = run_with_grads(triton_fn(selective_scan, None, delta_softplus=True), x)
+    b = run_with_grads(triton_fn(selective_scan, None, delta_softplus=True), detached(x))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_long_bf16_backward_finite_and_chunked_state():
+    """1M tokens: fwd+bwd finite in bf16; the scan in two halves carrying the state equals one shot."""
+    b, d, n, l = 1, 256, 16, 1 << 20
+    x = _cuda_inputs(b, d, n, l, dtype=torch.bfloat16, seed=6)
+    out = run_with_grads(triton_fn(selective_scan, None, delta_softplus=True), x)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    with torch.no_grad():
+        xs = {k: v.detach() for k, v in x.items()}
+        y, h = selective_scan(**xs, delta_softplus=True, return_final_state=True)
+        half = {k: (v[..., : l // 2] if k in ("u", "delta", "z", "B", "C") else v) for k, v in xs.items()}
+        rest = {k: (v[..., l // 2:] if k in ("u", "delta", "z", "B", "C") else v) for k, v in xs.items()}
+        y1, h1 = selective_scan(**half, delta_softplus=True, return_final_state=True)
+        y2, h2 = selective_scan(**{**rest, "initial_state": h1}, delta_softplus=True, return_final_state=True)
+        assert (h2 - h).abs().max() <= 1e-4 * h.abs().max()
+        assert (torch.cat([y1, y2], -1).float() - y.float()).abs().max() <= 2e-2 * y.float().abs().max()
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_64bit_offsets_4m_tokens():
+    """b1 d1536 l 2^22 (6.4e9 elements per tensor, past 2^32 bytes): the last 2^15 positions match the
+    reference started from the Triton state just before them."""
+    b, d, n, l, w = 1, 1536, 16, 1 << 22, 1 << 15
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    x = dict(u=r(b, d, l), delta=r(b, d, l), A=-torch.rand(d, n, device="cuda") - 0.1, B=r(b, n, l), C=r(b, n, l),
+             D=torch.ones(d, device="cuda"), z=r(b, d, l), delta_bias=torch.full((d,), -3.0, device="cuda"))
+    with torch.no_grad():
+        y, h = selective_scan(**x, delta_softplus=True, return_final_state=True)
+        head = {k: (v[..., :-w] if k in ("u", "delta", "z", "B", "C") else v) for k, v in x.items()}
+        _, h_before = selective_scan(**head, delta_softplus=True, return_final_state=True)
+        del head
+        tail = {k: (v[..., -w:] if k in ("u", "delta", "z", "B", "C") else v) for k, v in x.items()}
+        y_ref, h_ref = selective_scan_ref(**tail, delta_softplus=True, return_final_state=True,
+                                          initial_state=h_before)
+        assert (h - h_ref).abs().max() <= 1e-4 * h_ref.abs().max()
+        err = (y[..., -w:].float() - y_ref.float()).abs().max()
+        assert err <= 1e-2 * y_ref.float().abs().max(), err
+        # the start of the sequence too (offsets that fit in 32 bits)
+        assert torch.isfinite(y[..., :w].float()).all()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("module", ["mamba", "mamba_rev", "bimamba"])
+def test_gpu_modules_auto_matches_ref(module):
+    from seqmamba.bimamba import BiMamba
+    from seqmamba.mamba import Mamba
+    torch.manual_seed(0)
+    make = {"mamba": lambda be: Mamba(64, backend=be), "mamba_rev": lambda be: Mamba(64, reverse=True, backend=be),
+            "bimamba": lambda be: BiMamba(64, backend=be)}[module]
+    try:
+        m_auto = make("auto").cuda()
+    except TypeError:
+        pytest.skip(f"{module} takes no backend argument")
+    m_ref = make("ref").cuda()
+    m_ref.load_state_dict(m_auto.state_dict())
+    x = torch.randn(2, 777, 64, device="cuda")
+    outs = []
+    for m in (m_auto, m_ref):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.square().sum().backward()
+        outs.append({"y": y.detach(), "dx": xi.grad, **{n: p.grad for n, p in m.named_parameters()}})
+    assert_close(outs[0], outs[1], rtol=1e-4)
