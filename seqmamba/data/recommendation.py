@@ -358,13 +358,11 @@ class IdMap:
 
 def _encode(known: pl.Series, raw, what: str, base: int) -> np.ndarray:
     raw = raw if isinstance(raw, pl.Series) else pl.Series(list(raw) if not isinstance(raw, np.ndarray) else raw)
-    try:
-        raw = raw.cast(known.dtype, strict=True)
-    except pl.exceptions.PolarsError:
-        raise UnknownIdError(f"{what} ids of type {raw.dtype} cannot be matched to the model's {what} ids "
-                             f"of type {known.dtype}") from None
+    if raw.null_count():
+        raise UnknownIdError(f"{raw.null_count()} missing {what} id(s) (null)")
+    cast = raw.cast(known.dtype, strict=False)  # ids that cannot even take the map's type are unknown too
     lookup = pl.DataFrame({"id": known, "index": pl.int_range(base, known.len() + base, eager=True)})
-    found = pl.DataFrame({"id": raw}).join(lookup, on="id", how="left", maintain_order="left")["index"]
+    found = pl.DataFrame({"id": cast}).join(lookup, on="id", how="left", maintain_order="left")["index"]
     if found.null_count():
         unknown = raw.filter(found.is_null()).unique(maintain_order=True)
         shown = ", ".join(repr(x) for x in unknown.head(5).to_list())
