@@ -82,7 +82,7 @@ def run_shape(shape, args, mamba_fn):
 
     def fwd_bwd():
         y, h = selective_scan(**leaves, **kw, backend="triton")
-        torch.autograd.backward((y, h), (dy, dh))
+        torch.autograd.grad((y, h), list(leaves.values()), (dy, dh))
     del y, h
     for v in leaves.values():
         v.grad = None
@@ -126,6 +126,32 @@ def run_shape(shape, args, mamba_fn):
     return row
 
 
+def sweep(shape, configs, bwd=False):
+    """Time the Triton forward (or forward+backward) of one shape under several tunings; print one line each."""
+    from seqmamba.kernels.selective_scan.chunk import selective_scan_triton
+    x = make(*shape)
+    leaves = {k: v.detach().requires_grad_(bwd) for k, v in x.items()}
+    out = []
+    for cfg in configs:
+        try:
+            if bwd:
+                def f():
+                    y, h = selective_scan_triton(**leaves, delta_softplus=True, return_final_state=True, _tuning=cfg)
+                    torch.autograd.backward((y, h), (y.detach(), h.detach()))
+            else:
+                def f():
+                    return selective_scan_triton(**x, delta_softplus=True, return_final_state=True, _tuning=cfg)
+            ms = bench(f, rep_ms=100)
+        except Exception as e:  # noqa: BLE001
+            ms = float("nan")
+            print("config failed", cfg, repr(e)[:200])
+        out.append((ms, cfg))
+        print(f"sweep {'fwd+bwd' if bwd else 'fwd'} {shape} {cfg} {ms:.3f} ms", flush=True)
+    best = min(out, key=lambda r: r[0] if r[0] == r[0] else 1e9)
+    print(f"BEST {'fwd+bwd' if bwd else 'fwd'} {shape}: {best[0]:.3f} ms {best[1]}", flush=True)
+    return best
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes only")
@@ -133,7 +159,24 @@ def main(argv=None):
     p.add_argument("--no-ref", action="store_true", help="skip timing the PyTorch reference")
     p.add_argument("--shapes", default=None, help="indices into SHAPES, comma separated")
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--sweep", action="store_true", help="time tunings of the Triton scan instead")
+    p.add_argument("--sweep-programs", action="store_true", help="time grid-size targets instead")
     args = p.parse_args(argv)
+    if args.sweep_programs:
+        for shape in ((8, 1536, 16, 2048), (1, 1536, 16, 65536), (1, 1536, 16, 1 << 20)):
+            sweep(shape, [dict(programs=p) for p in (2048, 8192, 32768)])
+            sweep(shape, [dict(programs_bwd=p) for p in (2048, 8192, 32768)], bwd=True)
+        return
+    if args.sweep:
+        fwd_cfgs = [dict(tile=t, bd_fwd=bd, warps_fwd=w) for t in (16, 32, 64, 128) for bd in (1, 2, 4, 8)
+                    for w in (1, 2, 4, 8) if 4 <= 16 * t * bd // (32 * w) <= 32]
+        best = sweep((8, 1536, 16, 2048), fwd_cfgs)
+        sweep((1, 1536, 16, 65536), [best[1]] + [c for c in fwd_cfgs if c["tile"] == best[1]["tile"]][:6])
+        t = best[1]["tile"]
+        bwd_cfgs = [dict(best[1], bd_bwd=bd, warps_bwd=w) for bd in (1, 2, 4, 8) for w in (1, 2, 4, 8)
+                    if 4 <= 16 * t * bd // (32 * w) <= 32]
+        sweep((8, 1536, 16, 2048), bwd_cfgs, bwd=True)
+        return
     import triton
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_fn

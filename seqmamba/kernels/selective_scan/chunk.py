@@ -34,10 +34,14 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
-# Tile length; forward/backward channel block caps; programs we aim to have in flight.
-TILE = 64
-MAX_BD_FWD = 4
-MAX_BD_BWD = 4
+# Tile length, channel block caps and warps per program: the best of a sweep on an H100 (benchmarks/kernels.py
+# --sweep and --sweep-programs; short tiles and one warp won, Triton's scan being cheapest inside a warp);
+# programs aimed for.
+TILE = 16
+MAX_BD_FWD = 2
+MAX_BD_BWD = 2
+WARPS_FWD = 1
+WARPS_BWD = 1
 TARGET_PROGRAMS = 2048
 
 
@@ -414,19 +418,23 @@ def _strides3(t):
 
 
 def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, save_states, tile=TILE,
-         n_chunks=None, num_warps=4):
+         n_chunks=None, num_warps=None, max_bd=None, programs=None):
     """Returns y, final_state (b, d, n) fp32, tile_states (b, n_tiles, d, n) fp32 or None."""
     b, d, l = u.shape
     n = A.shape[1]
+    num_warps = num_warps or WARPS_FWD
     B4, C4 = _grouped(B), _grouped(C)
     g = B4.shape[1]
     cpg = d // g
-    BD = _pow2_divisor(cpg, MAX_BD_FWD)
+    BD = _pow2_divisor(cpg, max_bd or MAX_BD_FWD)
     BN = max(triton.next_power_of_2(n), 2)
     ndb = d // BD
     n_tiles = max(triton.cdiv(l, tile), 1)
     if n_chunks is None:
-        n_chunks = min(n_tiles, max(1, triton.cdiv(TARGET_PROGRAMS, b * ndb)))
+        # one pass when the channels alone fill the GPU; else many chunks (the summary pass pays for itself)
+        if programs is None:
+            programs = 1 if b * ndb >= TARGET_PROGRAMS else 16 * TARGET_PROGRAMS
+        n_chunks = min(n_tiles, max(1, triton.cdiv(programs, b * ndb)))
     tpc = triton.cdiv(n_tiles, n_chunks)
     n_chunks = triton.cdiv(n_tiles, tpc)
     dev = u.device
@@ -462,26 +470,27 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, 
 
 
 def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, dht, tile=TILE,
-         n_chunks=None, n_splits=None, num_warps=4):
+         n_chunks=None, n_splits=None, num_warps=None, max_bd=None, programs=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0), each in its input's dtype (None where
     the input is None)."""
     b, d, l = u.shape
     n = A.shape[1]
+    num_warps = num_warps or WARPS_BWD
     B4, C4 = _grouped(B), _grouped(C)
     g = B4.shape[1]
     cpg = d // g
-    BD = _pow2_divisor(cpg, MAX_BD_BWD)
+    BD = _pow2_divisor(cpg, max_bd or MAX_BD_BWD)
     BDs = _pow2_divisor(cpg, MAX_BD_FWD)  # summary/state passes: any block works, reuse the forward's
     BN = max(triton.next_power_of_2(n), 2)
     ndb_g = cpg // BD
     n_tiles = tstates.shape[1]
     assert n_tiles == max(triton.cdiv(l, tile), 1)
     if n_chunks is None:
-        n_chunks = min(n_tiles, max(1, triton.cdiv(TARGET_PROGRAMS, b * g)))
+        n_chunks = min(n_tiles, max(1, triton.cdiv(programs or TARGET_PROGRAMS, b * g)))
     tpc = triton.cdiv(n_tiles, n_chunks)
     n_chunks = triton.cdiv(n_tiles, tpc)
     if n_splits is None:
-        n_splits = min(ndb_g, max(1, triton.cdiv(TARGET_PROGRAMS, b * g * n_chunks)))
+        n_splits = min(ndb_g, max(1, triton.cdiv(programs or TARGET_PROGRAMS, b * g * n_chunks)))
     dbps = triton.cdiv(ndb_g, n_splits)
     n_splits = triton.cdiv(ndb_g, dbps)
     dev = u.device
@@ -541,7 +550,8 @@ class SelectiveScanFn(torch.autograd.Function):
         save = any(ctx.needs_input_grad)
         y, ht, tstates = _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
                               save_states=save, tile=tuning.get("tile", TILE),
-                              n_chunks=tuning.get("fwd_chunks"))
+                              n_chunks=tuning.get("fwd_chunks"), num_warps=tuning.get("warps_fwd"),
+                              max_bd=tuning.get("bd_fwd"), programs=tuning.get("programs"))
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates)
         ctx.softplus, ctx.reverse, ctx.tuning = softplus, reverse, tuning
@@ -555,7 +565,8 @@ class SelectiveScanFn(torch.autograd.Function):
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _bwd(
             u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.reverse, tstates, dy, dht,
             tile=ctx.tuning.get("tile", TILE), n_chunks=ctx.tuning.get("bwd_chunks"),
-            n_splits=ctx.tuning.get("bwd_splits"))
+            n_splits=ctx.tuning.get("bwd_splits"), num_warps=ctx.tuning.get("warps_bwd"),
+            max_bd=ctx.tuning.get("bd_bwd"), programs=ctx.tuning.get("programs_bwd"))
         dh0 = dh0.to(initial_state.dtype) if initial_state is not None else None
         return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None
 
@@ -566,7 +577,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     """Triton implementation with :func:`selective_scan_ref`'s signature (``chunk_size`` is ignored: the
     kernel picks its own tiling). Inputs fp32/bf16/fp16 on a CUDA device (or any device under
     TRITON_INTERPRET=1); arguments are assumed validated by the caller. ``_tuning`` (tests, benchmarks):
-    dict with any of tile, fwd_chunks, bwd_chunks, bwd_splits."""
+    dict with any of tile, fwd_chunks, bwd_chunks, bwd_splits, warps_fwd, warps_bwd, bd_fwd, bd_bwd, programs, programs_bwd."""
     y, ht = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
                                   bool(reverse), _tuning)
     return (y, ht) if return_final_state else y
