@@ -126,6 +126,27 @@ def run_shape(shape, args, mamba_fn):
     return row
 
 
+def conv_rows():
+    """causal_conv1d (width 4, SiLU, bias, bf16): Triton vs the reference (cuDNN depthwise conv via F.conv1d)."""
+    from seqmamba.kernels.causal_conv1d import causal_conv1d
+    rows = []
+    for b, d, l in ((8, 1536, 2048), (1, 1536, 1 << 20)):
+        x = torch.randn(b, d, l, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(d, 4, device="cuda", requires_grad=True)
+        bias = torch.randn(d, device="cuda", requires_grad=True)
+        row = {"conv": f"b{b} d{d} l{l} w4"}
+        for be in ("triton", "ref"):
+            f = lambda: causal_conv1d(x, w, bias, activation="silu", backend=be)  # noqa: E731
+            row[f"{be}_fwd_ms"] = bench(f)
+            y = f()
+            dy = torch.randn_like(y)
+            row[f"{be}_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(f(), (x, w, bias), dy))
+        row["GBps_fwd"] = 2 * b * d * l * 2 / row["triton_fwd_ms"] / 1e6
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def sweep(shape, configs, bwd=False):
     """Time the Triton forward (or forward+backward) of one shape under several tunings; print one line each."""
     from seqmamba.kernels.selective_scan.chunk import selective_scan_triton
@@ -197,15 +218,18 @@ def main(argv=None):
             rows.append({"shape": str(s), "error": "OOM " + str(e)[:60]})
         torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)
+    crows = conv_rows() if not args.quick else []
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
+            json.dump({"info": info, "rows": rows, "conv": crows}, f, indent=1)
     cols = ["shape", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fieldnotes_fwd_ms", "fieldnotes_bwd_ms", "mamba_fwd_ms",
             "ref_fwd_ms", "floor_ms", "GBps", "Texp_s", "fwd_extra_GB", "fwdbwd_extra_GB", "err_y", "err_h"]
     print("\n| " + " | ".join(cols) + " |")
     for r in rows:
         print("| " + " | ".join(
             (f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))) for c in cols) + " |")
+    for r in crows:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqmamba.kernels._dispatch import compute_dtype, resolve_backend
+from seqmamba.kernels._dispatch import compute_dtype, resolve_backend, triton_available
 
 ACTIVATIONS = (None, "silu", "swish")
 
@@ -96,9 +96,31 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, return_final_state=F
     Returns y (b, d, l), or (y, final_state (b, d, w-1)) when ``return_final_state``.
     """
     _check("causal_conv1d", x, weight, bias, initial_state, "initial_state", activation, 3)
-    if resolve_backend("causal_conv1d", backend, x, has_triton_impl=False) == "triton":
-        raise NotImplementedError("causal_conv1d: Triton kernel not written yet")  # the seam for it
+    impl = _triton_impl()
+    which = resolve_backend("causal_conv1d", backend, x, has_triton_impl=impl is not None)
+    if which == "triton" and any(t is not None and t.dtype == torch.float64 for t in (x, weight, bias, initial_state)):
+        if backend == "triton":
+            raise RuntimeError("causal_conv1d: the Triton backend takes fp32/bf16/fp16; use backend='ref' for float64")
+        which = "ref"
+    if which == "triton":
+        return impl(x, weight, bias, initial_state, return_final_state, activation, reverse)
     return causal_conv1d_ref(x, weight, bias, initial_state, return_final_state, activation, reverse)
+
+
+def _triton_impl():
+    """The Triton causal_conv1d (imported on first use), or None where Triton is missing."""
+    global _TRITON_IMPL
+    if _TRITON_IMPL is False:
+        _TRITON_IMPL = None
+        if triton_available():
+            try:
+                from seqmamba.kernels.causal_conv1d_triton import causal_conv1d_triton as _TRITON_IMPL
+            except Exception:  # a broken Triton install: the reference still works  # pragma: no cover
+                _TRITON_IMPL = None
+    return _TRITON_IMPL
+
+
+_TRITON_IMPL = False
 
 
 def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):

@@ -1,0 +1,215 @@
+"""Triton depthwise causal conv1d (forward and backward), :func:`causal_conv1d_ref`'s math.
+
+Scan order: position j is time j, or l-1-j when ``reverse`` (addresses only; nothing is flipped in memory).
+With xs the input in scan order and xpad = cat(h0, xs):
+
+    y[j] = act(bias + sum_k w[k] xpad[j + k])          k = 0..w-1, xpad index j+k = scan position j+k-(w-1)
+
+Backward, with dpre = dy * act'(pre): dx[p] = sum_k w[k] dpre[p + w-1-k]; dw[k] = sum dpre[j] xpad[j+k];
+dbias = sum dpre; dh0 from the first w-1 columns of dpre (torch, tiny). The final state, the last w-1
+columns of xpad, is sliced by the caller with ordinary (differentiable) torch ops. Accumulation in fp32;
+64-bit offsets; dw/dbias are reduced through per-tile partials (no atomics: deterministic).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_D = 16
+BLOCK_T = 256
+
+
+@triton.jit
+def _load_xpad(x_ptr, h0_ptr, x_row, h0_row, p, dmask, seqlen, sx_l,
+               W: tl.constexpr, HAS_H0: tl.constexpr, REVERSE: tl.constexpr):
+    """xpad at scan positions p (BT,) for rows (BD,): x where 0 <= p < l, h0[w-1+p] where p < 0."""
+    if REVERSE:
+        t = seqlen - 1 - p
+    else:
+        t = p
+    inx = (p >= 0) & (p < seqlen)
+    v = tl.load(x_ptr + x_row[:, None] + t[None, :] * sx_l, mask=dmask[:, None] & inx[None, :],
+                other=0.0).to(tl.float32)
+    if HAS_H0:
+        inh = (p < 0) & (p >= -(W - 1))
+        hv = tl.load(h0_ptr + h0_row[:, None] + (W - 1 + p)[None, :], mask=dmask[:, None] & inh[None, :],
+                     other=0.0).to(tl.float32)
+        v += hv
+    return v
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, h0_ptr, y_ptr, sx_b, sx_d, sx_l, dim, seqlen,
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SILU: tl.constexpr,
+                     REVERSE: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    pid = tl.program_id(0)
+    ndb = tl.cdiv(dim, BD)
+    pb = (pid // ndb).to(tl.int64)
+    d_off = ((pid % ndb) * BD + tl.arange(0, BD)).to(tl.int64)
+    dmask = d_off < dim
+    j = tl.program_id(1).to(tl.int64) * BT + tl.arange(0, BT)
+    x_row = pb * sx_b + d_off * sx_d
+    h0_row = (pb * dim + d_off) * (W - 1)
+    acc = tl.zeros([BD, BT], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + d_off, mask=dmask, other=0.0).to(tl.float32)[:, None]
+    for k in tl.static_range(W):
+        wk = tl.load(w_ptr + d_off * W + k, mask=dmask, other=0.0).to(tl.float32)
+        acc += wk[:, None] * _load_xpad(x_ptr, h0_ptr, x_row, h0_row, j + k - (W - 1), dmask, seqlen, sx_l,
+                                        W, HAS_H0, REVERSE)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    if REVERSE:
+        t = seqlen - 1 - j
+    else:
+        t = j
+    tl.store(y_ptr + (pb * dim + d_off)[:, None] * seqlen + t[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=dmask[:, None] & (j < seqlen)[None, :])
+
+
+@triton.jit
+def _conv_bwd_dpre_kernel(x_ptr, w_ptr, bias_ptr, h0_ptr, dy_ptr, dpre_ptr, dw_ptr, db_ptr,
+                          sx_b, sx_d, sx_l, sdy_b, sdy_d, sdy_l, dim, seqlen, n_tb,
+                          W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SILU: tl.constexpr,
+                          REVERSE: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    """dpre = dy * act'(pre) (fp32, time order) and this tile's partial dw (d, w) and dbias (d)."""
+    pid = tl.program_id(0)
+    tb = tl.program_id(1)
+    ndb = tl.cdiv(dim, BD)
+    pb = (pid // ndb).to(tl.int64)
+    d_off = ((pid % ndb) * BD + tl.arange(0, BD)).to(tl.int64)
+    dmask = d_off < dim
+    j = tb.to(tl.int64) * BT + tl.arange(0, BT)
+    jmask = dmask[:, None] & (j < seqlen)[None, :]
+    if REVERSE:
+        t = seqlen - 1 - j
+    else:
+        t = j
+    x_row = pb * sx_b + d_off * sx_d
+    h0_row = (pb * dim + d_off) * (W - 1)
+    dy = tl.load(dy_ptr + (pb * sdy_b + d_off * sdy_d)[:, None] + t[None, :] * sdy_l, mask=jmask,
+                 other=0.0).to(tl.float32)
+    if SILU:
+        pre = tl.zeros([BD, BT], dtype=tl.float32)
+        if HAS_BIAS:
+            pre += tl.load(bias_ptr + d_off, mask=dmask, other=0.0).to(tl.float32)[:, None]
+        for k in tl.static_range(W):
+            wk = tl.load(w_ptr + d_off * W + k, mask=dmask, other=0.0).to(tl.float32)
+            pre += wk[:, None] * _load_xpad(x_ptr, h0_ptr, x_row, h0_row, j + k - (W - 1), dmask, seqlen, sx_l,
+                                            W, HAS_H0, REVERSE)
+        sg = tl.sigmoid(pre)
+        dpre = dy * sg * (1.0 + pre * (1.0 - sg))
+    else:
+        dpre = dy
+    dpre = tl.where(jmask, dpre, 0.0)
+    tl.store(dpre_ptr + (pb * dim + d_off)[:, None] * seqlen + t[None, :], dpre, mask=jmask)
+    slot = (pb * n_tb + tb) * dim + d_off
+    for k in tl.static_range(W):
+        xv = _load_xpad(x_ptr, h0_ptr, x_row, h0_row, j + k - (W - 1), dmask, seqlen, sx_l, W, HAS_H0, REVERSE)
+        tl.store(dw_ptr + slot * W + k, tl.sum(dpre * xv, axis=1), mask=dmask)
+    if HAS_BIAS:
+        tl.store(db_ptr + slot, tl.sum(dpre, axis=1), mask=dmask)
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(dpre_ptr, w_ptr, dx_ptr, dim, seqlen,
+                        W: tl.constexpr, REVERSE: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    """dx[p] = sum_k w[k] dpre[p + w-1-k] over output positions inside [0, l) (scan order)."""
+    pid = tl.program_id(0)
+    ndb = tl.cdiv(dim, BD)
+    pb = (pid // ndb).to(tl.int64)
+    d_off = ((pid % ndb) * BD + tl.arange(0, BD)).to(tl.int64)
+    dmask = d_off < dim
+    p = tl.program_id(1).to(tl.int64) * BT + tl.arange(0, BT)
+    row = (pb * dim + d_off)[:, None] * seqlen
+    acc = tl.zeros([BD, BT], dtype=tl.float32)
+    for k in tl.static_range(W):
+        wk = tl.load(w_ptr + d_off * W + k, mask=dmask, other=0.0).to(tl.float32)
+        jj = p + (W - 1 - k)
+        if REVERSE:
+            tj = seqlen - 1 - jj
+        else:
+            tj = jj
+        acc += wk[:, None] * tl.load(dpre_ptr + row + tj[None, :], mask=dmask[:, None] & (jj < seqlen)[None, :],
+                                     other=0.0)
+    if REVERSE:
+        t = seqlen - 1 - p
+    else:
+        t = p
+    tl.store(dx_ptr + row + t[None, :], acc.to(dx_ptr.dtype.element_ty), mask=dmask[:, None] & (p < seqlen)[None, :])
+
+
+def _grid(b, d, l, bd, bt):
+    return (b * triton.cdiv(d, bd), max(triton.cdiv(l, bt), 1))
+
+
+class CausalConv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, h0, silu, reverse):
+        b, d, l = x.shape
+        w = weight.shape[1]
+        weight = weight.contiguous()
+        h0c = h0.contiguous() if h0 is not None else None
+        y = torch.empty(b, d, l, device=x.device, dtype=x.dtype)
+        _conv_fwd_kernel[_grid(b, d, l, BLOCK_D, BLOCK_T)](
+            x, weight, bias if bias is not None else weight, h0c if h0c is not None else weight, y,
+            *x.stride(), d, l, W=w, HAS_BIAS=bias is not None, HAS_H0=h0c is not None, SILU=silu,
+            REVERSE=reverse, BD=BLOCK_D, BT=BLOCK_T, num_warps=4)
+        ctx.save_for_backward(x, weight, bias, h0c)
+        ctx.silu, ctx.reverse = silu, reverse
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, h0 = ctx.saved_tensors
+        b, d, l = x.shape
+        w = weight.shape[1]
+        grid = _grid(b, d, l, BLOCK_D, BLOCK_T)
+        n_tb = grid[1]
+        f32 = dict(device=x.device, dtype=torch.float32)
+        dpre = torch.empty(b, d, l, **f32)
+        dwp = torch.empty(b, n_tb, d, w, **f32)
+        dbp = torch.empty(b, n_tb, d, **f32) if bias is not None else None
+        _conv_bwd_dpre_kernel[grid](
+            x, weight, bias if bias is not None else weight, h0 if h0 is not None else weight, dy, dpre, dwp,
+            dbp if dbp is not None else dwp, *x.stride(), *dy.stride(), d, l, n_tb, W=w,
+            HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=ctx.silu, REVERSE=ctx.reverse,
+            BD=BLOCK_D, BT=BLOCK_T, num_warps=4)
+        dx = torch.empty(b, d, l, device=x.device, dtype=x.dtype)
+        _conv_bwd_dx_kernel[grid](dpre, weight, dx, d, l, W=w, REVERSE=ctx.reverse, BD=BLOCK_D, BT=BLOCK_T,
+                                  num_warps=4)
+        dweight = dwp.sum((0, 1)).to(weight.dtype)
+        dbias = dbp.sum((0, 1)).to(bias.dtype) if bias is not None else None
+        dh0 = None
+        if h0 is not None:
+            # h0[i] is scan position i-(w-1): dh0[i] = sum_{k<=i, i-k < l} w[k] dpre[i-k]
+            m = min(w - 1, l)
+            head = (dpre[..., l - m:].flip(-1) if ctx.reverse else dpre[..., :m])  # scan order
+            head = torch.nn.functional.pad(head, (0, w - 1 - m))
+            wf = weight.float()
+            dh0 = torch.zeros(b, d, w - 1, **f32)
+            for i in range(w - 1):
+                for k in range(i + 1):
+                    dh0[..., i] += wf[:, k] * head[..., i - k]
+            dh0 = dh0.to(h0.dtype)
+        return dx, dweight, dbias, dh0, None, None
+
+
+def causal_conv1d_triton(x, weight, bias=None, initial_state=None, return_final_state=False, activation=None,
+                         reverse=False):
+    """Triton :func:`causal_conv1d_ref` (same signature; inputs validated by the caller, weight (d, w))."""
+    if weight.dim() == 3:
+        weight = weight.squeeze(1)
+    b, d, l = x.shape
+    w = weight.shape[1]
+    h0 = initial_state if (initial_state is not None and w > 1) else None
+    y = CausalConv1dFn.apply(x, weight, bias, h0, activation in ("silu", "swish"), bool(reverse))
+    if not return_final_state:
+        return y
+    # the last w-1 columns of cat(h0, x in scan order), in fp32, through autograd
+    tail = x[..., :w - 1].flip(-1) if reverse else x[..., max(l - (w - 1), 0):]
+    head = initial_state if initial_state is not None else x.new_zeros(b, d, w - 1)
+    ht = torch.cat([head.float(), tail.float()], dim=-1)[..., -(w - 1):] if w > 1 else x.new_zeros(b, d, 0,
+                                                                                                    dtype=torch.float32)
+    return y, ht
