@@ -181,8 +181,24 @@ def main(argv=None):
     p.add_argument("--shapes", default=None, help="indices into SHAPES, comma separated")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--sweep", action="store_true", help="time tunings of the Triton scan instead")
+    p.add_argument("--sweep-seq", action="store_true", help="time the sequential forward kernel's tunings")
     p.add_argument("--sweep-programs", action="store_true", help="time grid-size targets instead")
     args = p.parse_args(argv)
+    if args.sweep_seq:
+        from seqmamba.kernels.selective_scan import selective_scan_ref
+        from seqmamba.kernels.selective_scan.chunk import selective_scan_triton
+        x = make(8, 1536, 16, 2048)
+        yr = selective_scan_ref(**x, delta_softplus=True)
+        cfgs = [dict(fwd_kernel="seq", bd_fwd=bd, warps_fwd=w) for bd in (32, 64, 128, 256) for w in (1, 2, 4, 8)
+                if bd // (32 * w) <= 4]
+        for c in cfgs:
+            yt = selective_scan_triton(**x, delta_softplus=True, _tuning=c)
+            print("err", c, rel(yt, yr))
+        best = sweep((8, 1536, 16, 2048), cfgs)
+        best2 = sweep((1, 1536, 16, 65536), [dict(c, programs=p) for c in cfgs for p in (512, 2048)
+                                             if c["bd_fwd"] >= 64])
+        sweep((1, 1536, 16, 1 << 20), [best2[1], dict(best2[1], programs=4 * best2[1]["programs"])])
+        return
     if args.sweep_programs:
         for shape in ((8, 1536, 16, 2048), (1, 1536, 16, 65536), (1, 1536, 16, 1 << 20)):
             sweep(shape, [dict(programs=p) for p in (2048, 8192, 32768)])

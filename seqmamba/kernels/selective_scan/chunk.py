@@ -43,6 +43,11 @@ MAX_BD_BWD = 2
 WARPS_FWD = 1
 WARPS_BWD = 1
 TARGET_PROGRAMS = 2048
+# The sequential forward kernel (``_fwd_seq_kernel``): channels per program, warps, programs aimed for.
+FWD_KERNEL = "scan"
+MAX_BD_SEQ = 128
+WARPS_SEQ = 4
+SEQ_PROGRAMS = 1024
 
 
 @triton.jit
@@ -154,6 +159,88 @@ def _fwd_kernel(
                 y = y * zz * tl.sigmoid(zz)
             tl.store(y_ptr + (pb * sy_b + d_off * sy_d)[:, None] + t[None, :] * sy_l,
                      y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(hout_ptr + slot, h, mask=dn_mask)
+    if MODE == 0:
+        tl.store(dtsum_ptr + (pb * n_chunks + chunk) * dim + d_off, dtacc)
+
+
+@triton.jit
+def _fwd_seq_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
+    hin_ptr, hout_ptr, dtsum_ptr, tstate_ptr,
+    su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    sz_b, sz_d, sz_l, sy_b, sy_d, sy_l,
+    dim, nstate, seqlen, cpg, tiles_per_chunk, n_tiles, n_chunks,
+    MODE: tl.constexpr, HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+):
+    """``_fwd_kernel``'s contract, one position at a time: a wide block of channels (BD) steps through the
+    chunk with its (BD, n) state in registers; no scan tree, no reductions over the tile."""
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    ndb = dim // BD
+    pb = (pid // ndb).to(tl.int64)
+    d_off = ((pid % ndb) * BD + tl.arange(0, BD)).to(tl.int64)
+    grp = (pid % ndb) * BD // cpg
+    n_off = tl.arange(0, BN).to(tl.int64)
+    n_mask = n_off < nstate
+    dmask = d_off < dim
+    dn_mask = n_mask[None, :] & dmask[:, None]
+    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d_off).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d_off).to(tl.float32)
+    slot = ((pb * n_chunks + chunk) * dim + d_off[:, None]) * nstate + n_off[None, :]
+    if HAS_HIN:
+        h = tl.load(hin_ptr + slot, mask=dn_mask, other=0.0)
+    else:
+        h = tl.zeros([BD, BN], dtype=tl.float32)
+    dtacc = tl.zeros([BD], dtype=tl.float32)
+    u_row = pb * su_b + d_off * su_d
+    dl_row = pb * sdl_b + d_off * sdl_d
+    z_row = pb * sz_b + d_off * sz_d
+    y_row = pb * sy_b + d_off * sy_d
+    B_row = pb * sB_b + grp.to(tl.int64) * sB_g + n_off * sB_n
+    C_row = pb * sC_b + grp.to(tl.int64) * sC_g + n_off * sC_n
+    k0 = chunk * tiles_per_chunk
+    for kk in range(0, tiles_per_chunk):
+        k = k0 + kk
+        if SAVE_STATES:
+            tl.store(tstate_ptr + ((pb * n_tiles + k) * dim + d_off[:, None]) * nstate + n_off[None, :], h,
+                     mask=dn_mask & (k < n_tiles))
+        for s in range(0, T):
+            j = k.to(tl.int64) * T + s
+            valid = j < seqlen
+            if REVERSE:
+                t = seqlen - 1 - j
+            else:
+                t = j
+            m = dmask & valid
+            dl = tl.load(delta_ptr + dl_row + t * sdl_l, mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dl += bias
+            if SOFTPLUS:
+                dt = _softplus(dl)
+            else:
+                dt = dl
+            dt = tl.where(m, dt, 0.0)
+            u = tl.load(u_ptr + u_row + t * su_l, mask=m, other=0.0).to(tl.float32)
+            Bv = tl.load(B_ptr + B_row + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bv[None, :]
+            if MODE == 0:
+                dtacc += dt
+            else:
+                Cv = tl.load(C_ptr + C_row + t * sC_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+                y = tl.sum(h * Cv[None, :], axis=1)
+                if HAS_D:
+                    y += Dv * u
+                if HAS_Z:
+                    zz = tl.load(z_ptr + z_row + t * sz_l, mask=m, other=0.0).to(tl.float32)
+                    y = y * zz * tl.sigmoid(zz)
+                tl.store(y_ptr + y_row + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=m)
     tl.store(hout_ptr + slot, h, mask=dn_mask)
     if MODE == 0:
         tl.store(dtsum_ptr + (pb * n_chunks + chunk) * dim + d_off, dtacc)
@@ -418,22 +505,26 @@ def _strides3(t):
 
 
 def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, save_states, tile=TILE,
-         n_chunks=None, num_warps=None, max_bd=None, programs=None):
+         n_chunks=None, num_warps=None, max_bd=None, programs=None, kernel=None):
     """Returns y, final_state (b, d, n) fp32, tile_states (b, n_tiles, d, n) fp32 or None."""
     b, d, l = u.shape
     n = A.shape[1]
-    num_warps = num_warps or WARPS_FWD
+    kernel = kernel or FWD_KERNEL
+    seq = kernel == "seq"
+    kern = _fwd_seq_kernel if seq else _fwd_kernel
+    num_warps = num_warps or (WARPS_SEQ if seq else WARPS_FWD)
     B4, C4 = _grouped(B), _grouped(C)
     g = B4.shape[1]
     cpg = d // g
-    BD = _pow2_divisor(cpg, max_bd or MAX_BD_FWD)
+    BD = _pow2_divisor(cpg, max_bd or (MAX_BD_SEQ if seq else MAX_BD_FWD))
     BN = max(triton.next_power_of_2(n), 2)
     ndb = d // BD
     n_tiles = max(triton.cdiv(l, tile), 1)
     if n_chunks is None:
         # one pass when the channels alone fill the GPU; else many chunks (the summary pass pays for itself)
         if programs is None:
-            programs = 1 if b * ndb >= TARGET_PROGRAMS else 16 * TARGET_PROGRAMS
+            programs = ((1 if b * ndb >= TARGET_PROGRAMS else 16 * TARGET_PROGRAMS) if not seq
+                        else (1 if b * ndb >= SEQ_PROGRAMS else SEQ_PROGRAMS))
         n_chunks = min(n_tiles, max(1, triton.cdiv(programs, b * ndb)))
     tpc = triton.cdiv(n_tiles, n_chunks)
     n_chunks = triton.cdiv(n_tiles, tpc)
@@ -453,7 +544,7 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, 
     else:
         hloc = torch.empty(b, n_chunks, d, n, **f32)
         dtsum = torch.empty(b, n_chunks, d, **f32)
-        _fwd_kernel[(b * ndb, n_chunks)](
+        kern[(b * ndb, n_chunks)](
             u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, y, dummy, hloc, dtsum, dummy, *strides,
             d, n, l, cpg, tpc, n_tiles, n_chunks, MODE=0, HAS_HIN=False, SAVE_STATES=False,
@@ -461,7 +552,7 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, 
         hin = torch.empty(b, n_chunks, d, n, **f32)
         _fwd_state_kernel[(b * ndb,)](A, hloc, dtsum, h0 if h0 is not None else dummy, hin, d, n, n_chunks,
                                       HAS_H0=h0 is not None, BD=BD, BN=BN, num_warps=1)
-    _fwd_kernel[(b * ndb, n_chunks)](
+    kern[(b * ndb, n_chunks)](
         u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, y, hin if hin is not None else dummy, hout, dummy,
         tstates, *strides, d, n, l, cpg, tpc, n_tiles, n_chunks, MODE=1, HAS_HIN=hin is not None,
@@ -551,7 +642,8 @@ class SelectiveScanFn(torch.autograd.Function):
         y, ht, tstates = _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
                               save_states=save, tile=tuning.get("tile", TILE),
                               n_chunks=tuning.get("fwd_chunks"), num_warps=tuning.get("warps_fwd"),
-                              max_bd=tuning.get("bd_fwd"), programs=tuning.get("programs"))
+                              max_bd=tuning.get("bd_fwd"), programs=tuning.get("programs"),
+                              kernel=tuning.get("fwd_kernel"))
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates)
         ctx.softplus, ctx.reverse, ctx.tuning = softplus, reverse, tuning
@@ -577,7 +669,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     """Triton implementation with :func:`selective_scan_ref`'s signature (``chunk_size`` is ignored: the
     kernel picks its own tiling). Inputs fp32/bf16/fp16 on a CUDA device (or any device under
     TRITON_INTERPRET=1); arguments are assumed validated by the caller. ``_tuning`` (tests, benchmarks):
-    dict with any of tile, fwd_chunks, bwd_chunks, bwd_splits, warps_fwd, warps_bwd, bd_fwd, bd_bwd, programs, programs_bwd."""
+    dict with any of tile, fwd_chunks, bwd_chunks, bwd_splits, warps_fwd, warps_bwd, bd_fwd, bd_bwd, programs, programs_bwd, fwd_kernel ('scan' | 'seq')."""
     y, ht = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
                                   bool(reverse), _tuning)
     return (y, ht) if return_final_state else y
