@@ -181,9 +181,14 @@ def main(argv=None):
     p.add_argument("--shapes", default=None, help="indices into SHAPES, comma separated")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--sweep", action="store_true", help="time tunings of the Triton scan instead")
+    p.add_argument("--compare-fwd", action="store_true", help="the two forward kernels side by side")
     p.add_argument("--sweep-seq", action="store_true", help="time the sequential forward kernel's tunings")
     p.add_argument("--sweep-programs", action="store_true", help="time grid-size targets instead")
     args = p.parse_args(argv)
+    if args.compare_fwd:
+        for shape in ((8, 1536, 16, 2048), (1, 1536, 16, 65536), (1, 1536, 16, 1 << 20)):
+            sweep(shape, [dict(fwd_kernel="scan"), dict(fwd_kernel="seq"), dict(fwd_kernel="seq", programs=512)])
+        return
     if args.sweep_seq:
         from seqmamba.kernels.selective_scan import selective_scan_ref
         from seqmamba.kernels.selective_scan.chunk import selective_scan_triton

@@ -42,8 +42,8 @@ def ref_fn(**kw):
 # (name, make_inputs overrides, softplus, reverse, tuning)
 CASES = [
     ("one-tile", dict(l=7), True, False, None),
-    ("chunks+splits", dict(l=37, groups=2), True, False, dict(tile=4, fwd_chunks=3, bwd_chunks=4, bwd_splits=2)),
-    ("reverse-chunks", dict(l=37, groups=2), True, True, dict(tile=4, fwd_chunks=4, bwd_chunks=3, bwd_splits=1)),
+    ("chunks+splits", dict(l=37, groups=2), True, False, dict(tile=4, fwd_chunks=3, bwd_chunks=4, bwd_splits=2, fwd_kernel="scan")),
+    ("reverse-chunks", dict(l=37, groups=2), True, True, dict(tile=4, fwd_chunks=4, bwd_chunks=3, bwd_splits=1, fwd_kernel="scan")),
     ("3d-BC-no-options", dict(l=21, groups=None, z=False, D=False, delta_bias=False, h0=False), False, True,
      dict(tile=8, fwd_chunks=2, bwd_chunks=2)),
     ("groups4-n5", dict(l=18, groups=4, n=5), True, False, dict(tile=8, fwd_chunks=1, bwd_chunks=3)),
