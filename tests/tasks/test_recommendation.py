@@ -184,8 +184,22 @@ def test_quickstart_two_step_fit_and_batch_scoring(workdir, capsys, model):
     # a's history in time order is items[1], items[2], items[0]: the same as recommend() on that list
     direct = rec.recommend({"a": ids.items.gather([1, 2, 0]).to_list()}, k=3)
     assert direct["item"].to_list() == recs["item"].to_list()[:3]
+    only_b = pl.read_parquet(rec.score_log(log, workdir / "b.parquet", k=2, users=["b"], progress=False))
+    assert only_b["user"].to_list() == ["b", "b"] and only_b["item"].to_list() == recs["item"].to_list()[3:5]
     with pytest.raises(UnknownIdError, match="unknown item id"):
         rec.recommend({"a": ["never-seen"]})
+    with pytest.raises(UnknownIdError, match=r"1 unknown user id\(s\).*'zed'"):
+        rec.score_log(log, workdir / "x.parquet", users=["a", "zed"], progress=False)
+    bad = log.with_columns(pl.Series("item", ["nope", *log["item"].cast(pl.String).to_list()[1:]]))
+    with pytest.raises(UnknownIdError, match="unknown item id.*'nope'"):
+        rec.score_log(bad, workdir / "x.parquet", progress=False)
+    assert not (workdir / "x.parquet").exists()
+    dropped = pl.read_parquet(rec.score_log(bad, workdir / "d.parquet", k=3, progress=False, unknown_items="drop"))
+    assert dropped["user"].to_list() == ["a"] * 3 + ["b"] * 3
+    if model == "mamba4rec":  # the command-line entry point writes the same table
+        log.rename({"user": "user_id", "item": "item_id"}).write_csv(workdir / "log.csv")
+        api.main([str(ckpt), str(workdir / "log.csv"), str(workdir / "cli.parquet"), "-k", "3", "--device", "cpu"])
+        assert pl.read_parquet(workdir / "cli.parquet").equals(recs)
 
 
 class _nothing:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -136,19 +137,32 @@ class Recommender:
         return self._frame(users, items, scores, user_ids)
 
     def score_log(self, log: str | Path | pl.DataFrame, out: str | Path, k: int = 10,
-                  columns: ColumnMap | None = None, exclude_history: bool = False, batch_size: int = 256,
-                  chunk_len: int | None = 2048, progress: bool = True) -> Path:
+                  columns: ColumnMap | None = None, users: list | None = None, exclude_history: bool = False,
+                  batch_size: int = 256, chunk_len: int | None = 2048, progress: bool = True,
+                  unknown_items: Literal["error", "drop"] = "error") -> Path:
         """Top-``k`` for every user of a log (file or DataFrame with columns user, item[, timestamp]) from
         their full history, written to parquet ``out`` atomically (columns user, rank, item, score).
-        Items the model does not know raise ``UnknownIdError`` naming them."""
+        ``users`` restricts scoring to those raw user ids (each must be in the log). Items the model does
+        not know raise ``UnknownIdError`` naming them, or with ``unknown_items="drop"`` are removed from the
+        histories (their count is printed); requested users absent from the log raise ``UnknownIdError``."""
         table = log if isinstance(log, pl.DataFrame) else read_interactions(log, columns)
         if "row" not in table.columns:
             table = table.with_row_index("row")
+        if unknown_items == "drop":
+            known = table["item"].is_in(self.id_map.items.cast(table["item"].dtype, strict=False))
+            if not known.all():
+                print(f"score_log: dropped {int((~known).sum())} interactions with items the model does not know")
+                table = table.filter(known)
+        elif unknown_items != "error":
+            raise ValueError(f"unknown_items must be 'error' or 'drop', got {unknown_items!r}")
         user_ids = table["user"].unique().sort()
+        selected = None
+        if users is not None:
+            selected = IdMap(user_ids, pl.Series([], dtype=pl.Int64)).encode_users(users)
         table = table.with_columns((pl.col("user").rank("dense") - 1).cast(pl.Int64).alias("user"),
                                    pl.Series("item", self.id_map.encode_items(table["item"])).cast(pl.Int32))
         seqs = build_sequences(table, user_ids.len())
-        users, items, scores = top_k(self.model, seqs.items, seqs.offsets, k, batch_size=batch_size,
+        users, items, scores = top_k(self.model, seqs.items, seqs.offsets, k, users=selected, batch_size=batch_size,
                                      chunk_len=chunk_len, exclude_history=exclude_history, progress=progress)
         frame = self._frame(users, items, scores, user_ids)
         out = Path(out)
@@ -182,13 +196,15 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--item-col", default="item_id")
     parser.add_argument("--time-col", default="timestamp", help="'' when the log has none (file order)")
     parser.add_argument("--exclude-history", action="store_true")
+    parser.add_argument("--drop-unknown-items", action="store_true", help="drop items the model does not know")
     parser.add_argument("--chunk-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ns = parser.parse_args(args)
     rec = load(ns.checkpoint, ns.device)
-    out = rec.score_log(ns.log, ns.out, ns.k, ColumnMap(ns.user_col, ns.item_col, ns.time_col or None),
-                        ns.exclude_history, ns.batch_size, ns.chunk_len)
+    out = rec.score_log(ns.log, ns.out, k=ns.k, columns=ColumnMap(ns.user_col, ns.item_col, ns.time_col or None),
+                        exclude_history=ns.exclude_history, batch_size=ns.batch_size, chunk_len=ns.chunk_len,
+                        unknown_items="drop" if ns.drop_unknown_items else "error")
     print(f"recommendations: {out}")
 
 
