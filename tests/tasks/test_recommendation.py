@@ -226,3 +226,36 @@ def test_other_configs_two_step_fit(workdir, capsys, config):
         extra += ["--data.init_args.synthetic_users=10", "--data.init_args.synthetic_mean_len=60"]
     run = fit(capsys, config, *extra)
     assert (run / "checkpoints" / "id_map" / "items.parquet").is_file()
+
+
+def test_training_loss_ignores_padding():
+    """The batch loss is the mean CE over real positions: a padded batch equals its users trained alone."""
+    from seqmamba.tasks.recommendation import SequentialRecModule
+
+    module = SequentialRecModule(n_items=30, hidden_size=16, d_state=8, dropout=0.0)
+    module.log = lambda *a, **k: None  # no trainer attached
+    a, b = [3, 7, 1, 12, 5, 9], [4, 2, 8]
+
+    def batch(rows):
+        ids, mask = pad([r[:-1] for r in rows], max(len(r) for r in rows) - 1)
+        targets, _ = pad([r[1:] for r in rows], ids.shape[1])
+        return {"items": ids, "targets": targets, "mask": mask}
+
+    with torch.no_grad():
+        both = module.training_step(batch([a, b]), 0)
+        alone = [module.training_step(batch([r]), 0) for r in (a, b)]
+    expected = (alone[0] * (len(a) - 1) + alone[1] * (len(b) - 1)) / (len(a) + len(b) - 2)
+    assert_close("loss", both, expected, 1e-5)
+
+
+def test_load_without_id_map_says_where_it_looked(tmp_path):
+    from seqmamba.tasks.recommendation import SequentialRecModule
+
+    module = SequentialRecModule(n_items=5, hidden_size=8, d_state=4)
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": "2.6.0"}, ckpt)
+    with pytest.raises(FileNotFoundError, match=r"id_map/users.parquet does not exist"):
+        api.load(ckpt)
+    with pytest.raises(FileNotFoundError, match="checkpoint .* does not exist"):
+        api.load(tmp_path / "none.ckpt")
