@@ -27,7 +27,7 @@ def sync(device: str) -> None:
 
 
 def measure(kind: str, max_len: int, seqs, ns) -> dict:
-    starts, ends = training_windows(seqs.offsets[:-1], seqs.offsets[1:], max_len, "all")
+    starts, ends, _ = training_windows(seqs.offsets[:-1], seqs.offsets[1:], max_len, "all")
     batch = max(ns.tokens // max_len, 1)
     collate = TrainCollate(seqs.items, starts, ends)
     torch.manual_seed(0)

@@ -60,7 +60,7 @@ def run_pipeline(path: str, k: int, max_len: int) -> dict:
     times["sequences"] = time.perf_counter() - t2
     t2 = time.perf_counter()
     split = leave_one_out(seqs)
-    starts, ends = training_windows(seqs.offsets[:-1], split.train_end, max_len, "all")
+    starts, ends, _ = training_windows(seqs.offsets[:-1], split.train_end, max_len, "all")
     times["split+windows"] = time.perf_counter() - t2
     times["total"] = time.perf_counter() - t
     return {"times": times, "peak_rss_mb": rss_mb(), "import_rss_mb": base, "events_kept": int(len(seqs.items)),

@@ -31,8 +31,12 @@ targets; ``train_windows="all"`` cuts them into consecutive windows of ``max_len
 first, so every target is trained once; each window starts from an empty state, so the j-th target of
 a window sees the j items before it in that window (at most ``max_len``), as a causal model trained on
 ``max_len`` windows does. ``"last"`` keeps only the newest window (the most recent ``max_len`` targets;
-older targets are not trained). Batches are right-padded with item 0 and carry a boolean ``mask``
-(False at padding).
+older targets are not trained). ``window_stride`` < ``max_len`` makes ``all`` windows overlap: windows
+end every ``window_stride`` items and each trains only its newest ``window_stride`` targets (the oldest
+window trains all of its own), so every target is still trained once but sees at least
+``max_len - window_stride`` items of context, closer to RecBole's one-sample-per-prefix training at
+``max_len / window_stride`` times the compute. Batches are right-padded with item 0 and carry a boolean
+``mask`` (False at padding) and ``loss_mask`` (the trained targets).
 """
 from __future__ import annotations
 
@@ -467,24 +471,31 @@ def time_cutoff(seqs: Sequences, valid_from: float, test_from: float) -> Split:
 
 
 def training_windows(start: np.ndarray, train_end: np.ndarray, max_len: int,
-                     mode: Literal["all", "last"] = "all") -> tuple[np.ndarray, np.ndarray]:
-    """Windows ``(a, e)``: inputs ``items[a:e-1]``, targets ``items[a+1:e]``, at most ``max_len`` targets.
+                     mode: Literal["all", "last"] = "all",
+                     stride: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows ``(a, e, f)``: inputs ``items[a:e-1]``, targets ``items[a+1:e]`` (at most ``max_len``), of
+    which those at positions ``>= f`` are trained.
 
-    ``all``: consecutive windows ending at ``train_end``, ``train_end - max_len``, ... so that each of a
-    user's targets (every training item but the first) is in exactly one window. ``last``: the newest one.
+    ``all``: windows ending at ``train_end``, ``train_end - stride``, ... (``stride`` defaults to
+    ``max_len``), so that each of a user's targets (every training item but the first) is trained in
+    exactly one window. ``last``: the newest window only, all of its targets trained.
     """
+    stride = max_len if stride is None else stride
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"window stride must be in 1..max_len={max_len}, got {stride}")
     n_targets = np.maximum(train_end - start - 1, 0)
     if mode == "all":
-        count = -(-n_targets // max_len)
+        count = -(-n_targets // stride)
     elif mode == "last":
-        count = (n_targets > 0).astype(np.int64)
+        count, stride = (n_targets > 0).astype(np.int64), max_len
     else:
         raise ValueError(f"train_windows must be 'all' or 'last', got {mode!r}")
     owner = np.repeat(np.arange(len(start)), count)
     k = np.arange(owner.size) - np.repeat(np.cumsum(count) - count, count)
-    ends = train_end[owner] - k * max_len
+    ends = train_end[owner] - k * stride
     starts = np.maximum(start[owner], ends - 1 - max_len)
-    return starts.astype(np.int64), ends.astype(np.int64)
+    first = np.maximum(starts + 1, ends - stride)
+    return starts.astype(np.int64), ends.astype(np.int64), first.astype(np.int64)
 
 
 def gather_padded(items: np.ndarray, starts: np.ndarray, ends: np.ndarray,
@@ -517,17 +528,21 @@ class _IndexDataset(Dataset):
 
 
 class TrainCollate:
-    """Batch of training windows: ``items`` (b, l) inputs, ``targets`` (b, l) next items, ``mask`` (b, l)."""
+    """Batch of training windows: ``items`` (b, l) inputs, ``targets`` (b, l) next items, ``mask`` (b, l)
+    real positions, ``loss_mask`` (b, l) the positions whose targets are trained (``first`` onwards)."""
 
-    def __init__(self, items: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+    def __init__(self, items: np.ndarray, starts: np.ndarray, ends: np.ndarray, first: np.ndarray | None = None):
         self.items, self.starts, self.ends = items, starts, ends
+        self.first = starts + 1 if first is None else first
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         index = np.asarray(indices)
         starts, ends = self.starts[index], self.ends[index]
         inputs, mask = gather_padded(self.items, starts, ends - 1)
         targets, _ = gather_padded(self.items, starts + 1, ends)
-        return {"items": inputs, "targets": targets, "mask": mask}
+        target_pos = starts[:, None] + 1 + np.arange(inputs.shape[1])[None, :]
+        loss_mask = mask & torch.from_numpy(target_pos >= self.first[index][:, None])
+        return {"items": inputs, "targets": targets, "mask": mask, "loss_mask": loss_mask}
 
 
 class EvalCollate:
@@ -609,7 +624,8 @@ class RecDataModule(L.LightningDataModule):
                  separator: str | None = None, user_min_count: int = 0, item_min_count: int = 0,
                  split: Literal["loo", "time"] = "loo", valid_from: float | None = None,
                  test_from: float | None = None, max_len: int = 200,
-                 train_windows: Literal["all", "last"] = "all", batch_size: int = 256,
+                 train_windows: Literal["all", "last"] = "all", window_stride: int | None = None,
+                 batch_size: int = 256,
                  eval_batch_size: int = 256, num_workers: int = 0, synthetic_users: int = 500,
                  synthetic_items: int = 300, synthetic_mean_len: float = 40.0, seed: int = 0):
         super().__init__()
@@ -620,7 +636,7 @@ class RecDataModule(L.LightningDataModule):
             raise ValueError(f"RecDataModule.max_len must be >= 1, got {max_len}")
         self.save_hyperparameters()
         self.prepared: Prepared | None = None
-        self._train: tuple[np.ndarray, np.ndarray] | None = None
+        self._train: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     # sizes for the model --------------------------------------------------------------------------
     @property
@@ -657,8 +673,10 @@ class RecDataModule(L.LightningDataModule):
         self.prepared = prepare(self.read_table(), hp.user_min_count, hp.item_min_count, hp.split,
                                 hp.valid_from, hp.test_from)
         seqs, split = self.prepared.seqs, self.prepared.split
-        self._train = training_windows(seqs.offsets[:-1], split.train_end, hp.max_len, hp.train_windows)
-        rank_zero_info(f"training windows: {len(self._train[0])} (max_len {hp.max_len}, {hp.train_windows}); "
+        self._train = training_windows(seqs.offsets[:-1], split.train_end, hp.max_len, hp.train_windows,
+                                       hp.window_stride)
+        rank_zero_info(f"training windows: {len(self._train[0])} (max_len {hp.max_len}, {hp.train_windows}, "
+                       f"stride {hp.window_stride or hp.max_len}); "
                        f"validation targets {len(split.valid_users)}, test targets {len(split.test_users)}")
 
     def save_id_map(self, directory: str | Path) -> Path:
@@ -668,11 +686,11 @@ class RecDataModule(L.LightningDataModule):
     # loaders ----------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         self._require()
-        starts, ends = self._train
+        starts, ends, first = self._train
         if len(starts) == 0:
             raise ValueError("no training windows: every user has fewer than two training interactions")
         return DataLoader(_IndexDataset(len(starts)), batch_size=self.hparams.batch_size, shuffle=True,
-                          collate_fn=TrainCollate(self.prepared.seqs.items, starts, ends),
+                          collate_fn=TrainCollate(self.prepared.seqs.items, starts, ends, first),
                           num_workers=self.hparams.num_workers)
 
     def _eval_loader(self, users: np.ndarray, positions: np.ndarray) -> DataLoader:

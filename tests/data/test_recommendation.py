@@ -165,13 +165,28 @@ def test_missing_file_and_unknown_suffix(tmp_path):
 def test_training_windows_all_and_last():
     # one user, 8 training items at positions 10..17 (7 targets), max_len 3
     start, end = np.array([10]), np.array([18])
-    starts, ends = training_windows(start, end, 3, "all")
+    starts, ends, first = training_windows(start, end, 3, "all")
     assert list(zip(starts.tolist(), ends.tolist())) == [(14, 18), (11, 15), (10, 12)]
+    assert (first == starts + 1).all()
     targets = sorted(t for a, e in zip(starts, ends) for t in range(a + 1, e))
     assert targets == list(range(11, 18))  # every item but the first is a target exactly once
-    starts, ends = training_windows(start, end, 3, "last")
-    assert (starts.tolist(), ends.tolist()) == ([14], [18])
+    starts, ends, first = training_windows(start, end, 3, "last")
+    assert (starts.tolist(), ends.tolist(), first.tolist()) == ([14], [18], [15])
     assert training_windows(np.array([0]), np.array([1]), 3)[0].size == 0  # one item: nothing to predict
+
+
+def test_overlapping_windows_train_each_target_once_with_context():
+    # one user, 12 training items at positions 0..11 (11 targets), max_len 4, stride 2
+    starts, ends, first = training_windows(np.array([0]), np.array([12]), 4, "all", stride=2)
+    assert list(zip(starts.tolist(), ends.tolist(), first.tolist())) == [
+        (7, 12, 10), (5, 10, 8), (3, 8, 6), (1, 6, 4), (0, 4, 2), (0, 2, 1)]
+    trained = sorted(t for e, f in zip(ends, first) for t in range(f, e))
+    assert trained == list(range(1, 12))
+    batch = TrainCollate(np.arange(100, 112, dtype=np.int32), starts, ends, first)([0])
+    assert batch["items"].tolist() == [[107, 108, 109, 110]] and batch["targets"].tolist() == [[108, 109, 110, 111]]
+    assert batch["loss_mask"].tolist() == [[False, False, True, True]]  # 2 context-only positions
+    with pytest.raises(ValueError, match="stride"):
+        training_windows(np.array([0]), np.array([12]), 4, "all", stride=5)
 
 
 def test_train_collate_shifts_and_pads():

@@ -84,8 +84,9 @@ class SequentialRecModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         mask = batch["mask"]
-        hidden = self.model(batch["items"], mask)[mask]  # (m, d): real positions only
-        targets = batch["targets"][mask]  # (m,)
+        trained = batch.get("loss_mask", mask)  # real positions whose targets this window trains
+        hidden = self.model(batch["items"], mask)[trained]  # (m, d)
+        targets = batch["targets"][trained]  # (m,)
         loss = self._loss(hidden, targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=int(targets.numel()))
         return loss
