@@ -1,0 +1,117 @@
+"""DNA configs through the seqmamba CLI on a 2-core CPU: two-step pretraining and fine-tuning fits (tiny sizes),
+resume from last.ckpt to the same loss, `seqmamba test` on a user table, and the quickstart's smoke mode."""
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import lightning as L
+import torch
+
+from seqmamba.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "dna"
+TINY_MODEL = ["--model.init_args.d_model=8", "--model.init_args.n_layer=1", "--model.init_args.d_state=2"]
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu",
+         "--trainer.precision=32-true", "--trainer.devices=1"]
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["seqmamba"])
+    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "SEQMAMBA_RUN_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield tmp_path
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+
+
+def run(capsys, *args) -> Path:
+    main(list(args))
+    out = capsys.readouterr().out
+    line = [x for x in out.splitlines() if x.startswith("run directory: ")][-1]
+    return Path(line.split(": ", 1)[1])
+
+
+def metrics(run_dir: Path) -> pl.DataFrame:
+    return pl.read_csv(run_dir / "metrics.csv")
+
+
+PRETRAIN = ["--data.init_args.length=24", "--data.init_args.batch_size=2", "--data.init_args.train_samples=4",
+            "--data.init_args.val_samples=2", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2",
+            "--trainer.log_every_n_steps=1"]
+
+
+@pytest.mark.parametrize("config", ["quickstart_pretrain.yaml", "pretrain_1k_ph.yaml"])
+def test_pretrain_two_steps(workdir, capsys, config):
+    run_dir = run(capsys, "fit", "-c", str(CONFIGS / config), "--trainer.max_steps=2", *TINY_MODEL, *QUIET, *PRETRAIN,
+                  "--data.init_args.num_workers=0")
+    table = metrics(run_dir)
+    for column in ("train_loss", "train_acc", "val_loss", "val_acc", "val_ppl", "lr"):
+        assert table[column].drop_nulls().len() > 0, column
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "learning_curves.png").is_file()
+    assert (run_dir / "pretrained" / "model.safetensors").is_file()
+
+
+class StopAtStep(L.Callback):
+    """Interrupts a run (as Ctrl-C would) when it reaches ``step``."""
+
+    def __init__(self, step: int = 2):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_from_last_gives_the_same_losses(workdir, capsys):
+    base = ["-c", str(CONFIGS / "quickstart_pretrain.yaml"), *TINY_MODEL, *QUIET, *PRETRAIN,
+            "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1", "--trainer.max_steps=4"]
+    straight = run(capsys, "fit", *base)
+    with pytest.raises(SystemExit):  # Lightning shuts down gracefully, then exits
+        main(["fit", *base, "--trainer.callbacks+=tests.tasks.test_dna_cli.StopAtStep"])
+    first = Path([x for x in capsys.readouterr().out.splitlines() if x.startswith("run directory: ")][-1][15:])
+    resumed = run(capsys, "fit", *base, f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    want = metrics(straight).filter(pl.col("step") >= 2)["train_loss"].drop_nulls().to_list()
+    got = metrics(resumed)["train_loss"].drop_nulls().to_list()
+    assert len(want) == 2 and np.allclose(got, want, rtol=1e-5, atol=1e-6), (got, want)
+
+
+def write_tables(folder: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    paths = {}
+    for split, n in (("train", 8), ("val", 4), ("test", 6)):
+        seqs = ["".join(rng.choice(list("ACGT"), size=int(rng.integers(8, 15)))) for _ in range(n)]
+        paths[split] = folder / f"{split}.csv"
+        pl.DataFrame({"sequence": seqs, "label": [i % 2 for i in range(n)]}).write_csv(paths[split])
+    return paths
+
+
+def test_finetune_from_pretrained_then_test(workdir, capsys):
+    pre = run(capsys, "fit", "-c", str(CONFIGS / "quickstart_pretrain.yaml"), "--trainer.max_steps=1", *TINY_MODEL,
+              *QUIET, *PRETRAIN)
+    tables = write_tables(workdir)
+    data = [f"--data.init_args.{s}={p}" for s, p in tables.items()] + ["--data.init_args.batch_size=4"]
+    common = ["-c", str(CONFIGS / "finetune.yaml"), *QUIET, "--trainer.log_every_n_steps=1"]
+    fit_dir = run(capsys, "fit", *common, "--trainer.max_steps=2", *data,
+                  f"--model.init_args.pretrained={pre / 'checkpoints' / 'last.ckpt'}")
+    assert metrics(fit_dir)["val_auroc"].drop_nulls().len() > 0
+    test_dir = run(capsys, "test", *common, f"--data.init_args.test={tables['test']}",
+                   f"--ckpt_path={fit_dir / 'checkpoints' / 'last.ckpt'}")
+    row = metrics(test_dir)
+    assert 0 <= row["test_acc"].drop_nulls()[-1] <= 1 and row["test_auroc"].drop_nulls().len() == 1
+
+
+def test_quickstart_smoke(workdir, capsys):
+    from seqmamba.tasks.dna import quickstart
+    quickstart.main(["--fast", "--out", str(workdir / "qs")])
+    out = capsys.readouterr().out
+    assert "DNA quickstart done" in out and "test_acc" in out
+    assert (workdir / "qs" / "tables" / "train.csv").is_file()
+    assert list((workdir / "qs" / "finetune").rglob("learning_curves.png"))
