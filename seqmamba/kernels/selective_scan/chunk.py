@@ -38,7 +38,7 @@ LOG2E = 1.4426950408889634
 # --sweep and --sweep-programs; short tiles and one warp won, Triton's scan being cheapest inside a warp);
 # programs aimed for.
 TILE = 16
-MAX_BD_FWD = 2
+MAX_BD_FWD = 4
 MAX_BD_BWD = 2
 WARPS_FWD = 1
 WARPS_BWD = 1
