@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from seqmamba.data.audio import AudioBlockReader, AudioStreamWriter, Downmix
-from seqmamba.tasks.separation.model import MambaSeparator
+from seqmamba.tasks.separation.model import MambaSeparator, flush_denormal
 
 
 def crossfade_ramps(overlap: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +149,8 @@ class Separator:
         return self.model.config.n_src
 
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(batch)
+        with flush_denormal(batch.device.type == "cpu"):
+            return self.model(batch)
 
     @torch.no_grad()
     def separate(self, mixture: torch.Tensor, window_seconds: float | None = None,
@@ -162,7 +163,7 @@ class Separator:
         if mixture.ndim != 1:
             raise ValueError(f"separate: expected a mono waveform (t,), got shape {tuple(mixture.shape)}")
         if window_seconds is None:
-            return self.model(mixture[None].to(self.device))[0].float().cpu()
+            return self._run(mixture[None].to(self.device))[0].float().cpu()
         window = int(round(window_seconds * self.sample_rate))
         overlap = int(round(overlap_seconds * self.sample_rate))
         blocks: list[torch.Tensor] = []
