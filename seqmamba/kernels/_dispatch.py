@@ -18,8 +18,17 @@ BACKENDS = ("auto", "triton", "ref")
 ENV_VAR = "SEQMAMBA_BACKEND"
 
 
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
+
+
+@torch.compiler.assume_constant_result
+def _env_backend() -> str:
+    """The SEQMAMBA_BACKEND override (read per call; a constant to torch.compile, so no graph break)."""
+    return os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
 
 
 def resolve_backend(op: str, backend: str, tensor: torch.Tensor, has_triton_impl: bool) -> str:
@@ -27,7 +36,7 @@ def resolve_backend(op: str, backend: str, tensor: torch.Tensor, has_triton_impl
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        backend = _env_backend()
         if backend not in BACKENDS:
             raise ValueError(f"{ENV_VAR}={backend!r} is not one of {BACKENDS}")
     if backend == "ref":

@@ -144,56 +144,92 @@ def _grid(b, d, l, bd, bt):
     return (b * triton.cdiv(d, bd), max(triton.cdiv(l, bt), 1))
 
 
-class CausalConv1dFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, h0, silu, reverse):
-        b, d, l = x.shape
-        w = weight.shape[1]
-        weight = weight.contiguous()
-        h0c = h0.contiguous() if h0 is not None else None
-        y = torch.empty(b, d, l, device=x.device, dtype=x.dtype)
-        _conv_fwd_kernel[_grid(b, d, l, BLOCK_D, BLOCK_T)](
-            x, weight, bias if bias is not None else weight, h0c if h0c is not None else weight, y,
-            *x.stride(), d, l, W=w, HAS_BIAS=bias is not None, HAS_H0=h0c is not None, SILU=silu,
-            REVERSE=reverse, BD=BLOCK_D, BT=BLOCK_T, num_warps=4)
-        ctx.save_for_backward(x, weight, bias, h0c)
-        ctx.silu, ctx.reverse = silu, reverse
-        return y
+def _conv_fwd(x, weight, bias, h0, silu, reverse):
+    b, d, l = x.shape
+    w = weight.shape[1]
+    y = torch.empty(b, d, l, device=x.device, dtype=x.dtype)
+    _conv_fwd_kernel[_grid(b, d, l, BLOCK_D, BLOCK_T)](
+        x, weight, bias if bias is not None else weight, h0 if h0 is not None else weight, y,
+        *x.stride(), d, l, W=w, HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=silu,
+        REVERSE=reverse, BD=BLOCK_D, BT=BLOCK_T, num_warps=4)
+    return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, h0 = ctx.saved_tensors
-        b, d, l = x.shape
-        w = weight.shape[1]
-        grid = _grid(b, d, l, BLOCK_D, BLOCK_T)
-        n_tb = grid[1]
-        f32 = dict(device=x.device, dtype=torch.float32)
-        dpre = torch.empty(b, d, l, **f32)
-        dwp = torch.empty(b, n_tb, d, w, **f32)
-        dbp = torch.empty(b, n_tb, d, **f32) if bias is not None else None
-        _conv_bwd_dpre_kernel[grid](
-            x, weight, bias if bias is not None else weight, h0 if h0 is not None else weight, dy, dpre, dwp,
-            dbp if dbp is not None else dwp, *x.stride(), *dy.stride(), d, l, n_tb, W=w,
-            HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=ctx.silu, REVERSE=ctx.reverse,
-            BD=BLOCK_D, BT=BLOCK_T, num_warps=4)
-        dx = torch.empty(b, d, l, device=x.device, dtype=x.dtype)
-        _conv_bwd_dx_kernel[grid](dpre, weight, dx, d, l, W=w, REVERSE=ctx.reverse, BD=BLOCK_D, BT=BLOCK_T,
-                                  num_warps=4)
-        dweight = dwp.sum((0, 1)).to(weight.dtype)
-        dbias = dbp.sum((0, 1)).to(bias.dtype) if bias is not None else None
-        dh0 = None
-        if h0 is not None:
-            # h0[i] is scan position i-(w-1): dh0[i] = sum_{k<=i, i-k < l} w[k] dpre[i-k]
-            m = min(w - 1, l)
-            head = (dpre[..., l - m:].flip(-1) if ctx.reverse else dpre[..., :m])  # scan order
-            head = torch.nn.functional.pad(head, (0, w - 1 - m))
-            wf = weight.float()
-            dh0 = torch.zeros(b, d, w - 1, **f32)
-            for i in range(w - 1):
-                for k in range(i + 1):
-                    dh0[..., i] += wf[:, k] * head[..., i - k]
-            dh0 = dh0.to(h0.dtype)
-        return dx, dweight, dbias, dh0, None, None
+
+def _conv_bwd(x, weight, bias, h0, dy, silu, reverse):
+    """(dx, dweight, dbias or None, dh0 or None)."""
+    b, d, l = x.shape
+    w = weight.shape[1]
+    grid = _grid(b, d, l, BLOCK_D, BLOCK_T)
+    n_tb = grid[1]
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dpre = torch.empty(b, d, l, **f32)
+    dwp = torch.empty(b, n_tb, d, w, **f32)
+    dbp = torch.empty(b, n_tb, d, **f32) if bias is not None else None
+    _conv_bwd_dpre_kernel[grid](
+        x, weight, bias if bias is not None else weight, h0 if h0 is not None else weight, dy, dpre, dwp,
+        dbp if dbp is not None else dwp, *x.stride(), *dy.stride(), d, l, n_tb, W=w,
+        HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=silu, REVERSE=reverse,
+        BD=BLOCK_D, BT=BLOCK_T, num_warps=4)
+    dx = torch.empty(b, d, l, device=x.device, dtype=x.dtype)
+    _conv_bwd_dx_kernel[grid](dpre, weight, dx, d, l, W=w, REVERSE=reverse, BD=BLOCK_D, BT=BLOCK_T, num_warps=4)
+    dweight = dwp.sum((0, 1)).to(weight.dtype)
+    dbias = dbp.sum((0, 1)).to(bias.dtype) if bias is not None else None
+    dh0 = None
+    if h0 is not None:
+        # h0[i] is scan position i-(w-1): dh0[i] = sum_{k<=i, i-k < l} w[k] dpre[i-k]
+        m = min(w - 1, l)
+        head = (dpre[..., l - m:].flip(-1) if reverse else dpre[..., :m])  # scan order
+        head = torch.nn.functional.pad(head, (0, w - 1 - m))
+        wf = weight.float()
+        dh0 = torch.zeros(b, d, w - 1, **f32)
+        for i in range(w - 1):
+            for k in range(i + 1):
+                dh0[..., i] += wf[:, k] * head[..., i - k]
+        dh0 = dh0.to(h0.dtype)
+    return dx, dweight, dbias, dh0
+
+
+# torch.library registration: torch.compile sees one opaque node with a registered backward.
+_OPS = "seqmamba::causal_conv1d" + ("_interp" if __name__.endswith("__interpreted") else "")
+_T = torch.Tensor
+
+
+@torch.library.custom_op(_OPS + "_fwd", mutates_args=())
+def _conv_fwd_op(x: _T, weight: _T, bias: _T | None, h0: _T | None, silu: bool, reverse: bool) -> _T:
+    return _conv_fwd(x, weight, bias, h0, silu, reverse)
+
+
+@_conv_fwd_op.register_fake
+def _(x, weight, bias, h0, silu, reverse):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op(_OPS + "_bwd", mutates_args=())
+def _conv_bwd_op(x: _T, weight: _T, bias: _T | None, h0: _T | None, dy: _T, silu: bool,
+                 reverse: bool) -> list[_T]:
+    grads = _conv_bwd(x, weight, bias, h0, dy, silu, reverse)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_conv_bwd_op.register_fake
+def _(x, weight, bias, h0, dy, silu, reverse):
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
+            for t in (x, weight, bias, h0)]
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, h0, silu, reverse = inputs
+    ctx.save_for_backward(x, weight, bias, h0)
+    ctx.silu, ctx.reverse = silu, reverse
+
+
+def _conv_backward(ctx, dy):
+    x, weight, bias, h0 = ctx.saved_tensors
+    grads = _conv_bwd_op(x, weight, bias, h0, dy, ctx.silu, ctx.reverse)
+    return (*[g if t is not None else None for g, t in zip(grads, (x, weight, bias, h0))], None, None)
+
+
+_conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 def causal_conv1d_triton(x, weight, bias=None, initial_state=None, return_final_state=False, activation=None,
@@ -203,8 +239,8 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, return_final_
         weight = weight.squeeze(1)
     b, d, l = x.shape
     w = weight.shape[1]
-    h0 = initial_state if (initial_state is not None and w > 1) else None
-    y = CausalConv1dFn.apply(x, weight, bias, h0, activation in ("silu", "swish"), bool(reverse))
+    h0 = initial_state.contiguous() if (initial_state is not None and w > 1) else None
+    y = _conv_fwd_op(x, weight.contiguous(), bias, h0, activation in ("silu", "swish"), bool(reverse))
     if not return_final_state:
         return y
     # the last w-1 columns of cat(h0, x in scan order), in fp32, through autograd

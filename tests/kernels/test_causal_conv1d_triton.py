@@ -84,3 +84,10 @@ def test_gpu_matches_reference(w, reverse, dtype):
     want = _run(causal_conv1d_ref, {k: None if v is None else v.detach().double().requires_grad_()
                                     for k, v in x.items()}, reverse, "silu")
     _compare(got, want, 1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_interpreted_custom_op_opcheck(conv):
+    x = _inputs(1, 2, 5, 3, True, True, torch.float32, seed=4)
+    args = (x["x"], x["weight"].squeeze(1).detach().requires_grad_(), x["bias"], x["initial_state"], True, True)
+    torch.library.opcheck(conv._conv_fwd_op, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -229,3 +229,48 @@ def test_gpu_modules_auto_matches_ref(module):
         y.square().sum().backward()
         outs.append({"y": y.detach(), "dx": xi.grad, **{n: p.grad for n, p in m.named_parameters()}})
     assert_close(outs[0], outs[1], rtol=1e-4)
+
+
+def test_interpreted_custom_op_opcheck(chunk):
+    """The torch.library registration (fake tensors, autograd, schema) passes torch's own checks."""
+    x = make_inputs(b=1, d=2, n=2, l=5, groups=1, dtype=torch.float32, seed=8)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], x["initial_state"],
+            True, False, True)
+    torch.library.opcheck(chunk._scan_fwd_op, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_torch_compile_no_graph_break():
+    """The ops compile as single nodes: a function of causal_conv1d + selective_scan compiles with
+    fullgraph=True and matches eager, forward and backward; a whole Mamba layer has no graph break that
+    names them."""
+    from seqmamba.kernels import causal_conv1d
+    from seqmamba.mamba import Mamba
+    x = _cuda_inputs(2, 64, 16, 1000, dtype=torch.bfloat16, seed=3)
+    w = torch.randn(64, 4, device="cuda", requires_grad=True)
+
+    def f(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        u = causal_conv1d(u, w, None, activation="silu")
+        y, h = selective_scan(u, delta, A, B, C, D, z, delta_bias, True, initial_state, True)
+        return y.float().square().sum() + h.sum()
+
+    eager = f(**x)
+    ge = torch.autograd.grad(eager, list(x.values()))
+    compiled = torch.compile(f, fullgraph=True)
+    xc = detached(x)
+    out = compiled(**xc)
+    gc = torch.autograd.grad(out, list(xc.values()))
+    assert torch.allclose(out, eager, rtol=1e-3)
+    for a, b in zip(gc, ge):
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=1e-2 * b.float().abs().max().item())
+
+    m = Mamba(64).cuda()
+    xm = torch.randn(2, 300, 64, device="cuda")
+    explain = torch._dynamo.explain(m)(xm)
+    reasons = [str(r.reason) for r in explain.break_reasons]
+    ours = [r for r in reasons if any(k in r for k in ("selective", "causal_conv", "seqmamba::", "triton"))]
+    assert not ours, reasons
+    ym = torch.compile(m)(xm)
+    assert torch.allclose(ym, m(xm), rtol=1e-3, atol=1e-4)

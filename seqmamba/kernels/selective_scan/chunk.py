@@ -690,13 +690,86 @@ class SelectiveScanFn(torch.autograd.Function):
         return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None
 
 
+# ------------------------------------------------------------------ torch.library registration (torch.compile)
+# The default path goes through two custom ops, so that torch.compile treats the scan as one opaque node with a
+# registered backward (no graph break). A copy of this module loaded under the Triton interpreter (tests)
+# registers its own names.
+_OPS = "seqmamba::selective_scan" + ("_interp" if __name__.endswith("__interpreted") else "")
+_T = torch.Tensor
+
+
+def _empty(ref):
+    return ref.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op(_OPS + "_fwd", mutates_args=())
+def _scan_fwd_op(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
+                 initial_state: _T | None, softplus: bool, reverse: bool, save_states: bool) -> tuple[_T, _T, _T]:
+    y, ht, tstates = _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
+                          save_states=save_states)
+    return y, ht.clone(), tstates if tstates is not None else _empty(u)
+
+
+@_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, save_states):
+    b, d, l = u.shape
+    n = A.shape[1]
+    n_tiles = max(triton.cdiv(l, TILE), 1)
+    ts = u.new_empty(b, n_tiles, d, n, dtype=torch.float32) if save_states else _empty(u)
+    return u.new_empty(b, d, l), u.new_empty(b, d, n, dtype=torch.float32), ts
+
+
+@torch.library.custom_op(_OPS + "_bwd", mutates_args=())
+def _scan_bwd_op(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
+                 initial_state: _T | None, tstates: _T, dy: _T, dht: _T | None, softplus: bool,
+                 reverse: bool) -> list[_T]:
+    grads = _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dy, dht)
+    grads = list(grads)
+    grads[-1] = grads[-1].to(initial_state.dtype) if initial_state is not None else None
+    return [g if g is not None else _empty(u) for g in grads]
+
+
+@_scan_bwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, dy, dht, softplus, reverse):
+    like = [u, delta, A, B, C, D, z, delta_bias, initial_state]
+    return [torch.empty_like(t) if t is not None else _empty(u) for t in like]
+
+
+def _scan_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, _ = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
+    ctx.softplus, ctx.reverse = softplus, reverse
+
+
+def _scan_backward(ctx, dy, dht, _dtstates):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, tstates = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(u)
+    grads = _scan_bwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, dy, dht, ctx.softplus,
+                         ctx.reverse)
+    present = [u, delta, A, B, C, D, z, delta_bias, initial_state]
+    grads = [g if t is not None else None for g, t in zip(grads, present)]
+    return (*grads, None, None, None)
+
+
+_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup)
+
+
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           initial_state=None, return_final_state=False, reverse=False, chunk_size=None,
                           _tuning=None):
     """Triton implementation with :func:`selective_scan_ref`'s signature (``chunk_size`` is ignored: the
     kernel picks its own tiling). Inputs fp32/bf16/fp16 on a CUDA device (or any device under
-    TRITON_INTERPRET=1); arguments are assumed validated by the caller. ``_tuning`` (tests, benchmarks):
-    dict with any of tile, fwd_chunks, bwd_chunks, bwd_splits, warps_fwd, warps_bwd, bd_fwd, bd_bwd, programs, programs_bwd, fwd_kernel ('scan' | 'seq')."""
-    y, ht = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
-                                  bool(reverse), _tuning)
+    TRITON_INTERPRET=1); arguments are assumed validated by the caller. It runs as the custom ops
+    ``seqmamba::selective_scan_fwd/_bwd`` (torch.compile sees one node). ``_tuning`` (tests, benchmarks) takes
+    the plain autograd.Function path instead, with a dict of any of tile, fwd_chunks, bwd_chunks, bwd_splits,
+    warps_fwd, warps_bwd, bd_fwd, bd_bwd, programs, programs_bwd, fwd_kernel ('scan' | 'seq' | 'auto')."""
+    if _tuning is None:
+        tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        y, ht, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
+                                bool(reverse), save)
+    else:
+        y, ht = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
+                                      bool(reverse), _tuning)
     return (y, ht) if return_final_state else y
