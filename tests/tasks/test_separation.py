@@ -259,3 +259,16 @@ def test_one_hour_at_8k_streams_in_flat_memory(tmp_path):
     assert all(sf.info(p).frames == t for p in outs)
     # the whole hour as float32 would be 110 MiB an output channel: streaming holds far less
     assert grown_mib < 100, f"peak memory grew by {grown_mib:.0f} MiB"
+
+
+def test_separate_command_line(tmp_path, capsys):
+    from seqmamba.tasks.separation.__main__ import main
+
+    tiny("mamba").save_pretrained(tmp_path / "model")
+    sf.write(tmp_path / "a.wav", (0.1 * np.random.default_rng(0).standard_normal(3000)).astype(np.float32), SR)
+    assert main([str(tmp_path / "model"), str(tmp_path / "a.wav"), "--out_dir", str(tmp_path / "o"),
+                 "--window_seconds", "0.2", "--overlap_seconds", "0.05", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a_spk1.wav", "a_spk2.wav"]
+    sf.write(tmp_path / "st.wav", np.zeros((100, 2), np.float32), SR)
+    assert main([str(tmp_path / "model"), str(tmp_path / "st.wav"), "--device", "cpu"]) == 2
+    assert "st.wav: 2 channels where mono audio is expected" in capsys.readouterr().err
