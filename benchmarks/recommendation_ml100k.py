@@ -85,17 +85,21 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="directory for logs and a results JSON")
     ns = parser.parse_args()
     root = Path(ns.out or tempfile.mkdtemp(prefix="ml100k-"))
-    results = [run(model, ns, root) for model in ns.models.split(",")]
-    (root / "ml100k_results.json").write_text(json.dumps(results, indent=2))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    print(f"\nml-100k, LS valid_and_test / TO, full ranking, seed {ns.seed}, window stride "
-          f"{ns.window_stride or 200}; {device}; torch {torch.__version__}\n")
-    print("| model | HR@10 | NDCG@10 | MRR@10 | epochs | s/epoch | peak GB |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
+    header = (f"\nml-100k, LS valid_and_test / TO, full ranking, seed {ns.seed}, window stride "
+              f"{ns.window_stride or 200}; {device}; torch {torch.__version__}\n\n"
+              "| model | HR@10 | NDCG@10 | MRR@10 | epochs | s/epoch | peak GB |\n|---|---|---|---|---|---|---|")
+    results, rows = [], []
+    for model in ns.models.split(","):
+        r = run(model, ns, root)
+        results.append(r)
         peak = f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else "-"
-        print(f"| seqmamba {r['model']} | {r['hit@10']:.4f} | {r['ndcg@10']:.4f} | {r['mrr@10']:.4f} | "
-              f"{r['epochs']} | {r['s_per_epoch']:.2f} | {peak} |")
+        rows.append(f"| seqmamba {r['model']} | {r['hit@10']:.4f} | {r['ndcg@10']:.4f} | {r['mrr@10']:.4f} | "
+                    f"{r['epochs']} | {r['s_per_epoch']:.2f} | {peak} |")
+        print(rows[-1], flush=True)  # each model's row as soon as it is known
+        (root / "ml100k_results.json").write_text(json.dumps(results, indent=2))
+    print(header)
+    print("\n".join(rows))
     for name, (hr, ndcg, mrr) in RECBOLE.items():
         print(f"| {name} | {hr:.4f} | {ndcg:.4f} | {mrr:.4f} | | | |")
 
