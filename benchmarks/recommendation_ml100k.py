@@ -65,7 +65,9 @@ def run(model: str, ns, root: Path) -> dict:
     fit_s = time.perf_counter() - t
     test = trainer.test(module, data, ckpt_path="best", verbose=False)[0]
     return {"model": model, "epochs": len(timer.times), "fit_s": fit_s,
-            "s_per_epoch": sum(timer.times[1:]) / max(len(timer.times) - 1, 1),
+            # the first epoch includes compilation and caching: left out unless it is the only one
+            "s_per_epoch": (sum(timer.times[1:]) / (len(timer.times) - 1)) if len(timer.times) > 1
+            else sum(timer.times),
             "best_val_ndcg@10": float(ckpt.best_model_score), "peak_gb": torch.cuda.max_memory_allocated() / 2**30
             if torch.cuda.is_available() else None,
             **{k.removeprefix("test/"): v for k, v in test.items()}}
