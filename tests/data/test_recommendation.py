@@ -241,3 +241,19 @@ def test_ml100k_from_recbole_wheel():
     assert table.height == 100_000 and prepared.id_map.n_users == 943 and prepared.id_map.n_items == 1682
     assert len(prepared.split.test_users) == 943 and len(prepared.split.valid_users) == 943
     assert torch.is_tensor(torch.from_numpy(prepared.seqs.items))
+
+
+def test_datamodule_reads_a_mapped_csv_with_time_split(tmp_path):
+    rows = [(u, f"i{(u + t) % 7}", 100 * t + u) for u in range(6) for t in range(5)]
+    pl.DataFrame(rows, schema=["uid", "sku", "ts"], orient="row").write_csv(tmp_path / "log.csv")
+    dm = rec.RecDataModule(path=str(tmp_path / "log.csv"), user_col="uid", item_col="sku", time_col="ts",
+                           split="time", valid_from=300, test_from=400, max_len=3, batch_size=64)
+    dm.setup("fit")
+    # every user: t=0,1,2 train (ts < 300), t=3 valid, t=4 test
+    train = next(iter(dm.train_dataloader()))
+    assert int(train["loss_mask"].sum()) == 6 * 2  # two targets a user (items 2 and 3 of the train part)
+    val, test = next(iter(dm.val_dataloader())), next(iter(dm.test_dataloader()))
+    ids = dm.id_map
+    assert ids.decode_items(val["target"]).to_list() == [f"i{(u + 3) % 7}" for u in range(6)]
+    assert ids.decode_items(test["target"]).to_list() == [f"i{(u + 4) % 7}" for u in range(6)]
+    assert test["mask"].sum(1).tolist() == [3] * 6  # last max_len=3 of the 4 earlier items
