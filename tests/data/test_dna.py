@@ -217,3 +217,16 @@ def test_bad_row_in_table_names_file_and_row(tmp_path):
     (tmp_path / "t.csv").write_text("sequence,label\nACGT,1\nACJT,0\n")
     with pytest.raises(InvalidSequenceError, match=r"t\.csv: record 'row 2', position 3"):
         DNATableData(train=str(tmp_path / "t.csv")).setup("fit")
+
+
+def test_bed_with_label_column_as_a_table(tmp_path):
+    (tmp_path / "g.fa").write_text(">c\nAACCGGTTAC\n")
+    (tmp_path / "t.bed").write_text("c\t0\t4\tpos\nc\t4\t10\tneg\n")
+    dm = DNATableData(train=str(tmp_path / "t.bed"), genome=str(tmp_path / "g.fa"), batch_size=2)
+    dm.setup("fit")
+    assert dm.classes == ["neg", "pos"]
+    batch = next(iter(dm.val_dataloader() or [collate([dm.splits["train"][i] for i in range(2)])]))
+    assert decode(batch["input_ids"][0][:4]) == "AACC" and decode(batch["input_ids"][1]) == "GGTTAC"
+    assert batch["labels"].tolist() == [1, 0]
+    with pytest.raises(ValueError, match="needs the genome"):
+        DNATableData(train=str(tmp_path / "t.bed")).setup("fit")

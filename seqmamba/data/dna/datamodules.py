@@ -106,8 +106,9 @@ class DNAPretrainData(L.LightningDataModule):
 
 
 class DNATableData(L.LightningDataModule):
-    """Labelled sequences from tables (CSV/TSV/parquet with ``sequence`` and ``label`` columns, or FASTA with
-    ``label=VALUE`` in the headers), padded per batch with a mask.
+    """Labelled sequences from tables (CSV/TSV/parquet with ``sequence`` and ``label`` columns, FASTA with
+    ``label=VALUE`` in the headers, or BED intervals of ``genome`` with the label in column
+    ``bed_label_column``), padded per batch with a mask.
 
     ``task="classification"``: class names are the sorted union of the labels of all given tables (integers
     numerically), exposed as ``classes`` / ``num_classes`` after ``setup``. ``task="regression"``: float
@@ -121,7 +122,8 @@ class DNATableData(L.LightningDataModule):
                  predict: str | None = None, task: Literal["classification", "regression"] = "classification",
                  batch_size: int = 32, sequence_column: str = "sequence", label_column: str = "label",
                  max_length: int | None = None, rc_augment: bool = False, rc_label_map: list[int] | None = None,
-                 num_workers: int = 0, seed: int = 0):
+                 genome: str | list[str] | None = None, bed_label_column: int = 3, num_workers: int = 0,
+                 seed: int = 0):
         super().__init__()
         if task not in ("classification", "regression"):
             raise ValueError(f"DNATableData: task must be 'classification' or 'regression', got {task!r}")
@@ -129,6 +131,7 @@ class DNATableData(L.LightningDataModule):
         self.task, self.batch_size = task, batch_size
         self.sequence_column, self.label_column, self.max_length = sequence_column, label_column, max_length
         self.rc_augment, self.rc_label_map, self.num_workers, self.seed = rc_augment, rc_label_map, num_workers, seed
+        self.genome, self.bed_label_column = genome, bed_label_column
         self.classes: list[str] | None = None
         self.splits: dict[str, LabelledSequences] = {}
 
@@ -143,10 +146,13 @@ class DNATableData(L.LightningDataModule):
                 raise ValueError(f"DNATableData: stage {stage!r} needs --data.{split}=PATH (a CSV/TSV/parquet "
                                  f"table with columns {self.sequence_column!r}, {self.label_column!r})")
         tables = {}
+        genome = None
         for split, path in self.paths.items():
             if path is not None and split not in self.splits:
                 label = None if split == "predict" else self.label_column
-                tables[split] = read_table(path, self.sequence_column, label)
+                if str(path).lower().endswith(".bed") and genome is None and self.genome is not None:
+                    genome = Genome(self.genome)
+                tables[split] = read_table(path, self.sequence_column, label, genome, self.bed_label_column)
         if self.classes is None:
             self.classes = class_names(list(tables.values()), self.task)
         for split, table in tables.items():

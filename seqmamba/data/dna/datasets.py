@@ -160,11 +160,13 @@ class GenomeWindows(Dataset):
 
 # ----------------------------------------------------------------------------------------------- labelled tables
 
-def read_table(path: str | os.PathLike, sequence_column: str = "sequence", label_column: str | None = "label"):
+def read_table(path: str | os.PathLike, sequence_column: str = "sequence", label_column: str | None = "label",
+               genome: Genome | None = None, bed_label_column: int = 3):
     """A labelled table as a polars DataFrame with columns ``sequence`` and (if asked) ``label``.
 
-    CSV (``.csv``), TSV (``.tsv``, ``.txt``), parquet (``.parquet``), or FASTA (``.fa``, ``.fasta``, ``.fna``,
-    optionally ``.gz``) whose headers carry the label as ``label=VALUE`` or as the last word.
+    CSV (``.csv``), TSV (``.tsv``, ``.txt``), parquet (``.parquet``), FASTA (``.fa``, ``.fasta``, ``.fna``,
+    optionally ``.gz``) whose headers carry the label as ``label=VALUE`` or as the last word, or BED (``.bed``)
+    intervals of ``genome`` with the label in column ``bed_label_column`` (0-based; 3 = the name column).
     """
     import polars as pl
 
@@ -174,6 +176,20 @@ def read_table(path: str | os.PathLike, sequence_column: str = "sequence", label
     suffixes = [s.lower() for s in path.suffixes]
     suffixes = suffixes[:-1] if suffixes and suffixes[-1] in (".gz", ".xz") else suffixes
     kind = suffixes[-1] if suffixes else ""
+    if kind == ".bed":
+        if genome is None:
+            raise ValueError(f"{path}: a BED table needs the genome FASTA (--data.init_args.genome=PATH)")
+        from seqmamba.data.dna.fasta import read_bed
+        intervals = read_bed(path, label_column=bed_label_column if label_column is not None else None)
+        rows = {"sequence": [], "id": []}
+        for iv in intervals:
+            if iv.chrom not in genome.records or iv.end > len(genome[iv.chrom]):
+                raise ValueError(f"{path}: interval {iv.chrom}:{iv.start}-{iv.end} is not inside the genome")
+            rows["sequence"].append(_decode_ids(genome.window(iv.chrom, iv.start, iv.end)))
+            rows["id"].append(f"{iv.chrom}:{iv.start}-{iv.end}")
+        if label_column is not None:
+            rows["label"] = [iv.label for iv in intervals]
+        return pl.DataFrame(rows)
     if kind in (".fa", ".fasta", ".fna", ".fas"):
         rows = {"sequence": [], "id": []}
         labels = []
