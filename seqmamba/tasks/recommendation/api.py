@@ -48,13 +48,14 @@ def last_hidden_streamed(model: SequentialRecommender, items: np.ndarray, starts
         return model.last_hidden(model(ids, mask), mask)
     longest = int(lengths.max())
     chunk_len = longest if chunk_len is None else chunk_len
-    out = torch.empty(len(starts), model.hidden_size, device=device)
-    state = None
+    out, state = None, None
     for offset in range(0, longest, chunk_len):
         lo = np.minimum(starts + offset, ends)
         ids, mask = gather_padded(items, lo, np.minimum(lo + chunk_len, ends), width=min(chunk_len, longest - offset))
         ids, mask = ids.to(device), mask.to(device)
         hidden, state = model(ids, mask, state=state, return_state=True)
+        if out is None:  # the hidden dtype (float32, or bfloat16 under autocast)
+            out = hidden.new_empty(len(starts), hidden.shape[-1])
         done = (lengths > offset) & (lengths <= offset + chunk_len)  # rows whose last event is in this chunk
         if done.any():
             rows = torch.from_numpy(np.flatnonzero(done)).to(device)
