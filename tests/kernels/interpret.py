@@ -15,9 +15,9 @@ import sys
 import pytest
 
 
-def _patch_interpreter_index():
-    from triton.runtime import interpreter
-
+def _patch_interpreter_index(interpreter):
+    if interpreter is None:
+        from triton.runtime import interpreter
     if getattr(interpreter, "_seqmamba_index_patch", False):
         return
     original = interpreter._patch_lang_tensor
@@ -30,6 +30,11 @@ def _patch_interpreter_index():
     interpreter._seqmamba_index_patch = True
 
 
+def _triton_modules():
+    return {m: sys.modules[m] for m in list(sys.modules)
+            if (m == "triton" or m.startswith("triton.")) and not m.startswith("triton._C")}
+
+
 def _reimport_triton_interpreted():
     """triton.language's own helpers (tl.zeros, tl.sum's combine, ...) are ``@jit`` functions decorated when
     triton is first imported; if that happened in compiled mode (torch, lightning and transformers import
@@ -39,7 +44,7 @@ def _reimport_triton_interpreted():
 
     if isinstance(tl.standard.zeros, _interpreted_function_type()):
         return
-    for name in [m for m in sys.modules if (m == "triton" or m.startswith("triton.")) and not m.startswith("triton._C")]:
+    for name in _triton_modules():
         del sys.modules[name]
     import triton.language  # noqa: F401  (fresh, interpreted)
     import triton.experimental.gluon  # noqa: F401  (imported lazily by the launcher otherwise, maybe too late)
@@ -57,6 +62,7 @@ def load_interpreted(module: str):
     spec = importlib.util.find_spec(module)
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
+    compiled = _triton_modules()
     try:
         _reimport_triton_interpreted()
         name = module + "__interpreted"
@@ -65,9 +71,16 @@ def load_interpreted(module: str):
         sys.modules[name] = mod
         fresh.loader.exec_module(mod)
     finally:
+        # put the compiled-mode triton back for everything imported later in this process (the interpreted
+        # copy stays reachable from the module loaded here)
+        interpreted = _triton_modules()
+        for name in interpreted:
+            if name not in compiled:
+                del sys.modules[name]
+        sys.modules.update(compiled)
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = old
-    _patch_interpreter_index()
+    _patch_interpreter_index(interpreted.get("triton.runtime.interpreter"))
     return mod
