@@ -259,3 +259,22 @@ def test_load_without_id_map_says_where_it_looked(tmp_path):
         api.load(ckpt)
     with pytest.raises(FileNotFoundError, match="checkpoint .* does not exist"):
         api.load(tmp_path / "none.ckpt")
+
+
+def test_full_history_evaluation_reads_the_whole_history():
+    from seqmamba.data.recommendation import EvalCollate
+    from seqmamba.tasks.recommendation import SequentialRecModule
+
+    module = SequentialRecModule(n_items=30, hidden_size=16, d_state=8, eval_full_history=True).eval()
+    items = np.random.default_rng(2).integers(1, 31, size=60).astype(np.int32)
+    offsets = np.array([0, 25, 60])
+    batch = EvalCollate(items, offsets, users=np.array([0, 1]), positions=np.array([24, 59]), max_len=5)([0, 1])
+    assert batch["items"].shape[1] == 5
+    full, mask = module.eval_inputs(batch)
+    assert full.tolist()[1] == items[25:59].tolist() and mask.sum(1).tolist() == [24, 34]
+    assert full.tolist()[0][:24] == items[:24].tolist() and not mask[0, 24:].any()
+    with torch.no_grad():
+        want = module.model.item_scores(module.model(full[1:, :34], mask[1:, :34])[:, -1])
+        assert_close("scores", module(full, mask)[1, 1:], want[0, 1:], 1e-5)
+    module.hparams.eval_full_history = False
+    assert module.eval_inputs(batch)[0] is batch["items"]

@@ -39,13 +39,16 @@ class SequentialRecModule(L.LightningModule):
         exclude_history: rank without the user's earlier items (see ``metrics``); off as in RecBole.
         n_negatives: 0 = cross-entropy over all items; > 0 = sampled softmax against that many uniformly
             drawn items shared by the batch (with log-Q correction), for catalogues of millions.
+        eval_full_history: Mamba4Rec only: validate and test from each user's whole history before the
+            target instead of its last ``max_len`` items (the recurrent state makes the length free; the
+            mixer segments very long inputs itself). SASRec always reads the last ``max_len`` items.
     """
 
     def __init__(self, model: Literal["mamba4rec", "sasrec"] = "mamba4rec", n_items: int | None = None,
                  hidden_size: int = 64, n_layers: int | None = None, d_state: int = 32, d_conv: int = 4,
                  expand: int = 2, dropout: float = 0.2, n_heads: int = 2, inner_size: int = 256,
                  max_positions: int = 200, lr: float = 1e-3, weight_decay: float = 0.0, topk: list[int] = [10],
-                 exclude_history: bool = False, n_negatives: int = 0):
+                 exclude_history: bool = False, n_negatives: int = 0, eval_full_history: bool = False):
         super().__init__()
         if model not in ("mamba4rec", "sasrec"):
             raise ValueError(f"model must be 'mamba4rec' or 'sasrec', got {model!r}")
@@ -105,8 +108,23 @@ class SequentialRecModule(L.LightningModule):
         logits = torch.cat([pos, neg], dim=1)
         return F.cross_entropy(logits, torch.zeros_like(targets))
 
+    def eval_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(items, mask)`` to score: the batch's last-``max_len`` window, or with ``eval_full_history``
+        (Mamba4Rec) the whole history rebuilt right-padded from the batch's (history_row, history_item)."""
+        if not (self.hparams.eval_full_history and self.model.streamable):
+            return batch["items"], batch["mask"]
+        rows, history = batch["history_row"], batch["history_item"]  # chronological within each row
+        b = batch["target"].shape[0]
+        counts = torch.bincount(rows, minlength=b)
+        column = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+        width = int(counts.max())
+        items = torch.zeros(b, width, dtype=history.dtype, device=history.device)
+        mask = torch.zeros(b, width, dtype=torch.bool, device=history.device)
+        items[rows, column], mask[rows, column] = history, True
+        return items, mask
+
     def _evaluate(self, batch: dict, metrics: torch.nn.ModuleDict) -> None:
-        scores = self(batch["items"], batch["mask"])
+        scores = self(*self.eval_inputs(batch))
         history = (batch["history_row"], batch["history_item"]) if self.hparams.exclude_history else None
         values = full_ranking_metrics(scores, batch["target"], self.hparams.topk, history)
         for name, value in values.items():
