@@ -231,11 +231,47 @@ def test_gpu_modules_auto_matches_ref(module):
     assert_close(outs[0], outs[1], rtol=1e-4)
 
 
+SEQ = [0] * 5 + [1] * 9 + [2] * 1 + [3] * 8  # lengths 5, 9, 1, 8 packed in a row of 23
+
+
+def test_packed_reference_equals_separate_sequences():
+    """seq_idx: the reference on a packed row equals the naive loop run per sequence (initial_state into the
+    first sequence in scan order, final state from the last), both directions."""
+    from tests.kernels.test_selective_scan import naive_scan
+    bounds = [(0, 5), (5, 14), (14, 15), (15, 23)]
+    for reverse in (False, True):
+        x = {k: v.detach() for k, v in make_inputs(b=1, d=3, n=2, l=23, groups=1, seed=4).items()}
+        y, h = selective_scan(**x, delta_softplus=True, return_final_state=True, reverse=reverse,
+                              seq_idx=torch.tensor([SEQ]), chunk_size=4)
+        ys = {}
+        for i, (a, e) in enumerate(bounds[::-1] if reverse else bounds):
+            part = {k: (v[..., a:e] if k in ("u", "delta", "z", "B", "C") else v) for k, v in x.items()}
+            if i:
+                part["initial_state"] = None
+            ys[a], h_last = naive_scan(**part, delta_softplus=True, reverse=reverse)
+        assert torch.allclose(y, torch.cat([ys[a] for a, _ in bounds], -1), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(h, h_last, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("fwd_kernel", ["scan", "seq"])
+def test_interpreted_packed_matches_reference(chunk, reverse, fwd_kernel):
+    """Packed rows (a different packing per batch row) through the Triton kernels, all gradients."""
+    x = make_inputs(b=2, d=2, n=2, l=23, groups=1, dtype=torch.float32, seed=9)
+    seq_idx = torch.tensor([SEQ, [0] * 12 + [1] * 11])
+    tuning = dict(tile=4, fwd_chunks=3, bwd_chunks=2, fwd_kernel=fwd_kernel)
+    got = run_with_grads(triton_fn(chunk.selective_scan_triton, tuning, delta_softplus=True, reverse=reverse,
+                                   seq_idx=seq_idx), x)
+    want = run_with_grads(ref_fn(delta_softplus=True, reverse=reverse, seq_idx=seq_idx),
+                          detached(x, torch.float64))
+    assert_close(got, want, rtol=2e-5)
+
+
 def test_interpreted_custom_op_opcheck(chunk):
     """The torch.library registration (fake tensors, autograd, schema) passes torch's own checks."""
     x = make_inputs(b=1, d=2, n=2, l=5, groups=1, dtype=torch.float32, seed=8)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], x["initial_state"],
-            True, False, True)
+            True, False, True, None)
     torch.library.opcheck(chunk._scan_fwd_op, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

@@ -13,7 +13,7 @@ import torch
 
 from seqmamba.kernels._dispatch import resolve_backend, triton_available
 from seqmamba.kernels.selective_scan.ref import (_contract_c, _grouped, _per_channel_mul, _scan_,  # noqa: F401
-                                                 _scan_chunk, _skip_and_gate, auto_chunk_size,
+                                                 _scan_chunk, _skip_and_gate, auto_chunk_size, carry_mask,
                                                  check_scan_args, delta_dt, linear_scan, selective_scan_ref)
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -34,8 +34,8 @@ _selective_scan_triton = _load_triton()
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_final_state=False, reverse=False, *, chunk_size=None,
-                   backend="auto"):
+                   initial_state=None, return_final_state=False, reverse=False, *, seq_idx=None,
+                   chunk_size=None, backend="auto"):
     """Selective scan. u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l) or (b, g, n, l);
     D, delta_bias: (d,); initial_state: (b, d, n).
 
@@ -43,8 +43,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ``backend="auto"`` runs the Triton kernels for CUDA tensors (fp32, bf16, fp16; float64 inputs go to the
     reference, which is exact in float64) and the chunked reference otherwise. ``chunk_size`` tunes the
     reference only.
+
+    ``seq_idx`` (b, l) integers, non-decreasing along l, packs several sequences into one row: where it
+    changes the state is reset (for ``reverse``, where it changes from right to left), so nothing crosses
+    sequences. ``initial_state`` feeds the row's first sequence in scan order (the last one when ``reverse``);
+    the final state is the state after the row's last position in scan order.
     """
-    check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    b, _, l, _ = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    carry_mask(seq_idx, b, l, reverse, u.device)  # validates seq_idx (a cheap (b, l) comparison)
     which = resolve_backend("selective_scan", backend, u, has_triton_impl=_selective_scan_triton is not None)
     if which == "triton" and any(t is not None and t.dtype not in _TRITON_DTYPES
                                  for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)):
@@ -54,7 +60,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         which = "ref"
     impl = _selective_scan_triton if which == "triton" else selective_scan_ref
     return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state,
-                reverse, chunk_size=chunk_size)
+                reverse, chunk_size=chunk_size, seq_idx=seq_idx)
 
 
 __all__ = ["selective_scan", "selective_scan_ref", "auto_chunk_size", "check_scan_args", "delta_dt",

@@ -70,6 +70,14 @@ def _softplus(x):
 
 
 @triton.jit
+def _keep(seq_ptr, row, t, tp, ok, ss_l):
+    """True where position t continues the sequence of its scan predecessor tp (always where not ok)."""
+    s_t = tl.load(seq_ptr + row + t * ss_l, mask=ok, other=0)
+    s_p = tl.load(seq_ptr + row + tp * ss_l, mask=ok, other=0)
+    return s_t == s_p
+
+
+@triton.jit
 def _dt_tile(delta_ptr, row_off, t_off, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """(BD, T) raw delta tile -> (dl = delta + bias, dt); dt is 0 where masked (an identity step)."""
     dl = tl.load(delta_ptr + row_off[:, None] + t_off[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -88,10 +96,11 @@ def _fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
     hin_ptr, hout_ptr, dtsum_ptr, tstate_ptr,
     su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-    sz_b, sz_d, sz_l, sy_b, sy_d, sy_l,
+    sz_b, sz_d, sz_l, sy_b, sy_d, sy_l, seq_ptr, ss_b, ss_l,
     dim, nstate, seqlen, cpg, tiles_per_chunk, n_tiles, n_chunks,
     MODE: tl.constexpr, HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -144,12 +153,22 @@ def _fwd_kernel(
         Bt = tl.load(B_ptr + B_row[:, None] + t[None, :] * sB_l, mask=n_mask[:, None] & valid[None, :],
                      other=0.0).to(tl.float32)
         a = tl.exp2(dt[:, None, :] * A2[:, :, None])          # (BD, BN, T)
+        if HAS_SEQ:  # a new sequence starts: the carried state is multiplied by 0
+            if REVERSE:
+                tp = t + 1
+            else:
+                tp = t - 1
+            keep = _keep(seq_ptr, pb * ss_b, t, tp, valid & (j > 0), ss_l)
+            a = tl.where(keep[None, None, :], a, 0.0)
+            dt_sum = tl.where(keep[None, :], dt, float("inf"))
+        else:
+            dt_sum = dt
         bx = (dt * u)[:, None, :] * Bt[None, :, :]
         ca, hs = tl.associative_scan((a, bx), 2, _combine)
         hh = hs + ca * h[:, :, None]
         h = tl.sum(tl.where(is_last, hh, 0.0), axis=2)
         if MODE == 0:
-            dtacc += tl.sum(dt, axis=1)
+            dtacc += tl.sum(dt_sum, axis=1)
         else:
             Ct = tl.load(C_ptr + C_row[:, None] + t[None, :] * sC_l, mask=n_mask[:, None] & valid[None, :],
                          other=0.0).to(tl.float32)
@@ -194,10 +213,11 @@ def _fwd_seq_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
     hin_ptr, hout_ptr, dtsum_ptr, tstate_ptr,
     su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-    sz_b, sz_d, sz_l, sy_b, sy_d, sy_l,
+    sz_b, sz_d, sz_l, sy_b, sy_d, sy_l, seq_ptr, ss_b, ss_l,
     dim, nstate, seqlen, cpg, tiles_per_chunk, n_tiles, n_chunks,
     MODE: tl.constexpr, HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
 ):
     """``_fwd_kernel``'s contract, one position at a time: a wide block of channels (BD) steps through the
@@ -254,9 +274,22 @@ def _fwd_seq_kernel(
         else:
             dt = dl
         dt = tl.where(m, dt, 0.0)
-        h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bv[None, :]
+        a = tl.exp2(dt[:, None] * A2)
+        if HAS_SEQ:
+            if REVERSE:
+                t_c = seqlen - 1 - j
+                t_p = t_c + 1
+            else:
+                t_c = j
+                t_p = t_c - 1
+            keep = _keep(seq_ptr, pb * ss_b, t_c, t_p, valid & (j > 0), ss_l)
+            a = tl.where(keep, a, 0.0)
+            dt_sum = tl.where(keep, dt, float("inf"))
+        else:
+            dt_sum = dt
+        h = a * h + (dt * u)[:, None] * Bv[None, :]
         if MODE == 0:
-            dtacc += dt
+            dtacc += dt_sum
         else:
             y = tl.sum(h * Cv[None, :], axis=1)
             if HAS_D:
@@ -294,15 +327,16 @@ def _fwd_state_kernel(A_ptr, hloc_ptr, dtsum_ptr, h0_ptr, hstart_ptr, dim, nstat
         tl.store(hstart_ptr + base * nstate + dn, h, mask=m)
         s = tl.load(dtsum_ptr + base + d_off)
         hl = tl.load(hloc_ptr + base * nstate + dn, mask=m, other=0.0)
-        h = tl.exp2(A2 * s[:, None]) * h + hl
+        h = tl.where(s[:, None] == float("inf"), 0.0, tl.exp2(A2 * s[:, None])) * h + hl
 
 
 @triton.jit
 def _bwd_sum_kernel(
     delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, gloc_ptr, dtsum_ptr,
-    sdl_b, sdl_d, sdl_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    sdl_b, sdl_d, sdl_l, sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l, so_b, so_d, so_l, seq_ptr, ss_b, ss_l,
     dim, nstate, seqlen, cpg, tiles_per_chunk, n_tiles, n_chunks,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
 ):
     """Per backward chunk: g at its first position from a zero g beyond its end, and sum of dt_{j+1}."""
@@ -349,6 +383,10 @@ def _bwd_sum_kernel(
         Ct = tl.load(C_ptr + C_row[:, None] + t[None, :] * sC_l, mask=n_mask[:, None] & valid[None, :],
                      other=0.0).to(tl.float32)
         a_n = tl.exp2(dt_n[:, None, :] * A2[:, :, None])
+        if HAS_SEQ:
+            keep_n = _keep(seq_ptr, pb * ss_b, t_n, t, valid_n, ss_l)
+            a_n = tl.where(keep_n[None, None, :], a_n, 0.0)
+            dt_n = tl.where(keep_n[None, :], dt_n, float("inf"))
         bv = dy[:, None, :] * Ct[None, :, :]
         pa, gs = tl.associative_scan((a_n, bv), 2, _combine, reverse=True)
         gg = gs + pa * g[:, :, None]
@@ -381,7 +419,7 @@ def _bwd_state_kernel(A_ptr, gloc_ptr, dtsum_ptr, dht_ptr, gin_ptr, dim, nstate,
         tl.store(gin_ptr + base * nstate + dn, g, mask=m)
         s = tl.load(dtsum_ptr + base + d_off)
         gl = tl.load(gloc_ptr + base * nstate + dn, mask=m, other=0.0)
-        g = gl + tl.exp2(A2 * s[:, None]) * g
+        g = gl + tl.where(s[:, None] == float("inf"), 0.0, tl.exp2(A2 * s[:, None])) * g
 
 
 @triton.jit
@@ -389,10 +427,10 @@ def _bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, tstate_ptr, gbuf_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
     su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-    sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    sz_b, sz_d, sz_l, so_b, so_d, so_l, seq_ptr, ss_b, ss_l,
     dim, nstate, seqlen, cpg, n_groups, n_splits, db_per_split, tiles_per_chunk, n_tiles, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -424,6 +462,13 @@ def _bwd_kernel(
             t = j
             t_n = t + 1
         bc_mask = n_mask[:, None] & valid[None, :]
+        if HAS_SEQ:
+            if REVERSE:
+                tp = t + 1
+            else:
+                tp = t - 1
+            keep = _keep(seq_ptr, pb * ss_b, t, tp, valid & (j > 0), ss_l)
+            keep_n = _keep(seq_ptr, pb * ss_b, t_n, t, valid_n, ss_l)
         Bt = tl.load(B_ptr + B_row[:, None] + t[None, :] * sB_l, mask=bc_mask, other=0.0).to(tl.float32)
         Ct = tl.load(C_ptr + C_row[:, None] + t[None, :] * sC_l, mask=bc_mask, other=0.0).to(tl.float32)
         dB_acc = tl.zeros([BN, T], dtype=tl.float32)
@@ -452,6 +497,8 @@ def _bwd_kernel(
             # forward recompute of h inside the tile from the saved tile-start state
             h0 = tl.load(tstate_ptr + (pb * n_tiles + k) * dim * nstate + dn, mask=dn_mask & (k < n_tiles), other=0.0)
             a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+            if HAS_SEQ:
+                a = tl.where(keep[None, None, :], a, 0.0)
             dtu = dt * u
             bx = dtu[:, None, :] * Bt[None, :, :]
             ca, hs = tl.associative_scan((a, bx), 2, _combine)
@@ -477,6 +524,8 @@ def _bwd_kernel(
             gslot = (slot_c * dim) * nstate + dn
             gc = tl.load(gbuf_ptr + gslot, mask=dn_mask, other=0.0)
             a_n = tl.exp2(dt_n[:, None, :] * A2[:, :, None])
+            if HAS_SEQ:
+                a_n = tl.where(keep_n[None, None, :], a_n, 0.0)
             bv = dy[:, None, :] * Ct[None, :, :]
             pa, gs = tl.associative_scan((a_n, bv), 2, _combine, reverse=True)
             g = gs + pa * gc[:, :, None]
@@ -532,7 +581,7 @@ def _strides3(t):
 
 
 def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, save_states, tile=TILE,
-         n_chunks=None, num_warps=None, max_bd=None, programs=None, kernel=None):
+         n_chunks=None, num_warps=None, max_bd=None, programs=None, kernel=None, seq_idx=None):
     """Returns y, final_state (b, d, n) fp32, tile_states (b, n_tiles, d, n) fp32 or None."""
     b, d, l = u.shape
     n = A.shape[1]
@@ -562,8 +611,9 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, 
     tstates = torch.empty(b, n_tiles, d, n, **f32) if save_states else hout
     A = A.contiguous()
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                 REVERSE=reverse, BD=BD, BN=BN, T=tile)
-    strides = (*_strides3(u), *_strides3(delta), *B4.stride(), *C4.stride(), *_strides3(z), *_strides3(y))
+                 REVERSE=reverse, HAS_SEQ=seq_idx is not None, BD=BD, BN=BN, T=tile)
+    seq = (seq_idx, seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (y, 0, 0)
+    strides = (*_strides3(u), *_strides3(delta), *B4.stride(), *C4.stride(), *_strides3(z), *_strides3(y), *seq)
     dummy = hout
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     if n_chunks == 1:
@@ -588,7 +638,7 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, 
 
 
 def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, dht, tile=TILE,
-         n_chunks=None, n_splits=None, num_warps=None, max_bd=None, programs=None):
+         n_chunks=None, n_splits=None, num_warps=None, max_bd=None, programs=None, seq_idx=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0), each in its input's dtype (None where
     the input is None)."""
     b, d, l = u.shape
@@ -616,6 +666,7 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, 
     A = A.contiguous()
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dummy = torch.empty(1, **f32)
+    seq = (seq_idx, seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (dummy, 0, 0)
     dht_c = dht.float().contiguous() if dht is not None else None
     gbuf = torch.empty(b, n_chunks, d, n, **f32)
     if n_chunks == 1:
@@ -629,9 +680,10 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, 
         dtsum = torch.empty(b, n_chunks, d, **f32)
         _bwd_sum_kernel[(b * ndb, n_chunks)](
             delta, A, C4, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
-            dout, gloc, dtsum, *_strides3(delta), *C4.stride(), *_strides3(z), *_strides3(dout),
+            dout, gloc, dtsum, *_strides3(delta), *C4.stride(), *_strides3(z), *_strides3(dout), *seq,
             d, n, l, cpg, tpc, n_tiles, n_chunks, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=softplus, REVERSE=reverse, BD=BDs, BN=BN, T=tile, num_warps=num_warps)
+            SOFTPLUS=softplus, REVERSE=reverse, HAS_SEQ=seq_idx is not None, BD=BDs, BN=BN, T=tile,
+            num_warps=num_warps)
         _bwd_state_kernel[(b * ndb,)](A, gloc, dtsum, dht_c if dht_c is not None else dummy, gbuf, d, n,
                                       n_chunks, HAS_DHT=dht_c is not None, BD=BDs, BN=BN, num_warps=1)
     du = torch.empty(b, d, l, device=dev, dtype=u.dtype)
@@ -648,10 +700,10 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, 
         delta_bias if delta_bias is not None else dummy, dout, tstates, gbuf,
         du, ddelta, dz if dz is not None else dummy, dBp, dCp, dAp, dDp if dDp is not None else dummy,
         dbp if dbp is not None else dummy, dh0,
-        *_strides3(u), *_strides3(delta), *B4.stride(), *C4.stride(), *_strides3(z), *_strides3(dout),
+        *_strides3(u), *_strides3(delta), *B4.stride(), *C4.stride(), *_strides3(z), *_strides3(dout), *seq,
         d, n, l, cpg, g, n_splits, dbps, tpc, n_tiles, n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        REVERSE=reverse, BD=BD, BN=BN, T=tile, num_warps=num_warps)
+        REVERSE=reverse, HAS_SEQ=seq_idx is not None, BD=BD, BN=BN, T=tile, num_warps=num_warps)
     dB = dBp.sum(1) if n_splits > 1 else dBp[:, 0]
     dC = dCp.sum(1) if n_splits > 1 else dCp[:, 0]
     dB, dC = dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype)
@@ -663,31 +715,31 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, 
 
 class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, tuning):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, tuning, seq_idx):
         tuning = tuning or {}
         save = any(ctx.needs_input_grad)
         y, ht, tstates = _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
                               save_states=save, tile=tuning.get("tile", TILE),
                               n_chunks=tuning.get("fwd_chunks"), num_warps=tuning.get("warps_fwd"),
                               max_bd=tuning.get("bd_fwd"), programs=tuning.get("programs"),
-                              kernel=tuning.get("fwd_kernel"))
+                              kernel=tuning.get("fwd_kernel"), seq_idx=seq_idx)
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, seq_idx)
         ctx.softplus, ctx.reverse, ctx.tuning = softplus, reverse, tuning
         return y, ht
 
     @staticmethod
     def backward(ctx, dy, dht):
-        u, delta, A, B, C, D, z, delta_bias, initial_state, tstates = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, seq_idx = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _bwd(
             u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.reverse, tstates, dy, dht,
             tile=ctx.tuning.get("tile", TILE), n_chunks=ctx.tuning.get("bwd_chunks"),
             n_splits=ctx.tuning.get("bwd_splits"), num_warps=ctx.tuning.get("warps_bwd"),
-            max_bd=ctx.tuning.get("bd_bwd"), programs=ctx.tuning.get("programs_bwd"))
+            max_bd=ctx.tuning.get("bd_bwd"), programs=ctx.tuning.get("programs_bwd"), seq_idx=seq_idx)
         dh0 = dh0.to(initial_state.dtype) if initial_state is not None else None
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None
 
 
 # ------------------------------------------------------------------ torch.library registration (torch.compile)
@@ -704,14 +756,15 @@ def _empty(ref):
 
 @torch.library.custom_op(_OPS + "_fwd", mutates_args=())
 def _scan_fwd_op(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
-                 initial_state: _T | None, softplus: bool, reverse: bool, save_states: bool) -> tuple[_T, _T, _T]:
+                 initial_state: _T | None, softplus: bool, reverse: bool, save_states: bool,
+                 seq_idx: _T | None) -> tuple[_T, _T, _T]:
     y, ht, tstates = _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
-                          save_states=save_states)
+                          save_states=save_states, seq_idx=seq_idx)
     return y, ht.clone(), tstates if tstates is not None else _empty(u)
 
 
 @_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, save_states):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, save_states, seq_idx):
     b, d, l = u.shape
     n = A.shape[1]
     n_tiles = max(triton.cdiv(l, TILE), 1)
@@ -722,34 +775,34 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, sav
 @torch.library.custom_op(_OPS + "_bwd", mutates_args=())
 def _scan_bwd_op(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
                  initial_state: _T | None, tstates: _T, dy: _T, dht: _T | None, softplus: bool,
-                 reverse: bool) -> list[_T]:
-    grads = _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dy, dht)
+                 reverse: bool, seq_idx: _T | None) -> list[_T]:
+    grads = _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dy, dht, seq_idx=seq_idx)
     grads = list(grads)
     grads[-1] = grads[-1].to(initial_state.dtype) if initial_state is not None else None
     return [g if g is not None else _empty(u) for g in grads]
 
 
 @_scan_bwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, dy, dht, softplus, reverse):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, dy, dht, softplus, reverse, seq_idx):
     like = [u, delta, A, B, C, D, z, delta_bias, initial_state]
     return [torch.empty_like(t) if t is not None else _empty(u) for t in like]
 
 
 def _scan_setup(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, _ = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
+    u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, _, seq_idx = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2], seq_idx)
     ctx.softplus, ctx.reverse = softplus, reverse
 
 
 def _scan_backward(ctx, dy, dht, _dtstates):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, tstates = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, seq_idx = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(u)
     grads = _scan_bwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, dy, dht, ctx.softplus,
-                         ctx.reverse)
+                         ctx.reverse, seq_idx)
     present = [u, delta, A, B, C, D, z, delta_bias, initial_state]
     grads = [g if t is not None else None for g, t in zip(grads, present)]
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 _scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup)
@@ -757,10 +810,11 @@ _scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup)
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           initial_state=None, return_final_state=False, reverse=False, chunk_size=None,
-                          _tuning=None):
+                          seq_idx=None, _tuning=None):
     """Triton implementation with :func:`selective_scan_ref`'s signature (``chunk_size`` is ignored: the
     kernel picks its own tiling). Inputs fp32/bf16/fp16 on a CUDA device (or any device under
-    TRITON_INTERPRET=1); arguments are assumed validated by the caller. It runs as the custom ops
+    TRITON_INTERPRET=1); arguments are assumed validated by the caller (``seq_idx``: an integer (b, l) tensor,
+    see :func:`selective_scan`). It runs as the custom ops
     ``seqmamba::selective_scan_fwd/_bwd`` (torch.compile sees one node). ``_tuning`` (tests, benchmarks) takes
     the plain autograd.Function path instead, with a dict of any of tile, fwd_chunks, bwd_chunks, bwd_splits,
     warps_fwd, warps_bwd, bd_fwd, bd_bwd, programs, programs_bwd, fwd_kernel ('scan' | 'seq' | 'auto')."""
@@ -768,8 +822,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         y, ht, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
-                                bool(reverse), save)
+                                bool(reverse), save, seq_idx)
     else:
         y, ht = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
-                                      bool(reverse), _tuning)
+                                      bool(reverse), _tuning, seq_idx)
     return (y, ht) if return_final_state else y

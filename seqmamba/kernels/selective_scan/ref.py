@@ -32,9 +32,11 @@ _TARGET_CHUNK_ELEMS = {"cpu": 2 ** 20, "cuda": 2 ** 23}
 _MIN_CHUNK, _MAX_CHUNK = 16, 2048
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       initial_state=None, return_final_state=False, reverse=False, chunk_size=None):
+                       initial_state=None, return_final_state=False, reverse=False, chunk_size=None,
+                       seq_idx=None):
     """Chunked PyTorch reference of :func:`selective_scan` (same arguments, minus ``backend``)."""
     b, d, l, n = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    keep = carry_mask(seq_idx, b, l, reverse, u.device)
     if chunk_size is None:
         chunk_size = auto_chunk_size(b, d, n, u.device.type)
     elif not isinstance(chunk_size, int) or chunk_size < 1:
@@ -54,7 +56,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     for s in (reversed(starts) if reverse else starts):
         sl = slice(s, min(s + chunk_size, l))
         args = (h, u[..., sl], delta[..., sl], A, B[..., sl], C[..., sl], D,
-                None if z is None else z[..., sl], delta_bias, delta_softplus, reverse, dtype)
+                None if z is None else z[..., sl], delta_bias, delta_softplus, reverse, dtype,
+                None if keep is None else keep[:, sl])
         if use_ckpt:
             y, h = checkpoint(_scan_chunk, *args, use_reentrant=False)
         else:
@@ -72,15 +75,38 @@ def auto_chunk_size(b: int, d: int, n: int, device_type: str = "cpu") -> int:
     return min(max(t, _MIN_CHUNK), _MAX_CHUNK)
 
 
-def _scan_chunk(h0, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, dtype):
-    """One chunk. h0: (b, d, n); u, delta, z: (b, d, T); B, C: (b, [g,] n, T).
-    Returns y (b, d, T) in ``dtype`` and the state after the chunk's last step (in scan order)."""
+def carry_mask(seq_idx, b, l, reverse, device):
+    """seq_idx (b, l) integers -> (b, l) bool, False where the state is reset before the position (its scan
+    predecessor belongs to another sequence); None when seq_idx is None."""
+    if seq_idx is None:
+        return None
+    if not isinstance(seq_idx, torch.Tensor) or tuple(seq_idx.shape) != (b, l):
+        got = tuple(seq_idx.shape) if isinstance(seq_idx, torch.Tensor) else type(seq_idx).__name__
+        raise ValueError(f"selective_scan: seq_idx must be a (b, l) = {(b, l)} integer tensor, got {got}")
+    if seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex or seq_idx.dtype == torch.bool:
+        raise ValueError(f"selective_scan: seq_idx must be an integer tensor, got {seq_idx.dtype}")
+    keep = torch.ones(b, l, dtype=torch.bool, device=device)
+    same = seq_idx[:, 1:] == seq_idx[:, :-1]          # (b, l-1): position t+1 continues position t
+    if reverse:
+        keep[:, :-1] = same
+    else:
+        keep[:, 1:] = same
+    return keep
+
+
+def _scan_chunk(h0, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, dtype, keep=None):
+    """One chunk. h0: (b, d, n); u, delta, z: (b, d, T); B, C: (b, [g,] n, T); keep (b, T) bool or None
+    (False: the state is reset before that position). Returns y (b, d, T) in ``dtype`` and the state after
+    the chunk's last step (in scan order)."""
     u, dt = u.to(dtype), delta_dt(delta, delta_bias, delta_softplus, dtype)
     B, C = _grouped(B).to(dtype), _grouped(C).to(dtype)
     dtu = dt * u
     if reverse:  # chunk-local flips only: scan order is right to left
         dt, dtu, B, C = (t.flip(-1) for t in (dt, dtu, B, C))
+        keep = None if keep is None else keep.flip(-1)
     dA = torch.exp(dt[:, :, None, :] * A[:, :, None])                       # (b, d, n, T)
+    if keep is not None:  # a reset multiplies the carried state by 0
+        dA = dA * keep[:, None, None, :].to(dtype)
     dBu = _per_channel_mul(B, dtu)                                          # (b, d, n, T)
     dBu[..., 0] += dA[..., 0] * h0                  # fold the carried state into the first step
     h = linear_scan(dA, dBu, overwrite=True)
