@@ -56,23 +56,24 @@ def throughput(length: int, steps: int, d_model=256, n_layer=16) -> dict:
 
 
 @torch.no_grad()
-def score_genome(ids: np.ndarray, d_model=256, n_layer=16) -> dict:
+def score_genome(ids: np.ndarray, mode: str = "whole", window: int = 1 << 20, overlap: int = 1 << 16,
+                 d_model=256, n_layer=16) -> dict:
+    """Time and peak memory of ``api.score_record`` (per-base log-likelihoods + mean features) on one genome."""
+    from seqmamba.tasks.dna.api import score_record
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = CaduceusForMaskedLM(CaduceusConfig(d_model=d_model, n_layer=n_layer, rcps=True)).cuda().eval()
-    x = torch.as_tensor(ids.astype(np.int64), device="cuda")[None]
-    x = torch.where(x == 11, 4, x)
     times = []
     for _ in range(2):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logp = torch.log_softmax(model(x)[0, :, 7:11].float(), -1)
-            ll = logp.gather(1, (x[0] - 7).clamp(0, 3)[:, None])
+        result = score_record(model, ids, mode, window, overlap)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return {"bases": len(ids), "seconds": [round(s, 2) for s in times],
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "mean_loglik": float(ll.mean())}
+    return {"bases": len(ids), "mode": mode, "window": window if mode == "windowed" else None,
+            "overlap": overlap if mode == "windowed" else None, "seconds": [round(s, 2) for s in times],
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "mean_loglik": float(np.nanmean(result["loglik"]))}
 
 
 def mlm_batch(genomes: list[np.ndarray], batch: int, length: int, rng: np.random.Generator):
@@ -140,14 +141,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--train-seconds", type=float, default=60)
     parser.add_argument("--skip", nargs="*", default=[])
+    parser.add_argument("--only", nargs="*", default=[])
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     train = [np.load(p) for p in sorted(args.genomes.glob("train_*.npy"))]
     heldout = {p.stem.removeprefix("heldout_"): np.load(p) for p in sorted(args.genomes.glob("heldout_*.npy"))}
+    smallest, largest = min(heldout.values(), key=len), max(heldout.values(), key=len)
     sections = [("pretrain_small_ps", lambda: pretrain(train, heldout, args.train_seconds)),
                 ("train_131k", lambda: throughput(131072, 3)),
-                ("score_genome", lambda: score_genome(max(heldout.values(), key=len))),
-                ("train_1m", lambda: throughput(1 << 20, 1))]
+                ("train_512k", lambda: throughput(1 << 19, 1)),
+                ("train_1m", lambda: throughput(1 << 20, 1)),
+                ("score_whole_smallest", lambda: score_genome(smallest, "whole")),
+                ("score_windowed_largest", lambda: score_genome(largest, "windowed"))]
+    if args.only:
+        sections = [s for s in sections if s[0] in args.only]
     for name, fn in sections:
         if name in args.skip:
             continue
