@@ -310,3 +310,19 @@ def test_gpu_torch_compile_no_graph_break():
     assert not ours, reasons
     ym = torch.compile(m)(xm)
     assert torch.allclose(ym, m(xm), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_packed_matches_reference(reverse):
+    """Four sequences of uneven lengths packed in each of two rows, at a length where both forward kernels
+    run several chunks."""
+    l = 50000
+    x = _cuda_inputs(2, 64, 16, l, seed=11)
+    cuts = torch.tensor([[0, 7, 20000, 20001, l], [0, 30000, 30100, 49999, l]])
+    seq_idx = torch.stack([torch.repeat_interleave(torch.arange(4), (c[1:] - c[:-1])) for c in cuts]).cuda()
+    got = run_with_grads_cuda(public_fn(delta_softplus=True, reverse=reverse, seq_idx=seq_idx), x)
+    want = run_with_grads_cuda(ref_fn(delta_softplus=True, reverse=reverse, seq_idx=seq_idx),
+                               detached(x, torch.float64))
+    assert_close(got, want, rtol=1e-4)

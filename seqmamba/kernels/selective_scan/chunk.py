@@ -308,7 +308,7 @@ def _fwd_seq_kernel(
 
 @triton.jit
 def _fwd_state_kernel(A_ptr, hloc_ptr, dtsum_ptr, h0_ptr, hstart_ptr, dim, nstate, n_chunks,
-                      HAS_H0: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+                      HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
     """h_start[c] = h; h = exp(A sum dt_c) h + h_loc[c], c = 0..n_chunks-1 (sequential)."""
     pid = tl.program_id(0)
     ndb = dim // BD
@@ -327,7 +327,10 @@ def _fwd_state_kernel(A_ptr, hloc_ptr, dtsum_ptr, h0_ptr, hstart_ptr, dim, nstat
         tl.store(hstart_ptr + base * nstate + dn, h, mask=m)
         s = tl.load(dtsum_ptr + base + d_off)
         hl = tl.load(hloc_ptr + base * nstate + dn, mask=m, other=0.0)
-        h = tl.where(s[:, None] == float("inf"), 0.0, tl.exp2(A2 * s[:, None])) * h + hl
+        if HAS_SEQ:  # a chunk holding a reset (dt sum = inf) passes nothing through
+            h = tl.where(s[:, None] == float("inf"), 0.0, tl.exp2(A2 * s[:, None])) * h + hl
+        else:
+            h = tl.exp2(A2 * s[:, None]) * h + hl
 
 
 @triton.jit
@@ -399,7 +402,7 @@ def _bwd_sum_kernel(
 
 @triton.jit
 def _bwd_state_kernel(A_ptr, gloc_ptr, dtsum_ptr, dht_ptr, gin_ptr, dim, nstate, n_chunks,
-                      HAS_DHT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+                      HAS_DHT: tl.constexpr, HAS_SEQ: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
     """g_in[c] = g; g = g_loc[c] + exp(A sum dt_{j+1}) g, c = n_chunks-1..0; g starts as dht."""
     pid = tl.program_id(0)
     ndb = dim // BD
@@ -419,7 +422,10 @@ def _bwd_state_kernel(A_ptr, gloc_ptr, dtsum_ptr, dht_ptr, gin_ptr, dim, nstate,
         tl.store(gin_ptr + base * nstate + dn, g, mask=m)
         s = tl.load(dtsum_ptr + base + d_off)
         gl = tl.load(gloc_ptr + base * nstate + dn, mask=m, other=0.0)
-        g = gl + tl.where(s[:, None] == float("inf"), 0.0, tl.exp2(A2 * s[:, None])) * g
+        if HAS_SEQ:
+            g = gl + tl.where(s[:, None] == float("inf"), 0.0, tl.exp2(A2 * s[:, None])) * g
+        else:
+            g = gl + tl.exp2(A2 * s[:, None]) * g
 
 
 @triton.jit
@@ -628,7 +634,8 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, 
             **flags, num_warps=num_warps)
         hin = torch.empty(b, n_chunks, d, n, **f32)
         _fwd_state_kernel[(b * ndb,)](A, hloc, dtsum, h0 if h0 is not None else dummy, hin, d, n, n_chunks,
-                                      HAS_H0=h0 is not None, BD=BD, BN=BN, num_warps=1)
+                                      HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, BD=BD, BN=BN,
+                                      num_warps=1)
     kern[(b * ndb, n_chunks)](
         u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, y, hin if hin is not None else dummy, hout, dummy,
@@ -685,7 +692,8 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, 
             SOFTPLUS=softplus, REVERSE=reverse, HAS_SEQ=seq_idx is not None, BD=BDs, BN=BN, T=tile,
             num_warps=num_warps)
         _bwd_state_kernel[(b * ndb,)](A, gloc, dtsum, dht_c if dht_c is not None else dummy, gbuf, d, n,
-                                      n_chunks, HAS_DHT=dht_c is not None, BD=BDs, BN=BN, num_warps=1)
+                                      n_chunks, HAS_DHT=dht_c is not None, HAS_SEQ=seq_idx is not None, BD=BDs,
+                                      BN=BN, num_warps=1)
     du = torch.empty(b, d, l, device=dev, dtype=u.dtype)
     ddelta = torch.empty(b, d, l, device=dev, dtype=delta.dtype)
     dz = torch.empty(b, d, l, device=dev, dtype=z.dtype) if z is not None else None
