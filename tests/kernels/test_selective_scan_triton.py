@@ -42,14 +42,18 @@ def ref_fn(**kw):
 # (name, make_inputs overrides, softplus, reverse, tuning)
 CASES = [
     ("one-tile", dict(l=7), True, False, None),
-    ("chunks+splits", dict(l=37, groups=2), True, False, dict(tile=4, fwd_chunks=3, bwd_chunks=4, bwd_splits=2, fwd_kernel="scan")),
-    ("reverse-chunks", dict(l=37, groups=2), True, True, dict(tile=4, fwd_chunks=4, bwd_chunks=3, bwd_splits=1, fwd_kernel="scan")),
+    ("chunks+splits", dict(l=37, groups=2), True, False,
+     dict(tile=4, fwd_chunks=3, bwd_chunks=4, bwd_splits=2, fwd_kernel="scan")),
+    ("reverse-chunks", dict(l=37, groups=2), True, True,
+     dict(tile=4, fwd_chunks=4, bwd_chunks=3, bwd_splits=1, fwd_kernel="scan")),
     ("3d-BC-no-options", dict(l=21, groups=None, z=False, D=False, delta_bias=False, h0=False), False, True,
      dict(tile=8, fwd_chunks=2, bwd_chunks=2)),
     ("groups4-n5", dict(l=18, groups=4, n=5), True, False, dict(tile=8, fwd_chunks=1, bwd_chunks=3)),
     ("length1", dict(l=1, groups=2), True, True, dict(tile=4)),
-    ("seq-fwd-chunks", dict(l=37, groups=2), True, False, dict(tile=4, fwd_chunks=3, bwd_chunks=2, fwd_kernel="seq")),
-    ("seq-fwd-reverse", dict(l=21, groups=None, h0=False), True, True, dict(tile=8, fwd_chunks=2, fwd_kernel="seq")),
+    ("seq-fwd-chunks", dict(l=37, groups=2), True, False,
+     dict(tile=4, fwd_chunks=3, bwd_chunks=2, fwd_kernel="seq")),
+    ("seq-fwd-reverse", dict(l=21, groups=None, h0=False), True, True,
+     dict(tile=8, fwd_chunks=2, fwd_kernel="seq")),
 ]
 
 

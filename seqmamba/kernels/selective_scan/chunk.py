@@ -113,7 +113,8 @@ def _fwd_kernel(
     n_mask = n_off < nstate
     dn_mask = n_mask[None, :] & (d_off[:, None] < dim)
 
-    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=dn_mask,
+                 other=0.0).to(tl.float32) * 1.4426950408889634
     bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_off).to(tl.float32)
@@ -232,7 +233,8 @@ def _fwd_seq_kernel(
     n_mask = n_off < nstate
     dmask = d_off < dim
     dn_mask = n_mask[None, :] & dmask[:, None]
-    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=dn_mask,
+                 other=0.0).to(tl.float32) * 1.4426950408889634
     bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_off).to(tl.float32)
@@ -316,7 +318,8 @@ def _fwd_state_kernel(A_ptr, hloc_ptr, dtsum_ptr, h0_ptr, hstart_ptr, dim, nstat
     d_off = ((pid % ndb) * BD + tl.arange(0, BD)).to(tl.int64)
     n_off = tl.arange(0, BN).to(tl.int64)
     m = (n_off < nstate)[None, :] & (d_off[:, None] < dim)
-    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=m, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=m,
+                 other=0.0).to(tl.float32) * 1.4426950408889634
     dn = d_off[:, None] * nstate + n_off[None, :]
     if HAS_H0:
         h = tl.load(h0_ptr + pb * dim * nstate + dn, mask=m, other=0.0).to(tl.float32)
@@ -352,7 +355,8 @@ def _bwd_sum_kernel(
     n_off = tl.arange(0, BN).to(tl.int64)
     n_mask = n_off < nstate
     dn_mask = n_mask[None, :] & (d_off[:, None] < dim)
-    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=dn_mask,
+                 other=0.0).to(tl.float32) * 1.4426950408889634
     bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_off).to(tl.float32)
@@ -410,7 +414,8 @@ def _bwd_state_kernel(A_ptr, gloc_ptr, dtsum_ptr, dht_ptr, gin_ptr, dim, nstate,
     d_off = ((pid % ndb) * BD + tl.arange(0, BD)).to(tl.int64)
     n_off = tl.arange(0, BN).to(tl.int64)
     m = (n_off < nstate)[None, :] & (d_off[:, None] < dim)
-    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=m, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=m,
+                 other=0.0).to(tl.float32) * 1.4426950408889634
     dn = d_off[:, None] * nstate + n_off[None, :]
     if HAS_DHT:
         g = tl.load(dht_ptr + pb * dim * nstate + dn, mask=m, other=0.0).to(tl.float32)
@@ -558,8 +563,9 @@ def _bwd_kernel(
             tl.store(ddelta_ptr + (pb * dim + d_off)[:, None] * seqlen + t[None, :],
                      ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
             if HAS_BIAS:
-                tl.store(dbias_ptr + slot_c * dim + d_off, tl.load(dbias_ptr + slot_c * dim + d_off, mask=dmask, other=0.0)
-                         + tl.sum(ddt, axis=1), mask=dmask)
+                tl.store(dbias_ptr + slot_c * dim + d_off,
+                         tl.load(dbias_ptr + slot_c * dim + d_off, mask=dmask, other=0.0) + tl.sum(ddt, axis=1),
+                         mask=dmask)
             dA_slot = slot_c * dim * nstate + dn
             tl.store(dA_ptr + dA_slot, tl.load(dA_ptr + dA_slot, mask=dn_mask, other=0.0)
                      + tl.sum(gah * dt[:, None, :], axis=2), mask=dn_mask)
