@@ -147,6 +147,62 @@ def conv_rows():
     return rows
 
 
+def e2e_rows(lengths=(1024, 131072, 1 << 20), backend="auto"):
+    """Caduceus-size backbone (d_model 256, 16 BiMamba layers, RCPS: hidden width 512) under bf16 autocast:
+    training step (forward + backward of the backbone on random hidden states; no embedding or LM head) and
+    inference, tokens/s and peak memory, at the largest batch (powers of two) that fits. Activation
+    checkpointing is switched on where the plain step runs out of memory at batch 1."""
+    from seqmamba.backbone import MambaBackbone
+    from seqmamba.config import BackboneConfig
+    rows = []
+    for mode in ("train", "infer"):
+        for l in lengths if mode == "train" else (*lengths, 1 << 22):
+            for ckpt in (False, True):
+                cfg = BackboneConfig(d_model=256, n_layer=16, bidirectional=True, rcps=True,
+                                     checkpoint_activations=ckpt)
+                model = MambaBackbone(cfg, backend=backend).cuda().train(mode == "train")
+                batch, best = max(1, (1 << 18) // l) * 4, None
+                while batch >= 1 and best is None:
+                    try:
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                        x = torch.randn(batch, l, 512, device="cuda", requires_grad=mode == "train")
+
+                        def step():
+                            with torch.autocast("cuda", dtype=torch.bfloat16):
+                                if mode == "train":
+                                    model(x).float().square().mean().backward()
+                                else:
+                                    with torch.no_grad():
+                                        model(x)
+                        step()
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        reps = 3
+                        for _ in range(reps):
+                            step()
+                        torch.cuda.synchronize()
+                        sec = (time.perf_counter() - t0) / reps
+                        best = dict(mode=mode, length=l, batch=batch, ckpt=ckpt, s_per_step=sec,
+                                    tokens_per_s=batch * l / sec,
+                                    peak_GB=torch.cuda.max_memory_allocated() / 1e9)
+                    except torch.cuda.OutOfMemoryError:
+                        batch //= 2
+                    finally:
+                        x = None
+                        model.zero_grad(set_to_none=True)
+                del model
+                if best is not None:
+                    rows.append(best)
+                    print(json.dumps(best), flush=True)
+                    break
+                if mode == "infer" or ckpt:
+                    rows.append(dict(mode=mode, length=l, batch=0, error="out of memory at batch 1"))
+                    print(json.dumps(rows[-1]), flush=True)
+                    break
+    return rows
+
+
 def sweep(shape, configs, bwd=False):
     """Time the Triton forward (or forward+backward) of one shape under several tunings; print one line each."""
     from seqmamba.kernels.selective_scan.chunk import selective_scan_triton
@@ -181,10 +237,15 @@ def main(argv=None):
     p.add_argument("--shapes", default=None, help="indices into SHAPES, comma separated")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--sweep", action="store_true", help="time tunings of the Triton scan instead")
+    p.add_argument("--e2e", action="store_true",
+                   help="Caduceus-size backbone training/inference tokens/s and peak memory instead")
     p.add_argument("--compare-fwd", action="store_true", help="the two forward kernels side by side")
     p.add_argument("--sweep-seq", action="store_true", help="time the sequential forward kernel's tunings")
     p.add_argument("--sweep-programs", action="store_true", help="time grid-size targets instead")
     args = p.parse_args(argv)
+    if args.e2e:
+        e2e_rows()
+        return
     if args.compare_fwd:
         for shape in ((8, 1536, 16, 2048), (1, 1536, 16, 65536), (1, 1536, 16, 1 << 20)):
             sweep(shape, [dict(fwd_kernel="scan"), dict(fwd_kernel="seq"), dict(fwd_kernel="seq", programs=512)])
