@@ -106,6 +106,11 @@ def test_finetune_from_pretrained_then_test(workdir, capsys):
                    f"--ckpt_path={fit_dir / 'checkpoints' / 'last.ckpt'}")
     row = metrics(test_dir)
     assert 0 <= row["test_acc"].drop_nulls()[-1] <= 1 and row["test_auroc"].drop_nulls().len() == 1
+    from seqmamba.tasks.dna import api
+    probs = api.predict(api.load(fit_dir / "checkpoints" / "last.ckpt"), ["ACGTTGCA", "GGA"])
+    assert probs.shape == (2, 2)
+    mlm = api.load(pre / "checkpoints" / "last.ckpt")
+    assert api.embed(mlm, ["ACGTTGCA"]).shape == (1, 8)
 
 
 def test_quickstart_smoke(workdir, capsys):

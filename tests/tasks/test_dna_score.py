@@ -99,3 +99,12 @@ def test_api_load_embed_predict_from_checkpoints(tmp_path):
     mlm = tiny()
     mlm.save_pretrained(tmp_path / "pre")
     assert isinstance(api.load(tmp_path / "pre"), CaduceusForMaskedLM)
+
+
+def test_score_command_line(tmp_path, fasta, capsys):
+    from seqmamba.tasks.dna import score
+    tiny().save_pretrained(tmp_path / "model")
+    written = score.main([str(tmp_path / "model"), str(fasta), str(tmp_path / "o.parquet"), "--device", "cpu",
+                          "--window", "32", "--overlap", "8", "--plot", "r1:0-40"])
+    assert {"records", "bases", "track"} <= set(written) and written["track"].is_file()
+    assert "scored in" in capsys.readouterr().out

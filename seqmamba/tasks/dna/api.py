@@ -47,13 +47,13 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Mo
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path}: neither a model directory nor a Lightning checkpoint")
     hparams = dict(ckpt.get("hyper_parameters", {}))
+    import inspect
+
     from seqmamba.tasks.dna.module import DNAMaskedLM, DNASequenceModule
-    if "task" in hparams:
-        hparams.pop("_instantiator", None)
-        module = DNASequenceModule(**{**hparams, "pretrained": None})
-    else:
-        hparams.pop("_instantiator", None)
-        module = DNAMaskedLM(**{**hparams, "init_from": None})
+    cls, source_key = (DNASequenceModule, "pretrained") if "task" in hparams else (DNAMaskedLM, "init_from")
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    # the weights come from this checkpoint: never re-read the pretrained source it was started from
+    module = cls(**{**{k: v for k, v in hparams.items() if k in accepted}, source_key: None})
     module.load_state_dict(ckpt["state_dict"], strict=False)
     model = module.model
     model.task = hparams.get("task", "mlm")
