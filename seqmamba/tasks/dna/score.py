@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("fasta", help="FASTA (plain, .gz, bgzip, .xz) or builtin:lambda_phage")
     parser.add_argument("out", type=Path, help="output parquet (per record); per-base rows go to OUT.bases.parquet")
     parser.add_argument("--mode", choices=["auto", "whole", "windowed"], default="auto",
-                        help="whole records (GPU default) or overlapping windows (CPU default)")
+                        help="auto: whole records on a GPU when they fit in its memory, else windows")
     parser.add_argument("--window", type=int, default=16384, help="window length in windowed mode")
     parser.add_argument("--overlap", type=int, default=1024, help="overlap of consecutive windows")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
