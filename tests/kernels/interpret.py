@@ -59,13 +59,15 @@ def _interpreted_function_type():
 def load_interpreted(module: str):
     """Return a fresh copy of ``module`` (a dotted name) whose ``@triton.jit`` kernels are interpreted."""
     pytest.importorskip("triton")
+    name = module + "__interpreted"
+    if name in sys.modules:  # loaded once per process: its custom ops are registered once
+        return sys.modules[name]
     spec = importlib.util.find_spec(module)
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     compiled = _triton_modules()
     try:
         _reimport_triton_interpreted()
-        name = module + "__interpreted"
         fresh = importlib.util.spec_from_file_location(name, spec.origin)
         mod = importlib.util.module_from_spec(fresh)
         sys.modules[name] = mod
