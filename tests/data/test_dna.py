@@ -230,3 +230,24 @@ def test_bed_with_label_column_as_a_table(tmp_path):
     assert batch["labels"].tolist() == [1, 0]
     with pytest.raises(ValueError, match="needs the genome"):
         DNATableData(train=str(tmp_path / "t.bed")).setup("fit")
+
+
+def test_per_position_labels(tmp_path):
+    import polars as pl
+    pl.DataFrame({"sequence": ["ACGT", "AAC"], "label": ["0110", "200"]}).write_csv(tmp_path / "t.csv")
+    dm = DNATableData(train=str(tmp_path / "t.csv"), level="token", batch_size=2)
+    dm.setup("fit")
+    assert dm.num_classes == 3
+    batch = collate([dm.splits["train"][i] for i in range(2)])
+    assert batch["labels"].tolist() == [[0, 1, 1, 0], [2, 0, 0, -100]]
+    table = pl.DataFrame({"sequence": ["AACG"] * 32, "label": ["0001"] * 32})
+    data = LabelledSequences(table, "t", classes=["0", "1"], rc_augment=True, rc_label_map=[1, 0], level="token")
+    strands = set()
+    for i in range(32):
+        s = data[i]
+        strands.add(s["strand"])
+        assert s["labels"].tolist() == ([0, 0, 0, 1] if s["strand"] == "+" else [0, 1, 1, 1])  # reversed, mapped
+    assert strands == {"+", "-"}
+    pl.DataFrame({"sequence": ["ACGT"], "label": ["01"]}).write_csv(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="row 1: 2 per-position labels for 4 bases"):
+        DNATableData(train=str(tmp_path / "bad.csv"), level="token").setup("fit")

@@ -120,3 +120,16 @@ def test_quickstart_smoke(workdir, capsys):
     assert "DNA quickstart done" in out and "test_acc" in out
     assert (workdir / "qs" / "tables" / "train.csv").is_file()
     assert list((workdir / "qs" / "finetune").rglob("learning_curves.png"))
+
+
+def test_token_level_fit(workdir, capsys):
+    rng = np.random.default_rng(1)
+    seqs = ["".join(rng.choice(list("ACGT"), size=10)) for _ in range(6)]
+    labels = ["".join("1" if c in "GC" else "0" for c in s) for s in seqs]
+    pl.DataFrame({"sequence": seqs, "label": labels}).write_csv(workdir / "tok.csv")
+    run_dir = run(capsys, "fit", "-c", str(CONFIGS / "finetune.yaml"), *QUIET, "--trainer.max_steps=2",
+                  "--trainer.log_every_n_steps=1", *TINY_MODEL, "--model.init_args.level=token",
+                  "--model.init_args.rc_mode=invariant", f"--data.init_args.train={workdir / 'tok.csv'}",
+                  f"--data.init_args.val={workdir / 'tok.csv'}", "--data.init_args.level=token",
+                  "--data.init_args.batch_size=3")
+    assert metrics(run_dir)["val_acc"].drop_nulls().len() > 0

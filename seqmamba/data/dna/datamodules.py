@@ -113,7 +113,9 @@ class DNATableData(L.LightningDataModule):
     ``task="classification"``: class names are the sorted union of the labels of all given tables (integers
     numerically), exposed as ``classes`` / ``num_classes`` after ``setup``. ``task="regression"``: float
     targets. ``rc_augment`` with ``rc_label_map`` (class index -> class index under reverse complement) trains
-    strand-aware labels correctly.
+    strand-aware labels correctly. ``level="token"``: one class per base, given as a string of digits
+    (CSV/TSV) or a list of integers (parquet) as long as the sequence; batches hold ``labels (b, l)`` with -100
+    at padding.
     """
 
     vocab_size = VOCAB_SIZE
@@ -122,8 +124,8 @@ class DNATableData(L.LightningDataModule):
                  predict: str | None = None, task: Literal["classification", "regression"] = "classification",
                  batch_size: int = 32, sequence_column: str = "sequence", label_column: str = "label",
                  max_length: int | None = None, rc_augment: bool = False, rc_label_map: list[int] | None = None,
-                 genome: str | list[str] | None = None, bed_label_column: int = 3, num_workers: int = 0,
-                 seed: int = 0):
+                 genome: str | list[str] | None = None, bed_label_column: int = 3,
+                 level: Literal["sequence", "token"] = "sequence", num_workers: int = 0, seed: int = 0):
         super().__init__()
         if task not in ("classification", "regression"):
             raise ValueError(f"DNATableData: task must be 'classification' or 'regression', got {task!r}")
@@ -131,7 +133,7 @@ class DNATableData(L.LightningDataModule):
         self.task, self.batch_size = task, batch_size
         self.sequence_column, self.label_column, self.max_length = sequence_column, label_column, max_length
         self.rc_augment, self.rc_label_map, self.num_workers, self.seed = rc_augment, rc_label_map, num_workers, seed
-        self.genome, self.bed_label_column = genome, bed_label_column
+        self.genome, self.bed_label_column, self.level = genome, bed_label_column, level
         self.classes: list[str] | None = None
         self.splits: dict[str, LabelledSequences] = {}
 
@@ -152,13 +154,15 @@ class DNATableData(L.LightningDataModule):
                 label = None if split == "predict" else self.label_column
                 if str(path).lower().endswith(".bed") and genome is None and self.genome is not None:
                     genome = Genome(self.genome)
-                tables[split] = read_table(path, self.sequence_column, label, genome, self.bed_label_column)
+                tables[split] = read_table(path, self.sequence_column, label, genome, self.bed_label_column,
+                                           label_as_text=self.level == "token")
         if self.classes is None:
-            self.classes = class_names(list(tables.values()), self.task)
+            self.classes = class_names(list(tables.values()), self.task, self.level)
         for split, table in tables.items():
             self.splits[split] = LabelledSequences(
                 table, str(self.paths[split]), self.classes, self.max_length,
-                rc_augment=self.rc_augment and split == "train", rc_label_map=self.rc_label_map, seed=self.seed)
+                rc_augment=self.rc_augment and split == "train", rc_label_map=self.rc_label_map, seed=self.seed,
+                level=self.level)
 
     def _epoch(self) -> int:
         trainer = getattr(self, "trainer", None)

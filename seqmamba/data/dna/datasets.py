@@ -161,7 +161,7 @@ class GenomeWindows(Dataset):
 # ----------------------------------------------------------------------------------------------- labelled tables
 
 def read_table(path: str | os.PathLike, sequence_column: str = "sequence", label_column: str | None = "label",
-               genome: Genome | None = None, bed_label_column: int = 3):
+               genome: Genome | None = None, bed_label_column: int = 3, label_as_text: bool = False):
     """A labelled table as a polars DataFrame with columns ``sequence`` and (if asked) ``label``.
 
     CSV (``.csv``), TSV (``.tsv``, ``.txt``), parquet (``.parquet``), FASTA (``.fa``, ``.fasta``, ``.fna``,
@@ -205,8 +205,9 @@ def read_table(path: str | os.PathLike, sequence_column: str = "sequence", label
         table = pl.read_parquet(path)
     elif kind in (".csv", ".tsv", ".txt"):
         with open_text(path) as handle:
+            overrides = {label_column: pl.String} if label_as_text and label_column else None
             table = pl.read_csv(handle.read().encode(), separator="," if kind == ".csv" else "\t",
-                                infer_schema_length=None)
+                                infer_schema_length=None, schema_overrides=overrides)
     else:
         raise ValueError(f"{path}: unknown table format {kind!r} (use .csv, .tsv, .parquet or FASTA)")
     needed = [sequence_column] + ([label_column] if label_column is not None else [])
@@ -242,10 +243,12 @@ class LabelledSequences(Dataset):
     """
 
     def __init__(self, table, source: str, classes: list[str] | None = None, max_length: int | None = None,
-                 rc_augment: bool = False, rc_label_map: list[int] | None = None, seed: int = 0):
+                 rc_augment: bool = False, rc_label_map: list[int] | None = None, seed: int = 0,
+                 level: str = "sequence"):
         import polars as pl
 
         self.source, self.classes, self.rc_augment, self.seed = source, classes, rc_augment, seed
+        self.level = level
         self.rc_label_map = None if rc_label_map is None else np.asarray(rc_label_map)
         self.ids, self.n_ambiguous = [], 0
         for row, sequence in enumerate(table["sequence"].to_list(), 1):
@@ -258,7 +261,14 @@ class LabelledSequences(Dataset):
             self.ids.append(ids)
             self.n_ambiguous += n_ambiguous
         self.labels = None
-        if "label" in table.columns:
+        if "label" in table.columns and level == "token":
+            self.labels = [token_labels(v, len(ids), source, row)
+                           for row, (v, ids) in enumerate(zip(table["label"].to_list(), self.ids), 1)]
+            if classes is not None:
+                high = max(int(lab.max()) for lab in self.labels)
+                if high >= len(classes):
+                    raise ValueError(f"{source}: per-position class {high} >= number of classes {len(classes)}")
+        elif "label" in table.columns:
             values = table["label"]
             if values.null_count():
                 raise ValueError(f"{source}: {values.null_count()} row(s) have no label")
@@ -286,19 +296,45 @@ class LabelledSequences(Dataset):
             rng = np.random.default_rng([self.seed, index])
             if rng.random() < 0.5:
                 ids, sample["strand"] = reverse_complement_ids(ids), "-"
+                if label is not None and self.level == "token":
+                    label = label[::-1]
                 if label is not None and self.rc_label_map is not None:
                     label = self.rc_label_map[label]
         sample["input_ids"] = ids
         if label is not None:
             sample["labels"] = np.asarray(label)
-            sample["per_position"] = False
+            sample["per_position"] = self.level == "token"
         return sample
 
 
-def class_names(tables: list, task: str) -> list[str] | None:
-    """Class names over all tables: integer labels 0..max (class index = label), other labels sorted as text."""
+def token_labels(value, length: int, source: str, row: int) -> np.ndarray:
+    """Per-position class indices from a list of ints or a string of digits (one per base)."""
+    if isinstance(value, str):
+        if not value.isdigit():
+            raise ValueError(f"{source}: row {row}: per-position labels must be digits, got {value[:20]!r}")
+        labels = np.frombuffer(value.encode(), dtype=np.uint8).astype(np.int64) - ord("0")
+    else:
+        labels = np.asarray(value, dtype=np.int64)
+    if labels.shape != (length,):
+        raise ValueError(f"{source}: row {row}: {labels.size} per-position labels for {length} bases")
+    if (labels < 0).any():
+        raise ValueError(f"{source}: row {row}: negative per-position label")
+    return labels
+
+
+def class_names(tables: list, task: str, level: str = "sequence") -> list[str] | None:
+    """Class names over all tables: integer labels 0..max (class index = label), other labels sorted as text.
+    Per-position labels (``level="token"``) are integers 0..max."""
     if task == "regression":
         return None
+    if level == "token":
+        high = -1
+        for table in tables:
+            if table is not None and "label" in table.columns:
+                for row, v in enumerate(table["label"].to_list(), 1):
+                    if v is not None and len(v):
+                        high = max(high, int(token_labels(v, len(v), "table", row).max()))
+        return None if high < 0 else [str(i) for i in range(high + 1)]
     values = set()
     for table in tables:
         if table is not None and "label" in table.columns:
