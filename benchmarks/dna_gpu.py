@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqmamba import MambaConfig
 from seqmamba.tasks.common import param_groups
 from seqmamba.tasks.dna.model import CaduceusConfig, CaduceusForMaskedLM, mlm_loss
 

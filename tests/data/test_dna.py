@@ -4,7 +4,6 @@ import lzma
 
 import numpy as np
 import pytest
-import torch
 
 from seqmamba.data.dna import (COMPLEMENT_MAP, IGNORE_INDEX, MASK_ID, N_ID, PAD_ID, DNAPretrainData, DNATableData,
                                FastaFormatError, Genome, GenomeWindows, InvalidSequenceError, LabelledSequences,
