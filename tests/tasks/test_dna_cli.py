@@ -70,12 +70,17 @@ class StopAtStep(L.Callback):
             raise KeyboardInterrupt
 
 
-def test_resume_from_last_gives_the_same_losses(workdir, capsys):
+@pytest.mark.parametrize("where", ["epoch_end", "mid_epoch"])
+def test_resume_from_last_gives_the_same_losses(workdir, capsys, where):
+    """Interrupted after the checkpoint at step 2 (the end of an epoch of 2 steps, or the middle of one of 4),
+    resumed from last.ckpt: steps 2 and 3 have the losses of an uninterrupted run."""
+    samples = {"epoch_end": 4, "mid_epoch": 8}[where]
     base = ["-c", str(CONFIGS / "quickstart_pretrain.yaml"), *TINY_MODEL, *QUIET, *PRETRAIN,
-            "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1", "--trainer.max_steps=4"]
+            f"--data.init_args.train_samples={samples}", "--trainer.max_steps=4"]
     straight = run(capsys, "fit", *base)
     with pytest.raises(SystemExit):  # Lightning shuts down gracefully, then exits
-        main(["fit", *base, "--trainer.callbacks+=tests.tasks.test_dna_cli.StopAtStep"])
+        main(["fit", *base, "--trainer.callbacks+=tests.tasks.test_dna_cli.StopAtStep",
+              "--trainer.callbacks.init_args.step=3"])
     first = Path([x for x in capsys.readouterr().out.splitlines() if x.startswith("run directory: ")][-1][15:])
     resumed = run(capsys, "fit", *base, f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
     want = metrics(straight).filter(pl.col("step") >= 2)["train_loss"].drop_nulls().to_list()

@@ -84,13 +84,12 @@ class DNAPretrainData(L.LightningDataModule):
             self.splits[name] = GenomeWindows(held_out, intervals=intervals, samples=self.val_samples,
                                               rc_augment=False, seed=self.seed + 1000 * offset, **common)
 
-    def _epoch(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return trainer.current_epoch if trainer is not None else 0
+    def _position(self) -> tuple[int, int]:
+        return _trainer_position(getattr(self, "trainer", None), self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         data = self.splits["train"]
-        return DataLoader(data, batch_size=self.batch_size, sampler=EpochSampler(len(data), self._epoch),
+        return DataLoader(data, batch_size=self.batch_size, sampler=EpochSampler(len(data), self._position),
                           collate_fn=collate, num_workers=self.num_workers, drop_last=True,
                           persistent_workers=self.num_workers > 0)
 
@@ -164,13 +163,12 @@ class DNATableData(L.LightningDataModule):
                 rc_augment=self.rc_augment and split == "train", rc_label_map=self.rc_label_map, seed=self.seed,
                 level=self.level)
 
-    def _epoch(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return trainer.current_epoch if trainer is not None else 0
+    def _position(self) -> tuple[int, int]:
+        return _trainer_position(getattr(self, "trainer", None), self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         data = self.splits["train"]
-        sampler = _ShuffledEpochSampler(len(data), self._epoch, self.seed)
+        sampler = _ShuffledEpochSampler(len(data), self._position, self.seed)
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers)
 
@@ -190,15 +188,20 @@ class DNATableData(L.LightningDataModule):
         return self._eval_loader("predict")
 
 
+def _trainer_position(trainer, batch_size: int) -> tuple[int, int]:
+    """(epoch, samples already trained on in it) from the trainer's loop progress (restored on resume)."""
+    if trainer is None:
+        return 0, 0
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    return trainer.current_epoch, done * batch_size
+
+
 class _ShuffledEpochSampler(EpochSampler):
     """A fresh permutation per epoch (seeded by (seed, epoch)), yielding ``epoch * n + row``."""
 
-    def __init__(self, n: int, epoch_fn, seed: int):
-        super().__init__(n, epoch_fn)
+    def __init__(self, n: int, position_fn, seed: int):
+        super().__init__(n, position_fn)
         self.seed = seed
 
-    def __iter__(self):
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self._passes
-        self._passes += 1
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return iter((epoch * self.n + order).tolist())
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)

@@ -71,20 +71,30 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
 class EpochSampler(Sampler[int]):
     """Yields ``epoch * n + i`` for i in 0..n-1, so a dataset can seed each sample by (epoch, index).
 
-    ``epoch_fn`` returns the current epoch (the trainer's, so that a resumed run continues where it left off);
-    without it the sampler counts its own passes.
+    ``position_fn`` returns (current epoch, samples of this epoch already trained on): the trainer's, so that a
+    run resumed from a checkpoint (at an epoch boundary or mid-epoch) sees exactly the samples it would have
+    seen; without it the sampler counts its own passes.
     """
 
-    def __init__(self, n: int, epoch_fn=None):
-        self.n, self.epoch_fn, self._passes = n, epoch_fn, 0
+    def __init__(self, n: int, position_fn=None):
+        self.n, self.position_fn, self._passes = n, position_fn, 0
 
     def __len__(self) -> int:
         return self.n
 
+    def _position(self) -> tuple[int, int]:
+        if self.position_fn is None:
+            return self._passes, 0
+        epoch, done = self.position_fn()
+        return epoch, done if 0 < done < self.n else 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.arange(self.n)
+
     def __iter__(self):
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self._passes
+        epoch, done = self._position()
         self._passes += 1
-        return iter(range(epoch * self.n, (epoch + 1) * self.n))
+        return iter((epoch * self.n + self.order(epoch)[done:]).tolist())
 
 
 class GenomeWindows(Dataset):
