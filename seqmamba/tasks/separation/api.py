@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from seqmamba.data.audio import AudioBlockReader, AudioStreamWriter, Downmix
-from seqmamba.tasks.separation.model import MambaSeparator, flush_denormal
+from seqmamba.tasks.separation.model import MambaSeparator
 
 
 def crossfade_ramps(overlap: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +149,7 @@ class Separator:
         return self.model.config.n_src
 
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
-        with flush_denormal(batch.device.type == "cpu"):
-            return self.model(batch)
+        return self.model(batch)
 
     @torch.no_grad()
     def separate(self, mixture: torch.Tensor, window_seconds: float | None = None,

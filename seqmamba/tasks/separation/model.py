@@ -15,7 +15,6 @@ M 256 x 32 (Mamba-TasNet paper sizes).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
@@ -87,24 +86,6 @@ class SeparatorConfig:
         if unknown:
             raise ValueError(f"SeparatorConfig: unknown field(s) {unknown}")
         return cls(**data)
-
-
-@contextlib.contextmanager
-def flush_denormal(enabled: bool = True):
-    """Flush subnormal floats to zero on the CPU inside the block (torch's default, off, is restored after).
-
-    The reference selective scan multiplies decays together; once training makes them small the products
-    become subnormal and every CPU op on them is several times slower. Flushing them changes no result that
-    matters (they are below 1e-38) and keeps CPU training fast.
-    """
-    if not enabled:
-        yield
-        return
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
 
 
 def _backbone(width: int, n_layer: int, cfg: SeparatorConfig, backend: str) -> MambaBackbone:

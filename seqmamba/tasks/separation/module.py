@@ -9,7 +9,6 @@ configs) is a Trainer setting.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +18,7 @@ import torch
 from seqmamba.tasks.common import adamw_warmup_cosine
 from seqmamba.tasks.separation.metrics import (pit_si_snr, pit_si_snr_loss, reorder, sdr_improvement,
                                                si_snr_improvement)
-from seqmamba.tasks.separation.model import MambaSeparator, SeparatorConfig, flush_denormal
+from seqmamba.tasks.separation.model import MambaSeparator, SeparatorConfig
 
 
 class SeparationModule(L.LightningModule):
@@ -35,8 +34,6 @@ class SeparationModule(L.LightningModule):
         sdr_metric: also compute SDRi (BSS-eval, slower) on validation and test mixtures.
         plot_every_n_val: draw the first validation mixture's spectrograms every n validation runs (0: never).
         backend: Mamba kernels ("auto": Triton on CUDA, reference on CPU).
-        cpu_flush_denormal: flush subnormal floats to zero while fitting/evaluating/predicting (restored after):
-            the CPU reference scan otherwise slows down several-fold as training proceeds.
     """
 
     def __init__(self, n_src: int = 2, masker: Literal["mamba", "dual_path"] = "mamba", n_filters: int = 256,
@@ -45,7 +42,7 @@ class SeparationModule(L.LightningModule):
                  mask_activation: Literal["relu", "sigmoid", "softmax"] = "relu", sample_rate: int = 8000,
                  lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_ratio: float = 0.02, min_lr_ratio: float = 0.01, sdr_metric: bool = True,
-                 plot_every_n_val: int = 1, backend: str = "auto", cpu_flush_denormal: bool = True):
+                 plot_every_n_val: int = 1, backend: str = "auto"):
         super().__init__()
         self.save_hyperparameters()
         self.config = SeparatorConfig(n_src=n_src, masker=masker, n_filters=n_filters, kernel_size=kernel_size,
@@ -54,7 +51,6 @@ class SeparationModule(L.LightningModule):
                                       sample_rate=sample_rate)
         self.model = MambaSeparator(self.config, backend=backend)
         self._val_runs, self._plot_now = 0, False
-        self._denormal = contextlib.ExitStack()
 
     def forward(self, mixture: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """mixture ``(b, t)`` -> estimates ``(b, n_src, t)``."""
@@ -67,31 +63,6 @@ class SeparationModule(L.LightningModule):
             if theirs is not None and theirs != getattr(self.hparams, name):
                 raise ValueError(f"SeparationModule.{name}={getattr(self.hparams, name)} but the data has "
                                  f"{name}={theirs}: set both to the same value")
-
-    def _flush_on(self) -> None:
-        if self.hparams.cpu_flush_denormal:
-            self._denormal.enter_context(flush_denormal())
-
-    def _flush_off(self) -> None:
-        self._denormal.close()
-
-    def on_fit_start(self) -> None:
-        self._flush_on()
-
-    def on_fit_end(self) -> None:
-        self._flush_off()
-
-    def on_test_start(self) -> None:
-        self._flush_on()
-
-    def on_test_end(self) -> None:
-        self._flush_off()
-
-    def on_predict_start(self) -> None:
-        self._flush_on()
-
-    def on_predict_end(self) -> None:
-        self._flush_off()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         estimates = self(batch["mixture"], batch["lengths"])
