@@ -8,8 +8,9 @@ Only the CLI imports the task modules; the core package never imports ``seqmamba
 from importlib import import_module
 
 TASKS: dict[str, str] = {
-    # Each task adds its line here when it lands, e.g.
-    # "dna": "seqmamba.tasks.dna",
+    "dna": "seqmamba.tasks.dna",
+    "separation": "seqmamba.tasks.separation",
+    "recommendation": "seqmamba.tasks.recommendation",
 }
 
 
