@@ -11,7 +11,8 @@ def code_blocks(language: str) -> list[str]:
 
 
 def test_ci_runs_the_readme_install_and_test_commands():
-    install, test = (block.strip() for block in code_blocks("bash")[:2])
+    install, main_job, test = (block.strip() for block in code_blocks("bash")[:3])
+    assert install.startswith("pip install") and test.startswith("python -m pytest"), (install, test)
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert install in ci, f"README install command {install!r} is not a line of .ci/run"
     assert test in ci, f"README test command {test!r} is not a line of .ci/run"
@@ -20,7 +21,7 @@ def test_ci_runs_the_readme_install_and_test_commands():
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    example = code_blocks("python")[0]
+    example = next(block for block in code_blocks("python") if "from seqmamba import BackboneConfig" in block)
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["y"].shape == (2, 1024, 64)
