@@ -42,7 +42,22 @@ class BiMamba(nn.Module):
                 if shared.bias is not None:
                     other.bias = shared.bias
 
+    @property
+    def shares_projections(self) -> bool:
+        """Tied projections and ``add``: in_proj once, and out_proj once on the sum of the two directions."""
+        fwd, rev = self.mamba_fwd, self.mamba_rev
+        return self.strategy == "add" and fwd.in_proj.weight is rev.in_proj.weight and \
+            fwd.out_proj.weight is rev.out_proj.weight and fwd.in_proj.bias is rev.in_proj.bias
+
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        long_inference = not torch.is_grad_enabled() and hidden_states.shape[1] > self.mamba_fwd.segment_len
+        if self.shares_projections and not long_inference:  # long inference runs in segments below instead
+            projected = self.mamba_fwd.in_proj(hidden_states)
+            y_fwd, _ = self.mamba_fwd._mix(projected, mask, None)
+            y_rev, _ = self.mamba_rev._mix(projected, mask, None)
+            out = self.mamba_fwd.out_proj(y_fwd + y_rev)
+            bias = self.mamba_fwd.out_proj.bias
+            return out if bias is None else out + bias  # out_proj(a) + out_proj(b) carries the bias twice
         out_fwd = self.mamba_fwd(hidden_states, mask=mask)
         out_rev = self.mamba_rev(hidden_states, mask=mask)
         return out_fwd + out_rev if self.strategy == "add" else out_fwd * out_rev

@@ -40,8 +40,9 @@ def masked_dt(dt: torch.Tensor, dt_bias: torch.Tensor, mask: torch.Tensor) -> to
 class SegmentedMixer(nn.Module):
     """What Mamba and Mamba2 share: the call signature, streaming state, and segmented inference.
 
-    Subclasses define ``_forward(hidden_states, mask, state) -> (out, new_state)``, and the attributes
-    ``reverse`` and ``segment_len``.
+    Subclasses own ``in_proj`` and ``out_proj`` and define ``_mix(projected, mask, state) -> (y, new_state)``,
+    everything between the two projections (``y`` is ``(b, l, d_inner)``), and the attributes ``reverse`` and
+    ``segment_len``. BiMamba calls ``_mix`` directly to share one in_proj and one out_proj between directions.
     """
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None,
@@ -68,6 +69,10 @@ class SegmentedMixer(nn.Module):
             seg_mask = None if mask is None else mask[:, window]
             out[:, window], state = self._forward(hidden_states[:, window], seg_mask, state)
         return out, state
+
+    def _forward(self, hidden_states, mask, state):
+        y, new_state = self._mix(self.in_proj(hidden_states), mask, state)
+        return self.out_proj(y), new_state
 
 
 class Mamba(SegmentedMixer):
@@ -117,8 +122,9 @@ class Mamba(SegmentedMixer):
         conv = torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=self.conv1d.weight.dtype)
         return MixerState(conv, torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=dtype))
 
-    def _forward(self, hidden_states, mask, state):
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2*d_inner, l)
+    def _mix(self, xz, mask, state):
+        """xz ``(b, l, 2*d_inner)`` (in_proj output) -> y ``(b, l, d_inner)`` and the new state."""
+        xz = xz.transpose(1, 2)  # (b, 2*d_inner, l)
         x, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
         if mask is not None:
             mask = mask.to(x.dtype)[:, None, :]  # (b, 1, l)
@@ -138,8 +144,7 @@ class Mamba(SegmentedMixer):
             x, dt, A, B, C, fp32(self.D), z=z, delta_bias=dt_bias, delta_softplus=softplus,
             initial_state=None if state is None else state.ssm, return_final_state=True,
             reverse=self.reverse, backend=self.backend)
-        out = self.out_proj(y.transpose(1, 2))  # (b, l, d_model)
-        return out, MixerState(conv_state, ssm_state)
+        return y.transpose(1, 2), MixerState(conv_state, ssm_state)
 
     def step(self, hidden_states: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
         """One token: hidden_states ``(b, d_model)`` -> ``(b, d_model)`` and the new state."""

@@ -76,9 +76,9 @@ class Mamba2(SegmentedMixer):
         return (x.reshape(*lead, self.nheads, self.headdim), B.reshape(*lead, self.ngroups, self.d_state),
                 C.reshape(*lead, self.ngroups, self.d_state))
 
-    def _forward(self, hidden_states, mask, state):
-        b, l, _ = hidden_states.shape
-        zxbcdt = self.in_proj(hidden_states)  # (b, l, 2*d_inner + 2*g*n + nheads)
+    def _mix(self, zxbcdt, mask, state):
+        """zxbcdt ``(b, l, 2*d_inner + 2*g*n + nheads)`` (in_proj output) -> normed y ``(b, l, d_inner)``."""
+        b, l, _ = zxbcdt.shape
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC = xBC.transpose(1, 2)  # (b, conv_dim, l)
         if mask is not None:
@@ -95,8 +95,7 @@ class Mamba2(SegmentedMixer):
             x, dt, A, B, C, chunk_size=self.chunk_size, D=fp32(self.D), dt_bias=dt_bias, dt_softplus=softplus,
             initial_state=None if state is None else state.ssm, return_final_state=True, reverse=self.reverse,
             backend=self.backend)
-        y = self.norm(y.reshape(b, l, self.d_inner), z)
-        return self.out_proj(y), MixerState(conv_state, ssm_state)
+        return self.norm(y.reshape(b, l, self.d_inner), z), MixerState(conv_state, ssm_state)
 
     def step(self, hidden_states: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
         """One token: hidden_states ``(b, d_model)`` -> ``(b, d_model)`` and the new state."""

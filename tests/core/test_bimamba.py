@@ -60,3 +60,27 @@ def test_bad_arguments():
         BiMamba(D, strategy="concat")
     with pytest.raises(ValueError, match="mixer"):
         BiMamba(D, mixer="lstm")
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_shared_projections_run_once_and_match_two_mixers(mixer, bias):
+    """Tied + add: one in_proj and one out_proj call, equal to summing the two mixers' own outputs."""
+    model = make(mixer, bias=bias)
+    assert model.shares_projections
+    calls = []
+    model.mamba_fwd.in_proj.register_forward_hook(lambda *args: calls.append("in"))
+    model.mamba_fwd.out_proj.register_forward_hook(lambda *args: calls.append("out"))
+    x = torch.randn(2, 11, D, dtype=torch.float64)
+    fused = model(x)
+    assert calls == ["in", "out"]
+    separate = model.mamba_fwd(x) + model.mamba_rev(x)
+    assert_close(f"shared projections (bias={bias})", fused, separate, 1e-10)
+    with torch.no_grad():  # long inference falls back to the segmented two-mixer path
+        model.mamba_fwd.segment_len = model.mamba_rev.segment_len = 4
+        assert_close("segmented BiMamba", model(x), fused, 1e-10)
+
+
+def test_untied_or_multiplied_directions_do_not_share():
+    assert not make(weight_tie=False).shares_projections
+    assert not make(strategy="ew_multiply").shares_projections
