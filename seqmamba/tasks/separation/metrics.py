@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torchmetrics.functional.audio import (permutation_invariant_training, scale_invariant_signal_noise_ratio,
                                            signal_distortion_ratio)
@@ -35,7 +37,10 @@ def pit_si_snr(estimates: torch.Tensor, references: torch.Tensor) -> tuple[torch
     if estimates.shape[1] == 1:
         return si_snr(estimates[:, 0], references[:, 0]), torch.zeros(len(estimates), 1, dtype=torch.long,
                                                                         device=estimates.device)
-    return permutation_invariant_training(estimates, references, si_snr, mode="speaker-wise", eval_func="max")
+    with warnings.catch_warnings():
+        if estimates.shape[1] <= 4:  # exhaustive search is cheap here: torchmetrics' advice to install scipy is noise
+            warnings.filterwarnings("ignore", message="In pit metric for speaker-num")
+        return permutation_invariant_training(estimates, references, si_snr, mode="speaker-wise", eval_func="max")
 
 
 def pit_si_snr_loss(estimates: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
