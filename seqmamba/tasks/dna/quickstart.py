@@ -20,7 +20,7 @@ from seqmamba.cli import main as cli_main
 from seqmamba.data.dna import shuffled_windows_table
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "dna"
-SPLITS = {"train": (0.0, 0.8, 640), "val": (0.8, 0.9, 128), "test": (0.9, 1.0, 256)}
+SPLITS = {"train": (0.0, 0.8, 480), "val": (0.8, 0.9, 64), "test": (0.9, 1.0, 256)}
 WINDOW = 100
 
 
