@@ -18,7 +18,8 @@ def _check_positive(obj: Any, *names: str) -> None:
             raise ValueError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
 
 
-def _from_dict(cls, data: dict):
+def config_from_dict(cls, data: dict):
+    """``cls(**data)`` for a config dataclass, rejecting unknown fields with their names."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -63,7 +64,7 @@ class MambaConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MambaConfig":
-        return _from_dict(cls, data)
+        return config_from_dict(cls, data)
 
 
 @dataclass
@@ -108,7 +109,7 @@ class Mamba2Config:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Mamba2Config":
-        return _from_dict(cls, data)
+        return config_from_dict(cls, data)
 
 
 @dataclass
@@ -166,4 +167,4 @@ class BackboneConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "BackboneConfig":
-        return _from_dict(cls, data)
+        return config_from_dict(cls, data)

@@ -1,14 +1,11 @@
 """DNA configs through the seqmamba CLI on a 2-core CPU: two-step pretraining and fine-tuning fits (tiny sizes),
 resume from last.ckpt to the same loss, `seqmamba test` on a user table, and the quickstart's smoke mode."""
-import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import lightning as L
-import torch
 
 from seqmamba.cli import main
 
@@ -16,19 +13,6 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "dna"
 TINY_MODEL = ["--model.init_args.d_model=8", "--model.init_args.n_layer=1", "--model.init_args.d_state=2"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu",
          "--trainer.precision=32-true", "--trainer.devices=1"]
-
-
-@pytest.fixture()
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["seqmamba"])
-    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "SEQMAMBA_RUN_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        yield tmp_path
-    random.setstate(state[0])
-    np.random.set_state(state[1])
 
 
 def run(capsys, *args) -> Path:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,19 +132,6 @@ def test_sasrec_rejects_left_padding_and_long_inputs():
 
 
 # ---------------------------------------------------------------------------------------------- CLI fit
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["seqmamba"])
-    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "SEQMAMBA_RUN_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        yield tmp_path
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-
 
 TINY = ["--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1", "--trainer.accelerator=cpu",

@@ -1,10 +1,8 @@
 """Two-step CPU fits of every separation config through the ``seqmamba`` CLI (tiny sizes), then ``test``."""
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -21,18 +19,6 @@ TINY = ["--trainer.accelerator=cpu", "--trainer.max_steps=2", "--trainer.log_eve
         "--data.init_args.segment_seconds=0.1", "--data.init_args.eval_max_seconds=0.25",
         "--data.init_args.n_val_mixtures=2", "--data.init_args.n_test_mixtures=2",
         "--data.init_args.batch_size=2", "--data.init_args.num_workers=0"]
-
-
-@pytest.fixture()
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "SEQMAMBA_RUN_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        yield tmp_path
-    random.setstate(py_state)
-    np.random.set_state(np_state)
 
 
 def run(capsys, *args) -> Path:

@@ -16,7 +16,7 @@ stays at the end; every head and pooling takes the padding ``mask`` ``(b, l)`` (
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmamba import BackboneConfig, MambaBackbone, MambaConfig, RCPSEmbedding, RCPSLMHead
+from seqmamba.config import config_from_dict
 from seqmamba.hub import PretrainedMixin
 
 # The Caduceus token ids (seqmamba.data.dna.tokenizer holds the same table; tasks may not need the data package).
@@ -86,11 +87,7 @@ class CaduceusConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CaduceusConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"CaduceusConfig: unknown field(s) {unknown}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

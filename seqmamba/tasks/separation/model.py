@@ -16,7 +16,7 @@ M 256 x 32 (Mamba-TasNet paper sizes).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmamba import BackboneConfig, MambaBackbone, MambaConfig
+from seqmamba.config import config_from_dict
 from seqmamba.hub import PretrainedMixin
 
 SIZES = {"XS": {"n_filters": 128, "n_layers": 16}, "S": {"n_filters": 256, "n_layers": 16},
@@ -81,11 +82,7 @@ class SeparatorConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SeparatorConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"SeparatorConfig: unknown field(s) {unknown}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 def _backbone(width: int, n_layer: int, cfg: SeparatorConfig, backend: str) -> MambaBackbone:
