@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seqmamba.bimamba import MIXERS, BiMamba
-from seqmamba.block import Block, add_norm
+from seqmamba.block import Block, add_norm, add_residual
 from seqmamba.config import BackboneConfig
 from seqmamba.hub import PretrainedMixin
 from seqmamba.norm import make_norm
@@ -74,7 +74,8 @@ class MambaBackbone(PretrainedMixin, nn.Module):
                 (hidden, state), residual = layer(hidden, residual, mask, **kwargs)
                 new_states.append(state)
             elif self.config.checkpoint_activations and self.training and torch.is_grad_enabled():
-                hidden, residual = checkpoint(layer, hidden, residual, mask, use_reentrant=False)
+                residual = add_residual(hidden, residual, layer.residual_in_fp32)
+                hidden = checkpoint(layer.mix, residual, mask, use_reentrant=False)
             else:
                 hidden, residual = layer(hidden, residual, mask)
         hidden, _ = add_norm(self.norm_f, hidden, residual, self.config.residual_in_fp32)

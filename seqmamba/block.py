@@ -22,17 +22,31 @@ class Block(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, **mixer_kwargs):
-        hidden, residual = add_norm(self.norm, hidden, residual, self.residual_in_fp32)
+        residual = add_residual(hidden, residual, self.residual_in_fp32)
+        return self.mix(residual, mask, **mixer_kwargs), residual
+
+    def mix(self, residual: torch.Tensor, mask: torch.Tensor | None = None, **mixer_kwargs) -> torch.Tensor:
+        """mixer(norm(residual)): the part activation checkpointing recomputes, so that it keeps only the
+        residual of each block (the add before it saves nothing for the backward)."""
         if mask is not None:
             mixer_kwargs["mask"] = mask
-        return self.mixer(hidden, **mixer_kwargs), residual
+        return self.mixer(apply_norm(self.norm, residual), **mixer_kwargs)
+
+
+def add_residual(hidden: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool) -> torch.Tensor:
+    """residual + hidden (hidden alone for the first block), in float32 when ``residual_in_fp32``."""
+    if residual_in_fp32:
+        hidden = fp32(hidden)
+    return hidden if residual is None else residual + hidden
+
+
+def apply_norm(norm: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    if isinstance(norm, RCPSAddNormWrapper):
+        return norm(residual)[0]
+    return norm(residual.to(dtype=norm.weight.dtype))
 
 
 def add_norm(norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool):
     """residual += hidden; return (norm(residual), residual)."""
-    if residual_in_fp32:
-        hidden = fp32(hidden)
-    if isinstance(norm, RCPSAddNormWrapper):
-        return norm(hidden, residual)
-    residual = hidden if residual is None else residual + hidden
-    return norm(residual.to(dtype=norm.weight.dtype)), residual
+    residual = add_residual(hidden, residual, residual_in_fp32)
+    return apply_norm(norm, residual), residual
