@@ -122,3 +122,19 @@ def test_token_level_fit(workdir, capsys):
                   f"--data.init_args.val={workdir / 'tok.csv'}", "--data.init_args.level=token",
                   "--data.init_args.batch_size=3")
     assert metrics(run_dir)["val_acc"].drop_nulls().len() > 0
+
+
+def test_ddp_fit_on_two_cpu_processes(workdir):
+    """Two gloo processes through the real CLI: rank-0-only hooks must not call collectives (trainer.log_dir)."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "seqmamba.cli", "fit", "-c", str(CONFIGS / "pretrain_1k.yaml"),
+            "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.precision=32",
+            "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1",
+            "--model.init_args.d_model=16", "--model.init_args.n_layer=1", "--data.init_args.length=64",
+            "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.val_samples=4"]
+    done = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (workdir / "runs" / "DNAMaskedLM").iterdir()
+    assert (run_dir / "pretrained" / "model.safetensors").is_file() and (run_dir / "metrics.csv").is_file()

@@ -95,9 +95,10 @@ class DNAMaskedLM(L.LightningModule):
         self._log_ppl("test")
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and self.trainer.log_dir:
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask, not only rank 0
+        if self.trainer.is_global_zero and log_dir:
             from pathlib import Path
-            path = self.model.save_pretrained(Path(self.trainer.log_dir) / "pretrained")
+            path = self.model.save_pretrained(Path(log_dir) / "pretrained")
             print(f"pretrained model: {path}")
 
     def configure_optimizers(self):
