@@ -23,3 +23,23 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: 
 
 def rtol_for(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
+
+
+def assert_all_close(pairs: dict, rtol: float, atol: float = 0.0) -> None:
+    """Compare named ``(actual, expected)`` pairs; the failure lists max-abs and relative error of every tensor.
+
+    A tensor fails when it is non-finite, or when both its max-abs error exceeds ``atol`` and its relative
+    error (max-abs / max |expected|, floored at 1e-30) exceeds ``rtol``.
+    """
+    report, bad = [], []
+    for name, (actual, expected) in pairs.items():
+        actual, expected = actual.detach().double(), expected.detach().double()
+        assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+        scale = expected.abs().max().item() if expected.numel() else 0.0
+        rel = err / max(scale, 1e-30)
+        finite = bool(torch.isfinite(actual).all())
+        report.append(f"{name}: max-abs {err:.3e} rel {rel:.3e}{'' if finite else ' NON-FINITE'}")
+        if not finite or (err > atol and rel > rtol):
+            bad.append(name)
+    assert not bad, f"mismatch in {bad} (rtol {rtol:g}, atol {atol:g}): " + "; ".join(report)

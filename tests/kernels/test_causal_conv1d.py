@@ -5,21 +5,11 @@ import torch.nn.functional as F
 
 from seqmamba.kernels.causal_conv1d import (
     causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref)
+from tests.utils import assert_all_close as assert_close
 
 WIDTHS = [1, 2, 3, 4, 8]
 
 
-def assert_close(name_to_pair, rtol):
-    """Compare named (got, want) pairs; fail with max-abs and relative error of each tensor."""
-    lines, bad = [], False
-    for name, (got, want) in name_to_pair.items():
-        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-        err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
-        scale = want.double().abs().max().item() if want.numel() else 0.0
-        rel = err / max(scale, 1e-12)
-        bad |= rel > rtol
-        lines.append(f"{name}: max-abs {err:.3g} rel {rel:.3g}")
-    assert not bad, f"rtol {rtol:g}: " + "; ".join(lines)
 
 
 def naive_conv(x, weight, bias=None, h0=None, activation=None, reverse=False):

@@ -5,20 +5,11 @@ import pytest
 import torch
 
 from seqmamba.kernels.layernorm_gated import rms_norm_gated, rms_norm_gated_ref
+from tests.utils import assert_all_close as assert_close
 
 D = 16
 
 
-def assert_close(name_to_pair, rtol):
-    """Compare named (got, want) pairs; fail with max-abs and relative error of each tensor."""
-    lines, bad = [], False
-    for name, (got, want) in name_to_pair.items():
-        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-        err = (got.double() - want.double()).abs().max().item()
-        rel = err / max(want.double().abs().max().item(), 1e-12)
-        bad |= rel > rtol
-        lines.append(f"{name}: max-abs {err:.3g} rel {rel:.3g}")
-    assert not bad, f"rtol {rtol:g}: " + "; ".join(lines)
 
 
 def naive(x, weight, z, eps, group_size, norm_before_gate):

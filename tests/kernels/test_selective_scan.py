@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from seqmamba.kernels.selective_scan import auto_chunk_size, selective_scan, selective_scan_ref
+from tests.utils import assert_all_close
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -67,20 +68,8 @@ def run_with_grads(fn, x, seed=1):
 
 
 def assert_close(got: dict, want: dict, rtol: float, atol: float = 0.0):
-    """Compare every named tensor; the message lists max-abs and relative error for all of them."""
     assert got.keys() == want.keys(), (sorted(got), sorted(want))
-    report, bad = [], []
-    for k in want:
-        g, w = got[k].double(), want[k].double()
-        assert g.shape == w.shape, f"{k}: shape {tuple(g.shape)} vs {tuple(w.shape)}"
-        err = (g - w).abs().max().item() if w.numel() else 0.0
-        scale = w.abs().max().item() if w.numel() else 0.0
-        rel = err / max(scale, 1e-30)
-        finite = bool(torch.isfinite(g).all())
-        report.append(f"{k}: max_abs={err:.3e} rel={rel:.3e}{'' if finite else ' NON-FINITE'}")
-        if not finite or (err > atol and rel > rtol):
-            bad.append(k)
-    assert not bad, f"mismatch in {bad}: " + "; ".join(report)
+    assert_all_close({k: (got[k], want[k]) for k in want}, rtol, atol)
 
 
 def detached(x, dtype=None):

@@ -5,22 +5,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqmamba.kernels.ssd import ssd_scan, ssd_scan_ref
+from tests.utils import assert_all_close as assert_close
 
 GRAD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 
-def assert_close(name_to_pair, rtol):
-    """Compare named (got, want) pairs; fail with max-abs and relative error of each tensor."""
-    lines, bad = [], False
-    for name, (got, want) in name_to_pair.items():
-        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-        assert torch.isfinite(got).all(), f"{name}: not finite"
-        err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
-        scale = want.double().abs().max().item() if want.numel() else 0.0
-        rel = err / max(scale, 1e-12)
-        bad |= rel > rtol
-        lines.append(f"{name}: max-abs {err:.3g} rel {rel:.3g}")
-    assert not bad, f"rtol {rtol:g}: " + "; ".join(lines)
 
 
 def naive_ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, dt_softplus=False,

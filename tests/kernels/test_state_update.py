@@ -6,6 +6,7 @@ import torch
 
 from seqmamba.kernels.selective_scan import selective_scan_ref
 from seqmamba.kernels.state_update import selective_state_update, selective_state_update_ref
+from tests.utils import assert_all_close
 
 SEQ = ("u", "delta", "z", "B", "C")
 
@@ -46,18 +47,9 @@ def run_with_grads(fn, x, seed=1):
     return {"y": y.detach(), "final_state": h.detach(), **{f"d{k}": gr for k, gr in zip(names, grads)}}
 
 
-def assert_close(got: dict, want: dict, rtol: float):
+def assert_close(got: dict, want: dict, rtol: float, atol: float = 0.0):
     assert got.keys() == want.keys(), (sorted(got), sorted(want))
-    report, bad = [], []
-    for k in want:
-        g, w = got[k].double(), want[k].double()
-        assert g.shape == w.shape, f"{k}: shape {tuple(g.shape)} vs {tuple(w.shape)}"
-        err = (g - w).abs().max().item()
-        rel = err / max(w.abs().max().item(), 1e-30)
-        report.append(f"{k}: max_abs={err:.3e} rel={rel:.3e}")
-        if not torch.isfinite(g).all() or rel > rtol:
-            bad.append(k)
-    assert not bad, f"mismatch in {bad}: " + "; ".join(report)
+    assert_all_close({k: (got[k], want[k]) for k in want}, rtol, atol)
 
 
 def detached(x):
