@@ -1,4 +1,5 @@
-"""The ``seqmamba`` command: ``seqmamba fit|validate|test|predict -c CONFIG.yaml [--key=value ...]``.
+"""The ``seqmamba`` command: ``seqmamba fit|validate|test|predict -c CONFIG.yaml [--key=value ...]``, and the
+task commands ``seqmamba score|separate|recommend ARGS...`` (``seqmamba.tasks.COMMANDS``; ``--help`` on each).
 
 A LightningCLI whose config picks the LightningModule (``model:``) and LightningDataModule (``data:``) by
 ``class_path`` -- a full dotted path, or the short class name of a registered task (see ``seqmamba.tasks``) --
@@ -12,6 +13,10 @@ Unless the config sets ``trainer.logger``, metrics go to ``PATH/metrics.csv`` (C
 ModelCheckpoint, checkpoints incl. ``last.ckpt`` go to ``PATH/checkpoints/``. The resolved config is saved as
 ``PATH/config.yaml``.
 
+Task commands print one ``seqmamba <command>: error: ...`` line on stderr and exit with status 2 when their
+input is bad (a ``ValueError``, ``KeyError`` or ``OSError``: unreadable or malformed files, unknown ids, unsafe
+checkpoints); ``SEQMAMBA_DEBUG=1`` raises instead.
+
 Bad input -- unknown subcommand, unknown model/data class, unknown key, bad value, missing config or checkpoint
 file, a config the classes or the Trainer reject when built -- ends with one ``seqmamba: error: ...`` message on
 stderr and exit status 2. ``JSONARGPARSE_DEBUG=true`` raises the exception instead.
@@ -19,6 +24,8 @@ stderr and exit status 2. ``JSONARGPARSE_DEBUG=true`` raises the exception inste
 
 import os
 import re
+from argparse import RawDescriptionHelpFormatter
+from importlib import import_module
 import sys
 import time
 from pathlib import Path
@@ -181,8 +188,31 @@ def _error_message(err: Exception, failed: dict[str, ImportError]) -> str:
     return message
 
 
+def run_task_command(name: str, args: list[str]) -> int:
+    """Run ``seqmamba NAME ARGS...`` for a task command of ``seqmamba.tasks.COMMANDS``; return its exit status."""
+    module_path, _ = tasks.COMMANDS[name]
+    try:
+        status = import_module(module_path).main(args)
+    except (ValueError, KeyError, OSError) as err:
+        if os.environ.get("SEQMAMBA_DEBUG", "") not in ("", "0"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        sys.stderr.write(f"seqmamba {name}: error: {message}\n")
+        return 2
+    return status if isinstance(status, int) else 0
+
+
+def _commands_help() -> str:
+    width = max(map(len, tasks.COMMANDS))
+    lines = [f"  {name:<{width}}  {about}" for name, (_, about) in tasks.COMMANDS.items()]
+    return "Task commands (seqmamba COMMAND --help):\n" + "\n".join(lines)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``seqmamba`` console script; ``args`` like ``["fit", "-c", "cfg.yaml"]``."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in tasks.COMMANDS:
+        sys.exit(run_task_command(argv[0], argv[1:]))
     failed = tasks.import_task_modules(strict=False)
     run_dir_env = os.environ.get(_RUN_DIR_ENV)
     try:
@@ -194,7 +224,8 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "prog": "seqmamba",
-                "description": "Train and evaluate seqmamba models from a config file.",
+                "description": "Train and evaluate seqmamba models from a config file.\n\n" + _commands_help(),
+                "formatter_class": RawDescriptionHelpFormatter,
                 "exit_on_error": False,
             },
             args=args,

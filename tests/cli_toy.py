@@ -55,3 +55,16 @@ class ToyData(LightningDataModule):
         return DataLoader(self.dataset, batch_size=self.batch_size)
 
     train_dataloader = val_dataloader = test_dataloader = predict_dataloader = _loader
+
+
+def main(argv: list[str]) -> int | None:
+    """Toy task command for the CLI tests: ``toy-cmd ok|fail|bad-file|status N``."""
+    what = argv[0]
+    if what == "fail":
+        raise ValueError("toy.txt, line 3: not a number: 'x'")
+    if what == "bad-file":
+        open("no/such/toy.file")
+    if what == "status":
+        return int(argv[1])
+    print(f"toy command ran with {argv}")
+    return None

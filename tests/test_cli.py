@@ -171,6 +171,38 @@ def test_registry(monkeypatch):
         tasks.import_task_modules()
 
 
+def test_task_commands_dispatch_and_errors(monkeypatch, capsys):
+    """``seqmamba NAME ...`` runs the task command's main; bad input is one error line and exit status 2."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setitem(tasks.COMMANDS, "toy-cmd", ("cli_toy", "a toy command"))
+    monkeypatch.delenv("SEQMAMBA_DEBUG", raising=False)
+
+    def exit_status(*args):
+        with pytest.raises(SystemExit) as exc:
+            main(list(args))
+        return exc.value.code
+
+    assert exit_status("toy-cmd", "ok", "--flag") == 0
+    assert "toy command ran with ['ok', '--flag']" in capsys.readouterr().out
+    assert exit_status("toy-cmd", "status", "3") == 3
+    assert exit_status("toy-cmd", "fail") == 2
+    err = capsys.readouterr().err
+    assert err == "seqmamba toy-cmd: error: toy.txt, line 3: not a number: 'x'\n", err
+    assert exit_status("toy-cmd", "bad-file") == 2
+    assert "no/such/toy.file" in capsys.readouterr().err
+    monkeypatch.setenv("SEQMAMBA_DEBUG", "1")
+    with pytest.raises(ValueError, match="not a number"):
+        main(["toy-cmd", "fail"])
+
+
+def test_help_lists_task_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for name in ("score", "separate", "recommend"):
+        assert f"  {name}" in out, out
+
+
 def test_console_entry_point_bad_key(workdir):
     """The real process: python -m seqmamba.cli prints one error line, no traceback, exit status 2."""
     (workdir / "bad.yaml").write_text(TOY_YAML.replace("hidden: 4", "hiddn: 4"))

@@ -13,6 +13,17 @@ TASKS: dict[str, str] = {
     "recommendation": "seqmamba.tasks.recommendation",
 }
 
+# Task commands beside fit/validate/test/predict: ``seqmamba NAME ARGS...`` calls ``main(ARGS)`` of the module,
+# imported only when the command is used. ``main`` takes an argv list and returns an exit status or None (0).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "score": ("seqmamba.tasks.dna.score",
+              "DNA: score a (multi-)FASTA: per-record embeddings and per-base log-likelihoods to parquet"),
+    "separate": ("seqmamba.tasks.separation.__main__",
+                 "speech: separate WAV/FLAC files of any length into one file per speaker"),
+    "recommend": ("seqmamba.tasks.recommendation.api",
+                  "recommendation: top-K items for every user of an interaction log, to parquet"),
+}
+
 
 def register_task(name: str, module_path: str) -> None:
     """Register task ``name`` as defined in ``module_path`` (for plugins and tests).

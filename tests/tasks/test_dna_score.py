@@ -108,3 +108,23 @@ def test_score_command_line(tmp_path, fasta, capsys):
                           "--window", "32", "--overlap", "8", "--plot", "r1:0-40"])
     assert {"records", "bases", "track"} <= set(written) and written["track"].is_file()
     assert "scored in" in capsys.readouterr().out
+
+
+def test_seqmamba_score_command(tmp_path, fasta, capsys):
+    """``seqmamba score`` writes both tables; a FASTA with a bad character is one error line naming it."""
+    from seqmamba.cli import main
+    tiny().save_pretrained(tmp_path / "model")
+    with pytest.raises(SystemExit) as exc:
+        main(["score", str(tmp_path / "model"), str(fasta), str(tmp_path / "o.parquet"), "--device", "cpu"])
+    assert exc.value.code == 0
+    assert pl.read_parquet(tmp_path / "o.parquet")["record"].to_list() == ["r1", "r2"]
+    assert pl.read_parquet(tmp_path / "o.bases.parquet").height == 72
+    bad = tmp_path / "bad.fa"
+    bad.write_text(">ok\nACGT\n>broken\nACGTXACGT\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["score", str(tmp_path / "model"), str(bad), str(tmp_path / "b.parquet"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("seqmamba score: error:") and "bad.fa" in err and "broken" in err and "'X'" in err, err
+    assert not (tmp_path / "b.parquet").exists()

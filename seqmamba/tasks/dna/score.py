@@ -1,6 +1,6 @@
 """Score a (multi-)FASTA with a DNA model: per-record embeddings and predictions, per-base log-likelihoods.
 
-    python -m seqmamba.tasks.dna.score MODEL GENOME.fa[.gz] OUT.parquet [--mode auto|whole|windowed]
+    seqmamba score MODEL GENOME.fa[.gz] OUT.parquet [--mode auto|whole|windowed]
         [--window 16384] [--overlap 1024] [--device auto] [--no-per-base] [--plot RECORD:START-END]
 
 MODEL: a released Caduceus directory, a ``save_pretrained`` directory, or a ``.ckpt`` of the DNA modules.
@@ -20,7 +20,7 @@ from seqmamba.tasks.dna import api
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m seqmamba.tasks.dna.score", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="seqmamba score", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="model directory or .ckpt")
     parser.add_argument("fasta", help="FASTA (plain, .gz, bgzip, .xz) or builtin:lambda_phage")
     parser.add_argument("out", type=Path, help="output parquet (per record); per-base rows go to OUT.bases.parquet")

@@ -186,8 +186,8 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu", id_map: str
 
 
 def main(args: list[str] | None = None) -> None:
-    """``python -m seqmamba.tasks.recommendation.api CHECKPOINT LOG OUT.parquet [-k 10] ...``"""
-    parser = argparse.ArgumentParser(prog="python -m seqmamba.tasks.recommendation.api",
+    """``seqmamba recommend CHECKPOINT LOG OUT.parquet [-k 10] ...``"""
+    parser = argparse.ArgumentParser(prog="seqmamba recommend",
                                      description="Top-K recommendations for every user of a log, to parquet.")
     parser.add_argument("checkpoint")
     parser.add_argument("log", help="CSV/TSV/parquet/RecBole .inter interaction log")
