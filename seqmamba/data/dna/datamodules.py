@@ -189,7 +189,8 @@ class DNATableData(L.LightningDataModule):
 
 
 def _trainer_position(trainer, batch_size: int) -> tuple[int, int]:
-    """(epoch, samples already trained on in it) from the trainer's loop progress (restored on resume)."""
+    """(epoch, samples this process already trained on in it) from the trainer's loop progress (restored on
+    resume); under DDP every rank has trained on as many."""
     if trainer is None:
         return 0, 0
     done = trainer.fit_loop.epoch_loop.batch_progress.current.completed

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from seqmamba.data.dna.fasta import Genome, Interval, iter_fasta, open_text, resolve_path
 from seqmamba.data.dna.tokenizer import (BASE_IDS, COMPLEMENT_MAP, IGNORE_INDEX, MASK_ID, N_ID, PAD_ID, encode,
@@ -68,33 +68,49 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(DistributedSampler):
     """Yields ``epoch * n + i`` for i in 0..n-1, so a dataset can seed each sample by (epoch, index).
 
-    ``position_fn`` returns (current epoch, samples of this epoch already trained on): the trainer's, so that a
-    run resumed from a checkpoint (at an epoch boundary or mid-epoch) sees exactly the samples it would have
-    seen; without it the sampler counts its own passes.
+    ``position_fn`` returns (current epoch, samples of this epoch this process already trained on): the
+    trainer's, so that a run resumed from a checkpoint (at an epoch boundary or mid-epoch) sees exactly the
+    samples it would have seen; without it the sampler counts its own passes.
+
+    Under ``torch.distributed`` (DDP) the sampler shards itself: rank r of W takes every W-th sample of the
+    epoch's order, starting at r, after the ``W * done`` samples all ranks already trained on, and every rank
+    gets the same count (the last ``< W`` samples of an epoch are left out). It is a ``DistributedSampler`` so
+    that Lightning keeps it instead of wrapping it in one, whose padding would repeat samples on a mid-epoch
+    resume.
     """
 
-    def __init__(self, n: int, position_fn=None):
+    def __init__(self, n: int, position_fn=None):  # no super().__init__: rank and world are read per pass
         self.n, self.position_fn, self._passes = n, position_fn, 0
 
+    @staticmethod
+    def _rank_world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
     def __len__(self) -> int:
-        return self.n
+        return self.n // self._rank_world()[1]
+
+    def set_epoch(self, epoch: int) -> None:  # the epoch comes from position_fn (or the pass count)
+        pass
 
     def _position(self) -> tuple[int, int]:
-        if self.position_fn is None:
-            return self._passes, 0
-        epoch, done = self.position_fn()
-        return epoch, done if 0 < done < self.n else 0
+        return (self._passes, 0) if self.position_fn is None else self.position_fn()
 
     def order(self, epoch: int) -> np.ndarray:
         return np.arange(self.n)
 
     def __iter__(self):
         epoch, done = self._position()
+        rank, world = self._rank_world()
         self._passes += 1
-        return iter((epoch * self.n + self.order(epoch)[done:]).tolist())
+        skip = done * world if 0 < done * world < self.n else 0  # a finished epoch restarts at its next pass
+        rest = self.order(epoch)[skip:]
+        mine = rest[rank::world][: len(rest) // world]
+        return iter((epoch * self.n + mine).tolist())
 
 
 class GenomeWindows(Dataset):
