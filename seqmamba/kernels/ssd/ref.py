@@ -1,4 +1,4 @@
-"""Mamba-2 SSD scan (state space duality): a selective scan with a scalar decay per head.
+"""PyTorch reference of the Mamba-2 SSD scan (state space duality): a selective scan with a scalar decay per head.
 
     dt'  = softplus(dt + dt_bias)   (softplus only if dt_softplus; dt_bias optional)
     h_t  = exp(dt'_t A) h_{t-1} + dt'_t x_t B_t^T        h_{-1} = initial_state or 0
@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from seqmamba.kernels._dispatch import compute_dtype, resolve_backend
+from seqmamba.kernels._dispatch import compute_dtype
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx) -> None:
+def check_ssd_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx) -> None:
     """Raise one ValueError naming the first bad argument and the shapes involved."""
     op = "ssd_scan"
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -152,7 +152,7 @@ def ssd_scan_ref(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, d
     Math runs in fp32 (float64 if any input is float64). Returns y (b, l, h, p) in x's dtype, or
     (y, final_state) with final_state in the compute dtype.
     """
-    _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx)
+    check_ssd_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx)
     b, l, h, p = x.shape
     n = B.shape[3]
     dtype = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
@@ -183,18 +183,3 @@ def ssd_scan_ref(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, d
         ys.reverse()
     y = torch.cat(ys, 1) if ys else x.new_empty(b, 0, h, p)
     return (y, state) if return_final_state else y
-
-
-_IMPLS = {"ref": ssd_scan_ref}  # a Triton implementation registers itself here as "triton"
-
-
-def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
-             initial_state=None, return_final_state=False, reverse=False, seq_idx=None, *, backend="auto"):
-    """Mamba-2 SSD scan; see ``ssd_scan_ref`` for arguments, shapes and the seq_idx/reverse semantics.
-
-    backend: "auto" (Triton on CUDA when a kernel exists, else the reference), "triton" or "ref".
-    """
-    _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx)
-    impl = resolve_backend("ssd_scan", backend, x, has_triton_impl="triton" in _IMPLS)
-    return _IMPLS[impl](x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state,
-                        return_final_state, reverse, seq_idx)

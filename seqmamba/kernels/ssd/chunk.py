@@ -1,0 +1,751 @@
+"""Triton SSD (Mamba-2) scan, chunked over the length, forward and backward.
+
+Same math as :func:`seqmamba.kernels.ssd.ref.ssd_scan_ref`. Positions are addressed in scan order j; the
+storage index is t = j, or l-1-j when ``reverse`` (nothing is flipped in memory). The scan-ordered length is
+cut into chunks of ``Q`` positions (the last one padded with identity steps: dt = 0, x = B = C = 0), each
+chunk into blocks of ``BLK`` positions for the matrix products. With cs the cumulative sum of dA = dt A inside
+a chunk, for positions s <= t of one chunk:
+
+    y[t]  = sum_s exp(cs[t] - cs[s]) (C[t].B[s]) dt[s] x[s]  +  exp(cs[t]) H_in C[t]  +  D x[t]
+    H_out = exp(cs[Q-1]) H_in  +  sum_s exp(cs[Q-1] - cs[s]) dt[s] x[s] B[s]^T
+
+Every exponent is a difference of cumulative sums taken where it is <= 0 (clamped at 0 against rounding), so
+nothing positive is exponentiated. ``seq_idx`` zeroes every term that crosses a change of sequence.
+
+Forward: ``_dt_kernel`` (dt' = softplus(dt + bias) and cs, (b h, l) fp32, scan order) ->
+``_chunk_state_kernel`` (each chunk's local end state, a tl.dot) -> ``_state_pass_kernel`` (sequential over
+chunks: the state entering every chunk, in place, and the final state) -> ``_chunk_out_kernel`` (y).
+
+Backward, with g = dy silu(z) and G_out[c] = dL/dH_out[c]:
+  ``_bwd_gloc_kernel`` (g, and each chunk's local dL/dH_in) -> ``_bwd_state_pass_kernel`` (right to left:
+  G_out per chunk, dinitial_state, <G_out, H_out> per chunk) -> ``_bwd_dx_dB_kernel`` (per block of s: dx,
+  dz, dB summed over the heads of a group, dD, and per-position scalars) -> ``_bwd_dC_kernel`` (per block of
+  t: dC) -> ``_bwd_ddt_kernel`` (ddt, dA, ddt_bias through the cumulative sums).
+The gradient through cs needs no pairwise sums: since every term of y[t] scales with exp(cs[t]),
+dL/dcs[t] = g[t].(y[t] - D x[t]) - x[t].(dx[t] - D g[t]) (+ <G_out, H_out> at a chunk's last position).
+The backward recomputes from the inputs, y (pre-gate when z is given) and the chunk states; nothing of size
+(b, l, h, p, n) is stored. No atomics: per-program partials are summed by torch in a fixed order, so the
+backward is deterministic. Accumulation is fp32; tl.dot operands are bf16/fp16 for such inputs, fp32 (IEEE)
+for fp32 inputs. All offsets are 64-bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from seqmamba.kernels.ssd.ref import ssd_scan_ref
+
+# Defaults (tuned on an H100, see benchmarks/kernels_ssd.py): chunk length, block of positions, warps.
+CHUNK = 256
+BLOCK = 64
+WARPS = 4
+STAGES = 2
+STATE_BLOCK = 512  # elements of the (p, n) state per program of the state passes
+TARGET_PROGRAMS = 1024  # the backward splits the heads of a group among programs until this many run
+
+
+@triton.jit
+def _softplus(x):
+    # log1p(exp(x)) computed with Kahan's trick (log(w) * e / (w - 1)), exact to fp32 rounding for x << 0.
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _pos(j, seqlen, REVERSE: tl.constexpr):
+    """Storage index of scan position j."""
+    if REVERSE:
+        return seqlen - 1 - j
+    else:
+        return j
+
+
+@triton.jit
+def _seq_at(seq_ptr, row, j, seqlen, ss_l, REVERSE: tl.constexpr):
+    """seq_idx at scan position j, clamped into [0, l): padding positions belong to the last sequence."""
+    jc = tl.minimum(tl.maximum(j, 0), seqlen - 1)
+    return tl.load(seq_ptr + row + _pos(jc, seqlen, REVERSE) * ss_l)
+
+
+@triton.jit
+def _load_rows(ptr, base, t, s_l, cols, s_c, valid, ncols):
+    """(BLK, BCOLS) fp32 tile: rows at storage positions t, columns cols < ncols; zeros where masked."""
+    m = valid[:, None] & (cols < ncols)[None, :]
+    return tl.load(ptr + base + t[:, None] * s_l + cols[None, :] * s_c, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dt_kernel(dt_ptr, A_ptr, bias_ptr, dtp_ptr, cs_ptr, sdt_b, sdt_l, sdt_h, nheads, seqlen, Lp,
+               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr):
+    """dt' (0 past the end) and its A-weighted cumulative sum inside each chunk, (b h, Lp) in scan order."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    bb = (pid // nheads).to(tl.int64)
+    hh = pid % nheads
+    j = c.to(tl.int64) * Q + tl.arange(0, Q)
+    valid = j < seqlen
+    t = _pos(j, seqlen, REVERSE)
+    raw = tl.load(dt_ptr + bb * sdt_b + hh * sdt_h + t * sdt_l, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + hh).to(tl.float32)
+    if SOFTPLUS:
+        d = _softplus(raw)
+    else:
+        d = raw
+    d = tl.where(valid, d, 0.0)
+    cs = tl.cumsum(d * tl.load(A_ptr + hh).to(tl.float32), axis=0)
+    off = pid.to(tl.int64) * Lp + j
+    tl.store(dtp_ptr + off, d)
+    tl.store(cs_ptr + off, cs)
+
+
+@triton.jit
+def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
+                        sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
+                        nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate,
+                        REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
+                        BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Local end state of each chunk (from a zero state): sum_s exp(cs[Q-1] - cs[s]) dt[s] x[s] B[s]^T,
+    written to slot c of the (b, chunks + 1, h, p, n) state buffer."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    bb = (pid // nheads).to(tl.int64)
+    hh = pid % nheads
+    gg = hh // hpg
+    p_off = tl.arange(0, BP)
+    n_off = tl.arange(0, BN)
+    row = pid.to(tl.int64) * Lp
+    c0 = c.to(tl.int64) * Q
+    cs_last = tl.load(cs_ptr + row + c0 + Q - 1)
+    if HAS_SEQ:
+        seq_last = _seq_at(seq_ptr, bb * ss_b, c0 + Q - 1, seqlen, ss_l, REVERSE)
+    acc = tl.zeros([BP, BN], dtype=tl.float32)
+    for k in range(0, Q // BLK):
+        js = c0 + k * BLK + tl.arange(0, BLK)
+        vs = js < seqlen
+        ts = _pos(js, seqlen, REVERSE)
+        xs = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim)
+        Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate)
+        w = tl.exp(tl.minimum(cs_last - tl.load(cs_ptr + row + js), 0.0)) * tl.load(dtp_ptr + row + js)
+        if HAS_SEQ:
+            w = tl.where(_seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE) == seq_last, w, 0.0)
+        acc = tl.dot(tl.trans((xs * w[:, None]).to(DT)), Bs.to(DT), acc, input_precision=PREC)
+    slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
+    m = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
+    tl.store(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :], acc, mask=m)
+
+
+@triton.jit
+def _chunk_keep(seq_ptr, row, c0, seqlen, ss_l, REVERSE: tl.constexpr, Q: tl.constexpr):
+    """1 where the chunk starting at c0 ends in the sequence of the position before it (no reset inside)."""
+    s_last = _seq_at(seq_ptr, row, c0 + Q - 1, seqlen, ss_l, REVERSE)
+    s_prev = _seq_at(seq_ptr, row, c0 - 1, seqlen, ss_l, REVERSE)
+    return s_last == s_prev
+
+
+@triton.jit
+def _state_pass_kernel(st_ptr, cs_ptr, h0_ptr, seq_ptr, ss_b, ss_l, nheads, seqlen, Lp, n_chunks, size,
+                       HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr,
+                       BS: tl.constexpr):
+    """In place over slots c = 0..chunks-1: local end state -> state entering chunk c; slot ``chunks`` gets
+    the final state. A block of BS elements of one (batch, head) state per program."""
+    pid = tl.program_id(0)
+    blk = tl.program_id(1)
+    bb = (pid // nheads).to(tl.int64)
+    hh = pid % nheads
+    e = blk * BS + tl.arange(0, BS)
+    em = e < size
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid.to(tl.int64) * size + e, mask=em, other=0.0)
+    else:
+        h = tl.zeros([BS], dtype=tl.float32)
+    row = pid.to(tl.int64) * Lp
+    for c in range(0, n_chunks):
+        base = ((bb * (n_chunks + 1) + c) * nheads + hh) * size
+        s = tl.load(st_ptr + base + e, mask=em, other=0.0)
+        tl.store(st_ptr + base + e, h, mask=em)
+        c0 = c * Q  # positions fit in 32 bits (the offsets built from them do not)
+        decay = tl.exp(tl.minimum(tl.load(cs_ptr + row + c0 + Q - 1), 0.0))
+        if HAS_SEQ:
+            decay = tl.where(_chunk_keep(seq_ptr, bb * ss_b, c0, seqlen, ss_l, REVERSE, Q), decay, 0.0)
+        h = decay * h + s
+    tl.store(st_ptr + ((bb * (n_chunks + 1) + n_chunks) * nheads + hh) * size + e, h, mask=em)
+
+
+@triton.jit
+def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
+                      sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                      sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, ss_b, ss_l,
+                      nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate,
+                      HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, STORE_PRE: tl.constexpr,
+                      REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
+                      BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """y for one block of BLK positions of one chunk and head: the state entering the chunk, decayed, read by
+    C, plus the masked (C B^T) (dt x) product over the blocks up to this one, plus D x, times silu(z)."""
+    pid = tl.program_id(0)
+    pc = tl.program_id(1)
+    NB: tl.constexpr = Q // BLK
+    c = pc // NB
+    m = pc % NB
+    bb = (pid // nheads).to(tl.int64)
+    hh = pid % nheads
+    gg = hh // hpg
+    p_off = tl.arange(0, BP)
+    n_off = tl.arange(0, BN)
+    row = pid.to(tl.int64) * Lp
+    c0 = c.to(tl.int64) * Q
+    jt = c0 + m * BLK + tl.arange(0, BLK)
+    vt = jt < seqlen
+    tt = _pos(jt, seqlen, REVERSE)
+    cst = tl.load(cs_ptr + row + jt)
+    Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, tt, sC_l, n_off, sC_n, vt, dstate).to(DT)
+    slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
+    H = tl.load(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :],
+                mask=(p_off < hdim)[:, None] & (n_off < dstate)[None, :], other=0.0)
+    ein = tl.exp(tl.minimum(cst, 0.0))
+    if HAS_SEQ:
+        seq_t = _seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE)
+        ein = tl.where(seq_t == _seq_at(seq_ptr, bb * ss_b, c0 - 1, seqlen, ss_l, REVERSE), ein, 0.0)
+    acc = tl.dot(Ct, tl.trans(H.to(DT)), input_precision=PREC) * ein[:, None]
+    for k in range(0, m + 1):
+        js = c0 + k * BLK + tl.arange(0, BLK)
+        vs = js < seqlen
+        ts = _pos(js, seqlen, REVERSE)
+        Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
+        xs = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim).to(DT)
+        cb = tl.dot(Ct, tl.trans(Bs), input_precision=PREC)
+        decay = tl.exp(tl.minimum(cst[:, None] - tl.load(cs_ptr + row + js)[None, :], 0.0))
+        keep = jt[:, None] >= js[None, :]
+        if HAS_SEQ:
+            keep = keep & (seq_t[:, None] == _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)[None, :])
+        wgt = tl.where(keep, cb * decay * tl.load(dtp_ptr + row + js)[None, :], 0.0)
+        acc = tl.dot(wgt.to(DT), xs, acc, input_precision=PREC)
+    if HAS_D:
+        xt = _load_rows(x_ptr, bb * sx_b + hh * sx_h, tt, sx_l, p_off, sx_p, vt, hdim)
+        if D_HP:
+            Dv = tl.load(D_ptr + hh * hdim + p_off, mask=p_off < hdim, other=0.0).to(tl.float32)
+            acc += Dv[None, :] * xt
+        else:
+            acc += tl.load(D_ptr + hh).to(tl.float32) * xt
+    om = vt[:, None] & (p_off < hdim)[None, :]
+    out = bb * so_b + hh * so_h + tt[:, None] * so_l + p_off[None, :]
+    if STORE_PRE:
+        tl.store(ypre_ptr + out, acc.to(ypre_ptr.dtype.element_ty), mask=om)
+    if HAS_Z:
+        zt = _load_rows(z_ptr, bb * sz_b + hh * sz_h, tt, sz_l, p_off, sz_p, vt, hdim)
+        acc = acc * zt * tl.sigmoid(zt)
+    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=om)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+
+@triton.jit
+def _bwd_gloc_kernel(dy_ptr, z_ptr, C_ptr, g_ptr, cs_ptr, gst_ptr, seq_ptr,
+                     sz_b, sz_l, sz_h, sz_p, sC_b, sC_l, sC_g, sC_n, so_b, so_l, so_h, ss_b, ss_l,
+                     nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate,
+                     HAS_Z: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr,
+                     BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
+                     PREC: tl.constexpr):
+    """g = dy silu(z) (written when z is given) and each chunk's local dL/dH_in = sum_t exp(cs[t]) g[t]^T C[t]
+    into slot c of the (b, chunks + 1, h, p, n) gradient buffer."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    bb = (pid // nheads).to(tl.int64)
+    hh = pid % nheads
+    gg = hh // hpg
+    p_off = tl.arange(0, BP)
+    n_off = tl.arange(0, BN)
+    row = pid.to(tl.int64) * Lp
+    c0 = c.to(tl.int64) * Q
+    if HAS_SEQ:
+        seq_in = _seq_at(seq_ptr, bb * ss_b, c0 - 1, seqlen, ss_l, REVERSE)
+    acc = tl.zeros([BP, BN], dtype=tl.float32)
+    for k in range(0, Q // BLK):
+        jt = c0 + k * BLK + tl.arange(0, BLK)
+        vt = jt < seqlen
+        tt = _pos(jt, seqlen, REVERSE)
+        gt = _load_rows(dy_ptr, bb * so_b + hh * so_h, tt, so_l, p_off, 1, vt, hdim)
+        if HAS_Z:
+            zt = _load_rows(z_ptr, bb * sz_b + hh * sz_h, tt, sz_l, p_off, sz_p, vt, hdim)
+            gt = gt * zt * tl.sigmoid(zt)
+            tl.store(g_ptr + bb * so_b + hh * so_h + tt[:, None] * so_l + p_off[None, :],
+                     gt.to(g_ptr.dtype.element_ty), mask=vt[:, None] & (p_off < hdim)[None, :])
+        ein = tl.exp(tl.minimum(tl.load(cs_ptr + row + jt), 0.0))
+        if HAS_SEQ:
+            ein = tl.where(_seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE) == seq_in, ein, 0.0)
+        Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, tt, sC_l, n_off, sC_n, vt, dstate)
+        acc = tl.dot(tl.trans((gt * ein[:, None]).to(DT)), Ct.to(DT), acc, input_precision=PREC)
+    slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
+    m = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
+    tl.store(gst_ptr + slot + p_off[:, None] * dstate + n_off[None, :], acc, mask=m)
+
+
+@triton.jit
+def _bwd_state_pass_kernel(gst_ptr, st_ptr, cs_ptr, dht_ptr, dh0_ptr, kp_ptr, seq_ptr, ss_b, ss_l,
+                           nheads, seqlen, Lp, n_chunks, size, n_blocks,
+                           HAS_DHT: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
+                           Q: tl.constexpr, BS: tl.constexpr):
+    """Right to left over chunks, in place: local dL/dH_in -> G_out[c] = dL/dH_out[c]; dinitial_state; and
+    this block's part of <G_out[c], H_out[c]> (the gradient of the chunk's total decay, in log space)."""
+    pid = tl.program_id(0)
+    blk = tl.program_id(1)
+    bb = (pid // nheads).to(tl.int64)
+    hh = pid % nheads
+    e = blk * BS + tl.arange(0, BS)
+    em = e < size
+    if HAS_DHT:
+        G = tl.load(dht_ptr + pid.to(tl.int64) * size + e, mask=em, other=0.0)
+    else:
+        G = tl.zeros([BS], dtype=tl.float32)
+    row = pid.to(tl.int64) * Lp
+    for cc in range(0, n_chunks):
+        c = n_chunks - 1 - cc
+        base = ((bb * (n_chunks + 1) + c) * nheads + hh) * size
+        gl = tl.load(gst_ptr + base + e, mask=em, other=0.0)
+        tl.store(gst_ptr + base + e, G, mask=em)
+        h_out = tl.load(st_ptr + base + nheads * size + e, mask=em, other=0.0)  # slot c + 1
+        tl.store(kp_ptr + (pid.to(tl.int64) * n_blocks + blk) * n_chunks + c, tl.sum(G * h_out, axis=0))
+        c0 = c * Q  # positions fit in 32 bits (the offsets built from them do not)
+        decay = tl.exp(tl.minimum(tl.load(cs_ptr + row + c0 + Q - 1), 0.0))
+        if HAS_SEQ:
+            decay = tl.where(_chunk_keep(seq_ptr, bb * ss_b, c0, seqlen, ss_l, REVERSE, Q), decay, 0.0)
+        G = decay * G + gl
+    tl.store(dh0_ptr + pid.to(tl.int64) * size + e, G, mask=em)
+
+
+@triton.jit
+def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr, dtp_ptr, cs_ptr, gst_ptr,
+                      seq_ptr, dx_ptr, dz_ptr, dBp_ptr, q_ptr, dDp_ptr,
+                      sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                      sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, ss_b, ss_l,
+                      nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate,
+                      HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, REVERSE: tl.constexpr,
+                      HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr,
+                      BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """One block of BLK source positions s of one chunk, for the ``hps`` heads of one split of a group:
+
+        dx[s] = dt[s] (sum_{t>=s} P[t,s] (C[t].B[s]) g[t] + w[s] G_out B[s]) + D g[s]
+        dB[s] = dt[s] (sum_{t>=s} P[t,s] (g[t].x[s]) C[t] + w[s] G_out^T x[s])   (summed over the heads)
+
+    with P[t,s] = exp(cs[t] - cs[s]), w[s] = exp(cs[Q-1] - cs[s]); also dz, the per-position scalar
+    q = x.(dx - D g)/dt (scan order) and this block's part of dD."""
+    pid = tl.program_id(0)
+    pc = tl.program_id(1)
+    NB: tl.constexpr = Q // BLK
+    c = pc // NB
+    m = pc % NB
+    sp = pid % n_splits
+    gg = (pid // n_splits) % ngroups
+    bb = (pid // (n_splits * ngroups)).to(tl.int64)
+    p_off = tl.arange(0, BP)
+    n_off = tl.arange(0, BN)
+    pm = p_off < hdim
+    st_m = pm[:, None] & (n_off < dstate)[None, :]
+    c0 = c.to(tl.int64) * Q
+    js = c0 + m * BLK + tl.arange(0, BLK)
+    vs = js < seqlen
+    ts = _pos(js, seqlen, REVERSE)
+    Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
+    if HAS_SEQ:
+        seq_s = _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)
+        seq_last = _seq_at(seq_ptr, bb * ss_b, c0 + Q - 1, seqlen, ss_l, REVERSE)
+    dB = tl.zeros([BLK, BN], dtype=tl.float32)
+    om = vs[:, None] & pm[None, :]
+    for i in range(0, hps):
+        hh = gg * hpg + sp * hps + i
+        row = (bb * nheads + hh) * Lp
+        xs32 = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim)
+        xs = xs32.to(DT)
+        dts = tl.load(dtp_ptr + row + js)
+        css = tl.load(cs_ptr + row + js)
+        w = tl.exp(tl.minimum(tl.load(cs_ptr + row + c0 + Q - 1) - css, 0.0))
+        if HAS_SEQ:
+            w = tl.where(seq_s == seq_last, w, 0.0)
+        slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
+        Gout = tl.load(gst_ptr + slot + p_off[:, None] * dstate + n_off[None, :], mask=st_m, other=0.0).to(DT)
+        acc = tl.zeros([BLK, BP], dtype=tl.float32)
+        for k in range(m, NB):
+            jt = c0 + k * BLK + tl.arange(0, BLK)
+            vt = jt < seqlen
+            tt = _pos(jt, seqlen, REVERSE)
+            Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, tt, sC_l, n_off, sC_n, vt, dstate).to(DT)
+            gt = _load_rows(g_ptr, bb * so_b + hh * so_h, tt, so_l, p_off, 1, vt, hdim).to(DT)
+            decay = tl.exp(tl.minimum(tl.load(cs_ptr + row + jt)[None, :] - css[:, None], 0.0))  # (s, t)
+            keep = jt[None, :] >= js[:, None]
+            if HAS_SEQ:
+                keep = keep & (_seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE)[None, :] == seq_s[:, None])
+            decay = tl.where(keep, decay, 0.0)
+            cbt = tl.dot(Bs, tl.trans(Ct), input_precision=PREC)
+            acc = tl.dot((cbt * decay).to(DT), gt, acc, input_precision=PREC)
+            gxt = tl.dot(xs, tl.trans(gt), input_precision=PREC)
+            dB = tl.dot((gxt * decay * dts[:, None]).to(DT), Ct, dB, input_precision=PREC)
+        dxraw = acc + w[:, None] * tl.dot(Bs, tl.trans(Gout), input_precision=PREC)
+        tl.store(q_ptr + row + js, tl.sum(xs32 * dxraw, axis=1))
+        dB = tl.dot((xs32 * (w * dts)[:, None]).to(DT), Gout, dB, input_precision=PREC)
+        dx = dts[:, None] * dxraw
+        if HAS_D:
+            gs = _load_rows(g_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim)
+            if D_HP:
+                Dv = tl.load(D_ptr + hh * hdim + p_off, mask=pm, other=0.0).to(tl.float32)[None, :]
+            else:
+                Dv = tl.load(D_ptr + hh).to(tl.float32)
+            dx += Dv * gs
+            tl.store(dDp_ptr + ((bb * n_chunks * NB + pc) * nheads + hh) * BP + p_off, tl.sum(gs * xs32, axis=0))
+        out = bb * so_b + hh * so_h + ts[:, None] * so_l + p_off[None, :]
+        tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=om)
+        if HAS_Z:  # dz = dy y_pre silu'(z), y_pre the output before the gate (saved by the forward)
+            zs = _load_rows(z_ptr, bb * sz_b + hh * sz_h, ts, sz_l, p_off, sz_p, vs, hdim)
+            dys = _load_rows(dy_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim)
+            yp = _load_rows(ypre_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim)
+            sg = tl.sigmoid(zs)
+            tl.store(dz_ptr + out, (dys * yp * sg * (1.0 + zs * (1.0 - sg))).to(dz_ptr.dtype.element_ty), mask=om)
+    dbm = vs[:, None] & (n_off < dstate)[None, :]
+    tl.store(dBp_ptr + (((bb * n_splits + sp) * seqlen + ts[:, None]) * ngroups + gg) * dstate + n_off[None, :],
+             dB, mask=dbm)
+
+
+@triton.jit
+def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr, dCp_ptr, r1_ptr,
+                   sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, so_b, so_l, so_h,
+                   ss_b, ss_l,
+                   nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate,
+                   REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
+                   BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """One block of BLK target positions t, summed over the ``hps`` heads of one split of a group:
+    dC[t] = sum_{s<=t} P[t,s] dt[s] (g[t].x[s]) B[s] + exp(cs[t]) g[t]^T H_in, and per head
+    r1[t] = g[t].(y[t] - D x[t]) (= dL/dcs[t] through y), recomputed in fp32 (scan order)."""
+    pid = tl.program_id(0)
+    pc = tl.program_id(1)
+    NB: tl.constexpr = Q // BLK
+    c = pc // NB
+    m = pc % NB
+    sp = pid % n_splits
+    gg = (pid // n_splits) % ngroups
+    bb = (pid // (n_splits * ngroups)).to(tl.int64)
+    p_off = tl.arange(0, BP)
+    n_off = tl.arange(0, BN)
+    st_m = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
+    c0 = c.to(tl.int64) * Q
+    jt = c0 + m * BLK + tl.arange(0, BLK)
+    vt = jt < seqlen
+    tt = _pos(jt, seqlen, REVERSE)
+    if HAS_SEQ:
+        seq_t = _seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE)
+        seq_in = _seq_at(seq_ptr, bb * ss_b, c0 - 1, seqlen, ss_l, REVERSE)
+    Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, tt, sC_l, n_off, sC_n, vt, dstate).to(DT)
+    dC = tl.zeros([BLK, BN], dtype=tl.float32)
+    for i in range(0, hps):
+        hh = gg * hpg + sp * hps + i
+        row = (bb * nheads + hh) * Lp
+        gt = _load_rows(g_ptr, bb * so_b + hh * so_h, tt, so_l, p_off, 1, vt, hdim)
+        cst = tl.load(cs_ptr + row + jt)
+        ein = tl.exp(tl.minimum(cst, 0.0))
+        if HAS_SEQ:
+            ein = tl.where(seq_t == seq_in, ein, 0.0)
+        slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
+        H = tl.load(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :], mask=st_m, other=0.0).to(DT)
+        dC = tl.dot((gt * ein[:, None]).to(DT), H, dC, input_precision=PREC)
+        r1 = ein * tl.sum(gt * tl.dot(Ct, tl.trans(H), input_precision=PREC), axis=1)
+        gt = gt.to(DT)
+        for k in range(0, m + 1):
+            js = c0 + k * BLK + tl.arange(0, BLK)
+            vs = js < seqlen
+            ts = _pos(js, seqlen, REVERSE)
+            xs = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim).to(DT)
+            Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
+            decay = tl.exp(tl.minimum(cst[:, None] - tl.load(cs_ptr + row + js)[None, :], 0.0))
+            keep = jt[:, None] >= js[None, :]
+            if HAS_SEQ:
+                keep = keep & (seq_t[:, None] == _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)[None, :])
+            gx = tl.dot(gt, tl.trans(xs), input_precision=PREC)
+            wgt = tl.where(keep, gx * decay * tl.load(dtp_ptr + row + js)[None, :], 0.0)
+            dC = tl.dot(wgt.to(DT), Bs, dC, input_precision=PREC)
+            r1 += tl.sum(wgt * tl.dot(Ct, tl.trans(Bs), input_precision=PREC), axis=1)
+        tl.store(r1_ptr + row + jt, r1)
+    tl.store(dCp_ptr + (((bb * n_splits + sp) * seqlen + tt[:, None]) * ngroups + gg) * dstate + n_off[None, :],
+             dC, mask=vt[:, None] & (n_off < dstate)[None, :])
+
+
+@triton.jit
+def _bwd_ddt_kernel(dt_ptr, bias_ptr, A_ptr, dtp_ptr, q_ptr, r1_ptr, K_ptr, ddt_ptr, dAp_ptr, dbp_ptr,
+                    sdt_b, sdt_l, sdt_h, nheads, seqlen, Lp, n_chunks,
+                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr):
+    """dcs = r1 - dt q (+ K at the chunk's last position), da = its reverse cumulative sum in the chunk;
+    ddt = q + A da (through softplus), and this chunk's parts of dA = sum da dt and ddt_bias."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    bb = (pid // nheads).to(tl.int64)
+    hh = pid % nheads
+    ar = tl.arange(0, Q)
+    j = c.to(tl.int64) * Q + ar
+    valid = j < seqlen
+    t = _pos(j, seqlen, REVERSE)
+    row = pid.to(tl.int64) * Lp
+    d = tl.load(dtp_ptr + row + j)
+    q = tl.load(q_ptr + row + j)
+    K = tl.load(K_ptr + pid.to(tl.int64) * n_chunks + c)
+    dcs = tl.load(r1_ptr + row + j) - d * q + tl.where(ar == Q - 1, K, 0.0)
+    dcs = tl.where(valid | (ar == Q - 1), dcs, 0.0)
+    da = tl.cumsum(dcs, axis=0, reverse=True)
+    A = tl.load(A_ptr + hh).to(tl.float32)
+    tl.store(dAp_ptr + pid.to(tl.int64) * n_chunks + c, tl.sum(tl.where(valid, da * d, 0.0), axis=0))
+    ddt = q + A * da
+    if SOFTPLUS:
+        raw = tl.load(dt_ptr + bb * sdt_b + hh * sdt_h + t * sdt_l, mask=valid, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw += tl.load(bias_ptr + hh).to(tl.float32)
+        ddt = ddt * tl.sigmoid(raw)
+    ddt = tl.where(valid, ddt, 0.0)
+    if HAS_BIAS:
+        tl.store(dbp_ptr + pid.to(tl.int64) * n_chunks + c, tl.sum(ddt, axis=0))
+    tl.store(ddt_ptr + (bb * seqlen + t) * nheads + hh, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# Triton 3.6's interpreter multiplies bf16 tl.dot operands as garbage: interpreted copies (CPU tests) take
+# fp32 operands for every input dtype.
+_INTERPRETED = __name__.endswith("__interpreted")
+
+
+def _dot_dtype(x, B, C):
+    """tl.dot operand type: fp32 (IEEE) if any of x, B, C is fp32, else x's half type."""
+    if _INTERPRETED or torch.float32 in (x.dtype, B.dtype, C.dtype):
+        return tl.float32, "ieee"
+    return _TL[x.dtype], "tf32"
+
+
+class _Cfg:
+    """Launch geometry shared by the forward and backward of one call."""
+
+    def __init__(self, x, B, chunk, blk, warps):
+        b, l, h, p = x.shape
+        self.b, self.l, self.h, self.p = b, l, h, p
+        self.g, self.n = B.shape[2], B.shape[3]
+        self.hpg = h // self.g
+        self.Q, self.BLK, self.warps = chunk, blk, warps
+        if chunk % blk:
+            raise ValueError(f"ssd_scan (triton): the chunk {chunk} must be a multiple of the block {blk}")
+        self.nc = max(triton.cdiv(l, chunk), 1)
+        self.Lp = self.nc * chunk
+        self.NB = chunk // blk
+        self.BP = max(triton.next_power_of_2(p), 16)
+        self.BN = max(triton.next_power_of_2(self.n), 16)
+        self.size = p * self.n
+        self.BS = min(STATE_BLOCK, triton.next_power_of_2(self.size))
+        self.n_sblocks = triton.cdiv(self.size, self.BS)
+
+
+def _strides4(t):
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def _seq_args(seq_idx, dummy):
+    return (seq_idx, seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (dummy, 0, 0)
+
+
+def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pre, chunk, blk, warps):
+    """Returns y, final_state (b, h, p, n) fp32, y_pre (or None), dt' and cs ((b h, Lp) fp32, scan order),
+    and the states entering each chunk (b, chunks + 1, h, p, n) fp32 (the last slot is the final state)."""
+    cfg = _Cfg(x, B, chunk, blk, warps)
+    b, l, h, p, n, nc = cfg.b, cfg.l, cfg.h, cfg.p, cfg.n, cfg.nc
+    dev = x.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    DT, PREC = _dot_dtype(x, B, C)
+    dummy = torch.empty(1, **f32)
+    seq = _seq_args(seq_idx, dummy)
+    common = dict(REVERSE=reverse, HAS_SEQ=seq_idx is not None, Q=cfg.Q)
+    dtp = torch.empty(b * h, cfg.Lp, **f32)
+    cs = torch.empty(b * h, cfg.Lp, **f32)
+    _dt_kernel[(b * h, nc)](dt, A, dt_bias if dt_bias is not None else dummy, dtp, cs, *dt.stride(), h, l, cfg.Lp,
+                            HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q)
+    st = torch.empty(b, nc + 1, h, p, n, **f32)
+    dims = (h, cfg.hpg, l, cfg.Lp, nc, p, n)
+    blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, DT=DT, PREC=PREC)
+    _chunk_state_kernel[(b * h, nc)](x, B, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *seq[1:], *dims,
+                                     **common, **blocks, num_warps=warps, num_stages=STAGES)
+    h0c = h0.float().contiguous() if h0 is not None else None
+    _state_pass_kernel[(b * h, cfg.n_sblocks)](st, cs, h0c if h0c is not None else dummy, *seq, h, l, cfg.Lp, nc,
+                                               cfg.size, HAS_H0=h0 is not None, **common, BS=cfg.BS, num_warps=4)
+    y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
+    ypre = torch.empty_like(y) if (store_pre and z is not None) else None
+    _chunk_out_kernel[(b * h, nc * cfg.NB)](
+        x, B, C, D if D is not None else dummy, z if z is not None else dummy, y,
+        ypre if ypre is not None else y, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *C.stride(), *_strides4(z),
+        *y.stride()[:3], *seq[1:], *dims, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2,
+        HAS_Z=z is not None, STORE_PRE=ypre is not None, **common, **blocks, num_warps=warps, num_stages=STAGES)
+    return y, st[:, nc].clone(), ypre, dtp, cs, st
+
+
+def _splits(cfg, target=None):
+    """Heads of a group per backward program: split a group's heads (a divisor of h/g) until enough run."""
+    target = target or TARGET_PROGRAMS
+    base = cfg.b * cfg.g * cfg.nc * cfg.NB
+    for s in range(1, cfg.hpg + 1):
+        if cfg.hpg % s == 0 and base * s >= target:
+            return s
+    return cfg.hpg
+
+
+def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, cs, st, dy, dht, chunk, blk,
+         warps, splits=0):
+    """Gradients (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_state fp32), None where the input is None."""
+    cfg = _Cfg(x, B, chunk, blk, warps)
+    b, l, h, p, n, g, nc = cfg.b, cfg.l, cfg.h, cfg.p, cfg.n, cfg.g, cfg.nc
+    dev = x.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    DT, PREC = _dot_dtype(x, B, C)
+    dummy = torch.empty(1, **f32)
+    seq = _seq_args(seq_idx, dummy)
+    common = dict(REVERSE=reverse, HAS_SEQ=seq_idx is not None, Q=cfg.Q)
+    blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, DT=DT, PREC=PREC)
+    dims = (h, cfg.hpg, l, cfg.Lp, nc, p, n)
+    dy = dy.to(x.dtype).contiguous()
+    so = dy.stride()[:3]
+    gbuf = torch.empty_like(dy) if z is not None else dy
+    gst = torch.empty(b, nc + 1, h, p, n, **f32)
+    _bwd_gloc_kernel[(b * h, nc)](dy, z if z is not None else dummy, C, gbuf, cs, gst, seq[0], *_strides4(z),
+                                  *C.stride(), *so, *seq[1:], *dims, HAS_Z=z is not None, **common, **blocks,
+                                  num_warps=warps, num_stages=STAGES)
+    kp = torch.empty(b * h, cfg.n_sblocks, nc, **f32)
+    dh0 = torch.empty(b, h, p, n, **f32)
+    dht_c = dht.float().contiguous() if dht is not None else None
+    _bwd_state_pass_kernel[(b * h, cfg.n_sblocks)](gst, st, cs, dht_c if dht_c is not None else dummy, dh0, kp,
+                                                   *seq, h, l, cfg.Lp, nc, cfg.size, cfg.n_sblocks,
+                                                   HAS_DHT=dht is not None, **common, BS=cfg.BS, num_warps=4)
+    ns = splits or _splits(cfg)
+    hps = cfg.hpg // ns
+    dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
+    dz = torch.empty(b, l, h, p, device=dev, dtype=z.dtype) if z is not None else None
+    q = torch.empty(b * h, cfg.Lp, **f32)
+    r1 = torch.empty(b * h, cfg.Lp, **f32)
+    dBp = torch.empty(b, ns, l, g, n, **f32)
+    dDp = torch.empty(b, nc * cfg.NB, h, cfg.BP, **f32) if D is not None else None
+    gdims = (h, g, cfg.hpg, hps, ns, l, cfg.Lp, nc, p, n)
+    _bwd_dx_dB_kernel[(b * g * ns, nc * cfg.NB)](
+        x, B, C, D if D is not None else dummy, z if z is not None else dummy, dy, gbuf,
+        ypre if ypre is not None else dummy, dtp, cs, gst, seq[0], dx, dz if dz is not None else dummy, dBp, q,
+        dDp if dDp is not None else dummy, *x.stride(), *B.stride(), *C.stride(), *_strides4(z), *so, *seq[1:],
+        *gdims, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None, **common, **blocks,
+        num_warps=warps, num_stages=STAGES)
+    dCp = torch.empty(b, ns, l, g, n, **f32)
+    _bwd_dC_kernel[(b * g * ns, nc * cfg.NB)](x, B, C, gbuf, dtp, cs, st, seq[0], dCp, r1, *x.stride(), *B.stride(),
+                                              *C.stride(), *so, *seq[1:], *gdims, **common, **blocks,
+                                              num_warps=warps, num_stages=STAGES)
+    ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
+    dAp = torch.empty(b * h, nc, **f32)
+    dbp = torch.empty(b * h, nc, **f32) if dt_bias is not None else None
+    _bwd_ddt_kernel[(b * h, nc)](dt, dt_bias if dt_bias is not None else dummy, A, dtp, q, r1, kp.sum(1), ddt, dAp,
+                                 dbp if dbp is not None else dummy, *dt.stride(), h, l, cfg.Lp, nc,
+                                 HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q)
+    dB = (dBp.sum(1) if ns > 1 else dBp[:, 0]).to(B.dtype)
+    dC = (dCp.sum(1) if ns > 1 else dCp[:, 0]).to(C.dtype)
+    dA = dAp.view(b, h, nc).sum((0, 2)).to(A.dtype)
+    dD = None
+    if D is not None:
+        dD = dDp.sum((0, 1))[:, :p]
+        dD = (dD if D.dim() == 2 else dD.sum(1)).to(D.dtype)
+    dbias = dbp.view(b, h, nc).sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None else None
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0
+
+
+# ------------------------------------------------------------------ torch.library registration (torch.compile)
+# torch.compile sees each direction as one opaque node with a registered backward (no graph break). A copy of
+# this module loaded under the Triton interpreter (tests) registers its own names.
+_OPS = "seqmamba::ssd" + ("_interp" if __name__.endswith("__interpreted") else "")
+_T = torch.Tensor
+
+
+def _empty(ref):
+    return ref.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op(_OPS + "_fwd", mutates_args=())
+def _ssd_fwd_op(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, dt_bias: _T | None,
+                initial_state: _T | None, seq_idx: _T | None, softplus: bool, reverse: bool, save: bool,
+                chunk: int, blk: int, warps: int) -> tuple[_T, _T, _T, _T, _T, _T]:
+    y, ht, ypre, dtp, cs, st = _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, initial_state, reverse, seq_idx,
+                                    save, chunk, blk, warps)
+    if not save:
+        return y, ht, _empty(x), _empty(x), _empty(x), _empty(x)
+    return y, ht, ypre if ypre is not None else _empty(x), dtp, cs, st
+
+
+@_ssd_fwd_op.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, save, chunk, blk, warps):
+    b, l, h, p = x.shape
+    n = B.shape[3]
+    nc = max(-(-l // chunk), 1)
+    f32 = dict(dtype=torch.float32)
+    if not save:
+        return x.new_empty(b, l, h, p), x.new_empty(b, h, p, n, **f32), *(_empty(x) for _ in range(4))
+    ypre = x.new_empty(b, l, h, p) if z is not None else _empty(x)
+    return (x.new_empty(b, l, h, p), x.new_empty(b, h, p, n, **f32), ypre, x.new_empty(b * h, nc * chunk, **f32),
+            x.new_empty(b * h, nc * chunk, **f32), x.new_empty(b, nc + 1, h, p, n, **f32))
+
+
+@torch.library.custom_op(_OPS + "_bwd", mutates_args=())
+def _ssd_bwd_op(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, dt_bias: _T | None,
+                initial_state: _T | None, seq_idx: _T | None, ypre: _T | None, dtp: _T, cs: _T, st: _T, dy: _T,
+                dht: _T | None, softplus: bool, reverse: bool, chunk: int, blk: int, warps: int) -> list[_T]:
+    grads = list(_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, cs, st, dy, dht,
+                      chunk, blk, warps))
+    grads[-1] = grads[-1].to(initial_state.dtype) if initial_state is not None else None
+    return [gr if gr is not None else _empty(x) for gr in grads]
+
+
+@_ssd_bwd_op.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre, dtp, cs, st, dy, dht, softplus, reverse,
+      chunk, blk, warps):
+    like = [x, dt, A, B, C, D, z, dt_bias, initial_state]
+    return [t.new_empty(t.shape) if t is not None else _empty(x) for t in like]
+
+
+def _ssd_setup(ctx, inputs, output):
+    x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, _, chunk, blk, warps = inputs
+    y, _, ypre, dtp, cs, st = output
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre if z is not None else None,
+                          dtp, cs, st)
+    ctx.flags = (softplus, reverse, chunk, blk, warps)
+
+
+def _ssd_backward(ctx, dy, dht, *_):
+    x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre, dtp, cs, st = ctx.saved_tensors
+    softplus, reverse, chunk, blk, warps = ctx.flags
+    if dy is None:
+        dy = torch.zeros_like(x)
+    grads = _ssd_bwd_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre, dtp, cs, st, dy, dht,
+                        softplus, reverse, chunk, blk, warps)
+    present = [x, dt, A, B, C, D, z, dt_bias, initial_state]
+    grads = [gr if t is not None else None for gr, t in zip(grads, present)]
+    return (*grads, None, None, None, None, None, None, None)
+
+
+_ssd_fwd_op.register_autograd(_ssd_backward, setup_context=_ssd_setup)
+
+
+def ssd_scan_triton(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
+                    initial_state=None, return_final_state=False, reverse=False, seq_idx=None, _tuning=None):
+    """Triton implementation with :func:`ssd_scan_ref`'s signature (``chunk_size`` is ignored: the kernels
+    use ``CHUNK``). Inputs fp32/bf16/fp16 on a CUDA device (or any device under TRITON_INTERPRET=1), assumed
+    validated by the caller. Runs as the custom ops ``seqmamba::ssd_fwd/_bwd`` (torch.compile sees one node
+    each way). ``_tuning`` (tests, benchmarks): a dict of any of chunk, blk, warps.
+
+    Returns y (b, l, h, p) in x's dtype, or (y, final_state (b, h, p, n) fp32)."""
+    if x.shape[1] == 0:  # nothing to scan: the reference handles the empty length
+        return ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state,
+                            return_final_state, reverse, seq_idx)
+    t = _tuning or {}
+    tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
+    save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
+    y, ht, *_ = _ssd_fwd_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, bool(dt_softplus),
+                            bool(reverse), save, int(t.get("chunk", CHUNK)), int(t.get("blk", BLOCK)),
+                            int(t.get("warps", WARPS)))
+    return (y, ht) if return_final_state else y
+

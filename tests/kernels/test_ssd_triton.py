@@ -1,0 +1,291 @@
+"""Triton SSD scan against the reference.
+
+CPU: the kernels run under the Triton interpreter on tiny shapes with a small chunk and block (so that several
+chunks, several blocks per chunk and a padded tail are taken), against the float64 reference or the float64
+per-step loop of test_ssd. GPU (``-m gpu``): realistic shapes, bf16, 1M tokens, 64-bit offsets, determinism,
+the Mamba2 module with ``backend="auto"`` against ``backend="ref"``, and torch.compile.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqmamba.kernels.ssd import ssd_scan, ssd_scan_ref
+from tests.kernels.interpret import load_interpreted
+from tests.kernels.test_ssd import compare, make_inputs, naive_ssd, packed_seq_idx, run_with_grads
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+SMALL = dict(chunk=32, blk=16)  # 2 blocks per chunk
+
+
+@pytest.fixture(scope="module")
+def chunk():
+    return load_interpreted("seqmamba.kernels.ssd.chunk")
+
+
+def triton_op(impl, tuning=SMALL, **kw):
+    return lambda **i: impl(**i, return_final_state=True, _tuning=tuning, **kw)
+
+
+def ref_op(**kw):
+    return lambda **i: ssd_scan_ref(**i, chunk_size=16, return_final_state=True, **kw)
+
+
+def as64(inp):
+    return {k: None if v is None else v.detach().double().requires_grad_() for k, v in inp.items()}
+
+
+# name: (l, make_inputs options, reverse, packed lengths per row or None, tuning)
+CASES = {
+    "plain-g1": (50, dict(g=1), False, None, SMALL),
+    "all-Dh": (50, dict(g=2, D="h", z=True, dt_bias=True, softplus=True), False, None, SMALL),
+    "all-Dhp-reverse": (50, dict(g=2, D="hp", z=True, dt_bias=True, softplus=True), True, None, SMALL),
+    "bias-nosoftplus-no-h0-rev": (37, dict(g=1, D="h", dt_bias=True, h0=False), True, None, SMALL),
+    "packed": (50, dict(g=2, D="h", z=True, dt_bias=True, softplus=True), False, ([3, 13, 1, 33], [16, 34]),
+               SMALL),
+    "packed-reverse": (50, dict(g=2, D="hp", dt_bias=True, softplus=True), True, ([20, 30], [5, 12, 33]),
+                       SMALL),
+    "one-block-chunks": (40, dict(g=4, z=True), False, None, dict(chunk=16, blk=16)),
+    "short": (7, dict(g=2, D="h", softplus=True), True, None, SMALL),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_interpreted_matches_float64(chunk, name):
+    """y, final state and every gradient (initial_state and the path through the final state included) of
+    fp32 inputs, against the float64 reference."""
+    l, opt, reverse, packed, tuning = CASES[name]
+    opt = dict(opt)
+    inp, dy, dht = make_inputs(2, l, 4, 3, n=5, seed=len(name), dtype=torch.float32, **opt)
+    seq_idx = None if packed is None else torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])
+    flags = dict(dt_softplus=opt.get("softplus", False), reverse=reverse, seq_idx=seq_idx)
+    got = run_with_grads(triton_op(chunk.ssd_scan_triton, tuning, **flags), inp, dy, dht)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    compare(got, run_with_grads(ref_op(**flags), as64(inp), dy, dht), 2e-5)
+
+
+def test_interpreted_matches_naive_loop(chunk):
+    """The same against test_ssd's float64 per-step loop (independent of the reference's chunked algebra)."""
+    inp, dy, dht = make_inputs(1, 45, 4, 2, g=2, n=3, seed=7, dtype=torch.float32, D="hp", z=True,
+                               dt_bias=True, softplus=True)
+    got = run_with_grads(triton_op(chunk.ssd_scan_triton, dt_softplus=True), inp, dy, dht)
+    compare(got, run_with_grads(lambda **i: naive_ssd(**i, dt_softplus=True), as64(inp), dy, dht), 2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interpreted_low_precision(chunk, dtype):
+    """bf16/fp16 x, dt, B, C, z (fp32 A, D, dt_bias, initial_state): y and gradients in each input's dtype,
+    close to the fp32 reference on the same rounded inputs."""
+    inp, dy, dht = make_inputs(1, 40, 4, 4, g=2, n=8, seed=61, D="h", z=True, dt_bias=True, softplus=True,
+                               dtype=torch.float32)
+    low = {k: v.detach().to(dtype).requires_grad_() if k in ("x", "dt", "B", "C", "z") else v
+           for k, v in inp.items()}
+    y, ht, grads = run_with_grads(triton_op(chunk.ssd_scan_triton, dt_softplus=True), low, dy, dht)
+    assert y.dtype == dtype and ht.dtype == torch.float32
+    assert all(grads[f"d{k}"].dtype == dtype for k in ("x", "dt", "B", "C", "z"))
+    assert grads["dA"].dtype == torch.float32
+    want = run_with_grads(ref_op(dt_softplus=True), as64(low), dy, dht)
+    compare((y, ht, grads), want, 1e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+def test_interpreted_y_only_and_state_only(chunk):
+    """A loss on y alone (no gradient reaches the final state) and on the final state alone (dy is None)."""
+    inp, _, _ = make_inputs(1, 37, 2, 3, g=1, n=4, seed=5, dtype=torch.float32, D="h", dt_bias=True,
+                            softplus=True)
+    for use in ("y", "state"):
+        grads = []
+        for fn, x in ((triton_op(chunk.ssd_scan_triton, dt_softplus=True), inp), (ref_op(dt_softplus=True),
+                                                                                   as64(inp))):
+            x = {k: v.detach().clone().requires_grad_() for k, v in x.items() if v is not None}
+            y, h = fn(**x)
+            out = y.sum() if use == "y" else (h * torch.arange(h.numel()).view_as(h)).sum()
+            gs = torch.autograd.grad(out, list(x.values()), allow_unused=True)
+            grads.append({k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(x.items(), gs)})
+        compare((torch.zeros(1), torch.zeros(1), grads[0]), (torch.zeros(1), torch.zeros(1), grads[1]), 2e-5)
+
+
+def test_interpreted_no_grad_returns_y_only(chunk):
+    inp, _, _ = make_inputs(1, 20, 2, 2, g=1, n=3, seed=2, dtype=torch.float32, D="h")
+    x = {k: v.detach() for k, v in inp.items() if v is not None}
+    y = chunk.ssd_scan_triton(**x, _tuning=SMALL)
+    assert isinstance(y, torch.Tensor)
+    want = ssd_scan_ref(**x)
+    assert (y - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_interpreted_custom_op_opcheck(chunk):
+    """The torch.library registration (schema, fake tensors, autograd) passes torch's own checks."""
+    inp, _, _ = make_inputs(1, 20, 2, 2, g=1, n=3, seed=8, dtype=torch.float32, D="h", z=True, dt_bias=True,
+                            softplus=True)
+    args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"],
+            inp["initial_state"], None, True, False, True, 16, 16, 4)
+    torch.library.opcheck(chunk._ssd_fwd_op, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_float64_and_cpu_dispatch():
+    """backend='auto' sends float64 (and CPU tensors) to the reference; 'triton' on CPU says why it cannot."""
+    inp, _, _ = make_inputs(1, 9, 2, 2, g=1, n=3, seed=91)
+    x = {k: v.detach() for k, v in inp.items() if v is not None}
+    assert torch.equal(ssd_scan(**x, chunk_size=4), ssd_scan_ref(**x, chunk_size=4))
+    with pytest.raises(RuntimeError, match="not CUDA"):
+        ssd_scan(**x, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+def cuda_inputs(b, l, h, p, g, n, dtype=torch.bfloat16, seed=0, **kw):
+    """make_inputs drawn on the GPU (fp32 A, D, dt_bias, initial_state; x, dt, B, C, z in ``dtype``)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
+    inp = {"x": r(b, l, h, p), "dt": r(b, l, h) - 2, "A": -(0.5 + 4 * torch.rand(h, generator=gen, device="cuda")),
+           "B": r(b, l, g, n), "C": r(b, l, g, n), "D": r(h) if kw.get("D", True) else None,
+           "z": r(b, l, h, p) if kw.get("z", True) else None, "dt_bias": 0.5 * r(h),
+           "initial_state": r(b, h, p, n) if kw.get("h0", True) else None}
+    for k in ("x", "dt", "B", "C", "z"):
+        if inp[k] is not None:
+            inp[k] = inp[k].to(dtype)
+    return {k: None if v is None else v.requires_grad_() for k, v in inp.items()}
+
+
+def grads_cuda(fn, inp, seed=1):
+    """y, final state and the gradients of <y, dy> + <ht, dht> for random cotangents."""
+    y, ht = fn(**inp)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dy = torch.randn(y.shape, generator=gen, device="cuda").to(y.dtype)
+    dht = torch.randn(ht.shape, generator=gen, device="cuda")
+    names = [k for k, v in inp.items() if v is not None]
+    grads = torch.autograd.grad((y * dy).float().sum() + (ht * dht).sum(), [inp[k] for k in names])
+    return y.detach(), ht.detach(), {f"d{k}": g for k, g in zip(names, grads)}
+
+
+def public(**kw):
+    return lambda **i: ssd_scan(**i, dt_softplus=True, return_final_state=True, backend="triton", **kw)
+
+
+def reference(**kw):
+    return lambda **i: ssd_scan_ref(**i, dt_softplus=True, return_final_state=True, **kw)
+
+
+def upcast(inp, dtype=torch.float64):
+    return {k: None if v is None else v.detach().to(dtype).requires_grad_() for k, v in inp.items()}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("reverse,packed", [(False, False), (True, False), (False, True), (True, True)])
+def test_gpu_fp32_matches_float64(reverse, packed):
+    b, l = 2, 3000
+    inp = cuda_inputs(b, l, 8, 32, 2, 64, dtype=torch.float32, seed=reverse + 2 * packed)
+    seq_idx = None
+    if packed:
+        cuts = torch.tensor([[0, 7, 1000, 1001, l], [0, 256, 257, 2999, l]])
+        seq_idx = torch.stack([torch.repeat_interleave(torch.arange(4), c[1:] - c[:-1]) for c in cuts]).cuda()
+    got = grads_cuda(public(reverse=reverse, seq_idx=seq_idx), inp)
+    compare(got, grads_cuda(reference(reverse=reverse, seq_idx=seq_idx), upcast(inp)), 1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_bf16_realistic_shape():
+    """b2 l4096 h24 p64 n128, bf16, against the reference on the same rounded inputs in fp32."""
+    inp = cuda_inputs(2, 4096, 24, 64, 1, 128, seed=1)
+    got = grads_cuda(public(), inp)
+    compare(got, grads_cuda(reference(), upcast(inp, torch.float32)), 2e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_deterministic_backward():
+    inp = cuda_inputs(2, 8192, 8, 64, 2, 64, seed=4)
+    a = grads_cuda(public(), inp)
+    b = grads_cuda(public(), upcast(inp, torch.bfloat16) | {k: upcast({k: inp[k]}, torch.float32)[k]
+                                                             for k in ("A", "D", "dt_bias", "initial_state")})
+    for (name, x), y in zip([("y", a[0]), ("ht", a[1]), *a[2].items()], [b[0], b[1], *b[2].values()]):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_1m_tokens_bf16_finite_and_carried_halves():
+    """b1 l2^20 h24 p64 n128: fwd+bwd finite in bf16 on random inputs; two halves carrying the state equal
+    one shot."""
+    l = 1 << 20
+    inp = cuda_inputs(1, l, 24, 64, 1, 128, seed=6)
+    y, ht, grads = grads_cuda(public(), inp)
+    assert torch.isfinite(y).all() and torch.isfinite(ht).all()
+    for k, v in grads.items():
+        assert torch.isfinite(v).all(), k
+    del grads
+    with torch.no_grad():
+        x = {k: v.detach() for k, v in inp.items()}
+        cut = lambda s, e: {k: (v[:, s:e] if k in ("x", "dt", "B", "C", "z") else v)  # noqa: E731
+                            for k, v in x.items() if k != "initial_state"}
+        y1, h1 = public()(**cut(0, l // 2 + 1000), initial_state=x["initial_state"])
+        y2, h2 = public()(**cut(l // 2 + 1000, l), initial_state=h1)
+        assert (h2 - ht).abs().max() <= 1e-3 * ht.abs().max()
+        err = (torch.cat([y1, y2], 1).float() - y.float()).abs().max()
+        assert err <= 1e-2 * y.float().abs().max(), err
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_64bit_offsets():
+    """b1 l2^21 h24 p64 (3.2e9 elements of x, past 2^31): the last 4096 positions match the reference
+    started from the Triton state just before them."""
+    l, w = 1 << 21, 4096
+    inp = {k: v.detach() if v is not None else None
+           for k, v in cuda_inputs(1, l, 24, 64, 1, 128, seed=9, z=False, h0=False).items()}
+    with torch.no_grad():
+        y, ht = public()(**inp)
+        head = {k: (v[:, :-w] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+        _, h_before = public()(**head)
+        del head
+        tail = {k: (v[:, -w:] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+        y_ref, h_ref = reference()(**{**tail, "initial_state": h_before})
+        assert (ht - h_ref).abs().max() <= 1e-3 * h_ref.abs().max()
+        err = (y[:, -w:].float() - y_ref.float()).abs().max()
+        assert err <= 2e-2 * y_ref.float().abs().max(), err
+        assert torch.isfinite(y[:, :w].float()).all()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_mamba2_auto_matches_ref(reverse):
+    from seqmamba.mamba2 import Mamba2
+    torch.manual_seed(0)
+    m_auto = Mamba2(128, d_state=64, headdim=32, reverse=reverse, backend="auto").cuda()
+    m_ref = Mamba2(128, d_state=64, headdim=32, reverse=reverse, backend="ref").cuda()
+    m_ref.load_state_dict(m_auto.state_dict())
+    x = torch.randn(2, 777, 128, device="cuda")
+    outs = []
+    for m in (m_auto, m_ref):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.square().sum().backward()
+        outs.append({"y": y.detach(), "dx": xi.grad, **{n: p.grad for n, p in m.named_parameters()}})
+    from tests.utils import assert_all_close
+    assert_all_close({k: (outs[0][k], outs[1][k]) for k in outs[0]}, 1e-3)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_torch_compile_fullgraph():
+    """A function using ssd_scan compiles with fullgraph=True and matches eager, forward and backward."""
+    inp = cuda_inputs(2, 1000, 8, 64, 2, 64, seed=3)
+
+    def f(x, dt, A, B, C, D, z, dt_bias, initial_state):
+        y, h = ssd_scan(x * 2, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                        initial_state=initial_state, return_final_state=True)
+        return y.float().square().sum() + h.sum()
+
+    eager = f(**inp)
+    ge = torch.autograd.grad(eager, list(inp.values()))
+    xc = upcast(inp, torch.bfloat16) | {k: upcast({k: inp[k]}, torch.float32)[k]
+                                        for k in ("A", "D", "dt_bias", "initial_state")}
+    out = torch.compile(f, fullgraph=True)(**xc)
+    gc = torch.autograd.grad(out, list(xc.values()))
+    assert torch.allclose(out, eager, rtol=1e-3)
+    for a, b in zip(gc, ge):
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=1e-2 * b.float().abs().max().item())
