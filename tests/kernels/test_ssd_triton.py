@@ -243,7 +243,7 @@ def test_gpu_64bit_offsets():
         del head
         tail = {k: (v[:, -w:] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
         y_ref, h_ref = reference()(**{**tail, "initial_state": h_before})
-        assert (ht - h_ref).abs().max() <= 1e-3 * h_ref.abs().max()
+        assert (ht - h_ref).abs().max() <= 1e-2 * h_ref.abs().max()  # bf16 tl.dot operands vs fp32 math
         err = (y[:, -w:].float() - y_ref.float()).abs().max()
         assert err <= 2e-2 * y_ref.float().abs().max(), err
         assert torch.isfinite(y[:, :w].float()).all()

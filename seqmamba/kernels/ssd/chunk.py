@@ -81,8 +81,8 @@ def _load_rows(ptr, base, t, s_l, cols, s_c, valid, ncols):
 def _dt_kernel(dt_ptr, A_ptr, bias_ptr, dtp_ptr, cs_ptr, sdt_b, sdt_l, sdt_h, nheads, seqlen, Lp,
                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr):
     """dt' (0 past the end) and its A-weighted cumulative sum inside each chunk, (b h, Lp) in scan order."""
-    pid = tl.program_id(0)
-    c = tl.program_id(1)
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
     bb = (pid // nheads).to(tl.int64)
     hh = pid % nheads
     j = c.to(tl.int64) * Q + tl.arange(0, Q)
@@ -110,8 +110,8 @@ def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
                         BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """Local end state of each chunk (from a zero state): sum_s exp(cs[Q-1] - cs[s]) dt[s] x[s] B[s]^T,
     written to slot c of the (b, chunks + 1, h, p, n) state buffer."""
-    pid = tl.program_id(0)
-    c = tl.program_id(1)
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
     bb = (pid // nheads).to(tl.int64)
     hh = pid % nheads
     gg = hh // hpg
@@ -147,6 +147,16 @@ def _chunk_keep(seq_ptr, row, c0, seqlen, ss_l, REVERSE: tl.constexpr, Q: tl.con
 
 
 @triton.jit
+def _chunk_decay(cs_ptr, row, seq_ptr, seq_row, c0, seqlen, ss_l, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
+                 Q: tl.constexpr):
+    """exp(cs at the chunk's last position), 0 where a new sequence starts inside the chunk (c0 its start)."""
+    decay = tl.exp(tl.minimum(tl.load(cs_ptr + row + c0 + Q - 1), 0.0))
+    if HAS_SEQ:
+        decay = tl.where(_chunk_keep(seq_ptr, seq_row, c0, seqlen, ss_l, REVERSE, Q), decay, 0.0)
+    return decay
+
+
+@triton.jit
 def _state_pass_kernel(st_ptr, cs_ptr, h0_ptr, seq_ptr, ss_b, ss_l, nheads, seqlen, Lp, n_chunks, size,
                        HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr,
                        BS: tl.constexpr):
@@ -163,16 +173,20 @@ def _state_pass_kernel(st_ptr, cs_ptr, h0_ptr, seq_ptr, ss_b, ss_l, nheads, seql
     else:
         h = tl.zeros([BS], dtype=tl.float32)
     row = pid.to(tl.int64) * Lp
+    step = nheads * size  # from one chunk's slot to the next
+    base = (bb * (n_chunks + 1) * nheads + hh) * size
+    s_n = tl.load(st_ptr + base + e, mask=em, other=0.0)
+    d_n = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, 0, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
     for c in range(0, n_chunks):
-        base = ((bb * (n_chunks + 1) + c) * nheads + hh) * size
-        s = tl.load(st_ptr + base + e, mask=em, other=0.0)
+        s = s_n
+        decay = d_n
+        if c + 1 < n_chunks:  # prefetch: nothing below depends on the carried state
+            s_n = tl.load(st_ptr + base + step + e, mask=em, other=0.0)
+            d_n = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, (c + 1) * Q, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
         tl.store(st_ptr + base + e, h, mask=em)
-        c0 = c * Q  # positions fit in 32 bits (the offsets built from them do not)
-        decay = tl.exp(tl.minimum(tl.load(cs_ptr + row + c0 + Q - 1), 0.0))
-        if HAS_SEQ:
-            decay = tl.where(_chunk_keep(seq_ptr, bb * ss_b, c0, seqlen, ss_l, REVERSE, Q), decay, 0.0)
         h = decay * h + s
-    tl.store(st_ptr + ((bb * (n_chunks + 1) + n_chunks) * nheads + hh) * size + e, h, mask=em)
+        base += step
+    tl.store(st_ptr + base + e, h, mask=em)  # slot n_chunks: the final state
 
 
 @triton.jit
@@ -185,8 +199,8 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
                       BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """y for one block of BLK positions of one chunk and head: the state entering the chunk, decayed, read by
     C, plus the masked (C B^T) (dt x) product over the blocks up to this one, plus D x, times silu(z)."""
-    pid = tl.program_id(0)
-    pc = tl.program_id(1)
+    pc = tl.program_id(0)
+    pid = tl.program_id(1)
     NB: tl.constexpr = Q // BLK
     c = pc // NB
     m = pc % NB
@@ -251,8 +265,8 @@ def _bwd_gloc_kernel(dy_ptr, z_ptr, C_ptr, g_ptr, cs_ptr, gst_ptr, seq_ptr,
                      PREC: tl.constexpr):
     """g = dy silu(z) (written when z is given) and each chunk's local dL/dH_in = sum_t exp(cs[t]) g[t]^T C[t]
     into slot c of the (b, chunks + 1, h, p, n) gradient buffer."""
-    pid = tl.program_id(0)
-    c = tl.program_id(1)
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
     bb = (pid // nheads).to(tl.int64)
     hh = pid % nheads
     gg = hh // hpg
@@ -289,7 +303,8 @@ def _bwd_state_pass_kernel(gst_ptr, st_ptr, cs_ptr, dht_ptr, dh0_ptr, kp_ptr, se
                            HAS_DHT: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
                            Q: tl.constexpr, BS: tl.constexpr):
     """Right to left over chunks, in place: local dL/dH_in -> G_out[c] = dL/dH_out[c]; dinitial_state; and
-    this block's part of <G_out[c], H_out[c]> (the gradient of the chunk's total decay, in log space)."""
+    this block's part of E_c <G_out[c], H_in[c]> (E_c = exp(cs[Q-1]) the chunk's decay: the gradient of the
+    loss with respect to log E_c through the carried state)."""
     pid = tl.program_id(0)
     blk = tl.program_id(1)
     bb = (pid // nheads).to(tl.int64)
@@ -301,24 +316,31 @@ def _bwd_state_pass_kernel(gst_ptr, st_ptr, cs_ptr, dht_ptr, dh0_ptr, kp_ptr, se
     else:
         G = tl.zeros([BS], dtype=tl.float32)
     row = pid.to(tl.int64) * Lp
+    step = nheads * size
+    base = ((bb * (n_chunks + 1) + n_chunks - 1) * nheads + hh) * size
+    kp_row = (pid.to(tl.int64) * n_blocks + blk) * n_chunks
+    gl_n = tl.load(gst_ptr + base + e, mask=em, other=0.0)
+    h_n = tl.load(st_ptr + base + e, mask=em, other=0.0)
+    d_n = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, (n_chunks - 1) * Q, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
     for cc in range(0, n_chunks):
         c = n_chunks - 1 - cc
-        base = ((bb * (n_chunks + 1) + c) * nheads + hh) * size
-        gl = tl.load(gst_ptr + base + e, mask=em, other=0.0)
+        gl = gl_n
+        h_in = h_n
+        decay = d_n
+        if c > 0:  # prefetch the chunk to the left
+            gl_n = tl.load(gst_ptr + base - step + e, mask=em, other=0.0)
+            h_n = tl.load(st_ptr + base - step + e, mask=em, other=0.0)
+            d_n = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, (c - 1) * Q, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
         tl.store(gst_ptr + base + e, G, mask=em)
-        h_out = tl.load(st_ptr + base + nheads * size + e, mask=em, other=0.0)  # slot c + 1
-        tl.store(kp_ptr + (pid.to(tl.int64) * n_blocks + blk) * n_chunks + c, tl.sum(G * h_out, axis=0))
-        c0 = c * Q  # positions fit in 32 bits (the offsets built from them do not)
-        decay = tl.exp(tl.minimum(tl.load(cs_ptr + row + c0 + Q - 1), 0.0))
-        if HAS_SEQ:
-            decay = tl.where(_chunk_keep(seq_ptr, bb * ss_b, c0, seqlen, ss_l, REVERSE, Q), decay, 0.0)
+        tl.store(kp_ptr + kp_row + c, decay * tl.sum(G * h_in, axis=0))
         G = decay * G + gl
+        base -= step
     tl.store(dh0_ptr + pid.to(tl.int64) * size + e, G, mask=em)
 
 
 @triton.jit
 def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr, dtp_ptr, cs_ptr, gst_ptr,
-                      seq_ptr, dx_ptr, dz_ptr, dBp_ptr, q_ptr, dDp_ptr,
+                      seq_ptr, dx_ptr, dz_ptr, dBp_ptr, q_ptr, zs_ptr, dDp_ptr,
                       sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                       sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, ss_b, ss_l,
                       nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate,
@@ -330,10 +352,11 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
         dx[s] = dt[s] (sum_{t>=s} P[t,s] (C[t].B[s]) g[t] + w[s] G_out B[s]) + D g[s]
         dB[s] = dt[s] (sum_{t>=s} P[t,s] (g[t].x[s]) C[t] + w[s] G_out^T x[s])   (summed over the heads)
 
-    with P[t,s] = exp(cs[t] - cs[s]), w[s] = exp(cs[Q-1] - cs[s]); also dz, the per-position scalar
-    q = x.(dx - D g)/dt (scan order) and this block's part of dD."""
-    pid = tl.program_id(0)
-    pc = tl.program_id(1)
+    with P[t,s] = exp(cs[t] - cs[s]), w[s] = exp(cs[Q-1] - cs[s]); also dz, this block's part of dD and,
+    in scan order, q = x.(dx - D g)/dt (the direct ddt) and Z = w dt x.(G_out B) (the outgoing state's term,
+    whose gradient in cs[s] is -Z[s])."""
+    pc = tl.program_id(0)
+    pid = tl.program_id(1)
     NB: tl.constexpr = Q // BLK
     c = pc // NB
     m = pc % NB
@@ -382,7 +405,9 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
             acc = tl.dot((cbt * decay).to(DT), gt, acc, input_precision=PREC)
             gxt = tl.dot(xs, tl.trans(gt), input_precision=PREC)
             dB = tl.dot((gxt * decay * dts[:, None]).to(DT), Ct, dB, input_precision=PREC)
-        dxraw = acc + w[:, None] * tl.dot(Bs, tl.trans(Gout), input_precision=PREC)
+        bgo = w[:, None] * tl.dot(Bs, tl.trans(Gout), input_precision=PREC)
+        tl.store(zs_ptr + row + js, dts * tl.sum(xs32 * bgo, axis=1))
+        dxraw = acc + bgo
         tl.store(q_ptr + row + js, tl.sum(xs32 * dxraw, axis=1))
         dB = tl.dot((xs32 * (w * dts)[:, None]).to(DT), Gout, dB, input_precision=PREC)
         dx = dts[:, None] * dxraw
@@ -408,17 +433,20 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
 
 
 @triton.jit
-def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr, dCp_ptr, r1_ptr,
+def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr, dCp_ptr, rin_ptr, dap_ptr,
                    sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, so_b, so_l, so_h,
                    ss_b, ss_l,
                    nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate,
                    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
                    BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """One block of BLK target positions t, summed over the ``hps`` heads of one split of a group:
-    dC[t] = sum_{s<=t} P[t,s] dt[s] (g[t].x[s]) B[s] + exp(cs[t]) g[t]^T H_in, and per head
-    r1[t] = g[t].(y[t] - D x[t]) (= dL/dcs[t] through y), recomputed in fp32 (scan order)."""
-    pid = tl.program_id(0)
-    pc = tl.program_id(1)
+    dC[t] = sum_{s<=t} P[t,s] dt[s] (g[t].x[s]) B[s] + exp(cs[t]) g[t]^T H_in. Per head also the parts of
+    the gradient in dA = dt A that do not cancel: with R[t,s] = P[t,s] (C[t].B[s]) dt[s] (g[t].x[s]) (the
+    pair's term of the loss), da[k] gets sum_{s<k<=t} R[t,s] (summed here without forming differences of
+    large sums: this t block's share for every k of the chunk up to it, into its own row of ``dap``), and
+    r_in[t] = exp(cs[t]) g[t].(H_in C[t]) (the incoming state's term) in scan order."""
+    pc = tl.program_id(0)
+    pid = tl.program_id(1)
     NB: tl.constexpr = Q // BLK
     c = pc // NB
     m = pc % NB
@@ -448,8 +476,13 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
         slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
         H = tl.load(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :], mask=st_m, other=0.0).to(DT)
         dC = tl.dot((gt * ein[:, None]).to(DT), H, dC, input_precision=PREC)
-        r1 = ein * tl.sum(gt * tl.dot(Ct, tl.trans(H), input_precision=PREC), axis=1)
+        tl.store(rin_ptr + row + jt, ein * tl.sum(gt * tl.dot(Ct, tl.trans(H), input_precision=PREC), axis=1))
         gt = gt.to(DT)
+        dap_row = ((bb * nheads + hh) * n_chunks + c) * NB * Q + m * Q
+        run = tl.sum(tl.zeros([BLK], dtype=tl.float32), axis=0)  # total of the earlier s blocks' pairs
+        rs = tl.zeros([BLK], dtype=tl.float32)  # per t: sum over the s of earlier blocks
+        rs_prev = rs
+        part = rs
         for k in range(0, m + 1):
             js = c0 + k * BLK + tl.arange(0, BLK)
             vs = js < seqlen
@@ -463,20 +496,31 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
             gx = tl.dot(gt, tl.trans(xs), input_precision=PREC)
             wgt = tl.where(keep, gx * decay * tl.load(dtp_ptr + row + js)[None, :], 0.0)
             dC = tl.dot(wgt.to(DT), Bs, dC, input_precision=PREC)
-            r1 += tl.sum(wgt * tl.dot(Ct, tl.trans(Bs), input_precision=PREC), axis=1)
-        tl.store(r1_ptr + row + jt, r1)
+            R = wgt * tl.dot(Ct, tl.trans(Bs), input_precision=PREC)
+            # k in this s block: sum over t >= k of the pairs with s < k (exclusive cumsum along s); k in a
+            # later s block before this t block: every pair of this tile (run)
+            c1 = tl.cumsum(R, axis=1) - R
+            part = tl.sum(tl.where(jt[:, None] >= js[None, :], c1, 0.0), axis=0)
+            tl.store(dap_ptr + dap_row + (js - c0), part + run, mask=k < m)
+            rs_prev = rs
+            rs += tl.sum(R, axis=1)
+            run += tl.sum(tl.sum(R, axis=1), axis=0)
+        # k in this t block: the diagonal tile's part plus, from earlier s blocks, the pairs with t >= k
+        tl.store(dap_ptr + dap_row + (jt - c0), part + tl.cumsum(rs_prev, axis=0, reverse=True))
     tl.store(dCp_ptr + (((bb * n_splits + sp) * seqlen + tt[:, None]) * ngroups + gg) * dstate + n_off[None, :],
              dC, mask=vt[:, None] & (n_off < dstate)[None, :])
 
 
 @triton.jit
-def _bwd_ddt_kernel(dt_ptr, bias_ptr, A_ptr, dtp_ptr, q_ptr, r1_ptr, K_ptr, ddt_ptr, dAp_ptr, dbp_ptr,
-                    sdt_b, sdt_l, sdt_h, nheads, seqlen, Lp, n_chunks,
-                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr):
-    """dcs = r1 - dt q (+ K at the chunk's last position), da = its reverse cumulative sum in the chunk;
-    ddt = q + A da (through softplus), and this chunk's parts of dA = sum da dt and ddt_bias."""
-    pid = tl.program_id(0)
-    c = tl.program_id(1)
+def _bwd_ddt_kernel(dt_ptr, bias_ptr, A_ptr, dtp_ptr, q_ptr, zs_ptr, rin_ptr, dap_ptr, K_ptr, ddt_ptr, dAp_ptr,
+                    dbp_ptr, sdt_b, sdt_l, sdt_h, nheads, seqlen, Lp, n_chunks,
+                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr,
+                    NB: tl.constexpr):
+    """da[k] = dL/d(dt[k] A) = (pairs s < k <= t, summed over the t blocks) + sum_{t>=k} r_in[t]
+    + sum_{s<k} Z[s] + K (the chunk decay's term); ddt = q + A da (through softplus), and this chunk's parts
+    of dA = sum da dt and of ddt_bias."""
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
     bb = (pid // nheads).to(tl.int64)
     hh = pid % nheads
     ar = tl.arange(0, Q)
@@ -487,9 +531,11 @@ def _bwd_ddt_kernel(dt_ptr, bias_ptr, A_ptr, dtp_ptr, q_ptr, r1_ptr, K_ptr, ddt_
     d = tl.load(dtp_ptr + row + j)
     q = tl.load(q_ptr + row + j)
     K = tl.load(K_ptr + pid.to(tl.int64) * n_chunks + c)
-    dcs = tl.load(r1_ptr + row + j) - d * q + tl.where(ar == Q - 1, K, 0.0)
-    dcs = tl.where(valid | (ar == Q - 1), dcs, 0.0)
-    da = tl.cumsum(dcs, axis=0, reverse=True)
+    mb = tl.arange(0, NB)
+    da = tl.sum(tl.load(dap_ptr + (pid.to(tl.int64) * n_chunks + c) * NB * Q + mb[:, None] * Q + ar[None, :]), axis=0)
+    da += tl.cumsum(tl.load(rin_ptr + row + j), axis=0, reverse=True)
+    zz = tl.load(zs_ptr + row + j)
+    da += tl.cumsum(zz, axis=0) - zz + K
     A = tl.load(A_ptr + hh).to(tl.float32)
     tl.store(dAp_ptr + pid.to(tl.int64) * n_chunks + c, tl.sum(tl.where(valid, da * d, 0.0), axis=0))
     ddt = q + A * da
@@ -563,19 +609,19 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     common = dict(REVERSE=reverse, HAS_SEQ=seq_idx is not None, Q=cfg.Q)
     dtp = torch.empty(b * h, cfg.Lp, **f32)
     cs = torch.empty(b * h, cfg.Lp, **f32)
-    _dt_kernel[(b * h, nc)](dt, A, dt_bias if dt_bias is not None else dummy, dtp, cs, *dt.stride(), h, l, cfg.Lp,
+    _dt_kernel[(nc, b * h)](dt, A, dt_bias if dt_bias is not None else dummy, dtp, cs, *dt.stride(), h, l, cfg.Lp,
                             HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q)
     st = torch.empty(b, nc + 1, h, p, n, **f32)
     dims = (h, cfg.hpg, l, cfg.Lp, nc, p, n)
     blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, DT=DT, PREC=PREC)
-    _chunk_state_kernel[(b * h, nc)](x, B, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *seq[1:], *dims,
+    _chunk_state_kernel[(nc, b * h)](x, B, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *seq[1:], *dims,
                                      **common, **blocks, num_warps=warps, num_stages=STAGES)
     h0c = h0.float().contiguous() if h0 is not None else None
     _state_pass_kernel[(b * h, cfg.n_sblocks)](st, cs, h0c if h0c is not None else dummy, *seq, h, l, cfg.Lp, nc,
                                                cfg.size, HAS_H0=h0 is not None, **common, BS=cfg.BS, num_warps=4)
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     ypre = torch.empty_like(y) if (store_pre and z is not None) else None
-    _chunk_out_kernel[(b * h, nc * cfg.NB)](
+    _chunk_out_kernel[(nc * cfg.NB, b * h)](
         x, B, C, D if D is not None else dummy, z if z is not None else dummy, y,
         ypre if ypre is not None else y, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *C.stride(), *_strides4(z),
         *y.stride()[:3], *seq[1:], *dims, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2,
@@ -610,7 +656,7 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     so = dy.stride()[:3]
     gbuf = torch.empty_like(dy) if z is not None else dy
     gst = torch.empty(b, nc + 1, h, p, n, **f32)
-    _bwd_gloc_kernel[(b * h, nc)](dy, z if z is not None else dummy, C, gbuf, cs, gst, seq[0], *_strides4(z),
+    _bwd_gloc_kernel[(nc, b * h)](dy, z if z is not None else dummy, C, gbuf, cs, gst, seq[0], *_strides4(z),
                                   *C.stride(), *so, *seq[1:], *dims, HAS_Z=z is not None, **common, **blocks,
                                   num_warps=warps, num_stages=STAGES)
     kp = torch.empty(b * h, cfg.n_sblocks, nc, **f32)
@@ -624,26 +670,29 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     dz = torch.empty(b, l, h, p, device=dev, dtype=z.dtype) if z is not None else None
     q = torch.empty(b * h, cfg.Lp, **f32)
-    r1 = torch.empty(b * h, cfg.Lp, **f32)
+    zs = torch.empty(b * h, cfg.Lp, **f32)
     dBp = torch.empty(b, ns, l, g, n, **f32)
     dDp = torch.empty(b, nc * cfg.NB, h, cfg.BP, **f32) if D is not None else None
     gdims = (h, g, cfg.hpg, hps, ns, l, cfg.Lp, nc, p, n)
-    _bwd_dx_dB_kernel[(b * g * ns, nc * cfg.NB)](
+    _bwd_dx_dB_kernel[(nc * cfg.NB, b * g * ns)](
         x, B, C, D if D is not None else dummy, z if z is not None else dummy, dy, gbuf,
-        ypre if ypre is not None else dummy, dtp, cs, gst, seq[0], dx, dz if dz is not None else dummy, dBp, q,
+        ypre if ypre is not None else dummy, dtp, cs, gst, seq[0], dx, dz if dz is not None else dummy, dBp, q, zs,
         dDp if dDp is not None else dummy, *x.stride(), *B.stride(), *C.stride(), *_strides4(z), *so, *seq[1:],
         *gdims, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None, **common, **blocks,
         num_warps=warps, num_stages=STAGES)
     dCp = torch.empty(b, ns, l, g, n, **f32)
-    _bwd_dC_kernel[(b * g * ns, nc * cfg.NB)](x, B, C, gbuf, dtp, cs, st, seq[0], dCp, r1, *x.stride(), *B.stride(),
+    rin = torch.empty(b * h, cfg.Lp, **f32)
+    dap = torch.zeros(b * h, nc, cfg.NB, cfg.Q, **f32)  # (t block, k): only blocks k <= t block are written
+    _bwd_dC_kernel[(nc * cfg.NB, b * g * ns)](x, B, C, gbuf, dtp, cs, st, seq[0], dCp, rin, dap, *x.stride(), *B.stride(),
                                               *C.stride(), *so, *seq[1:], *gdims, **common, **blocks,
                                               num_warps=warps, num_stages=STAGES)
     ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dAp = torch.empty(b * h, nc, **f32)
     dbp = torch.empty(b * h, nc, **f32) if dt_bias is not None else None
-    _bwd_ddt_kernel[(b * h, nc)](dt, dt_bias if dt_bias is not None else dummy, A, dtp, q, r1, kp.sum(1), ddt, dAp,
+    _bwd_ddt_kernel[(nc, b * h)](dt, dt_bias if dt_bias is not None else dummy, A, dtp, q, zs, rin, dap, kp.sum(1), ddt, dAp,
                                  dbp if dbp is not None else dummy, *dt.stride(), h, l, cfg.Lp, nc,
-                                 HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q)
+                                 HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q,
+                                 NB=cfg.NB)
     dB = (dBp.sum(1) if ns > 1 else dBp[:, 0]).to(B.dtype)
     dC = (dCp.sum(1) if ns > 1 else dCp[:, 0]).to(C.dtype)
     dA = dAp.view(b, h, nc).sum((0, 2)).to(A.dtype)

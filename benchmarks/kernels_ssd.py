@@ -1,0 +1,247 @@
+"""SSD (Mamba-2) scan on the GPU: seqmamba's Triton kernels against mamba_ssm's ``mamba_chunk_scan_combined``
+side by side in one process, plus the PyTorch reference where it is quick enough.
+
+    python benchmarks/kernels_ssd.py                 # the table (FIELD_NOTES section 1 shapes + 4M tokens)
+    python benchmarks/kernels_ssd.py --sweep         # our launch parameters (chunk, block, warps) per shape
+    python benchmarks/kernels_ssd.py --shapes 8x2048 # a subset (batch x length, heads 24 x 64, N 128)
+
+mamba_ssm is imported if it is on PYTHONPATH (its pure-Triton SSD files need no build; they are never part of
+this project). Inputs as in FIELD_NOTES: bf16 x, dt, B, C; fp32 A, D (h,), dt_bias; softplus on; one group;
+no z. Times are medians of ``triton.testing.do_bench``; fwd+bwd is one forward under autograd plus the
+backward of <y, dy>. Extra memory: peak allocated above the inputs (outputs and gradients included).
+Floors: bytes (read x, dt, B, C, write y; fwd+bwd also reads dy and writes dx, ddt, dB, dC and reads the
+inputs again) over the measured copy bandwidth, and matrix flops (chunk 256: C B^T, its product with x, the
+chunk-state and state-output products, b l h (Q n + Q p + 4 p n); 3x for fwd+bwd) over 700 TFLOP/s.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from seqmamba.kernels.ssd import ssd_scan_ref
+from seqmamba.kernels.ssd import chunk as ours
+
+try:
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+except Exception as e:  # noqa: BLE001  (not installed / not on the path)
+    mamba_chunk_scan_combined = None
+    PEER_ERROR = repr(e)
+
+# (batch, length, heads, headdim, d_state)
+SHAPES = [(8, 2048, 24, 64, 128), (4, 16384, 24, 64, 128), (1, 65536, 24, 64, 128), (1, 1 << 20, 24, 64, 128),
+          (1, 1 << 20, 8, 64, 16), (1, 1 << 22, 24, 64, 128)]
+PEER_MAX_ELEMENTS = 2 ** 31  # mamba_ssm dies with an illegal memory access at 4M tokens (FIELD_NOTES section 1)
+REF_MAX_TOKENS = 16384
+FLOPS = 700e12
+
+
+def make(b, l, h, p, n, g=1, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
+    x = r(b, l, h, p).bfloat16()
+    dt = (r(b, l, h) - 2).bfloat16()
+    A = -(0.5 + 4 * torch.rand(h, generator=gen, device="cuda"))
+    B, C = r(b, l, g, n).bfloat16(), r(b, l, g, n).bfloat16()
+    D, dt_bias = r(h), 0.5 * r(h)
+    return dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias)
+
+
+def run_ours(inp, tuning=None):
+    return ours.ssd_scan_triton(**inp, dt_softplus=True, _tuning=tuning)
+
+
+def run_peer(inp):
+    return mamba_chunk_scan_combined(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 256, D=inp["D"],
+                                     dt_bias=inp["dt_bias"], dt_softplus=True)
+
+
+def run_ref(inp):
+    return ssd_scan_ref(**inp, dt_softplus=True)
+
+
+def fwd_bwd(fn, inp, dy):
+    leaves = {k: v.detach().requires_grad_() for k, v in inp.items()}
+    names = list(leaves)
+
+    def step():
+        y = fn(leaves)
+        return torch.autograd.grad(y, [leaves[k] for k in names], dy)
+    return step
+
+
+def measure(fn, inp, mode, dy=None):
+    """(median ms, extra GB) of fn's forward (no grad) or forward+backward."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(inp)
+    else:
+        step = fwd_bwd(fn, inp, dy)
+    step()
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = step()
+    torch.cuda.synchronize()
+    extra = (torch.cuda.max_memory_allocated() - base) / 1e9
+    del out
+    ms = do_bench(step, warmup=25, rep=200, return_mode="median")
+    return ms, extra
+
+
+def copy_bandwidth():
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), return_mode="median")
+    return 2 * a.numel() / ms / 1e9  # TB/s (read + write)
+
+
+def floors(b, l, h, p, n, g, bw):
+    tokens = b * l
+    fwd_bytes = tokens * (2 * h * p * 2 + h * 2 + 2 * g * n * 2)  # x, y, dt, B, C in bf16
+    bwd_bytes = fwd_bytes + tokens * (2 * h * p * 2 + h * 2 + 2 * g * n * 2)  # dy in, dx ddt dB dC out
+    flops = tokens * h * (256 * n + 256 * p + 4 * p * n)
+    return (max(fwd_bytes / bw / 1e9, flops / FLOPS * 1e3), fwd_bytes,
+            max((fwd_bytes + bwd_bytes) / bw / 1e9, 3 * flops / FLOPS * 1e3), fwd_bytes + bwd_bytes)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def oom_safe(f, *a, **k):
+    try:
+        return f(*a, **k)
+    except torch.OutOfMemoryError:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return None
+
+
+def table(shapes, bw):
+    rows = []
+    for (b, l, h, p, n) in shapes:
+        inp = make(b, l, h, p, n)
+        dy = torch.randn(b, l, h, p, device="cuda").bfloat16()
+        row = dict(shape=f"b{b} l{l} h{h}x{p} n{n}")
+        f_floor, f_bytes, fb_floor, fb_bytes = floors(b, l, h, p, n, 1, bw)
+        row.update(floor_fwd=f_floor, floor_fb=fb_floor)
+        peer_ok = mamba_chunk_scan_combined is not None and b * l * h * p < PEER_MAX_ELEMENTS
+        if peer_ok:
+            with torch.no_grad():
+                row["err_vs_peer"] = rel(run_ours(inp), run_peer(inp))
+        for name, fn, ok in (("ours", run_ours, True), ("peer", run_peer, peer_ok),
+                             ("ref", run_ref, b * l <= REF_MAX_TOKENS)):
+            if not ok:
+                continue
+            r = oom_safe(measure, fn, inp, "fwd")
+            if r:
+                row[f"{name}_fwd"], row[f"{name}_fwd_gb"] = r
+            r = oom_safe(measure, fn, inp, "fb", dy)
+            if r:
+                row[f"{name}_fb"], row[f"{name}_fb_gb"] = r
+        if "ours_fwd" in row:
+            row["bw_fwd"] = f_bytes / row["ours_fwd"] / 1e9
+        if "ours_fb" in row:
+            row["bw_fb"] = fb_bytes / row["ours_fb"] / 1e9
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del inp, dy
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(rows, bw):
+    print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | copy {bw:.2f} TB/s")
+    print("| shape | ours fwd ms | mamba_ssm fwd | ratio | ours fwd+bwd ms | mamba_ssm fwd+bwd | ratio | ref fwd / "
+          "fwd+bwd | floor fwd / fwd+bwd | TB/s fwd / fwd+bwd | extra GB fwd / fwd+bwd ours | mamba_ssm | "
+          "max rel diff vs mamba_ssm |")
+    print("|---" * 13 + "|")
+    for r in rows:
+        g = r.get
+        ratio = lambda a, b: fmt(g(a) / g(b), ".2f") if g(a) and g(b) else "-"  # noqa: E731
+        print(f"| {r['shape']} | {fmt(g('ours_fwd'))} | {fmt(g('peer_fwd'))} | {ratio('ours_fwd', 'peer_fwd')} | "
+              f"{fmt(g('ours_fb'))} | {fmt(g('peer_fb'))} | {ratio('ours_fb', 'peer_fb')} | "
+              f"{fmt(g('ref_fwd'), '.1f')} / {fmt(g('ref_fb'), '.1f')} | {fmt(g('floor_fwd'))} / {fmt(g('floor_fb'))} | "
+              f"{fmt(g('bw_fwd'), '.2f')} / {fmt(g('bw_fb'), '.2f')} | {fmt(g('ours_fwd_gb'), '.2f')} / "
+              f"{fmt(g('ours_fb_gb'), '.2f')} | {fmt(g('peer_fwd_gb'), '.2f')} / {fmt(g('peer_fb_gb'), '.2f')} | "
+              f"{fmt(g('err_vs_peer'), '.1e')} |")
+
+
+def sweep(shapes):
+    grid = [dict(chunk=256, blk=64, warps=4), dict(chunk=256, blk=64, warps=8), dict(chunk=128, blk=64, warps=4),
+            dict(chunk=128, blk=32, warps=4), dict(chunk=256, blk=32, warps=4)]
+    for (b, l, h, p, n) in shapes:
+        inp = make(b, l, h, p, n)
+        dy = torch.randn(b, l, h, p, device="cuda").bfloat16()
+        for t in grid:
+            fn = lambda i, t=t: run_ours(i, t)  # noqa: E731
+            f = oom_safe(measure, fn, inp, "fwd")
+            fb = oom_safe(measure, fn, inp, "fb", dy)
+            print(json.dumps(dict(shape=f"b{b} l{l} h{h}x{p} n{n}", **t, fwd=f and f[0], fb=fb and fb[0],
+                                  fb_gb=fb and fb[1])), flush=True)
+        del inp, dy
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def profile(shapes, tuning=None):
+    """Per-kernel device time of fwd+bwd (ours, then mamba_ssm's) under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    for (b, l, h, p, n) in shapes:
+        inp = make(b, l, h, p, n)
+        dy = torch.randn(b, l, h, p, device="cuda").bfloat16()
+        runs = [("ours", lambda i: run_ours(i, tuning))]
+        if mamba_chunk_scan_combined is not None:
+            runs.append(("mamba_ssm", run_peer))
+        for name, fn in runs:
+            step = fwd_bwd(fn, inp, dy)
+            step()
+            torch.cuda.synchronize()
+            with prof(activities=[ProfilerActivity.CUDA]) as pr:
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+            print(f"\n== {name} b{b} l{l} h{h}x{p} n{n} (3 fwd+bwd)")
+            print(pr.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of fwd+bwd under torch.profiler")
+    ap.add_argument("--shapes", nargs="*", help="BxL items (heads 24 x 64, N 128), e.g. 8x2048 1x1048576")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("kernels_ssd.py needs a CUDA device")
+    shapes = SHAPES if not args.shapes else [(int(s.split("x")[0]), int(s.split("x")[1]), 24, 64, 128)
+                                            for s in args.shapes]
+    if mamba_chunk_scan_combined is None:
+        print(f"mamba_ssm not importable ({PEER_ERROR}): its columns stay empty")
+    bw = copy_bandwidth()
+    if args.sweep:
+        sweep(shapes)
+        return
+    if args.profile:
+        profile(shapes)
+        return
+    print_table(table(shapes, bw), bw)
+
+
+if __name__ == "__main__":
+    main()
