@@ -2,7 +2,8 @@
 
 As in Caduceus, ``mamba_fwd`` reads left to right and ``mamba_rev`` right to left (``reverse=True``: no flipped
 copies); with ``weight_tie`` their ``in_proj`` and ``out_proj`` are the same parameters and everything else
-(conv, x_proj, dt_proj, A_log, D) is per direction.
+(conv, x_proj, dt_proj, A_log, D) is per direction. Tied Mamba-1 mixers with ``"add"`` run both scans in one
+:func:`~seqmamba.kernels.bidirectional.selective_scan_bidirectional` call (no flipped copies, one output).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from seqmamba.kernels.bidirectional import selective_scan_bidirectional
 from seqmamba.mamba import Mamba
 from seqmamba.mamba2 import Mamba2
 
@@ -33,6 +35,8 @@ class BiMamba(nn.Module):
         if mixer not in MIXERS:
             raise ValueError(f"BiMamba: mixer must be one of {sorted(MIXERS)}, got {mixer!r}")
         self.strategy = strategy
+        # Mamba mixers with tied projections and "add": one bidirectional scan call for both directions
+        self.fused_scan = True
         self.mamba_fwd = MIXERS[mixer](d_model, **mixer_kwargs)
         self.mamba_rev = MIXERS[mixer](d_model, reverse=True, **mixer_kwargs)
         if weight_tie:
@@ -41,6 +45,16 @@ class BiMamba(nn.Module):
                 other.weight = shared.weight
                 if shared.bias is not None:
                     other.bias = shared.bias
+
+    def _fused_mix(self, projected: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Both directions' scans in one selective_scan_bidirectional call: (b, l, 2*d_inner) -> (b, l, d_inner)."""
+        fwd, _ = self.mamba_fwd.scan_inputs(projected, mask, None)
+        rev, _ = self.mamba_rev.scan_inputs(projected, mask, None)
+        softplus = fwd.pop("delta_softplus")
+        rev.pop("delta_softplus")
+        y = selective_scan_bidirectional(**{k: (fwd[k], rev[k]) for k in fwd}, delta_softplus=softplus,
+                                         backend=self.mamba_fwd.backend)
+        return y.transpose(1, 2)
 
     @property
     def shares_projections(self) -> bool:
@@ -53,9 +67,13 @@ class BiMamba(nn.Module):
         long_inference = not torch.is_grad_enabled() and hidden_states.shape[1] > self.mamba_fwd.segment_len
         if self.shares_projections and not long_inference:  # long inference runs in segments below instead
             projected = self.mamba_fwd.in_proj(hidden_states)
-            y_fwd, _ = self.mamba_fwd._mix(projected, mask, None)
-            y_rev, _ = self.mamba_rev._mix(projected, mask, None)
-            out = self.mamba_fwd.out_proj(y_fwd + y_rev)
+            if self.fused_scan and isinstance(self.mamba_fwd, Mamba):
+                y = self._fused_mix(projected, mask)
+            else:
+                y_fwd, _ = self.mamba_fwd._mix(projected, mask, None)
+                y_rev, _ = self.mamba_rev._mix(projected, mask, None)
+                y = y_fwd + y_rev
+            out = self.mamba_fwd.out_proj(y)
             bias = self.mamba_fwd.out_proj.bias
             return out if bias is None else out + bias  # out_proj(a) + out_proj(b) carries the bias twice
         out_fwd = self.mamba_fwd(hidden_states, mask=mask)

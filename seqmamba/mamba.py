@@ -124,6 +124,15 @@ class Mamba(SegmentedMixer):
 
     def _mix(self, xz, mask, state):
         """xz ``(b, l, 2*d_inner)`` (in_proj output) -> y ``(b, l, d_inner)`` and the new state."""
+        scan, conv_state = self.scan_inputs(xz, mask, state)
+        y, ssm_state = selective_scan(**scan, initial_state=None if state is None else state.ssm,
+                                      return_final_state=True, reverse=self.reverse, backend=self.backend)
+        return y.transpose(1, 2), MixerState(conv_state, ssm_state)
+
+    def scan_inputs(self, xz, mask, state):
+        """Everything before the scan: xz ``(b, l, 2*d_inner)`` -> (the selective_scan keyword arguments u,
+        delta, A, B, C, D, z, delta_bias, delta_softplus; the conv state). BiMamba feeds two mixers' arguments
+        to one bidirectional scan."""
         xz = xz.transpose(1, 2)  # (b, 2*d_inner, l)
         x, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
         if mask is not None:
@@ -140,11 +149,8 @@ class Mamba(SegmentedMixer):
         dt_bias, softplus = fp32(self.dt_proj.bias), True
         if mask is not None:
             dt, dt_bias, softplus = masked_dt(dt, dt_bias[:, None], mask), None, False
-        y, ssm_state = selective_scan(
-            x, dt, A, B, C, fp32(self.D), z=z, delta_bias=dt_bias, delta_softplus=softplus,
-            initial_state=None if state is None else state.ssm, return_final_state=True,
-            reverse=self.reverse, backend=self.backend)
-        return y.transpose(1, 2), MixerState(conv_state, ssm_state)
+        scan = dict(u=x, delta=dt, A=A, B=B, C=C, D=fp32(self.D), z=z, delta_bias=dt_bias, delta_softplus=softplus)
+        return scan, conv_state
 
     def step(self, hidden_states: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
         """One token: hidden_states ``(b, d_model)`` -> ``(b, d_model)`` and the new state."""

@@ -1,0 +1,196 @@
+"""selective_scan_bidirectional (the fused forward + reverse scan) against two reference calls added.
+
+CPU: the public op's reference path and validation; the Triton op under the interpreter on tiny shapes, for
+both forward kernels (the tile scan on (b, d, l)-contiguous inputs, the sequential one on the mixer's
+channel-last delta/z, which also writes a channel-last y), with a shared z and with seq_idx. GPU (``-m gpu``):
+a realistic bf16 shape and the BiMamba module (fused path) against the reference backend.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqmamba.kernels.bidirectional import selective_scan_bidirectional, split_directions
+from seqmamba.kernels.selective_scan import selective_scan_ref
+from tests.kernels.interpret import load_interpreted
+from tests.kernels.test_selective_scan import assert_close, make_inputs
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+SCAN = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+@pytest.fixture(scope="module")
+def chunk():
+    return load_interpreted("seqmamba.kernels.selective_scan.chunk")
+
+
+def make_pair(b, d, n, l, groups=1, shared_z=False, channel_last=False, dtype=torch.float32, seed=0):
+    """Independent random inputs per direction (fresh each call), as leaves; z shared when asked. channel_last
+    stores delta and z as transposed (b, l, d) tensors, the Mamba mixer's layout."""
+    fwd, rev = (make_inputs(b=b, d=d, n=n, l=l, groups=groups, dtype=dtype, seed=seed + i, h0=False)
+                for i in range(2))
+    for x in (fwd, rev):
+        x.pop("initial_state")
+        if channel_last:
+            for k in ("delta", "z"):
+                x[k] = x[k].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    if shared_z:
+        rev["z"] = fwd["z"]
+    return fwd, rev
+
+
+def grads_of(y, leaves, seed=1):
+    """y and d(sum(y * dy))/d(each leaf) for a fixed random dy."""
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    names = list(leaves)
+    gs = torch.autograd.grad((y * dy.to(y.device)).sum(), [leaves[k] for k in names])
+    return {"y": y.detach(), **{f"d{k}": v for k, v in zip(names, gs)}}
+
+
+def leaves_of(fwd, rev):
+    out = {f"{k}_f": v for k, v in fwd.items() if v is not None}
+    out.update({f"{k}_r": v for k, v in rev.items() if v is not None and v is not fwd[k]})
+    return out
+
+
+def two_call_reference(fwd, rev, softplus=True, seq_idx=None, dtype=torch.float64):
+    """Detached copies in ``dtype`` (shared tensors stay shared), and the two-call reference y on them."""
+    copies = {}
+
+    def cast(v):
+        if v is None:
+            return None
+        if id(v) not in copies:
+            copies[id(v)] = v.detach().to(dtype).requires_grad_()
+        return copies[id(v)]
+    f64 = {k: cast(v) for k, v in fwd.items()}
+    r64 = {k: cast(v) for k, v in rev.items()}
+    y = selective_scan_ref(**f64, delta_softplus=softplus, seq_idx=seq_idx) + \
+        selective_scan_ref(**r64, delta_softplus=softplus, reverse=True, seq_idx=seq_idx)
+    return y, f64, r64
+
+
+# (name, shape (b, d, n, l), groups, shared z, channel-last delta/z, seq_idx)
+CASES = [
+    ("tile-kernel-multichunk", (2, 4, 3, 37), 2, False, False, False),
+    ("shared-z", (1, 4, 2, 21), 1, True, False, False),
+    ("seq-kernel-channel-last", (1, 4, 2, 70), 1, True, True, False),
+    ("packed", (2, 2, 2, 37), 1, False, False, True),
+]
+
+
+@pytest.mark.parametrize("name,shape,groups,shared_z,channel_last,packed", CASES, ids=[c[0] for c in CASES])
+def test_interpreted_matches_two_call_reference(chunk, name, shape, groups, shared_z, channel_last, packed):
+    """Output and every gradient of both directions' inputs (fp32) against two float64 reference calls."""
+    b, d, n, l = shape
+    fwd, rev = make_pair(b, d, n, l, groups=groups, shared_z=shared_z, channel_last=channel_last,
+                         seed=len(name))
+    seq_idx = None
+    if packed:
+        seq_idx = torch.stack([torch.repeat_interleave(torch.arange(3), torch.tensor(c))
+                               for c in ([5, 20, l - 25], [1, l - 2, 1])][:b])
+    y = chunk.selective_scan_bidirectional_triton(fwd, rev, delta_softplus=True, seq_idx=seq_idx)
+    if channel_last:
+        assert y.stride(1) == 1, y.stride()  # y follows delta's layout
+    got = grads_of(y, leaves_of(fwd, rev))
+    y_ref, f64, r64 = two_call_reference(fwd, rev, seq_idx=seq_idx)
+    want = grads_of(y_ref, leaves_of(f64, r64))
+    assert got["y"].dtype == torch.float32
+    assert_close(got, want, rtol=2e-5)
+
+
+def test_interpreted_no_grad_and_bf16(chunk):
+    """bf16 activations (fp32 A, D, bias): y in bf16, close to the fp32 reference on the same inputs; no
+    tile states are kept without autograd."""
+    fwd, rev = make_pair(1, 4, 4, 19, dtype=torch.bfloat16, seed=3)
+    for x in (fwd, rev):
+        for k in ("A", "D", "delta_bias"):
+            x[k] = x[k].detach().float()
+    with torch.no_grad():
+        y = chunk.selective_scan_bidirectional_triton(fwd, rev, delta_softplus=True)
+        y_ref, _, _ = two_call_reference(fwd, rev, dtype=torch.float32)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - y_ref).norm() <= 1e-2 * y_ref.norm()
+
+
+def test_public_reference_path_and_pairs():
+    """backend='ref' is two reference calls added; a lone tensor is shared by both directions (its gradient is
+    the sum of both directions')."""
+    fwd, rev = make_pair(2, 4, 3, 11, shared_z=True, dtype=torch.float64, seed=7)
+    args = {k: (fwd[k] if fwd[k] is rev[k] else (fwd[k], rev[k])) for k in SCAN}
+    assert not isinstance(args["z"], tuple)
+    y = selective_scan_bidirectional(**args, delta_softplus=True, backend="ref")
+    got = grads_of(y, leaves_of(fwd, rev))
+    y_ref, f64, r64 = two_call_reference(fwd, rev)
+    want = grads_of(y_ref, leaves_of(f64, r64))
+    assert_close(got, want, rtol=1e-12)
+
+
+def test_validation_errors_name_the_argument():
+    fwd, rev = make_pair(1, 4, 2, 5, dtype=torch.float64)
+    args = {k: (fwd[k], rev[k]) for k in SCAN}
+    with pytest.raises(ValueError, match="delta"):
+        selective_scan_bidirectional(**{**args, "delta": (fwd["delta"], rev["delta"][..., :4])})
+    with pytest.raises(ValueError, match="D is given for one direction only"):
+        selective_scan_bidirectional(**{**args, "D": (fwd["D"], None)})
+    with pytest.raises(ValueError, match="pair"):
+        split_directions(u=(fwd["u"],))
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_gpu_bf16_realistic(channel_last):
+    """b2 d1536 n16 l4096 bf16 (fp32 A, D, bias), shared z: y and every gradient within 2e-2 of the float64
+    two-call reference (relative L2)."""
+    fwd, rev = make_pair(2, 1536, 16, 4096, shared_z=True, channel_last=channel_last, seed=21)
+    for x in (fwd, rev):
+        for k in x:
+            v = x[k].detach().cuda()
+            if k in ("u", "delta", "B", "C", "z"):
+                v = v.to(torch.bfloat16)
+            x[k] = v
+    rev["z"] = fwd["z"]
+    for x in (fwd, rev):
+        for v in x.values():
+            v.requires_grad_()
+    y = selective_scan_bidirectional(**{k: (fwd[k] if fwd[k] is rev[k] else (fwd[k], rev[k])) for k in SCAN},
+                                     delta_softplus=True, backend="triton")
+    assert y.dtype == torch.bfloat16
+    got = grads_of(y, leaves_of(fwd, rev))
+    y_ref, f64, r64 = two_call_reference(fwd, rev)
+    want = grads_of(y_ref, leaves_of(f64, r64))
+    for k in want:
+        a, b_ = got[k].double(), want[k]
+        assert torch.isfinite(a).all(), k
+        assert (a - b_).norm() <= 2e-2 * b_.norm(), (k, ((a - b_).norm() / b_.norm()).item())
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("masked", [False, True])
+def test_gpu_bimamba_fused_matches_reference_backend(masked):
+    """BiMamba (tied projections, "add": the fused path) with backend auto vs ref: output, input gradient and
+    every parameter gradient (fp32, rtol 1e-4), with and without a padding mask."""
+    from seqmamba.bimamba import BiMamba
+    torch.manual_seed(0)
+    m_auto = BiMamba(64, backend="auto").cuda()
+    m_ref = BiMamba(64, backend="ref").cuda()
+    m_ref.load_state_dict(m_auto.state_dict())
+    x = torch.randn(2, 1500, 64, device="cuda")
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1500, dtype=torch.bool, device="cuda")
+        mask[0, :100] = False
+        mask[1, -300:] = False
+    outs = []
+    for m in (m_auto, m_ref):
+        xi = x.clone().requires_grad_()
+        y = m(xi, mask=mask)
+        (y.square() * (1.0 if mask is None else mask[..., None])).sum().backward()
+        outs.append({"y": y.detach() * (1.0 if mask is None else mask[..., None]), "dx": xi.grad,
+                     **{n: p.grad for n, p in m.named_parameters()}})
+    assert_close(outs[0], outs[1], rtol=1e-4)
