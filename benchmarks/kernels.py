@@ -147,66 +147,241 @@ def conv_rows():
     return rows
 
 
-def e2e_rows(lengths=(1024, 131072, 1 << 20), backend="auto"):
-    """Caduceus-size backbone (d_model 256, 16 BiMamba layers, RCPS: hidden width 512) under bf16 autocast:
-    training step (forward + backward of the backbone on random hidden states; no embedding or LM head) and
-    inference, tokens/s and peak memory, at the largest batch (powers of two) that fits. Activation
-    checkpointing is switched on where the plain step runs out of memory at batch 1."""
+# Caduceus-PS reference (FIELD_NOTES section 1, one H100 80GB, mamba_ssm kernels, no checkpointing):
+# (mode, length) -> (batch, tokens/s, peak GB); None where it ran out of memory at batch 1.
+CADUCEUS_H100 = {("train", 131072): (2, 198350, 77.9), ("train", 1 << 20): None,
+                 ("infer", 1 << 20): (4, 847760, 78.2), ("infer", 1 << 22): (1, 827820, 78.2)}
+
+
+def _is_oom(e):
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def e2e_step(model, batch, length, width, mode, device):
+    """One step of the backbone on random hidden states (b, l, width) under bf16 autocast: forward + backward
+    of a mean-square loss ("train") or a no-grad forward ("infer")."""
+    x = torch.randn(batch, length, width, device=device, requires_grad=mode == "train")
+    with torch.autocast(device, dtype=torch.bfloat16):
+        if mode == "train":
+            model(x).float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+
+
+def e2e_measure(model, batch, length, width, mode, device, reps):
+    """(seconds per step, peak GB) of ``reps`` steps after one warm-up step; raises on out-of-memory."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        e2e_step(model, batch, length, width, mode, device)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            e2e_step(model, batch, length, width, mode, device)
+        sync()
+        sec = (time.perf_counter() - t0) / max(reps, 1)
+    finally:
+        model.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
+    return sec, peak
+
+
+def e2e_rows(lengths=(1024, 131072, 1 << 20), infer_extra=(1 << 22,), d_model=256, n_layer=16,
+             max_tokens=1 << 20, reps=2, device="cuda", backend="auto", budget_gb=None):
+    """Caduceus-size backbone (d_model 256, 16 BiMamba layers, RCPS: hidden width 2 * d_model) under bf16
+    autocast: a training step (forward + backward of the backbone on random hidden states; no embedding or LM
+    head, which are tiny at this vocabulary) and inference, tokens/s and peak memory.
+
+    Per (mode, length): batch 1 without activation checkpointing, or with it if that runs out of memory;
+    the batch is then raised to the largest power of two that the batch-1 peak predicts to fit in
+    ``budget_gb`` (default 90% of the GPU), at most ``max_tokens`` tokens, halving on out-of-memory."""
     from seqmamba.backbone import MambaBackbone
     from seqmamba.config import BackboneConfig
+    if budget_gb is None:
+        budget_gb = 0.9 * torch.cuda.get_device_properties(0).total_memory / 1e9 if device == "cuda" else 1.0
+    width = 2 * d_model
     rows = []
     for mode in ("train", "infer"):
-        for l in lengths if mode == "train" else (*lengths, 1 << 22):
-            for ckpt in (False, True):
-                cfg = BackboneConfig(d_model=256, n_layer=16, bidirectional=True, rcps=True,
+        for length in (*lengths, *(infer_extra if mode == "infer" else ())):
+            row = dict(mode=mode, length=length, batch=0, error="out of memory at batch 1")
+            for ckpt in ((False, True) if mode == "train" else (False,)):
+                cfg = BackboneConfig(d_model=d_model, n_layer=n_layer, bidirectional=True, rcps=True,
                                      checkpoint_activations=ckpt)
-                model = MambaBackbone(cfg, backend=backend).cuda().train(mode == "train")
-                batch, best = max(1, (1 << 18) // l) * 4, None
-                while batch >= 1 and best is None:
+                model = MambaBackbone(cfg, backend=backend).to(device).train(mode == "train")
+                try:
+                    sec, peak = e2e_measure(model, 1, length, width, mode, device, reps=0)
+                except Exception as e:  # noqa: BLE001
+                    if not _is_oom(e):
+                        raise
+                    del model
+                    continue
+                batch = 1
+                if peak == peak:  # predicted from the batch-1 peak (linear in the batch)
+                    while batch * 2 * length <= max_tokens and peak * batch * 2 <= budget_gb:
+                        batch *= 2
+                while batch >= 1:
                     try:
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats()
-                        x = torch.randn(batch, l, 512, device="cuda", requires_grad=mode == "train")
-
-                        def step():
-                            with torch.autocast("cuda", dtype=torch.bfloat16):
-                                if mode == "train":
-                                    model(x).float().square().mean().backward()
-                                else:
-                                    with torch.no_grad():
-                                        model(x)
-                        step()
-                        torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        reps = 3
-                        for _ in range(reps):
-                            step()
-                        torch.cuda.synchronize()
-                        sec = (time.perf_counter() - t0) / reps
-                        best = dict(mode=mode, length=l, batch=batch, ckpt=ckpt, s_per_step=sec,
-                                    tokens_per_s=batch * l / sec,
-                                    peak_GB=torch.cuda.max_memory_allocated() / 1e9)
-                    except torch.cuda.OutOfMemoryError:
+                        sec, peak = e2e_measure(model, batch, length, width, mode, device, reps=reps)
+                        break
+                    except Exception as e:  # noqa: BLE001
+                        if not _is_oom(e):
+                            raise
                         batch //= 2
-                    finally:
-                        x = None
-                        model.zero_grad(set_to_none=True)
                 del model
-                if best is not None:
-                    rows.append(best)
-                    print(json.dumps(best), flush=True)
-                    break
-                if mode == "infer" or ckpt:
-                    rows.append(dict(mode=mode, length=l, batch=0, error="out of memory at batch 1"))
-                    print(json.dumps(rows[-1]), flush=True)
-                    break
+                row = dict(mode=mode, length=length, batch=batch, ckpt=ckpt, s_per_step=sec,
+                           tokens_per_s=batch * length / sec, peak_GB=peak)
+                ref = CADUCEUS_H100.get((mode, length), "-")
+                row["caduceus_ref"] = "OOM" if ref is None else ref
+                break
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
-def sweep(shape, configs, bwd=False):
+def with_layout(x, layout):
+    """Same values, other strides: "bdl" (every (b, d, l) / (b, n, l) tensor contiguous along l), "module"
+    (what Mamba passes: u along l; delta, z channel-last, B, C state-last, as views of (b, l, .) tensors) or
+    "bld" (all channel-last)."""
+    def last(t):  # (b, c, l) values held as a contiguous (b, l, c) tensor
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    keys = {"bdl": (), "module": ("delta", "z", "B", "C"), "bld": ("u", "delta", "z", "B", "C")}[layout]
+    return {k: (last(v) if k in keys else v) for k, v in x.items()}
+
+
+def layout_rows(shapes=((8, 1536, 16, 2048), (1, 1536, 16, 65536), (1, 1536, 16, 1 << 20))):
+    """Forward time of both forward kernels and fwd+bwd time of the default, for each input layout."""
+    from seqmamba.kernels.selective_scan.chunk import selective_scan_triton
+    rows = []
+    for shape in shapes:
+        base = make(*shape)
+        for layout in ("bdl", "module", "bld"):
+            x = with_layout(base, layout)
+            row = dict(shape=str(shape), layout=layout)
+            for kern in ("scan", "seq"):
+                row[f"fwd_{kern}_ms"] = bench(lambda: selective_scan_triton(
+                    **x, delta_softplus=True, return_final_state=True, _tuning=dict(fwd_kernel=kern)), rep_ms=100)
+            leaves = {k: v.detach().requires_grad_() for k, v in x.items()}
+
+            def f():
+                y, h = selective_scan_triton(**leaves, delta_softplus=True, return_final_state=True)
+                torch.autograd.backward((y, h), (y.detach(), h.detach()))
+            row["fwdbwd_ms"] = bench(f, rep_ms=100)
+            del leaves
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def _timed_pair(f, leaves, rep_ms=100):
+    """(forward ms, forward+backward ms) of f() -> tensor, backward with a fixed random cotangent."""
+    with torch.no_grad():
+        fwd_ms = bench(f, rep_ms=rep_ms)
+    y = f()
+    dy = torch.randn_like(y)
+    del y
+
+    def fb():
+        torch.autograd.grad(f(), leaves, dy)
+    return fwd_ms, bench(fb, rep_ms=rep_ms)
+
+
+def bidirectional_rows(scan_shapes=((8, 1536, 16, 2048), (1, 1536, 16, 1 << 18)),
+                       layer_shapes=((8, 2048, 768), (2, 131072, 256))):
+    """The fused bidirectional scan / layer against two single-direction ones plus flips (Caduceus style),
+    same run. Scan: selective_scan_bidirectional vs flip(inputs) -> scan -> flip(output), twice, added (and vs
+    two reverse-capable calls added, no flips). Layer (b, l, d_model, bf16 autocast): BiMamba with tied
+    projections (fused scan) vs Caduceus' wrapper: mamba_fwd(x) + mamba_rev(x.flip(1)).flip(1) with tied
+    in/out projections."""
+    from seqmamba.bimamba import BiMamba
+    from seqmamba.kernels.bidirectional import selective_scan_bidirectional
+    from seqmamba.kernels.selective_scan import selective_scan
+    from seqmamba.mamba import Mamba
+    rows = []
+    for b, d, n, l in scan_shapes:
+        xf, xr = make(b, d, n, l, seed=1), make(b, d, n, l, seed=2)
+        lf = {k: v.requires_grad_() for k, v in xf.items()}
+        lr = {k: v.requires_grad_() for k, v in xr.items()}
+        leaves = [*lf.values(), *lr.values()]
+        seqk = ("u", "delta", "z", "B", "C")
+
+        def fused():
+            return selective_scan_bidirectional(**{k: (lf[k], lr[k]) for k in lf}, delta_softplus=True)
+
+        def flips():
+            yr = selective_scan(**{k: (v.flip(-1) if k in seqk else v) for k, v in lr.items()}, delta_softplus=True)
+            return selective_scan(**lf, delta_softplus=True) + yr.flip(-1)
+
+        def two_calls():
+            return selective_scan(**lf, delta_softplus=True) + selective_scan(**lr, delta_softplus=True,
+                                                                                 reverse=True)
+        row = dict(bidir_scan=f"b{b} d{d} n{n} l{l}")
+        for name, f in (("fused", fused), ("flips", flips), ("two_calls", two_calls)):
+            row[f"{name}_fwd_ms"], row[f"{name}_fwdbwd_ms"] = _timed_pair(f, leaves)
+        with torch.no_grad():
+            row["err_fused_vs_flips"] = rel(fused().float(), flips().float())
+        for k in ("fwd", "fwdbwd"):
+            row[f"ratio_{k}"] = row[f"fused_{k}_ms"] / row[f"flips_{k}_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del lf, lr, leaves, xf, xr
+        torch.cuda.empty_cache()
+    for b, l, dm in layer_shapes:
+        torch.manual_seed(0)
+        bi = BiMamba(dm).cuda()
+        m_f, m_r = Mamba(dm).cuda(), Mamba(dm).cuda()
+        for name in ("in_proj", "out_proj"):
+            getattr(m_r, name).weight = getattr(m_f, name).weight
+        x = torch.randn(b, l, dm, device="cuda", requires_grad=True)
+        params = [x, *bi.parameters()]
+
+        def layer(fn):
+            def f():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return fn()
+            return f
+
+        def caduceus():
+            return m_f(x) + m_r(x.flip(1)).flip(1)
+
+        def unfused():
+            bi.fused_scan = False
+            try:
+                return bi(x)
+            finally:
+                bi.fused_scan = True
+        row = dict(bidir_layer=f"b{b} l{l} d_model{dm}")
+        for name, f, ps in (("fused", layer(lambda: bi(x)), params), ("unfused", layer(unfused), params),
+                            ("caduceus", layer(caduceus), [x, *m_f.parameters(), *m_r.parameters()])):
+            row[f"{name}_fwd_ms"], row[f"{name}_fwdbwd_ms"] = _timed_pair(f, ps)
+        for k in ("fwd", "fwdbwd"):
+            row[f"ratio_{k}"] = row[f"fused_{k}_ms"] / row[f"caduceus_{k}_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del bi, m_f, m_r, x, params
+        torch.cuda.empty_cache()
+    return rows
+
+
+def module_sweep():
+    """Tunings of the sequential forward kernel on the mixer's layout (channel-last delta/z/y), and its single
+    pass (one chunk) against the chunked one."""
+    cfgs = [dict(fwd_kernel="seq", bd_fwd=bd, warps_fwd=w, programs=p) for bd in (64, 128, 256)
+            for w in (2, 4, 8) for p in (1024, 2048) if 1 <= bd // (32 * w) <= 4]
+    for shape in ((8, 1536, 16, 2048), (1, 1536, 16, 1 << 20)):
+        x = with_layout(make(*shape), "module")
+        cf = cfgs if shape[0] == 1 else [c for c in cfgs if c["programs"] == 1024]
+        if shape[0] == 1:
+            cf = cf + [dict(fwd_kernel="seq", bd_fwd=bd, warps_fwd=w, fwd_chunks=1) for bd, w in ((8, 1), (16, 1), (32, 1))]
+        sweep(shape, cf, x=x)
+
+
+def sweep(shape, configs, bwd=False, x=None):
     """Time the Triton forward (or forward+backward) of one shape under several tunings; print one line each."""
     from seqmamba.kernels.selective_scan.chunk import selective_scan_triton
-    x = make(*shape)
+    x = make(*shape) if x is None else x
     leaves = {k: v.detach().requires_grad_(bwd) for k, v in x.items()}
     out = []
     for cfg in configs:
@@ -229,6 +404,14 @@ def sweep(shape, configs, bwd=False):
     return best
 
 
+def print_e2e(rows):
+    cols = ["mode", "length", "batch", "ckpt", "s_per_step", "tokens_per_s", "peak_GB", "caduceus_ref", "error"]
+    print("\n| " + " | ".join(cols) + " |")
+    for r in rows:
+        print("| " + " | ".join((f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")))
+                                for c in cols) + " |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes only")
@@ -239,12 +422,25 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="time tunings of the Triton scan instead")
     p.add_argument("--e2e", action="store_true",
                    help="Caduceus-size backbone training/inference tokens/s and peak memory instead")
+    p.add_argument("--bidirectional", action="store_true", help="fused bidirectional scan and layer rows only")
+    p.add_argument("--sweep-module", action="store_true", help="sequential kernel tunings on the mixer's layout")
+    p.add_argument("--layouts", action="store_true", help="forward/backward time per input memory layout")
     p.add_argument("--compare-fwd", action="store_true", help="the two forward kernels side by side")
     p.add_argument("--sweep-seq", action="store_true", help="time the sequential forward kernel's tunings")
     p.add_argument("--sweep-programs", action="store_true", help="time grid-size targets instead")
     args = p.parse_args(argv)
     if args.e2e:
-        e2e_rows()
+        rows = e2e_rows()
+        print_e2e(rows)
+        return
+    if args.bidirectional:
+        bidirectional_rows()
+        return
+    if args.sweep_module:
+        module_sweep()
+        return
+    if args.layouts:
+        layout_rows()
         return
     if args.compare_fwd:
         for shape in ((8, 1536, 16, 2048), (1, 1536, 16, 65536), (1, 1536, 16, 1 << 20)):
@@ -301,16 +497,17 @@ def main(argv=None):
         torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)
     crows = conv_rows() if not args.quick else []
+    brows = bidirectional_rows() if not args.quick else []
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "rows": rows, "conv": crows}, f, indent=1)
+            json.dump({"info": info, "rows": rows, "conv": crows, "bidirectional": brows}, f, indent=1)
     cols = ["shape", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fieldnotes_fwd_ms", "fieldnotes_bwd_ms", "mamba_fwd_ms",
             "ref_fwd_ms", "floor_ms", "GBps", "Texp_s", "fwd_extra_GB", "fwdbwd_extra_GB", "err_y", "err_h"]
     print("\n| " + " | ".join(cols) + " |")
     for r in rows:
         print("| " + " | ".join(
             (f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))) for c in cols) + " |")
-    for r in crows:
+    for r in crows + brows:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 
 
