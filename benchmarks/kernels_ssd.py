@@ -94,7 +94,7 @@ def measure(fn, inp, mode, dy=None):
     torch.cuda.synchronize()
     extra = (torch.cuda.max_memory_allocated() - base) / 1e9
     del out
-    ms = do_bench(step, warmup=25, rep=200, return_mode="median")
+    ms = do_bench(step, warmup=25, rep=100, return_mode="median")
     return ms, extra
 
 

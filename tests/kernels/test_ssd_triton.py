@@ -152,7 +152,8 @@ def grads_cuda(fn, inp, seed=1):
     """y, final state and the gradients of <y, dy> + <ht, dht> for random cotangents."""
     y, ht = fn(**inp)
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    dy = torch.randn(y.shape, generator=gen, device="cuda").to(y.dtype)
+    # rounded to bf16 for every run, so that runs of different dtypes get the same cotangent
+    dy = torch.randn(y.shape, generator=gen, device="cuda").bfloat16().to(y.dtype)
     dht = torch.randn(ht.shape, generator=gen, device="cuda")
     names = [k for k, v in inp.items() if v is not None]
     grads = torch.autograd.grad((y * dy).float().sum() + (ht * dht).sum(), [inp[k] for k in names])
@@ -190,8 +191,14 @@ def test_gpu_fp32_matches_float64(reverse, packed):
 def test_gpu_bf16_realistic_shape():
     """b2 l4096 h24 p64 n128, bf16, against the reference on the same rounded inputs in fp32."""
     inp = cuda_inputs(2, 4096, 24, 64, 1, 128, seed=1)
-    got = grads_cuda(public(), inp)
-    compare(got, grads_cuda(reference(), upcast(inp, torch.float32)), 2e-2)
+    y, ht, grads = grads_cuda(public(), inp)
+    y2, ht2, grads2 = grads_cuda(reference(), upcast(inp, torch.float32))
+    pairs = {"y": (y, y2), "ht": (ht, ht2), **{k: (grads[k], grads2[k]) for k in grads}}
+    errs = {k: ((a.double() - b.double()).norm() / b.double().norm()).item() for k, (a, b) in pairs.items()}
+    print("norm-wise relative errors:", {k: f"{e:.1e}" for k, e in errs.items()})
+    # dA and ddt_bias sum b*l terms of both signs: their rounding errors do not shrink with the sum
+    bad = {k: e for k, e in errs.items() if e > (5e-2 if k in ("dA", "ddt_bias") else 1e-2)}
+    assert not bad, errs
 
 
 @pytest.mark.gpu

@@ -18,17 +18,20 @@ chunks: the state entering every chunk, in place, and the final state) -> ``_chu
 
 Backward, with g = dy silu(z) and G_out[c] = dL/dH_out[c]:
   ``_bwd_gloc_kernel`` (g, and each chunk's local dL/dH_in) -> ``_bwd_state_pass_kernel`` (right to left:
-  G_out per chunk, dinitial_state, <G_out, H_out> per chunk) -> ``_bwd_dx_dB_kernel`` (per block of s: dx,
-  dz, dB summed over the heads of a group, dD, and per-position scalars) -> ``_bwd_dC_kernel`` (per block of
-  t: dC) -> ``_bwd_ddt_kernel`` (ddt, dA, ddt_bias through the cumulative sums).
-The gradient through cs needs no pairwise sums: since every term of y[t] scales with exp(cs[t]),
-dL/dcs[t] = g[t].(y[t] - D x[t]) - x[t].(dx[t] - D g[t]) (+ <G_out, H_out> at a chunk's last position).
-The backward recomputes from the inputs, y (pre-gate when z is given) and the chunk states; nothing of size
-(b, l, h, p, n) is stored. No atomics: per-program partials are summed by torch in a fixed order, so the
-backward is deterministic. Accumulation is fp32; tl.dot operands are bf16/fp16 for such inputs, fp32 (IEEE)
-for fp32 inputs. All offsets are 64-bit.
+  G_out per chunk, dinitial_state, and exp(cs[Q-1]) <G_out, H_in> per chunk) -> ``_bwd_dx_dB_kernel`` (per
+  block of s: dx, dz, dB summed over the heads of a group, dD, and per-position scalars) -> ``_bwd_dC_kernel``
+  (per block of t: dC, and the pair sums of dA) -> ``_bwd_ddt_kernel`` (ddt, dA, ddt_bias).
+The gradient in da[k] (a = dt A) is summed from terms that each belong to k, never as a difference of large
+sums (which cancels to noise in bf16): the pairs s < k <= t of R[t,s] = P[t,s] (C[t].B[s]) dt[s] (g[t].x[s]),
+the incoming state's terms at t >= k, the outgoing state's terms at s < k, and the chunk decay's term.
+The backward recomputes from the inputs, y before the gate (saved only when z is given) and the chunk states;
+nothing of size (b, l, h, p, n) is stored. No atomics: per-program partials are summed by torch in a fixed
+order, so the backward is deterministic. Accumulation is fp32; tl.dot operands are bf16/fp16 for such inputs,
+fp32 (IEEE) for fp32 inputs. All offsets are 64-bit (positions themselves are 32-bit: l < 2^31).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -43,6 +46,17 @@ WARPS = 4
 STAGES = 2
 STATE_BLOCK = 512  # elements of the (p, n) state per program of the state passes
 TARGET_PROGRAMS = 1024  # the backward splits the heads of a group among programs until this many run
+# Off-diagonal decay tiles as outer products of two exp vectors (SEQMAMBA_SSD_FACTOR=0: every pair's own exp)
+FACTOR = os.environ.get("SEQMAMBA_SSD_FACTOR", "1") != "0"
+
+
+@triton.jit
+def _mm(a, b, acc=None, PREC: tl.constexpr = "ieee", UP: tl.constexpr = False):
+    """tl.dot(a, b, acc); UP (the interpreter) multiplies the (already rounded) operands in fp32."""
+    if UP:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -72,9 +86,26 @@ def _seq_at(seq_ptr, row, j, seqlen, ss_l, REVERSE: tl.constexpr):
 
 @triton.jit
 def _load_rows(ptr, base, t, s_l, cols, s_c, valid, ncols):
-    """(BLK, BCOLS) fp32 tile: rows at storage positions t, columns cols < ncols; zeros where masked."""
+    """(BLK, BCOLS) tile in the tensor's dtype: rows at storage positions t, columns cols < ncols; zeros
+    where masked."""
     m = valid[:, None] & (cols < ncols)[None, :]
-    return tl.load(ptr + base + t[:, None] * s_l + cols[None, :] * s_c, mask=m, other=0.0).to(tl.float32)
+    return tl.load(ptr + base + t[:, None] * s_l + cols[None, :] * s_c, mask=m, other=0.0)
+
+
+@triton.jit
+def _decay(cs_ptr, ref, cst, css, off, FACTOR: tl.constexpr):
+    """(t, s) tile exp(min(cs[t] - cs[s], 0)). Where ``off`` (every s of the tile before every t), and FACTOR,
+    as the outer product exp(cs[t] - cs[ref]) exp(cs[ref] - cs[s]) through the position ref (s <= ref <= t):
+    2 BLK exps instead of BLK^2, both factors <= 1 (nothing positive is exponentiated)."""
+    if FACTOR:
+        if off:
+            cr = tl.load(cs_ptr + ref)
+            d = tl.exp(tl.minimum(cst - cr, 0.0))[:, None] * tl.exp(tl.minimum(cr - css, 0.0))[None, :]
+        else:
+            d = tl.exp(tl.minimum(cst[:, None] - css[None, :], 0.0))
+    else:
+        d = tl.exp(tl.minimum(cst[:, None] - css[None, :], 0.0))
+    return d
 
 
 @triton.jit
@@ -107,7 +138,7 @@ def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
                         sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
                         nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate,
                         REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
-                        BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+                        BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
     """Local end state of each chunk (from a zero state): sum_s exp(cs[Q-1] - cs[s]) dt[s] x[s] B[s]^T,
     written to slot c of the (b, chunks + 1, h, p, n) state buffer."""
     c = tl.program_id(0)
@@ -127,12 +158,12 @@ def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
         js = c0 + k * BLK + tl.arange(0, BLK)
         vs = js < seqlen
         ts = _pos(js, seqlen, REVERSE)
-        xs = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim)
-        Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate)
+        xs = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim).to(tl.float32)
+        Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
         w = tl.exp(tl.minimum(cs_last - tl.load(cs_ptr + row + js), 0.0)) * tl.load(dtp_ptr + row + js)
         if HAS_SEQ:
             w = tl.where(_seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE) == seq_last, w, 0.0)
-        acc = tl.dot(tl.trans((xs * w[:, None]).to(DT)), Bs.to(DT), acc, input_precision=PREC)
+        acc = _mm(tl.trans((xs * w[:, None]).to(DT)), Bs.to(DT), acc, PREC=PREC, UP=UP)
     slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
     m = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
     tl.store(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :], acc, mask=m)
@@ -196,7 +227,8 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
                       nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate,
                       HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, STORE_PRE: tl.constexpr,
                       REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
-                      BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+                      BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+                      FACTOR: tl.constexpr):
     """y for one block of BLK positions of one chunk and head: the state entering the chunk, decayed, read by
     C, plus the masked (C B^T) (dt x) product over the blocks up to this one, plus D x, times silu(z)."""
     pc = tl.program_id(0)
@@ -223,22 +255,22 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
     if HAS_SEQ:
         seq_t = _seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE)
         ein = tl.where(seq_t == _seq_at(seq_ptr, bb * ss_b, c0 - 1, seqlen, ss_l, REVERSE), ein, 0.0)
-    acc = tl.dot(Ct, tl.trans(H.to(DT)), input_precision=PREC) * ein[:, None]
+    acc = _mm(Ct, tl.trans(H.to(DT)), PREC=PREC, UP=UP) * ein[:, None]
     for k in range(0, m + 1):
         js = c0 + k * BLK + tl.arange(0, BLK)
         vs = js < seqlen
         ts = _pos(js, seqlen, REVERSE)
         Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
         xs = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim).to(DT)
-        cb = tl.dot(Ct, tl.trans(Bs), input_precision=PREC)
-        decay = tl.exp(tl.minimum(cst[:, None] - tl.load(cs_ptr + row + js)[None, :], 0.0))
+        cb = _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
+        decay = _decay(cs_ptr, row + c0 + k * BLK + BLK - 1, cst, tl.load(cs_ptr + row + js), k < m, FACTOR)
         keep = jt[:, None] >= js[None, :]
         if HAS_SEQ:
             keep = keep & (seq_t[:, None] == _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)[None, :])
         wgt = tl.where(keep, cb * decay * tl.load(dtp_ptr + row + js)[None, :], 0.0)
-        acc = tl.dot(wgt.to(DT), xs, acc, input_precision=PREC)
+        acc = _mm(wgt.to(DT), xs, acc, PREC=PREC, UP=UP)
     if HAS_D:
-        xt = _load_rows(x_ptr, bb * sx_b + hh * sx_h, tt, sx_l, p_off, sx_p, vt, hdim)
+        xt = _load_rows(x_ptr, bb * sx_b + hh * sx_h, tt, sx_l, p_off, sx_p, vt, hdim).to(tl.float32)
         if D_HP:
             Dv = tl.load(D_ptr + hh * hdim + p_off, mask=p_off < hdim, other=0.0).to(tl.float32)
             acc += Dv[None, :] * xt
@@ -249,7 +281,7 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
     if STORE_PRE:
         tl.store(ypre_ptr + out, acc.to(ypre_ptr.dtype.element_ty), mask=om)
     if HAS_Z:
-        zt = _load_rows(z_ptr, bb * sz_b + hh * sz_h, tt, sz_l, p_off, sz_p, vt, hdim)
+        zt = _load_rows(z_ptr, bb * sz_b + hh * sz_h, tt, sz_l, p_off, sz_p, vt, hdim).to(tl.float32)
         acc = acc * zt * tl.sigmoid(zt)
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=om)
 
@@ -262,7 +294,7 @@ def _bwd_gloc_kernel(dy_ptr, z_ptr, C_ptr, g_ptr, cs_ptr, gst_ptr, seq_ptr,
                      nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate,
                      HAS_Z: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr,
                      BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, UP: tl.constexpr):
     """g = dy silu(z) (written when z is given) and each chunk's local dL/dH_in = sum_t exp(cs[t]) g[t]^T C[t]
     into slot c of the (b, chunks + 1, h, p, n) gradient buffer."""
     c = tl.program_id(0)
@@ -281,17 +313,17 @@ def _bwd_gloc_kernel(dy_ptr, z_ptr, C_ptr, g_ptr, cs_ptr, gst_ptr, seq_ptr,
         jt = c0 + k * BLK + tl.arange(0, BLK)
         vt = jt < seqlen
         tt = _pos(jt, seqlen, REVERSE)
-        gt = _load_rows(dy_ptr, bb * so_b + hh * so_h, tt, so_l, p_off, 1, vt, hdim)
+        gt = _load_rows(dy_ptr, bb * so_b + hh * so_h, tt, so_l, p_off, 1, vt, hdim).to(tl.float32)
         if HAS_Z:
-            zt = _load_rows(z_ptr, bb * sz_b + hh * sz_h, tt, sz_l, p_off, sz_p, vt, hdim)
+            zt = _load_rows(z_ptr, bb * sz_b + hh * sz_h, tt, sz_l, p_off, sz_p, vt, hdim).to(tl.float32)
             gt = gt * zt * tl.sigmoid(zt)
             tl.store(g_ptr + bb * so_b + hh * so_h + tt[:, None] * so_l + p_off[None, :],
                      gt.to(g_ptr.dtype.element_ty), mask=vt[:, None] & (p_off < hdim)[None, :])
         ein = tl.exp(tl.minimum(tl.load(cs_ptr + row + jt), 0.0))
         if HAS_SEQ:
             ein = tl.where(_seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE) == seq_in, ein, 0.0)
-        Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, tt, sC_l, n_off, sC_n, vt, dstate)
-        acc = tl.dot(tl.trans((gt * ein[:, None]).to(DT)), Ct.to(DT), acc, input_precision=PREC)
+        Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, tt, sC_l, n_off, sC_n, vt, dstate).to(DT)
+        acc = _mm(tl.trans((gt * ein[:, None]).to(DT)), Ct.to(DT), acc, PREC=PREC, UP=UP)
     slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
     m = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
     tl.store(gst_ptr + slot + p_off[:, None] * dstate + n_off[None, :], acc, mask=m)
@@ -346,7 +378,8 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
                       nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate,
                       HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, REVERSE: tl.constexpr,
                       HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr,
-                      BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+                      BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+                      FACTOR: tl.constexpr):
     """One block of BLK source positions s of one chunk, for the ``hps`` heads of one split of a group:
 
         dx[s] = dt[s] (sum_{t>=s} P[t,s] (C[t].B[s]) g[t] + w[s] G_out B[s]) + D g[s]
@@ -380,7 +413,7 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
     for i in range(0, hps):
         hh = gg * hpg + sp * hps + i
         row = (bb * nheads + hh) * Lp
-        xs32 = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim)
+        xs32 = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim).to(tl.float32)
         xs = xs32.to(DT)
         dts = tl.load(dtp_ptr + row + js)
         css = tl.load(cs_ptr + row + js)
@@ -396,23 +429,24 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
             tt = _pos(jt, seqlen, REVERSE)
             Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, tt, sC_l, n_off, sC_n, vt, dstate).to(DT)
             gt = _load_rows(g_ptr, bb * so_b + hh * so_h, tt, so_l, p_off, 1, vt, hdim).to(DT)
-            decay = tl.exp(tl.minimum(tl.load(cs_ptr + row + jt)[None, :] - css[:, None], 0.0))  # (s, t)
+            decay = tl.trans(_decay(cs_ptr, row + c0 + m * BLK + BLK - 1, tl.load(cs_ptr + row + jt), css, k > m,
+                                    FACTOR))  # (s, t)
             keep = jt[None, :] >= js[:, None]
             if HAS_SEQ:
                 keep = keep & (_seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE)[None, :] == seq_s[:, None])
             decay = tl.where(keep, decay, 0.0)
-            cbt = tl.dot(Bs, tl.trans(Ct), input_precision=PREC)
-            acc = tl.dot((cbt * decay).to(DT), gt, acc, input_precision=PREC)
-            gxt = tl.dot(xs, tl.trans(gt), input_precision=PREC)
-            dB = tl.dot((gxt * decay * dts[:, None]).to(DT), Ct, dB, input_precision=PREC)
-        bgo = w[:, None] * tl.dot(Bs, tl.trans(Gout), input_precision=PREC)
+            cbt = _mm(Bs, tl.trans(Ct), PREC=PREC, UP=UP)
+            acc = _mm((cbt * decay).to(DT), gt, acc, PREC=PREC, UP=UP)
+            gxt = _mm(xs, tl.trans(gt), PREC=PREC, UP=UP)
+            dB = _mm((gxt * decay * dts[:, None]).to(DT), Ct, dB, PREC=PREC, UP=UP)
+        bgo = w[:, None] * _mm(Bs, tl.trans(Gout), PREC=PREC, UP=UP)
         tl.store(zs_ptr + row + js, dts * tl.sum(xs32 * bgo, axis=1))
         dxraw = acc + bgo
         tl.store(q_ptr + row + js, tl.sum(xs32 * dxraw, axis=1))
-        dB = tl.dot((xs32 * (w * dts)[:, None]).to(DT), Gout, dB, input_precision=PREC)
+        dB = _mm((xs32 * (w * dts)[:, None]).to(DT), Gout, dB, PREC=PREC, UP=UP)
         dx = dts[:, None] * dxraw
         if HAS_D:
-            gs = _load_rows(g_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim)
+            gs = _load_rows(g_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim).to(tl.float32)
             if D_HP:
                 Dv = tl.load(D_ptr + hh * hdim + p_off, mask=pm, other=0.0).to(tl.float32)[None, :]
             else:
@@ -422,9 +456,9 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
         out = bb * so_b + hh * so_h + ts[:, None] * so_l + p_off[None, :]
         tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=om)
         if HAS_Z:  # dz = dy y_pre silu'(z), y_pre the output before the gate (saved by the forward)
-            zs = _load_rows(z_ptr, bb * sz_b + hh * sz_h, ts, sz_l, p_off, sz_p, vs, hdim)
-            dys = _load_rows(dy_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim)
-            yp = _load_rows(ypre_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim)
+            zs = _load_rows(z_ptr, bb * sz_b + hh * sz_h, ts, sz_l, p_off, sz_p, vs, hdim).to(tl.float32)
+            dys = _load_rows(dy_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim).to(tl.float32)
+            yp = _load_rows(ypre_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim).to(tl.float32)
             sg = tl.sigmoid(zs)
             tl.store(dz_ptr + out, (dys * yp * sg * (1.0 + zs * (1.0 - sg))).to(dz_ptr.dtype.element_ty), mask=om)
     dbm = vs[:, None] & (n_off < dstate)[None, :]
@@ -438,7 +472,8 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
                    ss_b, ss_l,
                    nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate,
                    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
-                   BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+                   BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+                      FACTOR: tl.constexpr):
     """One block of BLK target positions t, summed over the ``hps`` heads of one split of a group:
     dC[t] = sum_{s<=t} P[t,s] dt[s] (g[t].x[s]) B[s] + exp(cs[t]) g[t]^T H_in. Per head also the parts of
     the gradient in dA = dt A that do not cancel: with R[t,s] = P[t,s] (C[t].B[s]) dt[s] (g[t].x[s]) (the
@@ -468,15 +503,15 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
     for i in range(0, hps):
         hh = gg * hpg + sp * hps + i
         row = (bb * nheads + hh) * Lp
-        gt = _load_rows(g_ptr, bb * so_b + hh * so_h, tt, so_l, p_off, 1, vt, hdim)
+        gt = _load_rows(g_ptr, bb * so_b + hh * so_h, tt, so_l, p_off, 1, vt, hdim).to(tl.float32)
         cst = tl.load(cs_ptr + row + jt)
         ein = tl.exp(tl.minimum(cst, 0.0))
         if HAS_SEQ:
             ein = tl.where(seq_t == seq_in, ein, 0.0)
         slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
         H = tl.load(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :], mask=st_m, other=0.0).to(DT)
-        dC = tl.dot((gt * ein[:, None]).to(DT), H, dC, input_precision=PREC)
-        tl.store(rin_ptr + row + jt, ein * tl.sum(gt * tl.dot(Ct, tl.trans(H), input_precision=PREC), axis=1))
+        dC = _mm((gt * ein[:, None]).to(DT), H, dC, PREC=PREC, UP=UP)
+        tl.store(rin_ptr + row + jt, ein * tl.sum(gt * _mm(Ct, tl.trans(H), PREC=PREC, UP=UP), axis=1))
         gt = gt.to(DT)
         dap_row = ((bb * nheads + hh) * n_chunks + c) * NB * Q + m * Q
         run = tl.sum(tl.zeros([BLK], dtype=tl.float32), axis=0)  # total of the earlier s blocks' pairs
@@ -489,14 +524,14 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
             ts = _pos(js, seqlen, REVERSE)
             xs = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim).to(DT)
             Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
-            decay = tl.exp(tl.minimum(cst[:, None] - tl.load(cs_ptr + row + js)[None, :], 0.0))
+            decay = _decay(cs_ptr, row + c0 + k * BLK + BLK - 1, cst, tl.load(cs_ptr + row + js), k < m, FACTOR)
             keep = jt[:, None] >= js[None, :]
             if HAS_SEQ:
                 keep = keep & (seq_t[:, None] == _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)[None, :])
-            gx = tl.dot(gt, tl.trans(xs), input_precision=PREC)
+            gx = _mm(gt, tl.trans(xs), PREC=PREC, UP=UP)
             wgt = tl.where(keep, gx * decay * tl.load(dtp_ptr + row + js)[None, :], 0.0)
-            dC = tl.dot(wgt.to(DT), Bs, dC, input_precision=PREC)
-            R = wgt * tl.dot(Ct, tl.trans(Bs), input_precision=PREC)
+            dC = _mm(wgt.to(DT), Bs, dC, PREC=PREC, UP=UP)
+            R = wgt * _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
             # k in this s block: sum over t >= k of the pairs with s < k (exclusive cumsum along s); k in a
             # later s block before this t block: every pair of this tile (run)
             c1 = tl.cumsum(R, axis=1) - R
@@ -555,16 +590,16 @@ def _bwd_ddt_kernel(dt_ptr, bias_ptr, A_ptr, dtp_ptr, q_ptr, zs_ptr, rin_ptr, da
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-# Triton 3.6's interpreter multiplies bf16 tl.dot operands as garbage: interpreted copies (CPU tests) take
-# fp32 operands for every input dtype.
+# Triton 3.6's interpreter multiplies bf16 tl.dot operands as garbage: interpreted copies (CPU tests) round the
+# operands to the half type as the GPU does and multiply them in fp32 (UP).
 _INTERPRETED = __name__.endswith("__interpreted")
 
 
 def _dot_dtype(x, B, C):
-    """tl.dot operand type: fp32 (IEEE) if any of x, B, C is fp32, else x's half type."""
-    if _INTERPRETED or torch.float32 in (x.dtype, B.dtype, C.dtype):
-        return tl.float32, "ieee"
-    return _TL[x.dtype], "tf32"
+    """tl.dot operand type and precision: fp32 (IEEE) if any of x, B, C is fp32, else x's half type."""
+    if torch.float32 in (x.dtype, B.dtype, C.dtype):
+        return dict(DT=tl.float32, PREC="ieee", UP=False)
+    return dict(DT=_TL[x.dtype], PREC="tf32", UP=_INTERPRETED)
 
 
 class _Cfg:
@@ -603,7 +638,7 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     b, l, h, p, n, nc = cfg.b, cfg.l, cfg.h, cfg.p, cfg.n, cfg.nc
     dev = x.device
     f32 = dict(device=dev, dtype=torch.float32)
-    DT, PREC = _dot_dtype(x, B, C)
+    dot = _dot_dtype(x, B, C)
     dummy = torch.empty(1, **f32)
     seq = _seq_args(seq_idx, dummy)
     common = dict(REVERSE=reverse, HAS_SEQ=seq_idx is not None, Q=cfg.Q)
@@ -613,7 +648,7 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
                             HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q)
     st = torch.empty(b, nc + 1, h, p, n, **f32)
     dims = (h, cfg.hpg, l, cfg.Lp, nc, p, n)
-    blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, DT=DT, PREC=PREC)
+    blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, **dot)
     _chunk_state_kernel[(nc, b * h)](x, B, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *seq[1:], *dims,
                                      **common, **blocks, num_warps=warps, num_stages=STAGES)
     h0c = h0.float().contiguous() if h0 is not None else None
@@ -625,7 +660,8 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
         x, B, C, D if D is not None else dummy, z if z is not None else dummy, y,
         ypre if ypre is not None else y, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *C.stride(), *_strides4(z),
         *y.stride()[:3], *seq[1:], *dims, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2,
-        HAS_Z=z is not None, STORE_PRE=ypre is not None, **common, **blocks, num_warps=warps, num_stages=STAGES)
+        HAS_Z=z is not None, STORE_PRE=ypre is not None, **common, **blocks, FACTOR=FACTOR, num_warps=warps,
+        num_stages=STAGES)
     return y, st[:, nc].clone(), ypre, dtp, cs, st
 
 
@@ -646,11 +682,11 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     b, l, h, p, n, g, nc = cfg.b, cfg.l, cfg.h, cfg.p, cfg.n, cfg.g, cfg.nc
     dev = x.device
     f32 = dict(device=dev, dtype=torch.float32)
-    DT, PREC = _dot_dtype(x, B, C)
+    dot = _dot_dtype(x, B, C)
     dummy = torch.empty(1, **f32)
     seq = _seq_args(seq_idx, dummy)
     common = dict(REVERSE=reverse, HAS_SEQ=seq_idx is not None, Q=cfg.Q)
-    blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, DT=DT, PREC=PREC)
+    blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, **dot)
     dims = (h, cfg.hpg, l, cfg.Lp, nc, p, n)
     dy = dy.to(x.dtype).contiguous()
     so = dy.stride()[:3]
@@ -679,13 +715,13 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
         ypre if ypre is not None else dummy, dtp, cs, gst, seq[0], dx, dz if dz is not None else dummy, dBp, q, zs,
         dDp if dDp is not None else dummy, *x.stride(), *B.stride(), *C.stride(), *_strides4(z), *so, *seq[1:],
         *gdims, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None, **common, **blocks,
-        num_warps=warps, num_stages=STAGES)
+        FACTOR=FACTOR, num_warps=warps, num_stages=STAGES)
     dCp = torch.empty(b, ns, l, g, n, **f32)
     rin = torch.empty(b * h, cfg.Lp, **f32)
     dap = torch.zeros(b * h, nc, cfg.NB, cfg.Q, **f32)  # (t block, k): only blocks k <= t block are written
     _bwd_dC_kernel[(nc * cfg.NB, b * g * ns)](x, B, C, gbuf, dtp, cs, st, seq[0], dCp, rin, dap, *x.stride(), *B.stride(),
                                               *C.stride(), *so, *seq[1:], *gdims, **common, **blocks,
-                                              num_warps=warps, num_stages=STAGES)
+                                              FACTOR=FACTOR, num_warps=warps, num_stages=STAGES)
     ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dAp = torch.empty(b * h, nc, **f32)
     dbp = torch.empty(b * h, nc, **f32) if dt_bias is not None else None
