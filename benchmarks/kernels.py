@@ -378,6 +378,32 @@ def module_sweep():
         sweep(shape, cf, x=x)
 
 
+def seqt_rows(shapes=((8, 1536, 16, 2048), (1, 1536, 16, 65536), (1, 1536, 16, 1 << 20))):
+    """The two sequential forward kernels side by side (state as (channels, n): "seq"; as (n, channels):
+    "seqt"), in the mixer's layout and in (b, d, l)-contiguous inputs, forward and forward+backward."""
+    rows = []
+    cfgs = [dict(fwd_kernel="seq"), dict(fwd_kernel="seqt"), dict(fwd_kernel="seqt", programs=2048),
+            dict(fwd_kernel="seqt", programs=4096), dict(fwd_kernel="seqt", bd_fwd=64, warps_fwd=2),
+            dict(fwd_kernel="seqt", bd_fwd=128, warps_fwd=4)]
+    for shape in shapes:
+        base = make(*shape)
+        for layout in ("module", "bdl"):
+            x = with_layout(base, layout)
+            for cfg in cfgs if layout == "module" else cfgs[:2]:
+                ms, _ = sweep(shape, [cfg], x=x)
+                rows.append(dict(shape=str(shape), layout=layout, cfg=str(cfg), fwd_ms=ms))
+            if layout == "module":
+                for cfg in cfgs[:2]:
+                    ms, _ = sweep(shape, [cfg], bwd=True, x=x)
+                    rows.append(dict(shape=str(shape), layout=layout, cfg=str(cfg), fwdbwd_ms=ms))
+        del base, x
+        torch.cuda.empty_cache()
+    print("\n| shape | layout | config | fwd ms | fwd+bwd ms |")
+    for r in rows:
+        print(f"| {r['shape']} | {r['layout']} | {r['cfg']} | {r.get('fwd_ms', '-')} | {r.get('fwdbwd_ms', '-')} |")
+    return rows
+
+
 def sweep(shape, configs, bwd=False, x=None):
     """Time the Triton forward (or forward+backward) of one shape under several tunings; print one line each."""
     from seqmamba.kernels.selective_scan.chunk import selective_scan_triton
@@ -424,13 +450,16 @@ def main(argv=None):
                    help="Caduceus-size backbone training/inference tokens/s and peak memory instead")
     p.add_argument("--bidirectional", action="store_true", help="fused bidirectional scan and layer rows only")
     p.add_argument("--sweep-module", action="store_true", help="sequential kernel tunings on the mixer's layout")
+    p.add_argument("--e2e-lengths", default=None, help="with --e2e: these lengths only (comma separated)")
+    p.add_argument("--seqt", action="store_true", help="the two sequential forward kernels side by side")
     p.add_argument("--layouts", action="store_true", help="forward/backward time per input memory layout")
     p.add_argument("--compare-fwd", action="store_true", help="the two forward kernels side by side")
     p.add_argument("--sweep-seq", action="store_true", help="time the sequential forward kernel's tunings")
     p.add_argument("--sweep-programs", action="store_true", help="time grid-size targets instead")
     args = p.parse_args(argv)
     if args.e2e:
-        rows = e2e_rows()
+        lengths = [int(v) for v in args.e2e_lengths.split(",")] if args.e2e_lengths else None
+        rows = e2e_rows(lengths, infer_extra=()) if lengths else e2e_rows()
         print_e2e(rows)
         return
     if args.bidirectional:
@@ -438,6 +467,9 @@ def main(argv=None):
         return
     if args.sweep_module:
         module_sweep()
+        return
+    if args.seqt:
+        seqt_rows()
         return
     if args.layouts:
         layout_rows()

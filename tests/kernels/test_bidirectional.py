@@ -100,6 +100,16 @@ def test_interpreted_matches_two_call_reference(chunk, name, shape, groups, shar
     assert_close(got, want, rtol=2e-5)
 
 
+def test_interpreted_state_first_variant_by_default_rule(chunk, monkeypatch):
+    """With the state-first sequential kernel as the 'auto' variant (it writes the tile states in (n, d) order,
+    which the backward must read back the same way): channel-last inputs, output and every gradient."""
+    monkeypatch.setattr(chunk, "SEQ_VARIANT", "seqt")
+    fwd, rev = make_pair(1, 4, 3, 70, shared_z=True, channel_last=True, seed=13)
+    got = grads_of(chunk.selective_scan_bidirectional_triton(fwd, rev, delta_softplus=True), leaves_of(fwd, rev))
+    y_ref, f64, r64 = two_call_reference(fwd, rev)
+    assert_close(got, grads_of(y_ref, leaves_of(f64, r64)), rtol=2e-5)
+
+
 def test_interpreted_no_grad_and_bf16(chunk):
     """bf16 activations (fp32 A, D, bias): y in bf16, close to the fp32 reference on the same inputs; no
     tile states are kept without autograd."""

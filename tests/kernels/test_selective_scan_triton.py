@@ -54,6 +54,10 @@ CASES = [
      dict(tile=4, fwd_chunks=3, bwd_chunks=2, fwd_kernel="seq")),
     ("seq-fwd-reverse", dict(l=21, groups=None, h0=False), True, True,
      dict(tile=8, fwd_chunks=2, fwd_kernel="seq")),
+    ("seqt-fwd-chunks", dict(l=37, groups=2, n=5), True, False,
+     dict(tile=4, fwd_chunks=3, bwd_chunks=2, fwd_kernel="seqt", bd_fwd=2)),
+    ("seqt-fwd-reverse-one-chunk", dict(l=21, groups=None), True, True,
+     dict(tile=8, fwd_chunks=1, fwd_kernel="seqt")),
 ]
 
 
@@ -212,6 +216,44 @@ def test_gpu_64bit_offsets_4m_tokens():
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shape,groups,bd", [((2, 64, 16, 3000), 1, None), ((1, 96, 8, 70000), 3, 32)])
+def test_gpu_state_first_kernel_fp32(shape, groups, bd, reverse):
+    """The state-first sequential forward ("seqt": tile states in (n, d) order, read back by the backward):
+    fp32 vs the float64 reference, several chunks, initial state, every gradient."""
+    b, d, n, l = shape
+    x = _cuda_inputs(b, d, n, l, groups=groups, seed=17)
+    tuning = dict(fwd_kernel="seqt", **({"bd_fwd": bd} if bd else {}))
+    got = run_with_grads_cuda(triton_fn(selective_scan_triton_compiled(), tuning, delta_softplus=True,
+                                        reverse=reverse), x)
+    want = run_with_grads_cuda(ref_fn(delta_softplus=True, reverse=reverse), detached(x, torch.float64))
+    assert_close(got, want, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_state_first_kernel_bf16_channel_last():
+    """bf16 b8 d1536 l2048 in the mixer's layout (channel-last delta/z): "seqt" y and final state within 1e-2 of
+    the fp32 reference; y comes back channel-last."""
+    x = {k: v.detach() for k, v in _cuda_inputs(8, 1536, 16, 2048, dtype=torch.bfloat16, seed=19).items()}
+    for k in ("delta", "z"):
+        x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
+    y, h = selective_scan_triton_compiled()(**x, delta_softplus=True, return_final_state=True,
+                                            _tuning=dict(fwd_kernel="seqt"))
+    y_ref, h_ref = selective_scan_ref(**{k: v.float() for k, v in x.items()}, delta_softplus=True,
+                                      return_final_state=True)
+    assert y.stride(1) == 1
+    assert (y.float() - y_ref).norm() <= 1e-2 * y_ref.norm()
+    assert (h - h_ref).norm() <= 1e-3 * h_ref.norm()
+
+
+def selective_scan_triton_compiled():
+    from seqmamba.kernels.selective_scan.chunk import selective_scan_triton
+    return selective_scan_triton
+
+
+@pytest.mark.gpu
+@cuda
 @pytest.mark.parametrize("module", ["mamba", "mamba_rev", "bimamba"])
 def test_gpu_modules_auto_matches_ref(module):
     from seqmamba.bimamba import BiMamba
@@ -258,7 +300,7 @@ def test_packed_reference_equals_separate_sequences():
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("fwd_kernel", ["scan", "seq"])
+@pytest.mark.parametrize("fwd_kernel", ["scan", "seq", "seqt"])
 def test_interpreted_packed_matches_reference(chunk, reverse, fwd_kernel):
     """Packed rows (a different packing per batch row) through the Triton kernels, all gradients."""
     x = make_inputs(b=2, d=2, n=2, l=23, groups=1, dtype=torch.float32, seed=9)

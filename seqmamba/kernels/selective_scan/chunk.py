@@ -27,6 +27,7 @@ Accumulation is fp32 for every input dtype; all offsets are 64-bit.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -47,6 +48,11 @@ TARGET_PROGRAMS = 2048
 # "auto" takes it when few channels (batch * d) must be spread over the length: on an H100 it beat the tile
 # scan at b1 d1536 (4.7 vs 7.1 ms at 64k tokens) and lost at b8 d1536 l2048 (1.24 vs 0.96 ms).
 FWD_KERNEL = "auto"
+# "seq": the state held as (channels, n); "seqt": as (n, channels), a warp's threads along the channels with
+# every n of a channel in one thread (NFIRST). SEQMAMBA_SCAN_SEQ_VARIANT overrides it (benchmarks).
+SEQ_VARIANT = os.environ.get("SEQMAMBA_SCAN_SEQ_VARIANT", "seq")
+MAX_BD_SEQT = 128
+WARPS_SEQT = 1
 SEQ_MAX_CHANNELS = 8192
 MAX_BD_SEQ = 128
 WARPS_SEQ = 4
@@ -212,6 +218,24 @@ def _seq_load(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, u_row, dl_row, B_row, C_row
 
 
 @triton.jit
+def _dvec(v, NFIRST: tl.constexpr):
+    """A per-channel vector broadcast against the (channels, n) state, or the (n, channels) one."""
+    if NFIRST:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _nvec(v, NFIRST: tl.constexpr):
+    """A per-state (n) vector broadcast against the state (see ``_dvec``)."""
+    if NFIRST:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
 def _fwd_seq_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
     hin_ptr, hout_ptr, dtsum_ptr, tstate_ptr,
@@ -221,10 +245,15 @@ def _fwd_seq_kernel(
     MODE: tl.constexpr, HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
     HAS_SEQ: tl.constexpr, ACCUM: tl.constexpr,
-    BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, NFIRST: tl.constexpr = False,
 ):
     """``_fwd_kernel``'s contract, one position at a time: a wide block of channels (BD) steps through the
-    chunk with its (BD, n) state in registers; no scan tree, no reductions over the tile."""
+    chunk with its (BD, n) state in registers; no scan tree, no reductions over the tile.
+
+    ``NFIRST``: the state is held as (n, BD), ``A_ptr`` points to A transposed ((n, d) contiguous) and the
+    state buffers hin, hout and the tile states hold each (d, n) slot in (n, d) order, so that Triton lays a
+    warp's threads along the channels with every n of a channel in one thread: the per-channel work (softplus,
+    gate, skip) is not repeated by threads sharing a channel, and the sum over n stays in a thread."""
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
     ndb = dim // BD
@@ -234,19 +263,29 @@ def _fwd_seq_kernel(
     n_off = tl.arange(0, BN).to(tl.int64)
     n_mask = n_off < nstate
     dmask = d_off < dim
-    dn_mask = n_mask[None, :] & dmask[:, None]
-    A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=dn_mask,
-                 other=0.0).to(tl.float32) * 1.4426950408889634
+    dn_mask = _nvec(n_mask, NFIRST) & _dvec(dmask, NFIRST)
+    if NFIRST:
+        # The state buffers (hin, hout, tile states) hold (n, d) order, so every (n, d) pointer is contiguous
+        # along the channels: Triton then puts a warp's threads along the channels (an n-contiguous pointer
+        # would put them along n and convert the whole state every step). ``unaligned`` (0, of divisibility 1)
+        # keeps it from giving a thread 4 adjacent channels (16-byte vectors), which would split n again.
+        unaligned = nstate // nstate - 1
+        A_off = n_off[:, None] * dim + d_off[None, :] + unaligned
+        dn = d_off[None, :] + n_off[:, None] * dim + unaligned
+    else:
+        A_off = d_off[:, None] * nstate + n_off[None, :]
+        dn = d_off[:, None] * nstate + n_off[None, :]
+    A2 = tl.load(A_ptr + A_off, mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
     bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_off).to(tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d_off).to(tl.float32)
-    slot = ((pb * n_chunks + chunk) * dim + d_off[:, None]) * nstate + n_off[None, :]
+    slot = (pb * n_chunks + chunk) * dim * nstate + dn
     if HAS_HIN:
         h = tl.load(hin_ptr + slot, mask=dn_mask, other=0.0)
     else:
-        h = tl.zeros([BD, BN], dtype=tl.float32)
+        h = tl.zeros_like(A2)
     dtacc = tl.zeros([BD], dtype=tl.float32)
     u_row = pb * su_b + d_off * su_d
     dl_row = pb * sdl_b + d_off * sdl_d
@@ -269,8 +308,7 @@ def _fwd_seq_kernel(
         if SAVE_STATES:
             if jj % T == 0:
                 k = j // T
-                tl.store(tstate_ptr + ((pb * n_tiles + k) * dim + d_off[:, None]) * nstate + n_off[None, :], h,
-                         mask=dn_mask & (k < n_tiles))
+                tl.store(tstate_ptr + (pb * n_tiles + k) * dim * nstate + dn, h, mask=dn_mask & (k < n_tiles))
         if HAS_BIAS:
             dl += bias
         if SOFTPLUS:
@@ -278,7 +316,7 @@ def _fwd_seq_kernel(
         else:
             dt = dl
         dt = tl.where(m, dt, 0.0)
-        a = tl.exp2(dt[:, None] * A2)
+        a = tl.exp2(_dvec(dt, NFIRST) * A2)
         if HAS_SEQ:
             if REVERSE:
                 t_c = seqlen - 1 - j
@@ -291,11 +329,14 @@ def _fwd_seq_kernel(
             dt_sum = tl.where(keep, dt, float("inf"))
         else:
             dt_sum = dt
-        h = a * h + (dt * u)[:, None] * Bv[None, :]
+        h = a * h + _dvec(dt * u, NFIRST) * _nvec(Bv, NFIRST)
         if MODE == 0:
             dtacc += dt_sum
         else:
-            y = tl.sum(h * Cv[None, :], axis=1)
+            if NFIRST:
+                y = tl.sum(h * Cv[:, None], axis=0)
+            else:
+                y = tl.sum(h * Cv[None, :], axis=1)
             if HAS_D:
                 y += Dv * u
             if HAS_Z:
@@ -314,8 +355,10 @@ def _fwd_seq_kernel(
 
 @triton.jit
 def _fwd_state_kernel(A_ptr, hloc_ptr, dtsum_ptr, h0_ptr, hstart_ptr, dim, nstate, n_chunks,
-                      HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
-    """h_start[c] = h; h = exp(A sum dt_c) h + h_loc[c], c = 0..n_chunks-1 (sequential)."""
+                      HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+                      NFIRST: tl.constexpr = False):
+    """h_start[c] = h; h = exp(A sum dt_c) h + h_loc[c], c = 0..n_chunks-1 (sequential). ``NFIRST``: h_loc and
+    h_start slots in (n, d) order (h0 is (b, d, n) either way)."""
     pid = tl.program_id(0)
     ndb = dim // BD
     pb = (pid // ndb).to(tl.int64)
@@ -325,15 +368,19 @@ def _fwd_state_kernel(A_ptr, hloc_ptr, dtsum_ptr, h0_ptr, hstart_ptr, dim, nstat
     A2 = tl.load(A_ptr + d_off[:, None] * nstate + n_off[None, :], mask=m,
                  other=0.0).to(tl.float32) * 1.4426950408889634
     dn = d_off[:, None] * nstate + n_off[None, :]
+    if NFIRST:
+        dnb = d_off[:, None] + n_off[None, :] * dim
+    else:
+        dnb = dn
     if HAS_H0:
         h = tl.load(h0_ptr + pb * dim * nstate + dn, mask=m, other=0.0).to(tl.float32)
     else:
         h = tl.zeros([BD, BN], dtype=tl.float32)
     for c in range(0, n_chunks):
         base = (pb * n_chunks + c) * dim
-        tl.store(hstart_ptr + base * nstate + dn, h, mask=m)
+        tl.store(hstart_ptr + base * nstate + dnb, h, mask=m)
         s = tl.load(dtsum_ptr + base + d_off)
-        hl = tl.load(hloc_ptr + base * nstate + dn, mask=m, other=0.0)
+        hl = tl.load(hloc_ptr + base * nstate + dnb, mask=m, other=0.0)
         if HAS_SEQ:  # a chunk holding a reset (dt sum = inf) passes nothing through
             h = tl.where(s[:, None] == float("inf"), 0.0, tl.exp2(A2 * s[:, None])) * h + hl
         else:
@@ -446,6 +493,7 @@ def _bwd_kernel(
     dim, nstate, seqlen, cpg, n_groups, n_splits, db_per_split, tiles_per_chunk, n_tiles, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+    TS_NFIRST: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -510,7 +558,12 @@ def _bwd_kernel(
             dout = tl.load(dout_ptr + o_off, mask=mask, other=0.0).to(tl.float32)
 
             # forward recompute of h inside the tile from the saved tile-start state
-            h0 = tl.load(tstate_ptr + (pb * n_tiles + k) * dim * nstate + dn, mask=dn_mask & (k < n_tiles), other=0.0)
+            if TS_NFIRST:  # tile states written by the state-first sequential forward: (n, d) order
+                ts_dn = d_off[:, None] + n_off[None, :] * dim
+            else:
+                ts_dn = dn
+            h0 = tl.load(tstate_ptr + (pb * n_tiles + k) * dim * nstate + ts_dn, mask=dn_mask & (k < n_tiles),
+                         other=0.0)
             a = tl.exp2(dt[:, None, :] * A2[:, :, None])
             if HAS_SEQ:
                 a = tl.where(keep[None, None, :], a, 0.0)
@@ -611,23 +664,30 @@ def new_output(u, delta):
     return u.new_empty((b, d, l))
 
 
+def _fwd_plan(b, d, l, delta, kernel, tile):
+    """(sequential forward kernel?, state held n-first?) for this call; the backward asks again to read the
+    tile states in the order they were written."""
+    kernel = kernel or FWD_KERNEL
+    # the sequential kernel: when few channels must be spread over the length, or when delta is channel-last
+    # (each step then loads one contiguous row; an H100 measured 0.85 vs 1.15 ms at b8 d1536 l2048)
+    seq = kernel in ("seq", "seqt") or (kernel == "auto" and (b * d < SEQ_MAX_CHANNELS or channel_last(delta))
+                                        and l >= 4 * tile)
+    return seq, kernel == "seqt" or (kernel == "auto" and seq and SEQ_VARIANT == "seqt")
+
+
 def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, save_states, tile=TILE,
          n_chunks=None, num_warps=None, max_bd=None, programs=None, kernel=None, seq_idx=None, out=None):
     """Returns y, final_state (b, d, n) fp32, tile_states (b, n_tiles, d, n) fp32 or None. With ``out`` (a
     (b, d, l) tensor), y is added to it in place and ``out`` is returned as y."""
     b, d, l = u.shape
     n = A.shape[1]
-    kernel = kernel or FWD_KERNEL
-    # the sequential kernel: when few channels must be spread over the length, or when delta is channel-last
-    # (each step then loads one contiguous row; an H100 measured 0.85 vs 1.15 ms at b8 d1536 l2048)
-    seq = kernel == "seq" or (kernel == "auto" and (b * d < SEQ_MAX_CHANNELS or channel_last(delta))
-                              and l >= 4 * tile)
+    seq, nfirst = _fwd_plan(b, d, l, delta, kernel, tile)
     kern = _fwd_seq_kernel if seq else _fwd_kernel
-    num_warps = num_warps or (WARPS_SEQ if seq else WARPS_FWD)
+    num_warps = num_warps or (WARPS_SEQT if nfirst else WARPS_SEQ if seq else WARPS_FWD)
     B4, C4 = _grouped(B), _grouped(C)
     g = B4.shape[1]
     cpg = d // g
-    BD = _pow2_divisor(cpg, max_bd or (MAX_BD_SEQ if seq else MAX_BD_FWD))
+    BD = _pow2_divisor(cpg, max_bd or (MAX_BD_SEQT if nfirst else MAX_BD_SEQ if seq else MAX_BD_FWD))
     BN = max(triton.next_power_of_2(n), 2)
     ndb = d // BD
     n_tiles = max(triton.cdiv(l, tile), 1)
@@ -645,36 +705,44 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, 
     hout = torch.empty(b, n_chunks, d, n, **f32)
     tstates = torch.empty(b, n_tiles, d, n, **f32) if save_states else hout
     A = A.contiguous()
+    A_k = A.t().contiguous() if nfirst else A  # the state-first kernel reads A as (n, d)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                  REVERSE=reverse, HAS_SEQ=seq_idx is not None, ACCUM=out is not None, BD=BD, BN=BN, T=tile)
+    if seq:
+        flags["NFIRST"] = nfirst
     seq = (seq_idx, seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (y, 0, 0)
     strides = (*_strides3(u), *_strides3(delta), *B4.stride(), *C4.stride(), *_strides3(z), *_strides3(y), *seq)
     dummy = hout
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     if n_chunks == 1:
-        hin = h0
+        hin = h0.transpose(1, 2).contiguous() if nfirst and h0 is not None else h0  # slots in (n, d) order
     else:
         hloc = torch.empty(b, n_chunks, d, n, **f32)
         dtsum = torch.empty(b, n_chunks, d, **f32)
         kern[(b * ndb, n_chunks)](
-            u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
+            u, delta, A_k, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, y, dummy, hloc, dtsum, dummy, *strides,
             d, n, l, cpg, tpc, n_tiles, n_chunks, MODE=0, HAS_HIN=False, SAVE_STATES=False,
             **flags, num_warps=num_warps)
         hin = torch.empty(b, n_chunks, d, n, **f32)
         _fwd_state_kernel[(b * ndb,)](A, hloc, dtsum, h0 if h0 is not None else dummy, hin, d, n, n_chunks,
                                       HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, BD=BD, BN=BN,
-                                      num_warps=1)
+                                      NFIRST=nfirst, num_warps=1)
     kern[(b * ndb, n_chunks)](
-        u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
+        u, delta, A_k, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, y, hin if hin is not None else dummy, hout, dummy,
         tstates, *strides, d, n, l, cpg, tpc, n_tiles, n_chunks, MODE=1, HAS_HIN=hin is not None,
         SAVE_STATES=save_states, **flags, num_warps=num_warps)
-    return y, hout[:, -1].clone() if n_chunks > 1 else hout[:, 0], (tstates if save_states else None)
+    final = hout[:, -1]
+    if nfirst:  # (n, d) order back to (b, d, n)
+        final = final.reshape(b, n, d).transpose(1, 2).contiguous()
+    elif n_chunks > 1:
+        final = final.clone()
+    return y, final, (tstates if save_states else None)
 
 
 def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, dht, tile=TILE,
-         n_chunks=None, n_splits=None, num_warps=None, max_bd=None, programs=None, seq_idx=None):
+         n_chunks=None, n_splits=None, num_warps=None, max_bd=None, programs=None, seq_idx=None, fwd_kernel=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0), each in its input's dtype (None where
     the input is None)."""
     b, d, l = u.shape
@@ -740,7 +808,8 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, 
         *_strides3(u), *_strides3(delta), *B4.stride(), *C4.stride(), *_strides3(z), *_strides3(dout), *seq,
         d, n, l, cpg, g, n_splits, dbps, tpc, n_tiles, n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        REVERSE=reverse, HAS_SEQ=seq_idx is not None, BD=BD, BN=BN, T=tile, num_warps=num_warps)
+        REVERSE=reverse, HAS_SEQ=seq_idx is not None, BD=BD, BN=BN, T=tile,
+        TS_NFIRST=_fwd_plan(b, d, l, delta, fwd_kernel, tile)[1], num_warps=num_warps)
     dB = dBp.sum(1) if n_splits > 1 else dBp[:, 0]
     dC = dCp.sum(1) if n_splits > 1 else dCp[:, 0]
     dB, dC = dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype)
@@ -774,7 +843,8 @@ class SelectiveScanFn(torch.autograd.Function):
             u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.reverse, tstates, dy, dht,
             tile=ctx.tuning.get("tile", TILE), n_chunks=ctx.tuning.get("bwd_chunks"),
             n_splits=ctx.tuning.get("bwd_splits"), num_warps=ctx.tuning.get("warps_bwd"),
-            max_bd=ctx.tuning.get("bd_bwd"), programs=ctx.tuning.get("programs_bwd"), seq_idx=seq_idx)
+            max_bd=ctx.tuning.get("bd_bwd"), programs=ctx.tuning.get("programs_bwd"), seq_idx=seq_idx,
+            fwd_kernel=ctx.tuning.get("fwd_kernel"))
         dh0 = dh0.to(initial_state.dtype) if initial_state is not None else None
         return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None
 
@@ -854,7 +924,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     see :func:`selective_scan`). It runs as the custom ops
     ``seqmamba::selective_scan_fwd/_bwd`` (torch.compile sees one node). ``_tuning`` (tests, benchmarks) takes
     the plain autograd.Function path instead, with a dict of any of tile, fwd_chunks, bwd_chunks, bwd_splits,
-    warps_fwd, warps_bwd, bd_fwd, bd_bwd, programs, programs_bwd, fwd_kernel ('scan' | 'seq' | 'auto')."""
+    warps_fwd, warps_bwd, bd_fwd, bd_bwd, programs, programs_bwd, fwd_kernel ('scan' | 'seq' | 'seqt' | 'auto')."""
     if _tuning is None:
         tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
