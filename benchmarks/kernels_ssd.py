@@ -221,10 +221,24 @@ def profile(shapes, tuning=None):
             print(pr.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
+def ab_factor(shapes):
+    """Off-diagonal decay tiles factorised (default) or one exp per pair, same process."""
+    for (b, l, h, p, n) in shapes:
+        inp = make(b, l, h, p, n)
+        dy = torch.randn(b, l, h, p, device="cuda").bfloat16()
+        for factor in (True, False):
+            ours.FACTOR = factor
+            f = measure(run_ours, inp, "fwd")[0]
+            fb = measure(run_ours, inp, "fb", dy)[0]
+            print(json.dumps(dict(shape=f"b{b} l{l} h{h}x{p} n{n}", factor=factor, fwd=f, fb=fb)), flush=True)
+        ours.FACTOR = True
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of fwd+bwd under torch.profiler")
+    ap.add_argument("--ab-factor", action="store_true", help="factorised off-diagonal decays on / off")
     ap.add_argument("--shapes", nargs="*", help="BxL items (heads 24 x 64, N 128), e.g. 8x2048 1x1048576")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -239,6 +253,9 @@ def main(argv=None):
         return
     if args.profile:
         profile(shapes)
+        return
+    if args.ab_factor:
+        ab_factor(shapes)
         return
     print_table(table(shapes, bw), bw)
 
