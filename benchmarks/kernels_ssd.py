@@ -42,6 +42,13 @@ REF_MAX_TOKENS = 16384
 FLOPS = 700e12
 
 
+def parse_shape(text):
+    v = [int(t) for t in text.split("x")]
+    if len(v) not in (2, 5):
+        raise SystemExit(f"--shapes: {text!r} is neither BxL nor BxLxHxPxN")
+    return tuple(v) if len(v) == 5 else (v[0], v[1], 24, 64, 128)
+
+
 def make(b, l, h, p, n, g=1, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
@@ -239,12 +246,12 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of fwd+bwd under torch.profiler")
     ap.add_argument("--ab-factor", action="store_true", help="factorised off-diagonal decays on / off")
-    ap.add_argument("--shapes", nargs="*", help="BxL items (heads 24 x 64, N 128), e.g. 8x2048 1x1048576")
+    ap.add_argument("--shapes", nargs="*", help="BxL (heads 24 x 64, N 128) or BxLxHxPxN items, e.g. 8x2048 "
+                                               "1x1048576x8x64x16")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("kernels_ssd.py needs a CUDA device")
-    shapes = SHAPES if not args.shapes else [(int(s.split("x")[0]), int(s.split("x")[1]), 24, 64, 128)
-                                            for s in args.shapes]
+    shapes = SHAPES if not args.shapes else [parse_shape(s) for s in args.shapes]
     if mamba_chunk_scan_combined is None:
         print(f"mamba_ssm not importable ({PEER_ERROR}): its columns stay empty")
     bw = copy_bandwidth()
