@@ -393,7 +393,7 @@ def seqt_rows(shapes=((8, 1536, 16, 2048), (1, 1536, 16, 65536), (1, 1536, 16, 1
                 ms, _ = sweep(shape, [cfg], x=x)
                 rows.append(dict(shape=str(shape), layout=layout, cfg=str(cfg), fwd_ms=ms))
             if layout == "module":
-                for cfg in cfgs[:2]:
+                for cfg in cfgs[:2] + [dict(fwd_kernel="seqt", bwd_kernel="seq")]:
                     ms, _ = sweep(shape, [cfg], bwd=True, x=x)
                     rows.append(dict(shape=str(shape), layout=layout, cfg=str(cfg), fwdbwd_ms=ms))
         del base, x

@@ -58,6 +58,12 @@ CASES = [
      dict(tile=4, fwd_chunks=3, bwd_chunks=2, fwd_kernel="seqt", bd_fwd=2)),
     ("seqt-fwd-reverse-one-chunk", dict(l=21, groups=None), True, True,
      dict(tile=8, fwd_chunks=1, fwd_kernel="seqt")),
+    ("seq-bwd-chunks", dict(l=37, groups=2, n=5), True, False,
+     dict(tile=4, fwd_chunks=3, fwd_kernel="seqt", bwd_kernel="seq", bd_fwd=2)),
+    ("seq-bwd-reverse-one-chunk", dict(l=21, groups=1), True, True,
+     dict(tile=4, fwd_chunks=2, fwd_kernel="seqt", bwd_kernel="seq", programs_bwd=1)),
+    ("seq-bwd-no-options", dict(l=19, groups=None, z=False, D=False, delta_bias=False, h0=False), False, False,
+     dict(tile=8, fwd_kernel="seqt", bwd_kernel="seq")),
 ]
 
 
@@ -219,11 +225,14 @@ def test_gpu_64bit_offsets_4m_tokens():
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("shape,groups,bd", [((2, 64, 16, 3000), 1, None), ((1, 96, 8, 70000), 3, 32)])
 def test_gpu_state_first_kernel_fp32(shape, groups, bd, reverse):
-    """The state-first sequential forward ("seqt": tile states in (n, d) order, read back by the backward):
-    fp32 vs the float64 reference, several chunks, initial state, every gradient."""
+    """The state-first sequential forward ("seqt": tile states in (n, d) order, read back by the backward;
+    with the sequential backward at the second shape): fp32 vs the float64 reference, several chunks, initial
+    state, every gradient."""
     b, d, n, l = shape
     x = _cuda_inputs(b, d, n, l, groups=groups, seed=17)
     tuning = dict(fwd_kernel="seqt", **({"bd_fwd": bd} if bd else {}))
+    if bd:  # the sequential backward as well
+        tuning["bwd_kernel"] = "seq"
     got = run_with_grads_cuda(triton_fn(selective_scan_triton_compiled(), tuning, delta_softplus=True,
                                         reverse=reverse), x)
     want = run_with_grads_cuda(ref_fn(delta_softplus=True, reverse=reverse), detached(x, torch.float64))

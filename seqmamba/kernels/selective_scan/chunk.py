@@ -54,6 +54,11 @@ FWD_KERNEL = "auto"
 # l-contiguous inputs each thread of seqt reads its own cache line a step: 302 vs 92 ms).
 # SEQMAMBA_SCAN_SEQ_VARIANT overrides it (benchmarks).
 SEQ_VARIANT = os.environ.get("SEQMAMBA_SCAN_SEQ_VARIANT", "auto")
+# Backward kernel: "tile" (_bwd_kernel, measured) or "seq" (_bwd_seq_kernel: opt-in, not yet timed on a GPU;
+# runs only after the state-first forward and without seq_idx). SEQMAMBA_SCAN_BWD overrides it.
+BWD_KERNEL = os.environ.get("SEQMAMBA_SCAN_BWD", "tile")
+MAX_BD_BWD_SEQ = 32
+WARPS_BWD_SEQ = 1
 MAX_BD_SEQT = 128
 WARPS_SEQT = 1
 SEQ_MAX_CHANNELS = 8192
@@ -634,6 +639,160 @@ def _bwd_kernel(
         tl.store(dC_ptr + dBC_row[:, None] * seqlen + t[None, :], dC_acc, mask=bc_mask)
 
 
+@triton.jit
+def _bwd_seq_load(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, u_row, dl_row, B_row, C_row, z_row, o_row,
+                  su_l, sdl_l, sB_l, sC_l, sz_l, so_l, j, seqlen, dmask, n_mask, bias,
+                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr):
+    """Scan position j's inputs in fp32 (zeros and dt = 0, an identity step, past the end): u, dl (delta +
+    bias), dt, B, C, z, dout, the channel mask and t."""
+    valid = (j < seqlen) & (j >= 0)
+    if REVERSE:
+        t = seqlen - 1 - j
+    else:
+        t = j
+    m = dmask & valid
+    u = tl.load(u_ptr + u_row + t * su_l, mask=m, other=0.0).to(tl.float32)
+    dl = tl.load(delta_ptr + dl_row + t * sdl_l, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dl += bias
+    if SOFTPLUS:
+        dt = _softplus(dl)
+    else:
+        dt = dl
+    dt = tl.where(m, dt, 0.0)
+    Bv = tl.load(B_ptr + B_row + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + C_row + t * sC_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+    zz = u
+    if HAS_Z:
+        zz = tl.load(z_ptr + z_row + t * sz_l, mask=m, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + o_row + t * so_l, mask=m, other=0.0).to(tl.float32)
+    return u, dl, dt, Bv, Cv, zz, dout, m, t
+
+
+@triton.jit
+def _bwd_seq_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, tstate_ptr, gbuf_ptr, hs_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    sz_b, sz_d, sz_l, so_b, so_d, so_l, sg_b, sg_d, sg_l,
+    dim, nstate, seqlen, cpg, n_groups, tiles_per_chunk, n_tiles, n_chunks,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+):
+    """Sequential backward in the state-first layout of ``_fwd_seq_kernel`` (NFIRST): one program walks one
+    chunk right to left for BD channels, a thread per channel with all n of it, g = dL/dh carried in registers.
+    Per tile of T positions it recomputes h from the saved tile state (a forward sweep that parks every h in a
+    per-program scratch, ``hs_ptr``, read back by the same thread), then walks the tile backwards:
+        g_t = dy_t C_t + exp(dt_{t+1} A) g_{t+1}
+    and writes du, ddelta, dz (layout given by the sg_* strides) and this channel block's share of dB, dC
+    ((b, splits, g, n, l) partials, summed by torch); dA, dD, ddelta_bias are summed in registers over the chunk.
+    Tile states and g at chunk ends are (n, d)-ordered slots (see ``_fwd_seq_kernel``)."""
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    ndb = dim // BD
+    pb = (pid // ndb).to(tl.int64)
+    blk = pid % ndb
+    d_off = (blk * BD + tl.arange(0, BD)).to(tl.int64)
+    grp = blk * BD // cpg
+    split = (blk * BD % cpg) // BD
+    n_splits = cpg // BD
+    n_off = tl.arange(0, BN).to(tl.int64)
+    n_mask = n_off < nstate
+    dmask = d_off < dim
+    nd_mask = n_mask[:, None] & dmask[None, :]
+    unaligned = nstate // nstate - 1  # see _fwd_seq_kernel
+    A = tl.load(A_ptr + n_off[:, None] * dim + d_off[None, :] + unaligned, mask=nd_mask, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    dn = d_off[None, :] + n_off[:, None] * dim + unaligned
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d_off).to(tl.float32)
+    Dv = tl.zeros([BD], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d_off).to(tl.float32)
+    u_row = pb * su_b + d_off * su_d
+    dl_row = pb * sdl_b + d_off * sdl_d
+    z_row = pb * sz_b + d_off * sz_d
+    o_row = pb * so_b + d_off * so_d
+    g_row = pb * sg_b + d_off * sg_d
+    B_row = pb * sB_b + grp.to(tl.int64) * sB_g + n_off * sB_n
+    C_row = pb * sC_b + grp.to(tl.int64) * sC_g + n_off * sC_n
+    dBC_row = ((pb * n_splits + split) * n_groups + grp) * nstate + n_off
+    # scratch: T + 1 slots of (BN, BD) per program (slot 0: the tile's start state, slot s + 1: h after step s);
+    # dA and dh0 are written in (n, d) order too (transposed by torch)
+    hs_base = (pid.to(tl.int64) * n_chunks + chunk) * ((T + 1) * BN * BD)
+    loc = tl.arange(0, BD)[None, :] + tl.arange(0, BN)[:, None] * BD + unaligned
+
+    slot_c = pb * n_chunks + chunk
+    g = tl.load(gbuf_ptr + slot_c * dim * nstate + dn, mask=nd_mask, other=0.0)  # g after the chunk's end
+    k0 = chunk * tiles_per_chunk
+    j_end = (k0 + tiles_per_chunk).to(tl.int64) * T
+    # exp(dt A) of the position right of the chunk (1 past the end: dt = 0)
+    _, _, dt_r, _, _, _, _, _, _ = _bwd_seq_load(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, u_row, dl_row,
+                                                 B_row, C_row, z_row, o_row, su_l, sdl_l, sB_l, sC_l, sz_l, so_l,
+                                                 j_end, seqlen, dmask, n_mask, bias, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                                 REVERSE)
+    a_r = tl.exp2(dt_r[None, :] * A2)
+    dA_acc = tl.zeros([BN, BD], dtype=tl.float32)
+    dD_acc = tl.zeros([BD], dtype=tl.float32)
+    db_acc = tl.zeros([BD], dtype=tl.float32)
+    for kk in range(0, tiles_per_chunk):
+        k = k0 + tiles_per_chunk - 1 - kk
+        jt = k.to(tl.int64) * T
+        h_start = tl.load(tstate_ptr + (pb * n_tiles + k) * dim * nstate + dn, mask=nd_mask & (k < n_tiles),
+                          other=0.0)
+        h = h_start
+        tl.store(hs_ptr + hs_base + loc, h)
+        for s in range(0, T):  # forward sweep: park every h
+            u, dl, dt, Bv, Cv, zz, dout, m, t = _bwd_seq_load(
+                u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, u_row, dl_row, B_row, C_row, z_row, o_row,
+                su_l, sdl_l, sB_l, sC_l, sz_l, so_l, jt + s, seqlen, dmask, n_mask, bias, HAS_Z, HAS_BIAS,
+                SOFTPLUS, REVERSE)
+            h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bv[:, None]
+            tl.store(hs_ptr + hs_base + (s + 1) * BN * BD + loc, h)
+        for s_ in range(0, T):  # backward walk
+            s = T - 1 - s_
+            j = jt + s
+            u, dl, dt, Bv, Cv, zz, dout, m, t = _bwd_seq_load(
+                u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, u_row, dl_row, B_row, C_row, z_row, o_row,
+                su_l, sdl_l, sB_l, sC_l, sz_l, so_l, j, seqlen, dmask, n_mask, bias, HAS_Z, HAS_BIAS,
+                SOFTPLUS, REVERSE)
+            h = tl.load(hs_ptr + hs_base + (s + 1) * BN * BD + loc)
+            h_prev = tl.load(hs_ptr + hs_base + s * BN * BD + loc)
+            if HAS_Z:
+                sg = tl.sigmoid(zz)
+                ypre = tl.sum(h * Cv[:, None], axis=0) + Dv * u
+                dz = dout * ypre * sg * (1.0 + zz * (1.0 - sg))
+                tl.store(dz_ptr + g_row + t * sg_l, dz.to(dz_ptr.dtype.element_ty), mask=m)
+                dy = dout * zz * sg
+            else:
+                dy = dout
+            tl.store(dC_ptr + dBC_row * seqlen + t, tl.sum(dy[None, :] * h, axis=1), mask=n_mask & (j < seqlen))
+            g = dy[None, :] * Cv[:, None] + a_r * g
+            a = tl.exp2(dt[None, :] * A2)
+            if j == 0:
+                tl.store(dh0_ptr + pb * dim * nstate + dn, g * a, mask=nd_mask)
+            gah = g * a * h_prev
+            gB = tl.sum(g * Bv[:, None], axis=0)
+            du = gB * dt + dy * Dv
+            ddt = gB * u + tl.sum(gah * A, axis=0)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(dl)
+            ddt = tl.where(m, ddt, 0.0)
+            tl.store(du_ptr + g_row + t * sg_l, du.to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(ddelta_ptr + g_row + t * sg_l, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
+            tl.store(dB_ptr + dBC_row * seqlen + t, tl.sum(g * (dt * u)[None, :], axis=1), mask=n_mask & (j < seqlen))
+            dA_acc += gah * dt[None, :]
+            dD_acc += dy * u
+            db_acc += ddt
+            a_r = a
+    tl.store(dA_ptr + slot_c * dim * nstate + dn, dA_acc, mask=nd_mask)
+    if HAS_D:
+        tl.store(dD_ptr + slot_c * dim + d_off, dD_acc)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + slot_c * dim + d_off, db_acc)
+
+
 # ---------------------------------------------------------------------------------------------- launchers
 
 def _pow2_divisor(x: int, cap: int) -> int:
@@ -746,10 +905,16 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, 
 
 
 def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, dht, tile=TILE,
-         n_chunks=None, n_splits=None, num_warps=None, max_bd=None, programs=None, seq_idx=None, fwd_kernel=None):
+         n_chunks=None, n_splits=None, num_warps=None, max_bd=None, programs=None, seq_idx=None, fwd_kernel=None,
+         bwd_kernel=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0), each in its input's dtype (None where
-    the input is None)."""
+    the input is None). ``bwd_kernel``: "tile" (``_bwd_kernel``) or "seq" (``_bwd_seq_kernel``: needs tile
+    states from the state-first forward and no seq_idx; else the tile kernel runs)."""
     b, d, l = u.shape
+    bwd_kernel = bwd_kernel or BWD_KERNEL
+    if bwd_kernel == "seq" and seq_idx is None and _fwd_plan(b, d, l, delta, fwd_kernel, tile)[1]:
+        return _bwd_seq(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, dht, tile,
+                        programs)
     n = A.shape[1]
     num_warps = num_warps or WARPS_BWD
     B4, C4 = _grouped(B), _grouped(C)
@@ -823,6 +988,71 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, 
     return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0
 
 
+def _bwd_seq(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, dht, tile, programs=None):
+    """``_bwd`` through the sequential backward kernel (tile states in (n, d) order, no seq_idx)."""
+    b, d, l = u.shape
+    n = A.shape[1]
+    B4, C4 = _grouped(B), _grouped(C)
+    g = B4.shape[1]
+    cpg = d // g
+    BD = _pow2_divisor(cpg, MAX_BD_BWD_SEQ)
+    BDs = _pow2_divisor(cpg, MAX_BD_FWD)
+    BN = max(triton.next_power_of_2(n), 2)
+    ndb = d // BD
+    n_tiles = tstates.shape[1]
+    n_chunks = min(n_tiles, max(1, triton.cdiv(programs or SEQ_PROGRAMS, b * ndb)))
+    tpc = triton.cdiv(n_tiles, n_chunks)
+    n_chunks = triton.cdiv(n_tiles, tpc)
+    dev = u.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    A = A.contiguous()
+    dummy = torch.empty(1, **f32)
+    dht_c = dht.float().contiguous() if dht is not None else None
+    gbuf = torch.empty(b, n_chunks, d, n, **f32)
+    if n_chunks == 1:
+        if dht_c is not None:
+            gbuf.copy_(dht_c.unsqueeze(1))
+        else:
+            gbuf.zero_()
+    else:
+        ndbs = d // BDs
+        gloc = torch.empty(b, n_chunks, d, n, **f32)
+        dtsum = torch.empty(b, n_chunks, d, **f32)
+        _bwd_sum_kernel[(b * ndbs, n_chunks)](
+            delta, A, C4, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
+            dout, gloc, dtsum, *_strides3(delta), *C4.stride(), *_strides3(z), *_strides3(dout), dummy, 0, 0,
+            d, n, l, cpg, tpc, n_tiles, n_chunks, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=softplus, REVERSE=reverse, HAS_SEQ=False, BD=BDs, BN=BN, T=tile, num_warps=WARPS_BWD)
+        _bwd_state_kernel[(b * ndbs,)](A, gloc, dtsum, dht_c if dht_c is not None else dummy, gbuf, d, n,
+                                       n_chunks, HAS_DHT=dht_c is not None, HAS_SEQ=False, BD=BDs, BN=BN,
+                                       num_warps=1)
+    gbuf = gbuf.transpose(-1, -2).contiguous()  # (n, d) order for the sequential kernel
+    du, ddelta = new_output(u, delta), new_output(delta, delta)
+    dz = new_output(z, delta) if z is not None else None
+    n_splits = cpg // BD
+    dBp = torch.empty(b, n_splits, g, n, l, **f32)
+    dCp = torch.empty(b, n_splits, g, n, l, **f32)
+    dAp = torch.empty(b, n_chunks, n, d, **f32)
+    dDp = torch.empty(b, n_chunks, d, **f32)
+    dbp = torch.empty(b, n_chunks, d, **f32)
+    dh0 = torch.empty(b, n, d, **f32)
+    hs = torch.empty(b * ndb * n_chunks * (tile + 1) * BN * BD, **f32)
+    _bwd_seq_kernel[(b * ndb, n_chunks)](
+        u, delta, A.t().contiguous(), B4, C4, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, dout, tstates, gbuf, hs,
+        du, ddelta, dz if dz is not None else dummy, dBp, dCp, dAp, dDp, dbp, dh0,
+        *_strides3(u), *_strides3(delta), *B4.stride(), *C4.stride(), *_strides3(z), *_strides3(dout),
+        *_strides3(du), d, n, l, cpg, g, tpc, n_tiles, n_chunks,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+        REVERSE=reverse, BD=BD, BN=BN, T=tile, num_warps=WARPS_BWD_SEQ)
+    dB = (dBp.sum(1) if n_splits > 1 else dBp[:, 0]).reshape(B.shape).to(B.dtype)
+    dC = (dCp.sum(1) if n_splits > 1 else dCp[:, 0]).reshape(C.shape).to(C.dtype)
+    dA = dAp.sum((0, 1)).t().to(A.dtype)
+    dD = dDp.sum((0, 1)).to(D.dtype) if D is not None else None
+    dbias = dbp.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0.transpose(1, 2)
+
+
 class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, tuning, seq_idx):
@@ -848,7 +1078,7 @@ class SelectiveScanFn(torch.autograd.Function):
             tile=ctx.tuning.get("tile", TILE), n_chunks=ctx.tuning.get("bwd_chunks"),
             n_splits=ctx.tuning.get("bwd_splits"), num_warps=ctx.tuning.get("warps_bwd"),
             max_bd=ctx.tuning.get("bd_bwd"), programs=ctx.tuning.get("programs_bwd"), seq_idx=seq_idx,
-            fwd_kernel=ctx.tuning.get("fwd_kernel"))
+            fwd_kernel=ctx.tuning.get("fwd_kernel"), bwd_kernel=ctx.tuning.get("bwd_kernel"))
         dh0 = dh0.to(initial_state.dtype) if initial_state is not None else None
         return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None
 
