@@ -196,8 +196,10 @@ def test_gpu_bf16_realistic_shape():
     pairs = {"y": (y, y2), "ht": (ht, ht2), **{k: (grads[k], grads2[k]) for k in grads}}
     errs = {k: ((a.double() - b.double()).norm() / b.double().norm()).item() for k, (a, b) in pairs.items()}
     print("norm-wise relative errors:", {k: f"{e:.1e}" for k, e in errs.items()})
-    # dA and ddt_bias sum b*l terms of both signs: their rounding errors do not shrink with the sum
-    bad = {k: e for k, e in errs.items() if e > (5e-2 if k in ("dA", "ddt_bias") else 1e-2)}
+    # dA and ddt_bias sum b*l terms of both signs: their rounding errors do not shrink with the sum; ddt adds
+    # A da (sums over a chunk) to the direct term
+    limit = {"dA": 5e-2, "ddt_bias": 5e-2, "ddt": 2e-2}
+    bad = {k: e for k, e in errs.items() if e > limit.get(k, 1e-2)}
     assert not bad, errs
 
 

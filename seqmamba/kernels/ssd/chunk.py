@@ -467,6 +467,28 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
 
 
 @triton.jit
+def _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, gt, Ct, cst, jt, seq_t, dC, bb, hh, gg, row, c0, k, m, seqlen,
+             sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l, hdim, dstate, p_off, n_off,
+             REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, BLK: tl.constexpr, DT: tl.constexpr,
+             PREC: tl.constexpr, UP: tl.constexpr, FACTOR: tl.constexpr):
+    """The (t block, s block k) tile of ``_bwd_dC_kernel`` for one head: dC += (P dt GX) B[s] and the
+    tile's pair terms R[t,s] = P[t,s] dt[s] (g[t].x[s]) (C[t].B[s]) (zero where s > t or across sequences)."""
+    js = c0 + k * BLK + tl.arange(0, BLK)
+    vs = js < seqlen
+    ts = _pos(js, seqlen, REVERSE)
+    xs = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim).to(DT)
+    Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
+    decay = _decay(cs_ptr, row + c0 + k * BLK + BLK - 1, cst, tl.load(cs_ptr + row + js), k < m, FACTOR)
+    keep = jt[:, None] >= js[None, :]
+    if HAS_SEQ:
+        keep = keep & (seq_t[:, None] == _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)[None, :])
+    gx = _mm(gt, tl.trans(xs), PREC=PREC, UP=UP)
+    wgt = tl.where(keep, gx * decay * tl.load(dtp_ptr + row + js)[None, :], 0.0)
+    dC = _mm(wgt.to(DT), Bs, dC, PREC=PREC, UP=UP)
+    return dC, wgt * _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
+
+
+@triton.jit
 def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr, dCp_ptr, rin_ptr, dap_ptr,
                    sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, so_b, so_l, so_h,
                    ss_b, ss_l,
@@ -495,6 +517,7 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
     jt = c0 + m * BLK + tl.arange(0, BLK)
     vt = jt < seqlen
     tt = _pos(jt, seqlen, REVERSE)
+    seq_t = jt  # unused without seq_idx
     if HAS_SEQ:
         seq_t = _seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE)
         seq_in = _seq_at(seq_ptr, bb * ss_b, c0 - 1, seqlen, ss_l, REVERSE)
@@ -513,35 +536,31 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
         dC = _mm((gt * ein[:, None]).to(DT), H, dC, PREC=PREC, UP=UP)
         tl.store(rin_ptr + row + jt, ein * tl.sum(gt * _mm(Ct, tl.trans(H), PREC=PREC, UP=UP), axis=1))
         gt = gt.to(DT)
-        dap_row = ((bb * nheads + hh) * n_chunks + c) * NB * Q + m * Q
-        run = tl.sum(tl.zeros([BLK], dtype=tl.float32), axis=0)  # total of the earlier s blocks' pairs
-        rs = tl.zeros([BLK], dtype=tl.float32)  # per t: sum over the s of earlier blocks
-        rs_prev = rs
-        part = rs
-        for k in range(0, m + 1):
-            js = c0 + k * BLK + tl.arange(0, BLK)
-            vs = js < seqlen
-            ts = _pos(js, seqlen, REVERSE)
-            xs = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim).to(DT)
-            Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
-            decay = _decay(cs_ptr, row + c0 + k * BLK + BLK - 1, cst, tl.load(cs_ptr + row + js), k < m, FACTOR)
-            keep = jt[:, None] >= js[None, :]
-            if HAS_SEQ:
-                keep = keep & (seq_t[:, None] == _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)[None, :])
-            gx = _mm(gt, tl.trans(xs), PREC=PREC, UP=UP)
-            wgt = tl.where(keep, gx * decay * tl.load(dtp_ptr + row + js)[None, :], 0.0)
-            dC = _mm(wgt.to(DT), Bs, dC, PREC=PREC, UP=UP)
-            R = wgt * _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
-            # k in this s block: sum over t >= k of the pairs with s < k (exclusive cumsum along s); k in a
-            # later s block before this t block: every pair of this tile (run)
-            c1 = tl.cumsum(R, axis=1) - R
-            part = tl.sum(tl.where(jt[:, None] >= js[None, :], c1, 0.0), axis=0)
-            tl.store(dap_ptr + dap_row + (js - c0), part + run, mask=k < m)
-            rs_prev = rs
+        ar = tl.arange(0, BLK)
+        dap_row = ((bb * nheads + hh) * n_chunks + c) * NB * Q
+        # The pairs s < k <= t of R, for every k of the chunk up to this t block, with no scans (tl.cumsum of
+        # tensors laid out for tl.dot is avoided): masked sums over BLK x BLK tiles and, for the diagonal tile,
+        # one product with a 0/1 matrix.
+        before = ar[:, None] < ar[None, :]  # [i, j]: i < j
+        run = tl.sum(tl.zeros([BLK], dtype=tl.float32), axis=0)  # every pair of the earlier s blocks
+        rs = tl.zeros([BLK], dtype=tl.float32)  # per t: its pairs with the s of earlier blocks
+        for k in range(0, m):  # s blocks before this t block: every t is >= every k of the s block
+            dC, R = _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, gt, Ct, cst, jt, seq_t, dC, bb, hh, gg, row,
+                             c0, k, m, seqlen, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l, hdim,
+                             dstate, p_off, n_off, REVERSE, HAS_SEQ, BLK, DT, PREC, UP, FACTOR)
+            colsum = tl.sum(R, axis=0)  # per s
+            excl = tl.sum(tl.where(before, colsum[:, None], 0.0), axis=0)  # per k of the block: s < k
+            tl.store(dap_ptr + dap_row + m * Q + k * BLK + ar, excl + run)
+            run += tl.sum(colsum, axis=0)
             rs += tl.sum(R, axis=1)
-            run += tl.sum(tl.sum(R, axis=1), axis=0)
-        # k in this t block: the diagonal tile's part plus, from earlier s blocks, the pairs with t >= k
-        tl.store(dap_ptr + dap_row + (jt - c0), part + tl.cumsum(rs_prev, axis=0, reverse=True))
+        dC, R = _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, gt, Ct, cst, jt, seq_t, dC, bb, hh, gg, row,
+                         c0, m, m, seqlen, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l, hdim,
+                         dstate, p_off, n_off, REVERSE, HAS_SEQ, BLK, DT, PREC, UP, FACTOR)
+        # diagonal tile: c1[t, k] = sum_{s<k} R[t, s], kept where t >= k; earlier blocks: rs[t] for t >= k
+        c1 = _mm(R.to(DT), tl.where(before, 1.0, 0.0).to(DT), PREC=PREC, UP=UP)
+        at_or_after = ar[:, None] >= ar[None, :]  # [t, k]: t >= k
+        diag = tl.sum(tl.where(at_or_after, c1 + rs[:, None], 0.0), axis=0)
+        tl.store(dap_ptr + dap_row + m * Q + m * BLK + ar, diag)
     tl.store(dCp_ptr + (((bb * n_splits + sp) * seqlen + tt[:, None]) * ngroups + gg) * dstate + n_off[None, :],
              dC, mask=vt[:, None] & (n_off < dstate)[None, :])
 
@@ -549,8 +568,7 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
 @triton.jit
 def _bwd_ddt_kernel(dt_ptr, bias_ptr, A_ptr, dtp_ptr, q_ptr, zs_ptr, rin_ptr, dap_ptr, K_ptr, ddt_ptr, dAp_ptr,
                     dbp_ptr, sdt_b, sdt_l, sdt_h, nheads, seqlen, Lp, n_chunks,
-                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr,
-                    NB: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr):
     """da[k] = dL/d(dt[k] A) = (pairs s < k <= t, summed over the t blocks) + sum_{t>=k} r_in[t]
     + sum_{s<k} Z[s] + K (the chunk decay's term); ddt = q + A da (through softplus), and this chunk's parts
     of dA = sum da dt and of ddt_bias."""
@@ -566,11 +584,12 @@ def _bwd_ddt_kernel(dt_ptr, bias_ptr, A_ptr, dtp_ptr, q_ptr, zs_ptr, rin_ptr, da
     d = tl.load(dtp_ptr + row + j)
     q = tl.load(q_ptr + row + j)
     K = tl.load(K_ptr + pid.to(tl.int64) * n_chunks + c)
-    mb = tl.arange(0, NB)
-    da = tl.sum(tl.load(dap_ptr + (pid.to(tl.int64) * n_chunks + c) * NB * Q + mb[:, None] * Q + ar[None, :]), axis=0)
-    da += tl.cumsum(tl.load(rin_ptr + row + j), axis=0, reverse=True)
+    da = tl.load(dap_ptr + row + j)
+    # forward scans only (Triton's reverse scan has an open wrong-result report, triton-lang/triton#4362)
+    rin = tl.load(rin_ptr + row + j)
+    da += tl.sum(rin, axis=0) - tl.cumsum(rin, axis=0) + rin  # sum over t >= k
     zz = tl.load(zs_ptr + row + j)
-    da += tl.cumsum(zz, axis=0) - zz + K
+    da += tl.cumsum(zz, axis=0) - zz + K  # sum over s < k
     A = tl.load(A_ptr + hh).to(tl.float32)
     tl.store(dAp_ptr + pid.to(tl.int64) * n_chunks + c, tl.sum(tl.where(valid, da * d, 0.0), axis=0))
     ddt = q + A * da
@@ -718,17 +737,16 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
         FACTOR=FACTOR, num_warps=warps, num_stages=STAGES)
     dCp = torch.empty(b, ns, l, g, n, **f32)
     rin = torch.empty(b * h, cfg.Lp, **f32)
-    dap = torch.zeros(b * h, nc, cfg.NB, cfg.Q, **f32)  # (t block, k): only blocks k <= t block are written
+    dap = torch.zeros(b * h, nc, cfg.NB, cfg.Q, **f32)  # [t block, k]: only blocks k <= t block are written
     _bwd_dC_kernel[(nc * cfg.NB, b * g * ns)](x, B, C, gbuf, dtp, cs, st, seq[0], dCp, rin, dap, *x.stride(), *B.stride(),
                                               *C.stride(), *so, *seq[1:], *gdims, **common, **blocks,
                                               FACTOR=FACTOR, num_warps=warps, num_stages=STAGES)
     ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dAp = torch.empty(b * h, nc, **f32)
     dbp = torch.empty(b * h, nc, **f32) if dt_bias is not None else None
-    _bwd_ddt_kernel[(nc, b * h)](dt, dt_bias if dt_bias is not None else dummy, A, dtp, q, zs, rin, dap, kp.sum(1), ddt, dAp,
+    _bwd_ddt_kernel[(nc, b * h)](dt, dt_bias if dt_bias is not None else dummy, A, dtp, q, zs, rin, dap.sum(2), kp.sum(1), ddt, dAp,
                                  dbp if dbp is not None else dummy, *dt.stride(), h, l, cfg.Lp, nc,
-                                 HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q,
-                                 NB=cfg.NB)
+                                 HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q)
     dB = (dBp.sum(1) if ns > 1 else dBp[:, 0]).to(B.dtype)
     dC = (dCp.sum(1) if ns > 1 else dCp[:, 0]).to(C.dtype)
     dA = dAp.view(b, h, nc).sum((0, 2)).to(A.dtype)
