@@ -47,6 +47,9 @@ CASES = {
                        SMALL),
     "one-block-chunks": (40, dict(g=4, z=True), False, None, dict(chunk=16, blk=16)),
     "short": (7, dict(g=2, D="h", softplus=True), True, None, SMALL),
+    "heads-looped": (45, dict(g=1, D="hp", z=True, dt_bias=True, softplus=True), True, ([10, 35], [45]),
+                     dict(SMALL, splits=1)),  # one backward program walks all 4 heads of the group
+    "heads-split": (45, dict(g=1, z=True), False, None, dict(SMALL, splits=2)),
 }
 
 
@@ -64,8 +67,11 @@ def test_interpreted_matches_float64(chunk, name):
     compare(got, run_with_grads(ref_op(**flags), as64(inp), dy, dht), 2e-5)
 
 
-def test_interpreted_matches_naive_loop(chunk):
-    """The same against test_ssd's float64 per-step loop (independent of the reference's chunked algebra)."""
+@pytest.mark.parametrize("factor", [True, False])
+def test_interpreted_matches_naive_loop(chunk, factor, monkeypatch):
+    """The same against test_ssd's float64 per-step loop (independent of the reference's chunked algebra),
+    with the off-diagonal decay tiles factorised (default) and not."""
+    monkeypatch.setattr(chunk, "FACTOR", factor)
     inp, dy, dht = make_inputs(1, 45, 4, 2, g=2, n=3, seed=7, dtype=torch.float32, D="hp", z=True,
                                dt_bias=True, softplus=True)
     got = run_with_grads(triton_op(chunk.ssd_scan_triton, dt_softplus=True), inp, dy, dht)
@@ -118,7 +124,7 @@ def test_interpreted_custom_op_opcheck(chunk):
     inp, _, _ = make_inputs(1, 20, 2, 2, g=1, n=3, seed=8, dtype=torch.float32, D="h", z=True, dt_bias=True,
                             softplus=True)
     args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"],
-            inp["initial_state"], None, True, False, True, 16, 16, 4)
+            inp["initial_state"], None, True, False, True, 16, 16, 4, 0)
     torch.library.opcheck(chunk._ssd_fwd_op, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

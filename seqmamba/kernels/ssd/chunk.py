@@ -720,6 +720,8 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     _bwd_state_pass_kernel[(b * h, cfg.n_sblocks)](gst, st, cs, dht_c if dht_c is not None else dummy, dh0, kp,
                                                    *seq, h, l, cfg.Lp, nc, cfg.size, cfg.n_sblocks,
                                                    HAS_DHT=dht is not None, **common, BS=cfg.BS, num_warps=4)
+    if splits and cfg.hpg % splits:
+        raise ValueError(f"ssd_scan (triton): splits={splits} must divide the {cfg.hpg} heads of a group")
     ns = splits or _splits(cfg)
     hps = cfg.hpg // ns
     dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
@@ -772,7 +774,8 @@ def _empty(ref):
 @torch.library.custom_op(_OPS + "_fwd", mutates_args=())
 def _ssd_fwd_op(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, dt_bias: _T | None,
                 initial_state: _T | None, seq_idx: _T | None, softplus: bool, reverse: bool, save: bool,
-                chunk: int, blk: int, warps: int) -> tuple[_T, _T, _T, _T, _T, _T]:
+                chunk: int, blk: int, warps: int, splits: int) -> tuple[_T, _T, _T, _T, _T, _T]:
+    """Forward; ``splits`` (0: automatic) is the backward's number of programs per group of heads."""
     y, ht, ypre, dtp, cs, st = _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, initial_state, reverse, seq_idx,
                                     save, chunk, blk, warps)
     if not save:
@@ -781,7 +784,7 @@ def _ssd_fwd_op(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, 
 
 
 @_ssd_fwd_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, save, chunk, blk, warps):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, save, chunk, blk, warps, splits):
     b, l, h, p = x.shape
     n = B.shape[3]
     nc = max(-(-l // chunk), 1)
@@ -796,38 +799,39 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, 
 @torch.library.custom_op(_OPS + "_bwd", mutates_args=())
 def _ssd_bwd_op(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, dt_bias: _T | None,
                 initial_state: _T | None, seq_idx: _T | None, ypre: _T | None, dtp: _T, cs: _T, st: _T, dy: _T,
-                dht: _T | None, softplus: bool, reverse: bool, chunk: int, blk: int, warps: int) -> list[_T]:
+                dht: _T | None, softplus: bool, reverse: bool, chunk: int, blk: int, warps: int,
+                splits: int) -> list[_T]:
     grads = list(_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, cs, st, dy, dht,
-                      chunk, blk, warps))
+                      chunk, blk, warps, splits))
     grads[-1] = grads[-1].to(initial_state.dtype) if initial_state is not None else None
     return [gr if gr is not None else _empty(x) for gr in grads]
 
 
 @_ssd_bwd_op.register_fake
 def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre, dtp, cs, st, dy, dht, softplus, reverse,
-      chunk, blk, warps):
+      chunk, blk, warps, splits):
     like = [x, dt, A, B, C, D, z, dt_bias, initial_state]
     return [t.new_empty(t.shape) if t is not None else _empty(x) for t in like]
 
 
 def _ssd_setup(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, _, chunk, blk, warps = inputs
+    x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, _, chunk, blk, warps, splits = inputs
     y, _, ypre, dtp, cs, st = output
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre if z is not None else None,
                           dtp, cs, st)
-    ctx.flags = (softplus, reverse, chunk, blk, warps)
+    ctx.flags = (softplus, reverse, chunk, blk, warps, splits)
 
 
 def _ssd_backward(ctx, dy, dht, *_):
     x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre, dtp, cs, st = ctx.saved_tensors
-    softplus, reverse, chunk, blk, warps = ctx.flags
+    softplus, reverse, chunk, blk, warps, splits = ctx.flags
     if dy is None:
         dy = torch.zeros_like(x)
     grads = _ssd_bwd_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre, dtp, cs, st, dy, dht,
-                        softplus, reverse, chunk, blk, warps)
+                        softplus, reverse, chunk, blk, warps, splits)
     present = [x, dt, A, B, C, D, z, dt_bias, initial_state]
     grads = [gr if t is not None else None for gr, t in zip(grads, present)]
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None)
 
 
 _ssd_fwd_op.register_autograd(_ssd_backward, setup_context=_ssd_setup)
@@ -838,7 +842,8 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None
     """Triton implementation with :func:`ssd_scan_ref`'s signature (``chunk_size`` is ignored: the kernels
     use ``CHUNK``). Inputs fp32/bf16/fp16 on a CUDA device (or any device under TRITON_INTERPRET=1), assumed
     validated by the caller. Runs as the custom ops ``seqmamba::ssd_fwd/_bwd`` (torch.compile sees one node
-    each way). ``_tuning`` (tests, benchmarks): a dict of any of chunk, blk, warps.
+    each way). ``_tuning`` (tests, benchmarks): a dict of any of chunk, blk, warps and splits (the backward's
+    programs per group of heads, a divisor of h / g; 0 picks).
 
     Returns y (b, l, h, p) in x's dtype, or (y, final_state (b, h, p, n) fp32)."""
     if x.shape[1] == 0:  # nothing to scan: the reference handles the empty length
@@ -849,6 +854,6 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None
     save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
     y, ht, *_ = _ssd_fwd_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, bool(dt_softplus),
                             bool(reverse), save, int(t.get("chunk", CHUNK)), int(t.get("blk", BLOCK)),
-                            int(t.get("warps", WARPS)))
+                            int(t.get("warps", WARPS)), int(t.get("splits", 0)))
     return (y, ht) if return_final_state else y
 
