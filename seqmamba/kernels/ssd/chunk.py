@@ -39,7 +39,7 @@ import triton.language as tl
 
 from seqmamba.kernels.ssd.ref import ssd_scan_ref
 
-# Defaults (tuned on an H100, see benchmarks/kernels_ssd.py): chunk length, block of positions, warps.
+# Defaults: chunk length (mamba_ssm's), block of positions, warps. Not swept yet (benchmarks/kernels_ssd.py --sweep).
 CHUNK = 256
 BLOCK = 64
 WARPS = 4
