@@ -184,7 +184,8 @@ def print_table(rows, bw):
         ratio = lambda a, b: fmt(g(a) / g(b), ".2f") if g(a) and g(b) else "-"  # noqa: E731
         print(f"| {r['shape']} | {fmt(g('ours_fwd'))} | {fmt(g('peer_fwd'))} | {ratio('ours_fwd', 'peer_fwd')} | "
               f"{fmt(g('ours_fb'))} | {fmt(g('peer_fb'))} | {ratio('ours_fb', 'peer_fb')} | "
-              f"{fmt(g('ref_fwd'), '.1f')} / {fmt(g('ref_fb'), '.1f')} | {fmt(g('floor_fwd'))} / {fmt(g('floor_fb'))} | "
+              f"{fmt(g('ref_fwd'), '.1f')} / {fmt(g('ref_fb'), '.1f')} | "
+              f"{fmt(g('floor_fwd'))} / {fmt(g('floor_fb'))} | "
               f"{fmt(g('bw_fwd'), '.2f')} / {fmt(g('bw_fb'), '.2f')} | {fmt(g('ours_fwd_gb'), '.2f')} / "
               f"{fmt(g('ours_fb_gb'), '.2f')} | {fmt(g('peer_fwd_gb'), '.2f')} / {fmt(g('peer_fb_gb'), '.2f')} | "
               f"{fmt(g('err_vs_peer'), '.1e')} |")

@@ -740,14 +740,14 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     dCp = torch.empty(b, ns, l, g, n, **f32)
     rin = torch.empty(b * h, cfg.Lp, **f32)
     dap = torch.zeros(b * h, nc, cfg.NB, cfg.Q, **f32)  # [t block, k]: only blocks k <= t block are written
-    _bwd_dC_kernel[(nc * cfg.NB, b * g * ns)](x, B, C, gbuf, dtp, cs, st, seq[0], dCp, rin, dap, *x.stride(), *B.stride(),
-                                              *C.stride(), *so, *seq[1:], *gdims, **common, **blocks,
+    _bwd_dC_kernel[(nc * cfg.NB, b * g * ns)](x, B, C, gbuf, dtp, cs, st, seq[0], dCp, rin, dap, *x.stride(),
+                                              *B.stride(), *C.stride(), *so, *seq[1:], *gdims, **common, **blocks,
                                               FACTOR=FACTOR, num_warps=warps, num_stages=STAGES)
     ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dAp = torch.empty(b * h, nc, **f32)
     dbp = torch.empty(b * h, nc, **f32) if dt_bias is not None else None
-    _bwd_ddt_kernel[(nc, b * h)](dt, dt_bias if dt_bias is not None else dummy, A, dtp, q, zs, rin, dap.sum(2), kp.sum(1), ddt, dAp,
-                                 dbp if dbp is not None else dummy, *dt.stride(), h, l, cfg.Lp, nc,
+    _bwd_ddt_kernel[(nc, b * h)](dt, dt_bias if dt_bias is not None else dummy, A, dtp, q, zs, rin, dap.sum(2),
+                                 kp.sum(1), ddt, dAp, dbp if dbp is not None else dummy, *dt.stride(), h, l, cfg.Lp, nc,
                                  HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q)
     dB = (dBp.sum(1) if ns > 1 else dBp[:, 0]).to(B.dtype)
     dC = (dCp.sum(1) if ns > 1 else dCp[:, 0]).to(C.dtype)
