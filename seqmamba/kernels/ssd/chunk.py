@@ -413,15 +413,9 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
     for i in range(0, hps):
         hh = gg * hpg + sp * hps + i
         row = (bb * nheads + hh) * Lp
-        xs32 = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim).to(tl.float32)
-        xs = xs32.to(DT)
+        xs = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim).to(DT)
         dts = tl.load(dtp_ptr + row + js)
         css = tl.load(cs_ptr + row + js)
-        w = tl.exp(tl.minimum(tl.load(cs_ptr + row + c0 + Q - 1) - css, 0.0))
-        if HAS_SEQ:
-            w = tl.where(seq_s == seq_last, w, 0.0)
-        slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
-        Gout = tl.load(gst_ptr + slot + p_off[:, None] * dstate + n_off[None, :], mask=st_m, other=0.0).to(DT)
         acc = tl.zeros([BLK, BP], dtype=tl.float32)
         for k in range(m, NB):
             jt = c0 + k * BLK + tl.arange(0, BLK)
@@ -439,6 +433,13 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
             acc = _mm((cbt * decay).to(DT), gt, acc, PREC=PREC, UP=UP)
             gxt = _mm(xs, tl.trans(gt), PREC=PREC, UP=UP)
             dB = _mm((gxt * decay * dts[:, None]).to(DT), Ct, dB, PREC=PREC, UP=UP)
+        # what only the state terms need is loaded after the loop (fewer registers live across it)
+        xs32 = xs.to(tl.float32)  # exact: DT is x's dtype or fp32
+        w = tl.exp(tl.minimum(tl.load(cs_ptr + row + c0 + Q - 1) - css, 0.0))
+        if HAS_SEQ:
+            w = tl.where(seq_s == seq_last, w, 0.0)
+        slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
+        Gout = tl.load(gst_ptr + slot + p_off[:, None] * dstate + n_off[None, :], mask=st_m, other=0.0).to(DT)
         bgo = w[:, None] * _mm(Bs, tl.trans(Gout), PREC=PREC, UP=UP)
         tl.store(zs_ptr + row + js, dts * tl.sum(xs32 * bgo, axis=1))
         dxraw = acc + bgo
