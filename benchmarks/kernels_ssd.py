@@ -4,6 +4,7 @@ side by side in one process, plus the PyTorch reference where it is quick enough
     python benchmarks/kernels_ssd.py                 # the table (FIELD_NOTES section 1 shapes + 4M tokens)
     python benchmarks/kernels_ssd.py --sweep         # our launch parameters (chunk, block, warps) per shape
     python benchmarks/kernels_ssd.py --shapes 8x2048 # a subset (batch x length, heads 24 x 64, N 128)
+    python benchmarks/kernels_ssd.py --resources     # registers / spills per kernel for sm_90, no GPU needed
 
 mamba_ssm is imported if it is on PYTHONPATH (its pure-Triton SSD files need no build; they are never part of
 this project). Inputs as in FIELD_NOTES: bf16 x, dt, B, C; fp32 A, D (h,), dt_bias; softplus on; one group;
@@ -242,14 +243,67 @@ def ab_factor(shapes):
         ours.FACTOR = True
 
 
+def resources(block=None, warps=None):
+    """Registers and spill stack of every kernel compiled for sm_90 (needs no GPU: Triton's ptxas and
+    cuobjdump), for bf16 inputs with every option on."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    half = {"x_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "ypre_ptr", "dy_ptr", "g_ptr", "dx_ptr", "dz_ptr",
+            "dt_ptr", "ddt_ptr"}
+    blk, w = block or ours.BLOCK, warps or ours.WARPS
+    flags = dict(REVERSE=True, HAS_SEQ=True, Q=ours.CHUNK)
+    dots = dict(BLK=blk, BP=64, BN=128, DT=tl.bfloat16, PREC="tf32", UP=False)
+    kernels = {
+        "_dt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
+        "_chunk_state_kernel": dict(**flags, **dots),
+        "_state_pass_kernel": dict(HAS_H0=True, **flags, BS=ours.STATE_BLOCK),
+        "_chunk_out_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
+                                  FACTOR=ours.FACTOR),
+        "_bwd_gloc_kernel": dict(HAS_Z=True, **flags, **dots),
+        "_bwd_state_pass_kernel": dict(HAS_DHT=True, **flags, BS=ours.STATE_BLOCK),
+        "_bwd_dx_dB_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots, FACTOR=ours.FACTOR),
+        "_bwd_dC_kernel": dict(**flags, **dots, FACTOR=ours.FACTOR),
+        "_bwd_ddt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
+    }
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    print(f"sm_90, bf16, every option, block {blk}, {w} warps, {ours.STAGES} stages, triton {triton.__version__}")
+    for name, consts in kernels.items():
+        fn = getattr(ours, name)
+        sig = {a: "constexpr" if a in consts else
+               ("*bf16" if a in half else "*i64" if a == "seq_ptr" else "*fp32") if a.endswith("_ptr") else "i32"
+               for a in fn.arg_names}
+        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=w, num_stages=ours.STAGES)).asm["cubin"]
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        usage = next((line.split()[:2] for line in out.splitlines() if "REG:" in line), ["?", "?"])
+        print(f"  {name:24s} {usage[0]:8s} {usage[1]}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of fwd+bwd under torch.profiler")
     ap.add_argument("--ab-factor", action="store_true", help="factorised off-diagonal decays on / off")
+    ap.add_argument("--resources", action="store_true",
+                    help="registers and spills of each kernel compiled for sm_90 (no GPU needed)")
+    ap.add_argument("--block", type=int, help="--resources: block of positions (default the kernels')")
+    ap.add_argument("--warps", type=int, help="--resources: warps (default the kernels')")
     ap.add_argument("--shapes", nargs="*", help="BxL (heads 24 x 64, N 128) or BxLxHxPxN items, e.g. 8x2048 "
                                                "1x1048576x8x64x16")
     args = ap.parse_args(argv)
+    if args.resources:
+        resources(args.block, args.warps)
+        return
     if not torch.cuda.is_available():
         sys.exit("kernels_ssd.py needs a CUDA device")
     shapes = SHAPES if not args.shapes else [parse_shape(s) for s in args.shapes]
