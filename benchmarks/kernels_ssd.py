@@ -273,12 +273,20 @@ def resources(block=None, warps=None):
     }
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     print(f"sm_90, bf16, every option, block {blk}, {w} warps, {ours.STAGES} stages, triton {triton.__version__}")
+    # as the launcher specialises them for contiguous (b, l, h, p) tensors: unit strides are constants, pointers
+    # and the other strides and sizes are multiples of 16
+    unit = {"sx_p", "sB_n", "sC_n", "sz_p", "ss_l"}
+    aligned = {"sx_b", "sx_l", "sB_b", "sB_l", "sC_b", "sC_l", "sz_b", "sz_l", "so_b", "so_l", "hdim", "dstate",
+               "Lp", "size", "sx_h", "sz_h", "so_h"}
     for name, consts in kernels.items():
         fn = getattr(ours, name)
+        consts = {**{a: 1 for a in fn.arg_names if a in unit}, **consts}
         sig = {a: "constexpr" if a in consts else
                ("*bf16" if a in half else "*i64" if a == "seq_ptr" else "*fp32") if a.endswith("_ptr") else "i32"
                for a in fn.arg_names}
-        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if a not in consts and (a.endswith("_ptr") or a in aligned)}
+        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
         cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                options=dict(num_warps=w, num_stages=ours.STAGES)).asm["cubin"]
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
