@@ -13,6 +13,9 @@ guards the wall clock: a run it cuts short says so (``"cut_short": true``), and 
 Three ways to run:
   * everything in one process (train Mamba-TasNet, then Conv-TasNet, then evaluate):
       python benchmarks/separation_benchmark.py --data .sep_bench/data.pt --out OUT --steps 2000
+  * the two trainings side by side, --steps chosen by a timing probe so that training takes ~330 s:
+      python benchmarks/separation_benchmark.py --data .sep_bench/data.pt --out OUT --concurrent \
+          --train_seconds 330 --lr 3e-3 --hour
   * the two trainings as two processes sharing one GPU, then the evaluation:
       python benchmarks/separation_benchmark.py ... --only mamba_tasnet &
       python benchmarks/separation_benchmark.py ... --only conv_tasnet & wait
@@ -287,7 +290,8 @@ def evaluate_all(args, corpus: Corpus, device: torch.device, fh) -> dict:
             results[name][f"long_20s_{voices}_windowed_4s_1s_si_snri"] = win
             log(f"{name} 20 s {voices} mixtures: whole {whole} dB, windowed (4 s / 1 s overlap) {win} dB", fh)
             write_json(results, out_json)
-        realtime(run, corpus, 20, device, batch_windows=16)  # compiles the inference shapes outside the timings
+        # one full batch of 16 windows and a shorter one: compiles the timed runs' shapes outside the timings
+        realtime(run, corpus, 20 if args.smoke else 8 * 16 + 20, device, batch_windows=16)
         for seconds in (20,) if args.smoke else (600, 3600) if args.hour else (600,):
             results[name][f"rtf_{seconds}s"] = realtime(run, corpus, seconds, device, batch_windows=16)
             log(f"{name} {seconds} s: {results[name][f'rtf_{seconds}s']}", fh)
@@ -356,11 +360,12 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _child(args, name: str, out: Path, steps: int, max_seconds: float, log_every: int) -> subprocess.Popen:
+def _child(args, name: str, out: Path, steps: int, max_seconds: float, log_every: int,
+           val_every: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--data", str(args.data), "--out", str(out), "--only", name, "--size", args.size,
            "--steps", str(steps), "--max_train_seconds", str(max_seconds), "--batch", str(args.batch),
            "--segment_seconds", str(args.segment_seconds), "--lr", str(args.lr), "--conv_lr", str(args.conv_lr or args.lr), "--warmup", str(args.warmup),
-           "--log_every", str(log_every), "--val_every", str(args.val_every), "--n_val", str(args.n_val)]
+           "--log_every", str(log_every), "--val_every", str(val_every or args.val_every), "--n_val", str(args.n_val)]
     return subprocess.Popen(cmd + (["--smoke"] if args.smoke else []))
 
 
@@ -370,21 +375,31 @@ def _wait(procs: list[subprocess.Popen]) -> None:
         raise SystemExit(f"a training process failed (exit codes {codes})")
 
 
-def seconds_per_step(curve: Path, skip: int) -> float:
-    """Steady-state seconds per step from a curve CSV, ignoring the first ``skip`` steps (compilation)."""
-    rows = [r for r in read_curve(curve) if int(r["step"]) > skip]
+def seconds_per_step(curve: Path, after_seconds: float) -> float:
+    """Seconds per step from a curve CSV over the rows logged after ``after_seconds`` (past compilation, and
+    where the other process is training too)."""
+    every = read_curve(curve)
+    rows = [r for r in every if float(r["seconds"]) > after_seconds]
+    if len(rows) < 2:  # too slow to log twice in the window: time what there is
+        rows = every[-2:]
+    if len(rows) < 2:
+        raise SystemExit(f"{curve}: fewer than 2 logged steps in the probe; raise --probe_seconds")
     (a, b) = rows[0], rows[-1]
     return (float(b["seconds"]) - float(a["seconds"])) / max(int(b["step"]) - int(a["step"]), 1)
 
 
 def train_concurrently(args, fh) -> None:
     """Both models as two processes on one device. With ``--train_seconds``, a short concurrent probe first
-    measures both step times and sets ``--steps`` so that the slower model finishes in about that time."""
+    measures both step times and sets ``--steps`` so that the slower model finishes in about that time.
+
+    Both probe processes train for the same ``--probe_seconds`` of wall time and are timed over its second half
+    only: a fixed probe step count let Conv-TasNet finish while Mamba-TasNet was still compiling, so Mamba was
+    timed alone (0.14 s/step against 0.25 s/step side by side) and the run then hit the wall-clock guard."""
     if args.train_seconds:
         probe = args.out / "probe"
         probe.mkdir(parents=True, exist_ok=True)
-        _wait([_child(args, name, probe, args.probe_steps, 1e9, 5) for name in MODELS])
-        rates = {name: seconds_per_step(probe / f"curve_{name}.csv", args.probe_steps // 3) for name in MODELS}
+        _wait([_child(args, name, probe, 10 ** 6, args.probe_seconds, 5, val_every=10 ** 6) for name in MODELS])
+        rates = {name: seconds_per_step(probe / f"curve_{name}.csv", args.probe_seconds / 2) for name in MODELS}
         args.steps = max(int(args.train_seconds / max(rates.values())), 1)
         log(f"probe: seconds per step running side by side {rates}; --steps {args.steps}", fh)
     guard = args.max_train_seconds if not args.train_seconds else args.train_seconds * 1.1
@@ -401,7 +416,8 @@ def parse_args(argv=None):
                     help="train the two models as two processes sharing the device, then evaluate")
     ap.add_argument("--train_seconds", type=float, default=None,
                     help="with --concurrent: choose --steps from a probe so that training takes about this long")
-    ap.add_argument("--probe_steps", type=int, default=45)
+    ap.add_argument("--probe_seconds", type=float, default=40.0,
+                    help="with --train_seconds: wall time of the side-by-side timing probe")
     ap.add_argument("--size", default="S", choices=sorted(SIZES))
     ap.add_argument("--steps", type=int, default=2000, help="training steps of each model (the schedule's length)")
     ap.add_argument("--max_train_seconds", type=float, default=1e9, help="wall-clock guard per model")
