@@ -145,6 +145,23 @@ def test_auto_variant_follows_delta_layout(chunk):
     assert chunk._fwd_plan(1, 8, 128, fwd["u"], "auto", 16) == (True, False)
 
 
+def test_auto_backward_choice(chunk):
+    """'auto' backward: sequential after the state-first forward while its dB/dC partials stay small; the tile
+    kernel on (b, d, l) inputs, with seq_idx, or when the partials would pass the cap."""
+    fwd, _ = make_pair(1, 8, 2, 128, channel_last=True)
+    args = (fwd["u"], fwd["delta"], fwd["A"], fwd["B"])
+    assert chunk._bwd_plan(*args, None, None, "auto", 16)
+    assert not chunk._bwd_plan(fwd["u"], fwd["u"], fwd["A"], fwd["B"], None, None, "auto", 16)
+    assert not chunk._bwd_plan(*args, torch.zeros(1, 128, dtype=torch.long), None, "auto", 16)
+    assert not chunk._bwd_plan(*args, None, None, "tile", 16)
+    cap = chunk.BWD_SEQ_MAX_PARTIAL_BYTES
+    try:
+        chunk.BWD_SEQ_MAX_PARTIAL_BYTES = 2 * 4 * 1 * 1 * 1 * 2 * 128 - 1  # one split, g 1, n 2, l 128
+        assert not chunk._bwd_plan(*args, None, None, "auto", 16)
+    finally:
+        chunk.BWD_SEQ_MAX_PARTIAL_BYTES = cap
+
+
 def test_bimamba_fuses_only_without_autograd_by_default(monkeypatch):
     """BiMamba calls the bidirectional scan without autograd (and under it when fused_scan=True); the output is
     the same either way."""

@@ -64,6 +64,8 @@ CASES = [
      dict(tile=4, fwd_chunks=2, fwd_kernel="seqt", bwd_kernel="seq", programs_bwd=1)),
     ("seq-bwd-no-options", dict(l=19, groups=None, z=False, D=False, delta_bias=False, h0=False), False, False,
      dict(tile=8, fwd_kernel="seqt", bwd_kernel="seq")),
+    ("seq-bwd-blocks-per-program", dict(d=6, l=23, groups=2), True, True,  # 3 blocks a group in 2 splits, 1 masked
+     dict(tile=4, fwd_kernel="seqt", bwd_kernel="seq", bd_bwd=1, bwd_splits=2, programs_bwd=8)),
 ]
 
 

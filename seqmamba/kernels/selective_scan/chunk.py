@@ -54,11 +54,17 @@ FWD_KERNEL = "auto"
 # l-contiguous inputs each thread of seqt reads its own cache line a step: 302 vs 92 ms).
 # SEQMAMBA_SCAN_SEQ_VARIANT overrides it (benchmarks).
 SEQ_VARIANT = os.environ.get("SEQMAMBA_SCAN_SEQ_VARIANT", "auto")
-# Backward kernel: "tile" (_bwd_kernel, measured) or "seq" (_bwd_seq_kernel: opt-in, not yet timed on a GPU;
-# runs only after the state-first forward and without seq_idx). SEQMAMBA_SCAN_BWD overrides it.
-BWD_KERNEL = os.environ.get("SEQMAMBA_SCAN_BWD", "tile")
+# Backward kernel: "tile" (_bwd_kernel), "seq" (_bwd_seq_kernel; only after the state-first forward and without
+# seq_idx, else tile) or "auto": seq where its (b, channel blocks, g, n, l) fp32 dB/dC partials stay under
+# BWD_SEQ_MAX_PARTIAL_BYTES, tile otherwise. H100, same run, fwd+bwd on the mixer's layout: b8 d1536 l2048
+# 6.65 -> 6.13 ms, b1 d1536 l2^20 483 -> 346 ms (gradients within 2e-6 of the tile kernel's in fp32), but the
+# partials at 2^20 take 6.4 GB (tile: 0.13 GB); bwd_splits (several blocks a program, read-modify-write of
+# fewer partials) cuts them and is not yet timed. SEQMAMBA_SCAN_BWD overrides the choice.
+BWD_KERNEL = os.environ.get("SEQMAMBA_SCAN_BWD", "auto")
+BWD_SEQ_MAX_PARTIAL_BYTES = 1 << 30
 MAX_BD_BWD_SEQ = 32
 WARPS_BWD_SEQ = 1
+BWD_SEQ_SPLITS = None  # None: one channel block a program (no read-modify-write of the dB/dC partials)
 MAX_BD_SEQT = 128
 WARPS_SEQT = 1
 SEQ_MAX_CHANNELS = 8192
@@ -675,58 +681,85 @@ def _bwd_seq_kernel(
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
     su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     sz_b, sz_d, sz_l, so_b, so_d, so_l, sg_b, sg_d, sg_l,
-    dim, nstate, seqlen, cpg, n_groups, tiles_per_chunk, n_tiles, n_chunks,
+    dim, nstate, seqlen, cpg, n_groups, n_splits, blocks_per_split, tiles_per_chunk, n_tiles, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+    REVERSE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, ACC_BC: tl.constexpr = False,
 ):
     """Sequential backward in the state-first layout of ``_fwd_seq_kernel`` (NFIRST): one program walks one
     chunk right to left for BD channels, a thread per channel with all n of it, g = dL/dh carried in registers.
     Per tile of T positions it recomputes h from the saved tile state (a forward sweep that parks every h in a
     per-program scratch, ``hs_ptr``, read back by the same thread), then walks the tile backwards:
         g_t = dy_t C_t + exp(dt_{t+1} A) g_{t+1}
-    and writes du, ddelta, dz (layout given by the sg_* strides) and this channel block's share of dB, dC
-    ((b, splits, g, n, l) partials, summed by torch); dA, dD, ddelta_bias are summed in registers over the chunk.
-    Tile states and g at chunk ends are (n, d)-ordered slots (see ``_fwd_seq_kernel``)."""
+    and writes du, ddelta, dz (layout given by the sg_* strides); dA, dD, ddelta_bias are summed in registers
+    over the chunk. A program takes ``blocks_per_split`` channel blocks of one group one after the other and sums
+    their dB, dC into its split's slice of the (b, splits, g, n, l) partials (read-modify-write by this program
+    alone, in a fixed order: deterministic), which torch sums. Tile states and g at chunk ends are (n, d)-ordered
+    slots (see ``_fwd_seq_kernel``)."""
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
-    ndb = dim // BD
-    pb = (pid // ndb).to(tl.int64)
-    blk = pid % ndb
-    d_off = (blk * BD + tl.arange(0, BD)).to(tl.int64)
-    grp = blk * BD // cpg
-    split = (blk * BD % cpg) // BD
-    n_splits = cpg // BD
+    split = pid % n_splits
+    grp = (pid // n_splits) % n_groups
+    pb = (pid // (n_splits * n_groups)).to(tl.int64)
+    ndb_g = cpg // BD
     n_off = tl.arange(0, BN).to(tl.int64)
     n_mask = n_off < nstate
-    dmask = d_off < dim
+    # scratch: T + 1 slots of (BN, BD) per program (slot 0: the tile's start state, slot s + 1: h after step s);
+    # dA and dh0 are written in (n, d) order too (transposed by torch)
+    hs_base = (pid.to(tl.int64) * n_chunks + chunk) * ((T + 1) * BN * BD)
+    slot_c = pb * n_chunks + chunk
+    k0 = chunk * tiles_per_chunk
+    j_end = (k0 + tiles_per_chunk).to(tl.int64) * T
+    for ib in range(0, blocks_per_split):
+        blk = split * blocks_per_split + ib  # channel block within the group; past ndb_g: fully masked
+        _bwd_seq_block(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, tstate_ptr,
+                       gbuf_ptr, hs_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+                       dh0_ptr, su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n,
+                       sC_l, sz_b, sz_d, sz_l, so_b, so_d, so_l, sg_b, sg_d, sg_l, dim, nstate, seqlen,
+                       tiles_per_chunk, n_tiles, n_chunks, pb, grp, split, n_splits, n_groups,
+                       grp * cpg + blk * BD, blk < ndb_g, ib, hs_base, slot_c, k0, j_end,
+                       HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, BD, BN, T, ACC_BC)
+
+
+@triton.jit
+def _bwd_seq_block(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, tstate_ptr,
+                   gbuf_ptr, hs_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+                   dh0_ptr, su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n,
+                   sC_l, sz_b, sz_d, sz_l, so_b, so_d, so_l, sg_b, sg_d, sg_l, dim, nstate, seqlen,
+                   tiles_per_chunk, n_tiles, n_chunks, pb, grp, split, n_splits, n_groups,
+                   d0, blk_ok, ib, hs_base, slot_c, k0, j_end,
+                   HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                   REVERSE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+                   ACC_BC: tl.constexpr):
+    """One channel block (channels d0 .. d0 + BD) of ``_bwd_seq_kernel``'s chunk; with ACC_BC (several blocks
+    a program), ib > 0 adds its dB, dC to what the program's earlier blocks wrote."""
+    if ACC_BC:
+        if ib > 0:
+            tl.debug_barrier()  # the earlier blocks' dB/dC stores are visible to every thread
+    n_off = tl.arange(0, BN).to(tl.int64)
+    n_mask = n_off < nstate
+    d_off = (d0 + tl.arange(0, BD)).to(tl.int64)
+    dmask = (d_off < dim) & blk_ok
     nd_mask = n_mask[:, None] & dmask[None, :]
     unaligned = nstate // nstate - 1  # see _fwd_seq_kernel
+    B_row = pb * sB_b + grp.to(tl.int64) * sB_g + n_off * sB_n
+    C_row = pb * sC_b + grp.to(tl.int64) * sC_g + n_off * sC_n
+    dBC_row = ((pb * n_splits + split) * n_groups + grp) * nstate + n_off
+    loc = tl.arange(0, BD)[None, :] + tl.arange(0, BN)[:, None] * BD + unaligned
     A = tl.load(A_ptr + n_off[:, None] * dim + d_off[None, :] + unaligned, mask=nd_mask, other=0.0).to(tl.float32)
     A2 = A * 1.4426950408889634
     dn = d_off[None, :] + n_off[:, None] * dim + unaligned
     bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + d_off).to(tl.float32)
+        bias = tl.load(bias_ptr + d_off, mask=dmask, other=0.0).to(tl.float32)
     Dv = tl.zeros([BD], dtype=tl.float32)
     if HAS_D:
-        Dv = tl.load(D_ptr + d_off).to(tl.float32)
+        Dv = tl.load(D_ptr + d_off, mask=dmask, other=0.0).to(tl.float32)
     u_row = pb * su_b + d_off * su_d
     dl_row = pb * sdl_b + d_off * sdl_d
     z_row = pb * sz_b + d_off * sz_d
     o_row = pb * so_b + d_off * so_d
     g_row = pb * sg_b + d_off * sg_d
-    B_row = pb * sB_b + grp.to(tl.int64) * sB_g + n_off * sB_n
-    C_row = pb * sC_b + grp.to(tl.int64) * sC_g + n_off * sC_n
-    dBC_row = ((pb * n_splits + split) * n_groups + grp) * nstate + n_off
-    # scratch: T + 1 slots of (BN, BD) per program (slot 0: the tile's start state, slot s + 1: h after step s);
-    # dA and dh0 are written in (n, d) order too (transposed by torch)
-    hs_base = (pid.to(tl.int64) * n_chunks + chunk) * ((T + 1) * BN * BD)
-    loc = tl.arange(0, BD)[None, :] + tl.arange(0, BN)[:, None] * BD + unaligned
-
-    slot_c = pb * n_chunks + chunk
     g = tl.load(gbuf_ptr + slot_c * dim * nstate + dn, mask=nd_mask, other=0.0)  # g after the chunk's end
-    k0 = chunk * tiles_per_chunk
-    j_end = (k0 + tiles_per_chunk).to(tl.int64) * T
     # exp(dt A) of the position right of the chunk (1 past the end: dt = 0)
     _, _, dt_r, _, _, _, _, _, _ = _bwd_seq_load(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, u_row, dl_row,
                                                  B_row, C_row, z_row, o_row, su_l, sdl_l, sB_l, sC_l, sz_l, so_l,
@@ -767,7 +800,11 @@ def _bwd_seq_kernel(
                 dy = dout * zz * sg
             else:
                 dy = dout
-            tl.store(dC_ptr + dBC_row * seqlen + t, tl.sum(dy[None, :] * h, axis=1), mask=n_mask & (j < seqlen))
+            bc_ok = n_mask & (j < seqlen)
+            dC_t = tl.sum(dy[None, :] * h, axis=1)
+            if ACC_BC:
+                dC_t += tl.load(dC_ptr + dBC_row * seqlen + t, mask=bc_ok & (ib > 0), other=0.0)
+            tl.store(dC_ptr + dBC_row * seqlen + t, dC_t, mask=bc_ok)
             g = dy[None, :] * Cv[:, None] + a_r * g
             a = tl.exp2(dt[None, :] * A2)
             if j == 0:
@@ -781,16 +818,19 @@ def _bwd_seq_kernel(
             ddt = tl.where(m, ddt, 0.0)
             tl.store(du_ptr + g_row + t * sg_l, du.to(du_ptr.dtype.element_ty), mask=m)
             tl.store(ddelta_ptr + g_row + t * sg_l, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
-            tl.store(dB_ptr + dBC_row * seqlen + t, tl.sum(g * (dt * u)[None, :], axis=1), mask=n_mask & (j < seqlen))
+            dB_t = tl.sum(g * (dt * u)[None, :], axis=1)
+            if ACC_BC:
+                dB_t += tl.load(dB_ptr + dBC_row * seqlen + t, mask=bc_ok & (ib > 0), other=0.0)
+            tl.store(dB_ptr + dBC_row * seqlen + t, dB_t, mask=bc_ok)
             dA_acc += gah * dt[None, :]
             dD_acc += dy * u
             db_acc += ddt
             a_r = a
     tl.store(dA_ptr + slot_c * dim * nstate + dn, dA_acc, mask=nd_mask)
     if HAS_D:
-        tl.store(dD_ptr + slot_c * dim + d_off, dD_acc)
+        tl.store(dD_ptr + slot_c * dim + d_off, dD_acc, mask=dmask)
     if HAS_BIAS:
-        tl.store(dbias_ptr + slot_c * dim + d_off, db_acc)
+        tl.store(dbias_ptr + slot_c * dim + d_off, db_acc, mask=dmask)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -911,10 +951,9 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, 
     the input is None). ``bwd_kernel``: "tile" (``_bwd_kernel``) or "seq" (``_bwd_seq_kernel``: needs tile
     states from the state-first forward and no seq_idx; else the tile kernel runs)."""
     b, d, l = u.shape
-    bwd_kernel = bwd_kernel or BWD_KERNEL
-    if bwd_kernel == "seq" and seq_idx is None and _fwd_plan(b, d, l, delta, fwd_kernel, tile)[1]:
+    if _bwd_plan(u, delta, A, B, seq_idx, fwd_kernel, bwd_kernel, tile, n_splits, max_bd):
         return _bwd_seq(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, dht, tile,
-                        programs)
+                        programs, n_splits, max_bd)
     n = A.shape[1]
     num_warps = num_warps or WARPS_BWD
     B4, C4 = _grouped(B), _grouped(C)
@@ -988,19 +1027,39 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, 
     return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0
 
 
-def _bwd_seq(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, dht, tile, programs=None):
+def _bwd_plan(u, delta, A, B, seq_idx, fwd_kernel, bwd_kernel, tile, n_splits=None, max_bd=None) -> bool:
+    """True when the sequential backward runs (see BWD_KERNEL)."""
+    b, d, l = u.shape
+    bwd_kernel = bwd_kernel or BWD_KERNEL
+    if bwd_kernel == "tile" or seq_idx is not None or not _fwd_plan(b, d, l, delta, fwd_kernel, tile)[1]:
+        return False
+    if bwd_kernel == "seq":
+        return True
+    g = _grouped(B).shape[1]
+    ndb_g = (d // g) // _pow2_divisor(d // g, max_bd or MAX_BD_BWD_SEQ)
+    splits = min(ndb_g, n_splits or BWD_SEQ_SPLITS or ndb_g)
+    return 2 * 4 * b * splits * g * A.shape[1] * l <= BWD_SEQ_MAX_PARTIAL_BYTES
+
+
+def _bwd_seq(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, dht, tile, programs=None,
+             n_splits=None, max_bd=None):
     """``_bwd`` through the sequential backward kernel (tile states in (n, d) order, no seq_idx)."""
     b, d, l = u.shape
     n = A.shape[1]
     B4, C4 = _grouped(B), _grouped(C)
     g = B4.shape[1]
     cpg = d // g
-    BD = _pow2_divisor(cpg, MAX_BD_BWD_SEQ)
+    BD = _pow2_divisor(cpg, max_bd or MAX_BD_BWD_SEQ)
     BDs = _pow2_divisor(cpg, MAX_BD_FWD)
     BN = max(triton.next_power_of_2(n), 2)
-    ndb = d // BD
     n_tiles = tstates.shape[1]
-    n_chunks = min(n_tiles, max(1, triton.cdiv(programs or SEQ_PROGRAMS, b * ndb)))
+    ndb_g = cpg // BD
+    # channel blocks are shared out over n_splits programs a group (fewer (b, splits, g, n, l) dB/dC partials:
+    # one per block would be 6.4 GB at b1 d1536 l2^20), the chunks make up the programs
+    n_splits = min(ndb_g, n_splits or BWD_SEQ_SPLITS or ndb_g)
+    bps = triton.cdiv(ndb_g, n_splits)
+    n_splits = triton.cdiv(ndb_g, bps)
+    n_chunks = min(n_tiles, max(1, triton.cdiv(programs or SEQ_PROGRAMS, b * g * n_splits)))
     tpc = triton.cdiv(n_tiles, n_chunks)
     n_chunks = triton.cdiv(n_tiles, tpc)
     dev = u.device
@@ -1029,22 +1088,21 @@ def _bwd_seq(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, do
     gbuf = gbuf.transpose(-1, -2).contiguous()  # (n, d) order for the sequential kernel
     du, ddelta = new_output(u, delta), new_output(delta, delta)
     dz = new_output(z, delta) if z is not None else None
-    n_splits = cpg // BD
     dBp = torch.empty(b, n_splits, g, n, l, **f32)
     dCp = torch.empty(b, n_splits, g, n, l, **f32)
     dAp = torch.empty(b, n_chunks, n, d, **f32)
     dDp = torch.empty(b, n_chunks, d, **f32)
     dbp = torch.empty(b, n_chunks, d, **f32)
     dh0 = torch.empty(b, n, d, **f32)
-    hs = torch.empty(b * ndb * n_chunks * (tile + 1) * BN * BD, **f32)
-    _bwd_seq_kernel[(b * ndb, n_chunks)](
+    hs = torch.empty(b * g * n_splits * n_chunks * (tile + 1) * BN * BD, **f32)
+    _bwd_seq_kernel[(b * g * n_splits, n_chunks)](
         u, delta, A.t().contiguous(), B4, C4, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, dout, tstates, gbuf, hs,
         du, ddelta, dz if dz is not None else dummy, dBp, dCp, dAp, dDp, dbp, dh0,
         *_strides3(u), *_strides3(delta), *B4.stride(), *C4.stride(), *_strides3(z), *_strides3(dout),
-        *_strides3(du), d, n, l, cpg, g, tpc, n_tiles, n_chunks,
+        *_strides3(du), d, n, l, cpg, g, n_splits, bps, tpc, n_tiles, n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        REVERSE=reverse, BD=BD, BN=BN, T=tile, num_warps=WARPS_BWD_SEQ)
+        REVERSE=reverse, BD=BD, BN=BN, T=tile, ACC_BC=bps > 1, num_warps=WARPS_BWD_SEQ)
     dB = (dBp.sum(1) if n_splits > 1 else dBp[:, 0]).reshape(B.shape).to(B.dtype)
     dC = (dCp.sum(1) if n_splits > 1 else dCp[:, 0]).reshape(C.shape).to(C.dtype)
     dA = dAp.sum((0, 1)).t().to(A.dtype)
