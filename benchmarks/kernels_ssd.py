@@ -193,8 +193,11 @@ def print_table(rows, bw):
 
 
 def sweep(shapes):
-    grid = [dict(chunk=256, blk=64, warps=4), dict(chunk=256, blk=64, warps=8), dict(chunk=128, blk=64, warps=4),
-            dict(chunk=128, blk=32, warps=4), dict(chunk=256, blk=32, warps=4)]
+    # the default, then the backward alone with fewer registers a thread (kernels_ssd.py --resources: the
+    # backward pair kernels spill at 4 warps), then the forward
+    grid = [dict(chunk=256, blk=64, warps=4), dict(chunk=256, blk=64, warps=4, warps_bwd=8),
+            dict(chunk=256, blk=64, warps=4, blk_bwd=32, warps_bwd=8), dict(chunk=256, blk=64, warps=8),
+            dict(chunk=128, blk=64, warps=4)]
     for (b, l, h, p, n) in shapes:
         inp = make(b, l, h, p, n)
         dy = torch.randn(b, l, h, p, device="cuda").bfloat16()

@@ -50,6 +50,8 @@ CASES = {
     "heads-looped": (45, dict(g=1, D="hp", z=True, dt_bias=True, softplus=True), True, ([10, 35], [45]),
                      dict(SMALL, splits=1)),  # one backward program walks all 4 heads of the group
     "heads-split": (45, dict(g=1, z=True), False, None, dict(SMALL, splits=2)),
+    "backward-block": (45, dict(g=2, D="h", dt_bias=True, softplus=True), True, None,
+                       dict(chunk=32, blk=32, blk_bwd=16)),  # the backward cuts chunks into 2 blocks, not 1
 }
 
 
@@ -138,7 +140,7 @@ def test_interpreted_custom_op_opcheck(chunk):
     inp, _, _ = make_inputs(1, 20, 2, 2, g=1, n=3, seed=8, dtype=torch.float32, D="h", z=True, dt_bias=True,
                             softplus=True)
     args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"],
-            inp["initial_state"], None, True, False, True, 16, 16, 4, 0)
+            inp["initial_state"], None, True, False, True, 16, 16, 4, 16, 4, 0)
     torch.library.opcheck(chunk._ssd_fwd_op, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

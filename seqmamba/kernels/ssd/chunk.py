@@ -43,6 +43,8 @@ from seqmamba.kernels.ssd.ref import ssd_scan_ref
 CHUNK = 256
 BLOCK = 64
 WARPS = 4
+BLOCK_BWD = 0  # 0: the forward's (the backward recomputes per block, so its block may differ)
+WARPS_BWD = 0  # 0: the forward's
 STAGES = 2
 STATE_BLOCK = 512  # elements of the (p, n) state per program of the state passes
 TARGET_PROGRAMS = 1024  # the backward splits the heads of a group among programs until this many run
@@ -775,8 +777,10 @@ def _empty(ref):
 @torch.library.custom_op(_OPS + "_fwd", mutates_args=())
 def _ssd_fwd_op(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, dt_bias: _T | None,
                 initial_state: _T | None, seq_idx: _T | None, softplus: bool, reverse: bool, save: bool,
-                chunk: int, blk: int, warps: int, splits: int) -> tuple[_T, _T, _T, _T, _T, _T]:
-    """Forward; ``splits`` (0: automatic) is the backward's number of programs per group of heads."""
+                chunk: int, blk: int, warps: int, blk_bwd: int, warps_bwd: int,
+                splits: int) -> tuple[_T, _T, _T, _T, _T, _T]:
+    """Forward. ``blk_bwd``, ``warps_bwd`` and ``splits`` (the number of programs per group of heads; 0:
+    automatic) are the backward's launch parameters, kept for it."""
     y, ht, ypre, dtp, cs, st = _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, initial_state, reverse, seq_idx,
                                     save, chunk, blk, warps)
     if not save:
@@ -785,7 +789,8 @@ def _ssd_fwd_op(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, 
 
 
 @_ssd_fwd_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, save, chunk, blk, warps, splits):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, save, chunk, blk, warps, blk_bwd,
+      warps_bwd, splits):
     b, l, h, p = x.shape
     n = B.shape[3]
     nc = max(-(-l // chunk), 1)
@@ -816,11 +821,12 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre, dtp, cs, st, 
 
 
 def _ssd_setup(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, _, chunk, blk, warps, splits = inputs
+    (x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, _, chunk, _, _, blk_bwd, warps_bwd,
+     splits) = inputs
     y, _, ypre, dtp, cs, st = output
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre if z is not None else None,
                           dtp, cs, st)
-    ctx.flags = (softplus, reverse, chunk, blk, warps, splits)
+    ctx.flags = (softplus, reverse, chunk, blk_bwd, warps_bwd, splits)
 
 
 def _ssd_backward(ctx, dy, dht, *_):
@@ -832,7 +838,7 @@ def _ssd_backward(ctx, dy, dht, *_):
                         softplus, reverse, chunk, blk, warps, splits)
     present = [x, dt, A, B, C, D, z, dt_bias, initial_state]
     grads = [gr if t is not None else None for gr, t in zip(grads, present)]
-    return (*grads, None, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 _ssd_fwd_op.register_autograd(_ssd_backward, setup_context=_ssd_setup)
@@ -843,8 +849,9 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None
     """Triton implementation with :func:`ssd_scan_ref`'s signature (``chunk_size`` is ignored: the kernels
     use ``CHUNK``). Inputs fp32/bf16/fp16 on a CUDA device (or any device under TRITON_INTERPRET=1), assumed
     validated by the caller. Runs as the custom ops ``seqmamba::ssd_fwd/_bwd`` (torch.compile sees one node
-    each way). ``_tuning`` (tests, benchmarks): a dict of any of chunk, blk, warps and splits (the backward's
-    programs per group of heads, a divisor of h / g; 0 picks).
+    each way). ``_tuning`` (tests, benchmarks): a dict of any of chunk, blk, warps, blk_bwd, warps_bwd (the
+    backward's; default the forward's) and splits (the backward's programs per group of heads, a divisor of
+    h / g; 0 picks).
 
     Returns y (b, l, h, p) in x's dtype, or (y, final_state (b, h, p, n) fp32)."""
     if x.shape[1] == 0:  # nothing to scan: the reference handles the empty length
@@ -853,8 +860,10 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None
     t = _tuning or {}
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
     save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
+    blk, warps = int(t.get("blk", BLOCK)), int(t.get("warps", WARPS))
     y, ht, *_ = _ssd_fwd_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, bool(dt_softplus),
-                            bool(reverse), save, int(t.get("chunk", CHUNK)), int(t.get("blk", BLOCK)),
-                            int(t.get("warps", WARPS)), int(t.get("splits", 0)))
+                            bool(reverse), save, int(t.get("chunk", CHUNK)), blk, warps,
+                            int(t.get("blk_bwd", BLOCK_BWD or blk)), int(t.get("warps_bwd", WARPS_BWD or warps)),
+                            int(t.get("splits", 0)))
     return (y, ht) if return_final_state else y
 
