@@ -110,6 +110,23 @@ def test_interpreted_state_first_variant_by_default_rule(chunk, monkeypatch):
     assert_close(got, grads_of(y_ref, leaves_of(f64, r64)), rtol=2e-5)
 
 
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_interpreted_fake_layouts_match_real(chunk, channel_last):
+    """The bidirectional ops' fake implementations give every output the real one's shape, dtype and strides
+    (torch.compile trusts them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    fwd, rev = make_pair(1, 2, 2, 70, channel_last=channel_last, seed=5)
+    pairs = [t.detach() for k in SCAN for t in (fwd[k], rev[k])]
+    fwd_args = (*pairs, True, True, None)
+    y, ts_f, ts_r = chunk._bi_fwd_op(*fwd_args)
+    bwd_args = (*pairs, ts_f, ts_r, torch.randn_like(y), True, None)
+    for op, args in ((chunk._bi_fwd_op, fwd_args), (chunk._bi_bwd_op, bwd_args)):
+        real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        assert [(t.shape, t.dtype, t.stride()) for t in real] == [(t.shape, t.dtype, t.stride()) for t in fake]
+
+
 def test_interpreted_no_grad_and_bf16(chunk):
     """bf16 activations (fp32 A, D, bias): y in bf16, close to the fp32 reference on the same inputs; no
     tile states are kept without autograd."""

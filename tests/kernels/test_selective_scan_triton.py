@@ -333,6 +333,31 @@ def test_interpreted_custom_op_opcheck(chunk):
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_interpreted_custom_op_opcheck_layouts(chunk, channel_last):
+    """Fake and real agree on every output's layout, forward and backward op, in the mixer's layout too
+    (channel-last delta/z: state-first forward, sequential backward, channel-last y/du/ddelta/dz)."""
+    x = {k: v.detach() for k, v in make_inputs(b=1, d=2, n=2, l=70, groups=1, dtype=torch.float32, seed=8).items()}
+    if channel_last:
+        for k in ("delta", "z"):
+            x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
+    order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+    fwd_args = (*(x[k] for k in order), True, False, True, None)
+    torch.library.opcheck(chunk._scan_fwd_op, fwd_args, test_utils=("test_schema", "test_faketensor"))
+    y, h, ts = chunk._scan_fwd_op(*fwd_args)
+    bwd_args = (*(x[k] for k in order), ts, torch.randn_like(y), torch.randn_like(h), True, False, None)
+    torch.library.opcheck(chunk._scan_bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    # opcheck compares shapes and dtypes; the strides must agree as well (compiled graphs trust the fake's)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    for op, args in ((chunk._scan_fwd_op, fwd_args), (chunk._scan_bwd_op, bwd_args)):
+        real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        assert [t.stride() for t in real] == [t.stride() for t in fake], (op, [t.stride() for t in real])
+    if channel_last:
+        assert y.stride(1) == 1 and real[0].stride(1) == 1 and real[1].stride(1) == 1  # y, du, ddelta
+
+
 @pytest.mark.gpu
 @cuda
 def test_gpu_torch_compile_no_graph_break():

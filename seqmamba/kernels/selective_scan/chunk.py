@@ -940,7 +940,7 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, 
     if nfirst:  # (n, d) order back to (b, d, n)
         final = final.reshape(b, n, d).transpose(1, 2).contiguous()
     elif n_chunks > 1:
-        final = final.clone()
+        final = final.contiguous()  # a copy (not a view of hout), laid out as the fake implementation says
     return y, final, (tstates if save_states else None)
 
 
@@ -1108,7 +1108,7 @@ def _bwd_seq(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, do
     dA = dAp.sum((0, 1)).t().to(A.dtype)
     dD = dDp.sum((0, 1)).to(D.dtype) if D is not None else None
     dbias = dbp.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
-    return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0.transpose(1, 2)
+    return du, ddelta, dA.contiguous(), dB, dC, dD, dz, dbias, dh0.transpose(1, 2).contiguous()
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -1159,7 +1159,7 @@ def _scan_fwd_op(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | No
                  seq_idx: _T | None) -> tuple[_T, _T, _T]:
     y, ht, tstates = _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
                           save_states=save_states, seq_idx=seq_idx)
-    return y, ht.clone(), tstates if tstates is not None else _empty(u)
+    return y, ht.clone(memory_format=torch.contiguous_format), tstates if tstates is not None else _empty(u)
 
 
 @_scan_fwd_op.register_fake
@@ -1181,10 +1181,22 @@ def _scan_bwd_op(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | No
     return [g if g is not None else _empty(u) for g in grads]
 
 
+def _grads_like(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
+    """Empty gradients with the layouts ``_bwd`` gives them (what the fake implementations must return):
+    contiguous, except du, ddelta, dz from the sequential backward, which follow delta's layout."""
+    seq = _bwd_plan(u, delta, A, B, seq_idx, None, None, TILE)
+    out = [t.new_empty(t.shape) if t is not None else _empty(u)
+           for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+    if seq:
+        out[0], out[1] = new_output(u, delta), new_output(delta, delta)
+        if z is not None:
+            out[6] = new_output(z, delta)
+    return out
+
+
 @_scan_bwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, dy, dht, softplus, reverse, seq_idx):
-    like = [u, delta, A, B, C, D, z, delta_bias, initial_state]
-    return [torch.empty_like(t) if t is not None else _empty(u) for t in like]
+    return _grads_like(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
 
 
 def _scan_setup(ctx, inputs, output):
@@ -1273,8 +1285,9 @@ def _bi_bwd_op(u_f: _T, u_r: _T, delta_f: _T, delta_r: _T, A_f: _T, A_r: _T, B_f
 @_bi_bwd_op.register_fake
 def _(u_f, u_r, delta_f, delta_r, A_f, A_r, B_f, B_r, C_f, C_r, D_f, D_r, z_f, z_r, bias_f, bias_r, ts_f, ts_r,
       dy, softplus, seq_idx):
-    like = [u_f, u_r, delta_f, delta_r, A_f, A_r, B_f, B_r, C_f, C_r, D_f, D_r, z_f, z_r, bias_f, bias_r]
-    return [torch.empty_like(t) if t is not None else _empty(u_f) for t in like]
+    g_f = _grads_like(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, None, seq_idx)
+    g_r = _grads_like(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, None, seq_idx)
+    return [g for pair in zip(g_f[:-1], g_r[:-1]) for g in pair]
 
 
 def _bi_setup(ctx, inputs, output):
