@@ -4,6 +4,9 @@ is importable in the same process, mamba_ssm's CUDA kernel; plus the floors from
     python benchmarks/kernels.py                    # every shape, table printed last
     python benchmarks/kernels.py --quick            # the small shapes only
     python benchmarks/kernels.py --check            # also compare with the reference at every shape
+    python benchmarks/kernels.py --e2e              # Caduceus-size backbone: tokens/s and peak memory
+    python benchmarks/kernels.py --bidirectional    # fused bidirectional scan and layer vs two calls + flips
+    python benchmarks/kernels.py --ssd [ARGS]       # the SSD (Mamba-2) table: benchmarks/kernels_ssd.py ARGS
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events); inputs are random (never zeros), bf16 u, delta,
 B, C, z and fp32 A, D, delta_bias, softplus on, z gating on, one group of B/C (the FIELD_NOTES setting).
@@ -14,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
+import sys
 
 import torch
 
@@ -439,7 +442,12 @@ def print_e2e(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--ssd"]:  # the Mamba-2 SSD table lives in its own script; the rest of argv goes to it
+        from kernels_ssd import main as ssd_main
+        return ssd_main(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="--ssd [ARGS]: the SSD (Mamba-2) benchmark, benchmarks/kernels_ssd.py ARGS")
     p.add_argument("--quick", action="store_true", help="small shapes only")
     p.add_argument("--check", action="store_true", help="compare with the reference at every shape")
     p.add_argument("--no-ref", action="store_true", help="skip timing the PyTorch reference")
