@@ -7,6 +7,7 @@ Asking for Triton where it cannot run is an error, never a silent fallback.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from typing import Literal
@@ -19,10 +20,22 @@ ENV_VAR = "SEQMAMBA_BACKEND"
 
 
 _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels take; float64 -> reference
 
 
 def triton_available() -> bool:
     return _TRITON_AVAILABLE
+
+
+def load_triton_impl(module: str, name: str):
+    """``module.name``, the Triton implementation of an op, or None where Triton is missing or fails to import
+    (a broken install): the reference still works."""
+    if not triton_available():
+        return None
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception:  # pragma: no cover
+        return None
 
 
 @torch.compiler.assume_constant_result

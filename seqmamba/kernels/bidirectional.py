@@ -15,21 +15,15 @@ from __future__ import annotations
 
 import torch
 
-from seqmamba.kernels._dispatch import resolve_backend
-from seqmamba.kernels.selective_scan import (_TRITON_DTYPES, _selective_scan_triton, carry_mask, check_scan_args,
+from seqmamba.kernels._dispatch import TRITON_DTYPES, load_triton_impl, resolve_backend
+from seqmamba.kernels.selective_scan import (carry_mask, check_scan_args,
                                              selective_scan_ref)
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def _load_triton():
-    if _selective_scan_triton is None:
-        return None
-    from seqmamba.kernels.selective_scan.chunk import selective_scan_bidirectional_triton
-    return selective_scan_bidirectional_triton
-
-
-_bidirectional_triton = _load_triton()
+_bidirectional_triton = load_triton_impl("seqmamba.kernels.selective_scan.chunk",
+                                         "selective_scan_bidirectional_triton")
 
 
 def split_directions(**inputs):
@@ -74,7 +68,7 @@ def selective_scan_bidirectional(u, delta, A, B, C, D=None, z=None, delta_bias=N
     u_f = fwd["u"]
     which = resolve_backend("selective_scan_bidirectional", backend, u_f, has_triton_impl=_bidirectional_triton is not None)
     tensors = [t for d in (fwd, rev) for t in d.values() if t is not None]
-    if which == "triton" and any(t.dtype not in _TRITON_DTYPES for t in tensors):
+    if which == "triton" and any(t.dtype not in TRITON_DTYPES for t in tensors):
         if backend == "triton":
             raise RuntimeError("selective_scan_bidirectional: the Triton backend takes fp32/bf16/fp16 inputs; "
                                "use backend='ref' for float64")

@@ -9,28 +9,13 @@ Shape letters: b batch, d channels, l length, n state size, g groups (B/C shared
 """
 from __future__ import annotations
 
-import torch
-
-from seqmamba.kernels._dispatch import resolve_backend, triton_available
+from seqmamba.kernels._dispatch import TRITON_DTYPES, load_triton_impl, resolve_backend
 from seqmamba.kernels.selective_scan.ref import (_contract_c, _grouped, _per_channel_mul, _scan_,  # noqa: F401
                                                  _scan_chunk, _skip_and_gate, auto_chunk_size, carry_mask,
                                                  check_scan_args, delta_dt, linear_scan, selective_scan_ref)
 
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _load_triton():
-    if not triton_available():
-        return None
-    try:
-        from seqmamba.kernels.selective_scan.chunk import selective_scan_triton
-    except Exception:  # a broken Triton install: the reference still works  # pragma: no cover
-        return None
-    return selective_scan_triton
-
-
 # Seam for the fused kernel: a callable with selective_scan_ref's signature, or None without Triton.
-_selective_scan_triton = _load_triton()
+_selective_scan_triton = load_triton_impl("seqmamba.kernels.selective_scan.chunk", "selective_scan_triton")
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -52,7 +37,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     b, _, l, _ = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     carry_mask(seq_idx, b, l, reverse, u.device)  # validates seq_idx (a cheap (b, l) comparison)
     which = resolve_backend("selective_scan", backend, u, has_triton_impl=_selective_scan_triton is not None)
-    if which == "triton" and any(t is not None and t.dtype not in _TRITON_DTYPES
+    if which == "triton" and any(t is not None and t.dtype not in TRITON_DTYPES
                                  for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)):
         if backend == "triton":
             raise RuntimeError("selective_scan: the Triton backend takes fp32/bf16/fp16 inputs; "

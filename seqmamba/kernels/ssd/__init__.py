@@ -11,27 +11,12 @@ states (b, h, p, n) (state[p, n] += dt x[p] B[n]).
 """
 from __future__ import annotations
 
-import torch
-
-from seqmamba.kernels._dispatch import resolve_backend, triton_available
+from seqmamba.kernels._dispatch import TRITON_DTYPES, load_triton_impl, resolve_backend
 from seqmamba.kernels.ssd.ref import check_ssd_args, ssd_scan_ref
-
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _load_triton():
-    if not triton_available():
-        return None
-    try:
-        from seqmamba.kernels.ssd.chunk import ssd_scan_triton
-    except Exception:  # a broken Triton install: the reference still works  # pragma: no cover
-        return None
-    return ssd_scan_triton
-
 
 # Implementations with ssd_scan_ref's positional signature; the Triton one registers itself as "triton".
 _IMPLS = {"ref": ssd_scan_ref}
-if (_triton_impl := _load_triton()) is not None:
+if (_triton_impl := load_triton_impl("seqmamba.kernels.ssd.chunk", "ssd_scan_triton")) is not None:
     _IMPLS["triton"] = _triton_impl
 
 
@@ -45,7 +30,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_so
     """
     check_ssd_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx)
     impl = resolve_backend("ssd_scan", backend, x, has_triton_impl="triton" in _IMPLS)
-    if impl == "triton" and any(t is not None and t.dtype not in _TRITON_DTYPES
+    if impl == "triton" and any(t is not None and t.dtype not in TRITON_DTYPES
                                 for t in (x, dt, A, B, C, D, z, dt_bias, initial_state)):
         if backend == "triton":
             raise RuntimeError("ssd_scan: the Triton backend takes fp32/bf16/fp16 inputs; "
