@@ -3,7 +3,7 @@
 Mixtures are built from a speaker-folder split (default: the quickstart's held-out test speakers): each source is
 several utterances of one speaker joined together (``--seconds`` long), unit RMS, gains in [-2.5, 2.5] dB.
 
-  python benchmarks/separation_windowing.py CKPT --speakers data/separation_synthetic --window 2 --overlap 0.5
+  python benchmarks/separation_windowing.py CKPT --speakers data/separation_synthetic60 --window 2 --overlap 0.5
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from seqmamba.tasks.separation import Separator, pit_si_snr, reorder, si_snr_imp
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("--speakers", default="data/separation_synthetic")
+    ap.add_argument("--speakers", default="data/separation_synthetic60")
     ap.add_argument("--split", choices=("train", "val", "test"), default="test")
-    ap.add_argument("--val_fraction", type=float, default=0.17)
-    ap.add_argument("--test_fraction", type=float, default=0.17)
+    ap.add_argument("--val_fraction", type=float, default=0.1)
+    ap.add_argument("--test_fraction", type=float, default=0.1)
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--window", type=float, nargs="+", default=[2.0])

@@ -292,3 +292,37 @@ def test_build_mixture_list_three_speakers(tmp_path):
     table = build_mixture_list(speakers, 3, MixingConfig(3, SR), seed=7, max_length=1500)
     assert table.height == 3 and (table["length"] <= 1500).all()
     assert table.equals(build_mixture_list(speakers, 3, MixingConfig(3, SR), seed=7, max_length=1500))
+
+
+def _median_f0(wave: np.ndarray, sr: int = SR, lo: float = 70.0, hi: float = 300.0) -> float:
+    """Median pitch (Hz) of the loud 40 ms frames of ``wave``: the autocorrelation peak in [sr/hi, sr/lo]."""
+    n, f0s = int(0.04 * sr), []
+    frames = [wave[i: i + n] for i in range(0, len(wave) - n, n)]
+    loud = max(float(np.square(f).mean()) for f in frames)
+    for f in frames:
+        if np.square(f).mean() < 0.1 * loud:
+            continue
+        f = f - f.mean()
+        ac = np.correlate(f, f, "full")[n - 1:]
+        lags = np.arange(int(sr / hi), int(sr / lo) + 1)
+        f0s.append(sr / lags[np.argmax(ac[lags])])
+    return float(np.median(f0s))
+
+
+def test_synthetic_speakers_have_their_own_pitch(tmp_path):
+    from seqmamba.data.separation import make_synthetic_speakers
+
+    seed = int(np.random.default_rng().integers(1000))
+    root = make_synthetic_speakers(tmp_path / "syn", n_speakers=4, utterances=2, seconds=1.0, seed=seed,
+                                   f0_range=(100.0, 200.0))
+    assert sorted(p.name for p in root.iterdir()) == ["spk00", "spk01", "spk02", "spk03"]
+    medians = []
+    for spk in sorted(root.iterdir()):
+        waves = [sf.read(p, dtype="float32")[0] for p in sorted(spk.glob("*.wav"))]
+        assert len(waves) == 2 and all(0.5 * SR <= len(w) <= 1.5 * SR and np.abs(w).max() > 0.1 for w in waves)
+        medians.append(_median_f0(np.concatenate(waves)))
+    # speakers' mean pitches are log-evenly spread over f0_range (shuffled); each syllable stays within
+    # +-5% (jitter) +-8% (glide) of it, so the median lands within a few percent (lags are whole samples:
+    # 2.5% steps at 200 Hz)
+    expected = np.exp(np.linspace(np.log(100.0), np.log(200.0), 4))
+    np.testing.assert_allclose(np.sort(medians), expected, rtol=0.08, err_msg=f"seed {seed}")
