@@ -79,6 +79,9 @@ def separate_files_with_the_checkpoint(workdir: Path, ckpt: Path, capsys) -> Non
     assert separate([str(ckpt), "missing.wav", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("seqmamba separate: error:") and "missing.wav" in err[0]
+    assert separate(["a.wav", "b.wav", "--device", "cpu"]) == 2  # a WAV where the model should be
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and "a.wav: not a SeparationModule checkpoint" in err[0]
 
 
 def test_mismatched_n_src_is_a_clear_error(workdir, capsys):

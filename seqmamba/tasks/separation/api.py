@@ -137,7 +137,10 @@ class Separator:
             raise FileNotFoundError(f"{path}: no such checkpoint file or pretrained folder")
         from seqmamba.tasks.separation.module import SeparationModule
 
-        module = SeparationModule.load_from_checkpoint(path, map_location="cpu")
+        try:
+            module = SeparationModule.load_from_checkpoint(path, map_location="cpu")
+        except Exception as err:  # not a checkpoint, or one of another model: say which file, not a traceback
+            raise ValueError(f"{path}: not a SeparationModule checkpoint ({type(err).__name__}: {err})") from err
         return cls(module.model, device)
 
     @property
