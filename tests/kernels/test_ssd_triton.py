@@ -12,7 +12,8 @@ import torch
 
 from seqmamba.kernels.ssd import ssd_scan, ssd_scan_ref
 from tests.kernels.interpret import load_interpreted
-from tests.kernels.test_ssd import compare, make_inputs, naive_ssd, packed_seq_idx, run_with_grads
+from tests.kernels.test_ssd import (compare, make_inputs, naive_ssd, packed_seq_idx, run_with_grads,
+                                    strong_decay_inputs)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SMALL = dict(chunk=32, blk=16)  # 2 blocks per chunk
@@ -83,13 +84,7 @@ def test_interpreted_matches_naive_loop(chunk, factor, monkeypatch):
 def test_interpreted_strong_decay_is_finite_and_accurate(chunk):
     """dt |A| up to ~55 a step at random positions: the decay over a chunk reaches thousands (exp of the
     cumulative sums themselves would overflow or underflow) while neighbouring positions stay O(1) apart."""
-    l, h = 70, 4
-    inp, dy, dht = make_inputs(2, l, h, 3, g=1, n=4, seed=51, D="h", dtype=torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    strong = torch.rand(2, l, h, generator=gen) < 0.3
-    with torch.no_grad():
-        inp["A"].copy_(torch.tensor([-50.0, -20.0, -1.0, -0.05]))
-        inp["dt"].copy_(torch.where(strong, 1.0, 0.01) * (1 + 0.1 * torch.rand(2, l, h, generator=gen)))
+    inp, dy, dht = strong_decay_inputs(70)
     got = run_with_grads(triton_op(chunk.ssd_scan_triton), inp, dy, dht)
     compare(got, run_with_grads(ref_op(), as64(inp), dy, dht), 2e-5)
 
