@@ -59,8 +59,11 @@ def test_two_step_fit_then_test(workdir, capsys, config):
 
 
 def separate_files_with_the_checkpoint(workdir: Path, ckpt: Path, capsys) -> None:
-    """``python -m seqmamba.tasks.separation CKPT FILE...`` writes one file per speaker of each input's length."""
-    from seqmamba.tasks.separation.__main__ import main as separate
+    """``seqmamba separate CKPT FILE...`` writes one file per speaker of each input's length."""
+    def separate(argv):
+        with pytest.raises(SystemExit) as exc:
+            main(["separate", *argv])
+        return exc.value.code
 
     rng = np.random.default_rng()
     lengths = {"a": 2500, "b": 1700}

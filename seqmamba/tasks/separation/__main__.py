@@ -1,4 +1,4 @@
-"""``python -m seqmamba.tasks.separation MODEL FILE [FILE ...] [--out_dir DIR] [--window_seconds 8] ...``
+"""``seqmamba separate MODEL FILE [FILE ...] [--out_dir DIR] [--window_seconds 8] ...``
 
 Separates WAV/FLAC files of any length with a trained model (a ``SeparationModule`` checkpoint or a
 ``save_pretrained`` folder) into ``<out_dir>/<stem>_spk<i>.wav``, one file per speaker, with a progress bar.
@@ -12,7 +12,7 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m seqmamba.tasks.separation", description=__doc__,
+    ap = argparse.ArgumentParser(prog="seqmamba separate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="checkpoint (.ckpt) or save_pretrained folder")
     ap.add_argument("files", nargs="+", help="WAV/FLAC mixtures")
