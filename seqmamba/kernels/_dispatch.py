@@ -44,8 +44,14 @@ def _env_backend() -> str:
     return os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
 
 
-def resolve_backend(op: str, backend: str, tensor: torch.Tensor, has_triton_impl: bool) -> str:
-    """Return ``"triton"`` or ``"ref"`` for one call of ``op`` on ``tensor``'s device."""
+def resolve_backend(op: str, backend: str, tensor: torch.Tensor, has_triton_impl: bool,
+                    inputs: tuple = ()) -> str:
+    """Return ``"triton"`` or ``"ref"`` for one call of ``op`` on ``tensor``'s device.
+
+    ``inputs``: the call's tensors (None allowed). A dtype the kernels do not take (float64) sends "auto" to the
+    reference, which is exact in float64, and is an error for an explicit ``backend="triton"``.
+    """
+    requested = backend
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -60,6 +66,10 @@ def resolve_backend(op: str, backend: str, tensor: torch.Tensor, has_triton_impl
                else "its inputs are not CUDA tensors" if not tensor.is_cuda
                else "triton is not installed")
         raise RuntimeError(f"{op}: the Triton backend was requested but cannot run: {why}")
+    if usable and any(t is not None and t.dtype not in TRITON_DTYPES for t in inputs):
+        if requested == "triton":
+            raise RuntimeError(f"{op}: the Triton backend takes fp32/bf16/fp16 inputs; use backend='ref' for float64")
+        return "ref"
     return "triton" if usable else "ref"
 
 

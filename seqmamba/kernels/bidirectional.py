@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from seqmamba.kernels._dispatch import TRITON_DTYPES, load_triton_impl, resolve_backend
+from seqmamba.kernels._dispatch import load_triton_impl, resolve_backend
 from seqmamba.kernels.selective_scan import (carry_mask, check_scan_args,
                                              selective_scan_ref)
 
@@ -65,14 +65,9 @@ def selective_scan_bidirectional(u, delta, A, B, C, D=None, z=None, delta_bias=N
                                      if fwd[k] is not None and fwd[k].shape != rev[k].shape))
     b, _, l, _ = shapes[0]
     carry_mask(seq_idx, b, l, False, fwd["u"].device)  # validates seq_idx
-    u_f = fwd["u"]
-    which = resolve_backend("selective_scan_bidirectional", backend, u_f, has_triton_impl=_bidirectional_triton is not None)
-    tensors = [t for d in (fwd, rev) for t in d.values() if t is not None]
-    if which == "triton" and any(t.dtype not in TRITON_DTYPES for t in tensors):
-        if backend == "triton":
-            raise RuntimeError("selective_scan_bidirectional: the Triton backend takes fp32/bf16/fp16 inputs; "
-                               "use backend='ref' for float64")
-        which = "ref"
+    which = resolve_backend("selective_scan_bidirectional", backend, fwd["u"],
+                            has_triton_impl=_bidirectional_triton is not None,
+                            inputs=tuple(t for d in (fwd, rev) for t in d.values()))
     if which == "triton":
         return _bidirectional_triton(fwd, rev, delta_softplus, seq_idx)
     return bidirectional_ref(fwd, rev, delta_softplus, seq_idx)

@@ -251,6 +251,25 @@ def test_dispatch(monkeypatch):
         selective_scan(**x)
 
 
+def test_dispatch_dtype_rule(monkeypatch):
+    """Where Triton could run, float64 inputs go to the reference under "auto" (also with SEQMAMBA_BACKEND=triton)
+    and are an error for an explicit backend="triton"; fp32/bf16/fp16 go to Triton."""
+    from types import SimpleNamespace
+
+    from seqmamba.kernels import _dispatch
+    monkeypatch.setattr(_dispatch, "_TRITON_AVAILABLE", True)
+    on_gpu = SimpleNamespace(is_cuda=True)
+    f32, bf16, f64 = (torch.zeros(1, dtype=t) for t in (torch.float32, torch.bfloat16, torch.float64))
+    resolve = _dispatch.resolve_backend
+    assert resolve("op", "auto", on_gpu, True, inputs=(f32, None, bf16)) == "triton"
+    assert resolve("op", "auto", on_gpu, True, inputs=(f32, None, f64)) == "ref"
+    with pytest.raises(RuntimeError, match="op: the Triton backend takes fp32/bf16/fp16"):
+        resolve("op", "triton", on_gpu, True, inputs=(f64,))
+    monkeypatch.setenv("SEQMAMBA_BACKEND", "triton")
+    assert resolve("op", "auto", on_gpu, True, inputs=(f64,)) == "ref"
+    assert resolve("op", "auto", on_gpu, True, inputs=(bf16,)) == "triton"
+
+
 def _bad(name):
     x = {k: v.detach() for k, v in make_inputs(b=2, d=4, n=3, l=5, groups=2).items()}
     bad = {

@@ -9,7 +9,7 @@ Shape letters: b batch, d channels, l length, n state size, g groups (B/C shared
 """
 from __future__ import annotations
 
-from seqmamba.kernels._dispatch import TRITON_DTYPES, load_triton_impl, resolve_backend
+from seqmamba.kernels._dispatch import load_triton_impl, resolve_backend
 from seqmamba.kernels.selective_scan.ref import (_contract_c, _grouped, _per_channel_mul, _scan_,  # noqa: F401
                                                  _scan_chunk, _skip_and_gate, auto_chunk_size, carry_mask,
                                                  check_scan_args, delta_dt, linear_scan, selective_scan_ref)
@@ -36,13 +36,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     b, _, l, _ = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     carry_mask(seq_idx, b, l, reverse, u.device)  # validates seq_idx (a cheap (b, l) comparison)
-    which = resolve_backend("selective_scan", backend, u, has_triton_impl=_selective_scan_triton is not None)
-    if which == "triton" and any(t is not None and t.dtype not in TRITON_DTYPES
-                                 for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)):
-        if backend == "triton":
-            raise RuntimeError("selective_scan: the Triton backend takes fp32/bf16/fp16 inputs; "
-                               "use backend='ref' for float64")
-        which = "ref"
+    which = resolve_backend("selective_scan", backend, u, has_triton_impl=_selective_scan_triton is not None,
+                            inputs=(u, delta, A, B, C, D, z, delta_bias, initial_state))
     impl = _selective_scan_triton if which == "triton" else selective_scan_ref
     return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state,
                 reverse, chunk_size=chunk_size, seq_idx=seq_idx)

@@ -11,7 +11,7 @@ states (b, h, p, n) (state[p, n] += dt x[p] B[n]).
 """
 from __future__ import annotations
 
-from seqmamba.kernels._dispatch import TRITON_DTYPES, load_triton_impl, resolve_backend
+from seqmamba.kernels._dispatch import load_triton_impl, resolve_backend
 from seqmamba.kernels.ssd.ref import check_ssd_args, ssd_scan_ref
 
 # Implementations with ssd_scan_ref's positional signature; the Triton one registers itself as "triton".
@@ -29,13 +29,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_so
     the reference only: the Triton kernels pick their own chunking (the result does not depend on it).
     """
     check_ssd_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx)
-    impl = resolve_backend("ssd_scan", backend, x, has_triton_impl="triton" in _IMPLS)
-    if impl == "triton" and any(t is not None and t.dtype not in TRITON_DTYPES
-                                for t in (x, dt, A, B, C, D, z, dt_bias, initial_state)):
-        if backend == "triton":
-            raise RuntimeError("ssd_scan: the Triton backend takes fp32/bf16/fp16 inputs; "
-                               "use backend='ref' for float64")
-        impl = "ref"
+    impl = resolve_backend("ssd_scan", backend, x, has_triton_impl="triton" in _IMPLS,
+                           inputs=(x, dt, A, B, C, D, z, dt_bias, initial_state))
     return _IMPLS[impl](x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state,
                         return_final_state, reverse, seq_idx)
 
