@@ -349,14 +349,13 @@ def bidirectional_rows(scan_shapes=((8, 1536, 16, 2048), (1, 1536, 16, 1 << 18))
         def caduceus():
             return m_f(x) + m_r(x.flip(1)).flip(1)
 
-        def unfused():
-            bi.fused_scan = False
-            try:
+        def bimamba(fused_scan):  # forced both ways: BiMamba's default fuses only without autograd
+            def f():
+                bi.fused_scan = fused_scan
                 return bi(x)
-            finally:
-                bi.fused_scan = True
+            return f
         row = dict(bidir_layer=f"b{b} l{l} d_model{dm}")
-        for name, f, ps in (("fused", layer(lambda: bi(x)), params), ("unfused", layer(unfused), params),
+        for name, f, ps in (("fused", layer(bimamba(True)), params), ("unfused", layer(bimamba(False)), params),
                             ("caduceus", layer(caduceus), [x, *m_f.parameters(), *m_r.parameters()])):
             row[f"{name}_fwd_ms"], row[f"{name}_fwdbwd_ms"] = _timed_pair(f, ps)
         for k in ("fwd", "fwdbwd"):
