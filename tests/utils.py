@@ -43,3 +43,11 @@ def assert_all_close(pairs: dict, rtol: float, atol: float = 0.0) -> None:
         if not finite or (err > atol and rel > rtol):
             bad.append(name)
     assert not bad, f"mismatch in {bad} (rtol {rtol:g}, atol {atol:g}): " + "; ".join(report)
+
+
+def module_outputs_and_grads(module: torch.nn.Module, x: torch.Tensor) -> dict:
+    """Run ``module`` on a fresh leaf copy of ``x`` and backpropagate ``sum(y^2)``: {"y", "dx", param name: grad}."""
+    xi = x.clone().requires_grad_()
+    y = module(xi)
+    y.square().sum().backward()
+    return {"y": y.detach(), "dx": xi.grad, **{n: p.grad for n, p in module.named_parameters()}}

@@ -12,6 +12,7 @@ import torch
 from seqmamba.kernels.selective_scan import selective_scan, selective_scan_ref
 from tests.kernels.interpret import load_interpreted
 from tests.kernels.test_selective_scan import assert_close, detached, make_inputs, run_with_grads
+from tests.utils import module_outputs_and_grads
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -279,12 +280,7 @@ def test_gpu_modules_auto_matches_ref(module):
     m_ref = make("ref").cuda()
     m_ref.load_state_dict(m_auto.state_dict())
     x = torch.randn(2, 777, 64, device="cuda")
-    outs = []
-    for m in (m_auto, m_ref):
-        xi = x.clone().requires_grad_()
-        y = m(xi)
-        y.square().sum().backward()
-        outs.append({"y": y.detach(), "dx": xi.grad, **{n: p.grad for n, p in m.named_parameters()}})
+    outs = [module_outputs_and_grads(m, x) for m in (m_auto, m_ref)]
     assert_close(outs[0], outs[1], rtol=1e-4)
 
 

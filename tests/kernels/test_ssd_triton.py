@@ -12,6 +12,7 @@ import torch
 
 from seqmamba.kernels.ssd import ssd_scan, ssd_scan_ref
 from tests.kernels.interpret import load_interpreted
+from tests.utils import assert_all_close, module_outputs_and_grads
 from tests.kernels.test_ssd import (compare, make_inputs, naive_ssd, packed_seq_idx, run_with_grads,
                                     strong_decay_inputs)
 
@@ -285,13 +286,7 @@ def test_gpu_mamba2_auto_matches_ref(reverse):
     m_ref = Mamba2(128, d_state=64, headdim=32, reverse=reverse, backend="ref").cuda()
     m_ref.load_state_dict(m_auto.state_dict())
     x = torch.randn(2, 777, 128, device="cuda")
-    outs = []
-    for m in (m_auto, m_ref):
-        xi = x.clone().requires_grad_()
-        y = m(xi)
-        y.square().sum().backward()
-        outs.append({"y": y.detach(), "dx": xi.grad, **{n: p.grad for n, p in m.named_parameters()}})
-    from tests.utils import assert_all_close
+    outs = [module_outputs_and_grads(m, x) for m in (m_auto, m_ref)]
     assert_all_close({k: (outs[0][k], outs[1][k]) for k in outs[0]}, 1e-3)
 
 
