@@ -51,3 +51,15 @@ def module_outputs_and_grads(module: torch.nn.Module, x: torch.Tensor) -> dict:
     y = module(xi)
     y.square().sum().backward()
     return {"y": y.detach(), "dx": xi.grad, **{n: p.grad for n, p in module.named_parameters()}}
+
+
+def outputs_and_grads(fn, x: dict, seed: int = 1) -> dict:
+    """``y, h = fn(**x)``; random cotangents for both, drawn on y's device (seeded); backprop
+    <y, dy> + <h, dh> to every tensor of ``x``: {"y", "final_state", "d<name>": grad}."""
+    y, h = fn(**x)
+    g = torch.Generator(device=y.device).manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g, device=y.device, dtype=torch.float32).to(y.dtype)
+    dh = torch.randn(h.shape, generator=g, device=y.device, dtype=torch.float32).to(h.dtype)
+    names = [k for k, v in x.items() if v is not None]
+    grads = torch.autograd.grad((y * dy).sum() + (h * dh).sum(), [x[k] for k in names])
+    return {"y": y.detach(), "final_state": h.detach(), **{f"d{k}": gr for k, gr in zip(names, grads)}}

@@ -7,6 +7,7 @@ import torch
 
 from seqmamba.kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref
 from tests.kernels.interpret import load_interpreted
+from tests.utils import outputs_and_grads
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -27,13 +28,8 @@ def _inputs(b, d, l, w, bias, h0, dtype, device="cpu", seed=0):
 
 
 def _run(fn, x, reverse, activation, seed=1):
-    y, ht = fn(**x, return_final_state=True, activation=activation, reverse=reverse)
-    g = torch.Generator(device=y.device).manual_seed(seed)
-    dy = torch.randn(y.shape, generator=g, device=y.device, dtype=torch.float32).to(y.dtype)
-    dh = torch.randn(ht.shape, generator=g, device=y.device, dtype=torch.float32).to(ht.dtype)
-    names = [k for k, v in x.items() if v is not None]
-    grads = torch.autograd.grad((y * dy).sum() + (ht * dh).sum(), [x[k] for k in names])
-    return {"y": y.detach(), "final_state": ht.detach(), **{f"d{k}": gr for k, gr in zip(names, grads)}}
+    return outputs_and_grads(lambda **k: fn(**k, return_final_state=True, activation=activation, reverse=reverse),
+                             x, seed)
 
 
 def _compare(got, want, rtol):

@@ -12,7 +12,7 @@ import torch
 from seqmamba.kernels.selective_scan import selective_scan, selective_scan_ref
 from tests.kernels.interpret import load_interpreted
 from tests.kernels.test_selective_scan import assert_close, detached, make_inputs, run_with_grads
-from tests.utils import module_outputs_and_grads
+from tests.utils import module_outputs_and_grads, outputs_and_grads
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -130,15 +130,6 @@ def test_float64_on_auto_goes_to_reference():
 
 # ---------------------------------------------------------------------------------------------- GPU
 
-def run_with_grads_cuda(fn, x, seed=1):
-    """run_with_grads with the cotangents drawn on the inputs' device."""
-    y, h = fn(**x)
-    g = torch.Generator(device=y.device).manual_seed(seed)
-    dy = torch.randn(y.shape, generator=g, device=y.device, dtype=torch.float32).to(y.dtype)
-    dh = torch.randn(h.shape, generator=g, device=y.device, dtype=torch.float32).to(h.dtype)
-    names = [k for k, v in x.items() if v is not None]
-    grads = torch.autograd.grad((y * dy).sum() + (h * dh).sum(), [x[k] for k in names])
-    return {"y": y.detach(), "final_state": h.detach(), **{f"d{k}": gr for k, gr in zip(names, grads)}}
 
 
 def _cuda_inputs(b, d, n, l, groups=1, dtype=torch.float32, seed=0):
@@ -155,8 +146,8 @@ def _cuda_inputs(b, d, n, l, groups=1, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("shape,groups", [((2, 64, 16, 3000), 1), ((1, 96, 8, 70000), 3), ((3, 32, 32, 129), None)])
 def test_gpu_fp32_matches_reference(shape, groups, reverse):
     x = _cuda_inputs(*shape, groups=groups, seed=sum(shape))
-    got = run_with_grads_cuda(public_fn(delta_softplus=True, reverse=reverse), x)
-    want = run_with_grads_cuda(ref_fn(delta_softplus=True, reverse=reverse), detached(x, torch.float64))
+    got = outputs_and_grads(public_fn(delta_softplus=True, reverse=reverse), x)
+    want = outputs_and_grads(ref_fn(delta_softplus=True, reverse=reverse), detached(x, torch.float64))
     assert_close(got, want, rtol=1e-4)
 
 
@@ -164,8 +155,8 @@ def test_gpu_fp32_matches_reference(shape, groups, reverse):
 @cuda
 def test_gpu_bf16_realistic_shape():
     x = _cuda_inputs(8, 1536, 16, 2048, dtype=torch.bfloat16, seed=1)
-    got = run_with_grads_cuda(public_fn(delta_softplus=True), x)
-    want = run_with_grads_cuda(ref_fn(delta_softplus=True), detached(x, torch.float64))
+    got = outputs_and_grads(public_fn(delta_softplus=True), x)
+    want = outputs_and_grads(ref_fn(delta_softplus=True), detached(x, torch.float64))
     assert_close(got, want, rtol=2e-2)
 
 
@@ -173,8 +164,8 @@ def test_gpu_bf16_realistic_shape():
 @cuda
 def test_gpu_deterministic_backward():
     x = _cuda_inputs(2, 256, 16, 8192, groups=2, dtype=torch.bfloat16, seed=4)
-    a = run_with_grads_cuda(public_fn(delta_softplus=True), x)
-    b = run_with_grads_cuda(public_fn(delta_softplus=True), detached(x))
+    a = outputs_and_grads(public_fn(delta_softplus=True), x)
+    b = outputs_and_grads(public_fn(delta_softplus=True), detached(x))
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
@@ -185,7 +176,7 @@ def test_gpu_long_bf16_backward_finite_and_chunked_state():
     """1M tokens: fwd+bwd finite in bf16; the scan in two halves carrying the state equals one shot."""
     b, d, n, l = 1, 256, 16, 1 << 20
     x = _cuda_inputs(b, d, n, l, dtype=torch.bfloat16, seed=6)
-    out = run_with_grads_cuda(public_fn(delta_softplus=True), x)
+    out = outputs_and_grads(public_fn(delta_softplus=True), x)
     assert all(torch.isfinite(v).all() for v in out.values())
     with torch.no_grad():
         xs = {k: v.detach() for k, v in x.items()}
@@ -236,9 +227,9 @@ def test_gpu_state_first_kernel_fp32(shape, groups, bd, reverse):
     tuning = dict(fwd_kernel="seqt", **({"bd_fwd": bd} if bd else {}))
     if bd:  # the sequential backward as well
         tuning["bwd_kernel"] = "seq"
-    got = run_with_grads_cuda(triton_fn(selective_scan_triton_compiled(), tuning, delta_softplus=True,
+    got = outputs_and_grads(triton_fn(selective_scan_triton_compiled(), tuning, delta_softplus=True,
                                         reverse=reverse), x)
-    want = run_with_grads_cuda(ref_fn(delta_softplus=True, reverse=reverse), detached(x, torch.float64))
+    want = outputs_and_grads(ref_fn(delta_softplus=True, reverse=reverse), detached(x, torch.float64))
     assert_close(got, want, rtol=1e-4)
 
 
@@ -400,7 +391,7 @@ def test_gpu_packed_matches_reference(reverse):
     x = _cuda_inputs(2, 64, 16, l, seed=11)
     cuts = torch.tensor([[0, 7, 20000, 20001, l], [0, 30000, 30100, 49999, l]])
     seq_idx = torch.stack([torch.repeat_interleave(torch.arange(4), (c[1:] - c[:-1])) for c in cuts]).cuda()
-    got = run_with_grads_cuda(public_fn(delta_softplus=True, reverse=reverse, seq_idx=seq_idx), x)
-    want = run_with_grads_cuda(ref_fn(delta_softplus=True, reverse=reverse, seq_idx=seq_idx),
+    got = outputs_and_grads(public_fn(delta_softplus=True, reverse=reverse, seq_idx=seq_idx), x)
+    want = outputs_and_grads(ref_fn(delta_softplus=True, reverse=reverse, seq_idx=seq_idx),
                                detached(x, torch.float64))
     assert_close(got, want, rtol=1e-4)
