@@ -1,0 +1,301 @@
+"""Triton selective-scan backward in the blocked design: positions across threads, one pass over the length.
+
+Same math as :func:`seqmamba.kernels.selective_scan.ref.selective_scan_ref`; in scan order (position j has
+address t = j, or l-1-j when ``reverse``; nothing is flipped in memory):
+
+    dt_j = softplus(delta_j + bias)      a_j = exp(dt_j A) * keep_j      x_j = dt_j B_j u_j
+    h_j  = a_j h_{j-1} + x_j              y_j = (sum_n C_j h_j + D u_j) * silu(z_j)
+
+``keep_j`` is 0 where ``seq_idx`` starts a new sequence at j (1 elsewhere). With dy_pre = dy * silu(z) and
+g_j = dL/dh_j (all paths):
+
+    g_j  = C_j dy_pre_j + a_{j+1} g_{j+1}            g at the last position gets dht (a_l = 1)
+    with xa_j = a_j h_{j-1} = h_j - x_j (no division, no shifted state):
+    du_j     = dt_j sum_n g_j B_j + D dy_pre_j
+    d dt_j   = sum_n g_j (B_j u_j + A xa_j)         ddelta = d dt * sigmoid(delta + bias) under softplus
+    dA[n]    = sum_j g_j dt_j xa_j                  dD = sum_j u_j dy_pre_j      dbias = sum_j ddelta_j
+    dB_j[n]  = sum_channels g_j dt_j u_j            dC_j[n] = sum_channels h_j dy_pre_j
+    dz_j     = dy_j y_pre_j silu'(z_j)              dh0 = a_0 g_0
+
+Input: the forward's ``chunk_states`` (b, n_chunks, d, n) fp32, the state ENTERING each chunk of ``T`` scan-order
+positions (chunk_states[:, 0] = initial state or 0; raw, before any seq_idx reset at the chunk's first position),
+the contract of ``blocked_fwd.py``.
+
+One program per (batch, block of ``BD`` channels) walks the chunks in reverse scan order and carries g at the
+first position of the chunk just done, (BD, n), in registers. Per chunk it loads u, delta, z, dy (BD, T) and
+delta one position later (a_{j+1}), and for each state index n: rescans h from the chunk state (a forward
+``tl.associative_scan``), scans g backward from the carry (a reverse one), and accumulates every gradient. Two
+exps per (position, channel, state). dA, dD and dbias stay in registers and are written once per program as
+per-batch partials (summed by torch over the batch); dB and dC, sums over the channels of a group, are summed over
+the program's BD channels and added into fp32 (b, g, n, l) buffers with ``tl.atomic_add``: the order of those
+additions varies from run to run, so this backward is NOT bitwise deterministic (chunk.py keeps the
+deterministic kernels for ``torch.use_deterministic_algorithms(True)``).
+
+Accumulation is fp32 for every input dtype; du, ddelta, dz are written in their inputs' dtypes (contiguous
+(b, d, l)); all offsets are 64-bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Channels per program and warps (positions spread over the threads): see blocked_bwd_launch's ``block_d``.
+BLOCK_D = 4
+NUM_WARPS = 4
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # Compose x -> a1 x + b1, then x -> a2 x + b2 (the reverse scan gets the part from the right first).
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(x):
+    # log1p(exp(x)) with Kahan's trick (log(w) * e / (w - 1)), exact to fp32 rounding for x << 0.
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(BD, T) delta -> (delta + bias, dt); dt is 0 where masked (an identity step: a = 1, x = 0)."""
+    dl = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dl += bias[:, None]
+    if SOFTPLUS:
+        dt = _softplus(dl)
+    else:
+        dt = dl
+    return dl, tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def _keep(seq_ptr, row, t, tp, ok, ss_l):
+    """(T,) True where position t continues the sequence of its scan predecessor tp (always where not ok)."""
+    s_t = tl.load(seq_ptr + row + t * ss_l, mask=ok, other=0)
+    s_p = tl.load(seq_ptr + row + tp * ss_l, mask=ok, other=0)
+    return s_t == s_p
+
+
+@triton.jit
+def _blocked_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, cs_ptr, dht_ptr, seq_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    su_b, su_d, sdl_b, sdl_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sz_b, sz_d, so_b, so_d, ss_b, ss_l,
+    dim, nstate, seqlen, cpg, ngroups, n_chunks,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DHT: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+):
+    # u, delta, z, dout have unit l-stride; du, ddelta, dz are contiguous (b, d, l); B, C unit l-stride.
+    pid = tl.program_id(0)
+    ndb = dim // BD
+    pb = (pid // ndb).to(tl.int64)
+    blk = pid % ndb
+    d_off = (blk * BD + tl.arange(0, BD)).to(tl.int64)  # BD divides d // g: one group per program
+    grp = ((blk * BD) // cpg).to(tl.int64)
+    n_off = tl.arange(0, BN)
+    n_mask = n_off < nstate
+    dn_off = (pb * dim + d_off[:, None]) * nstate + n_off[None, :]   # (b, d, n) slots
+    dn_mask = n_mask[None, :] & (d_off[:, None] < dim)
+    ar = tl.arange(0, T)
+
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d_off).to(tl.float32)
+    Dv = tl.zeros([BD], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d_off).to(tl.float32)
+    if HAS_DHT:
+        G = tl.load(dht_ptr + dn_off, mask=dn_mask, other=0.0)   # g carried from the chunk to the right
+    else:
+        G = tl.zeros([BD, BN], dtype=tl.float32)
+    dA_acc = tl.zeros([BD, BN], dtype=tl.float32)
+    dD_acc = tl.zeros([BD], dtype=tl.float32)
+    db_acc = tl.zeros([BD], dtype=tl.float32)
+
+    u_row = pb * su_b + d_off * su_d
+    dl_row = pb * sdl_b + d_off * sdl_d
+    z_row = pb * sz_b + d_off * sz_d
+    o_row = pb * so_b + d_off * so_d
+    g_row = (pb * dim + d_off) * seqlen                      # du, ddelta, dz: contiguous (b, d, l)
+    B_base = B_ptr + pb * sB_b + grp * sB_g
+    C_base = C_ptr + pb * sC_b + grp * sC_g
+    bc_row = (pb * ngroups + grp) * nstate * seqlen         # dB, dC accumulators: contiguous (b, g, n, l)
+    A_row = d_off * nstate
+    seq_row = pb * ss_b
+
+    for ci in range(0, n_chunks):
+        c = n_chunks - 1 - ci
+        j = c.to(tl.int64) * T + ar
+        jn = j + 1
+        valid = j < seqlen
+        valid_n = jn < seqlen
+        if REVERSE:
+            t = seqlen - 1 - j
+            tn = t - 1
+        else:
+            t = j
+            tn = t + 1
+        mask = valid[None, :] & (d_off[:, None] < dim)
+        mask_n = valid_n[None, :] & (d_off[:, None] < dim)
+        dl, dt = _dt(delta_ptr, dl_row[:, None] + t[None, :], mask, bias, HAS_BIAS, SOFTPLUS)
+        _, dtn = _dt(delta_ptr, dl_row[:, None] + tn[None, :], mask_n, bias, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + u_row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dout_ptr + o_row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_ptr + z_row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(zz)
+            dyp = dy * zz * sz
+        else:
+            dyp = dy
+        if HAS_SEQ:
+            if REVERSE:
+                tp = t + 1
+            else:
+                tp = t - 1
+            keep = _keep(seq_ptr, seq_row, t, tp, valid & (j > 0), ss_l)
+            keep_n = _keep(seq_ptr, seq_row, tn, t, valid_n, ss_l)
+        dtu = dt * u
+        ddt = tl.zeros([BD, T], dtype=tl.float32)
+        sgB = tl.zeros([BD, T], dtype=tl.float32)
+        ypre = tl.zeros([BD, T], dtype=tl.float32)
+        cs_row = ((pb * n_chunks + c) * dim + d_off) * nstate
+        for n in range(0, nstate):
+            An = tl.load(A_ptr + A_row + n).to(tl.float32)                             # (BD,)
+            A2n = An * 1.4426950408889634
+            Bn = tl.load(B_base + n * sB_n + t, mask=valid, other=0.0).to(tl.float32)  # (T,)
+            Cn = tl.load(C_base + n * sC_n + t, mask=valid, other=0.0).to(tl.float32)
+            h0 = tl.load(cs_ptr + cs_row + n)                                          # (BD,) fp32
+            a = tl.exp2(dt * A2n[:, None])
+            an = tl.exp2(dtn * A2n[:, None])                                           # a_{j+1}
+            if HAS_SEQ:
+                a = tl.where(keep[None, :], a, 0.0)
+                an = tl.where(keep_n[None, :], an, 0.0)
+            x = dtu * Bn[None, :]
+            ca, hs = tl.associative_scan((a, x), 1, _combine)
+            h = hs + ca * h0[:, None]
+            ga, gs = tl.associative_scan((an, dyp * Cn[None, :]), 1, _combine, reverse=True)
+            sel = n_off[None, :] == n
+            g_car = tl.sum(tl.where(sel, G, 0.0), axis=1)
+            g = gs + ga * g_car[:, None]
+            xa = h - x
+            gB = g * Bn[None, :]
+            sgB += gB
+            ddt += g * xa * An[:, None]
+            dA_acc += tl.where(sel, tl.sum(g * dt * xa, axis=1)[:, None], 0.0)
+            bc_off = bc_row + n * seqlen + t
+            tl.atomic_add(dB_ptr + bc_off, tl.sum(g * dtu, axis=0), mask=valid, sem="relaxed")
+            tl.atomic_add(dC_ptr + bc_off, tl.sum(h * dyp, axis=0), mask=valid, sem="relaxed")
+            ypre += h * Cn[None, :]
+            g_first = tl.sum(tl.where(ar[None, :] == 0, g, 0.0), axis=1)
+            G = tl.where(sel, g_first[:, None], G)
+        ddt += u * sgB
+        du = dt * sgB + Dv[:, None] * dyp
+        out_off = g_row[:, None] + t[None, :]
+        tl.store(du_ptr + out_off, du.to(du_ptr.dtype.element_ty), mask=mask)
+        if HAS_Z:
+            ypre += Dv[:, None] * u
+            dz = dy * ypre * sz * (1.0 + zz * (1.0 - sz))
+            tl.store(dz_ptr + out_off, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(dl)
+        ddt = tl.where(mask, ddt, 0.0)
+        tl.store(ddelta_ptr + out_off, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+        db_acc += tl.sum(ddt, axis=1)
+        dD_acc += tl.sum(u * dyp, axis=1)
+
+    # dh0 = a_0 g_0: the decay of scan position 0 (never a sequence start)
+    if REVERSE:
+        t0 = seqlen - 1
+    else:
+        t0 = 0
+    _, dt0 = _dt(delta_ptr, dl_row[:, None] + t0 + tl.zeros([1], dtype=tl.int64)[None, :],
+                 (d_off < dim)[:, None], bias, HAS_BIAS, SOFTPLUS)
+    A2 = tl.load(A_ptr + A_row[:, None] + n_off[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    tl.store(dh0_ptr + dn_off, G * tl.exp2(tl.sum(dt0, axis=1)[:, None] * A2), mask=dn_mask)
+    tl.store(dA_ptr + dn_off, dA_acc, mask=dn_mask)
+    tl.store(dD_ptr + pb * dim + d_off, dD_acc)
+    tl.store(dbias_ptr + pb * dim + d_off, db_acc)
+
+
+def _pow2_divisor(x: int, cap: int) -> int:
+    """Largest power of two dividing x, at most cap."""
+    p = 1
+    while x % (2 * p) == 0 and 2 * p <= cap:
+        p *= 2
+    return p
+
+
+def _unit_l(t):
+    """t with unit stride along its last dim (a copy only when it has not)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dout, dht=None,
+                seq_idx=None, *, chunk_len, block_d=None, num_warps=None):
+    """Gradients of the selective scan from the forward's ``chunk_states``.
+
+    u, delta, z, dout: (b, d, l) (any strides; copied l-contiguous when not); A: (d, n); B, C: (b, n, l) or
+    (b, g, n, l); D, delta_bias: (d,) or None; chunk_states: (b, n_chunks, d, n) fp32 with
+    n_chunks = cdiv(l, chunk_len) (see the module docstring); dht: (b, d, n) or None; seq_idx: (b, l) ints or
+    None. ``chunk_len`` (a power of two) is the forward's chunk length T; ``block_d`` channels per program
+    (a power of two dividing d // g; default ``BLOCK_D``), ``num_warps`` (default ``NUM_WARPS``).
+
+    Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0): du, ddelta, dz contiguous in u's, delta's, z's
+    dtypes; dA, dB, dC, dD, ddelta_bias in their inputs' dtypes; dh0 (b, d, n) fp32; None for absent inputs.
+    """
+    b, d, l = u.shape
+    n = A.shape[1]
+    T = chunk_len
+    if T < 1 or T & (T - 1):
+        raise ValueError(f"blocked_bwd: chunk_len must be a power of two, got {T}")
+    n_chunks = triton.cdiv(l, T)
+    if chunk_states.shape != (b, n_chunks, d, n):
+        raise ValueError(f"blocked_bwd: chunk_states must have shape (b, cdiv(l, chunk_len), d, n) = "
+                         f"{(b, n_chunks, d, n)}, got {tuple(chunk_states.shape)}")
+    B4 = B if B.dim() == 4 else B.unsqueeze(1)
+    C4 = C if C.dim() == 4 else C.unsqueeze(1)
+    g = B4.shape[1]
+    cpg = d // g
+    BD = _pow2_divisor(cpg, block_d or BLOCK_D)
+    BN = max(triton.next_power_of_2(n), 2)
+    u, delta, z, dout, B4, C4 = (_unit_l(t) for t in (u, delta, z, dout, B4, C4))
+    dev = u.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    du = torch.empty(b, d, l, device=dev, dtype=u.dtype)
+    ddelta = torch.empty(b, d, l, device=dev, dtype=delta.dtype)
+    dz = torch.empty(b, d, l, device=dev, dtype=z.dtype) if z is not None else None
+    dB = torch.zeros(b, g, n, l, **f32)
+    dC = torch.zeros(b, g, n, l, **f32)
+    dA = torch.empty(b, d, n, **f32)
+    dD = torch.empty(b, d, **f32)
+    dbias = torch.empty(b, d, **f32)
+    dh0 = torch.empty(b, d, n, **f32)
+    if l == 0:
+        dA.zero_(), dD.zero_(), dbias.zero_()
+        dh0.copy_(dht) if dht is not None else dh0.zero_()
+    else:
+        cs = chunk_states if chunk_states.is_contiguous() else chunk_states.contiguous()
+        dht_c = dht.float().contiguous() if dht is not None else None
+        seq = (seq_idx, seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (dA, 0, 0)
+        zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+        _blocked_bwd_kernel[(b * (d // BD),)](
+            u, delta, A.contiguous(), B4, C4, D if D is not None else dA, z if z is not None else dA,
+            delta_bias if delta_bias is not None else dA, dout, cs, dht_c if dht_c is not None else dA, seq[0],
+            du, ddelta, dz if dz is not None else dA, dB, dC, dA, dD, dbias, dh0,
+            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B4.stride(0), B4.stride(1),
+            B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2), *zs, dout.stride(0), dout.stride(1),
+            seq[1], seq[2], d, n, l, cpg, g, n_chunks,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+            REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, HAS_DHT=dht is not None, BD=BD, BN=BN, T=T,
+            num_warps=num_warps or NUM_WARPS)
+    return (du, ddelta, dA.sum(0).to(A.dtype), dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
+            dD.sum(0).to(D.dtype) if D is not None else None, dz,
+            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, dh0)

@@ -1,0 +1,189 @@
+"""The blocked selective-scan backward (``blocked_bwd.py``) against autograd of the float64 reference.
+
+CPU: the kernel runs under the Triton interpreter on tiny shapes with a short chunk length, so every path (several
+chunks, a ragged last chunk, reverse, seq_idx resets, groups, absent options) is taken; the chunk states it starts
+from are the reference's final states on prefixes (the forward's contract). GPU (``-m gpu``): a realistic fp32
+shape, and bf16 at a million positions.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqmamba.kernels.selective_scan import selective_scan_ref
+from tests.kernels.interpret import load_interpreted
+from tests.kernels.test_selective_scan import assert_close, make_inputs
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+@pytest.fixture(scope="module")
+def blocked():
+    return load_interpreted("seqmamba.kernels.selective_scan.blocked_bwd")
+
+
+def chunk_states(x, T, softplus, reverse, seq_idx):
+    """(b, cdiv(l, T), d, n) fp32: the state entering each chunk of T scan-order positions (from the reference on
+    the prefix in scan order; chunk 0 gets the initial state or 0)."""
+    u = x["u"]
+    b, d, l = u.shape
+    n = x["A"].shape[1]
+    out = []
+    for c in range(-(-l // T)):
+        if c == 0:
+            h = x["initial_state"] if x["initial_state"] is not None else u.new_zeros(b, d, n)
+            out.append(h.detach().double())
+            continue
+        k = c * T
+        sl = slice(l - k, l) if reverse else slice(0, k)
+        part = {name: (v[..., sl] if name in ("u", "delta", "z", "B", "C") and v is not None else v)
+                for name, v in x.items()}
+        seq = seq_idx[:, sl] if seq_idx is not None else None
+        with torch.no_grad():
+            _, h = selective_scan_ref(**{k_: (v.double() if v is not None else None) for k_, v in part.items()},
+                                      delta_softplus=softplus, reverse=reverse, return_final_state=True,
+                                      seq_idx=seq)
+        out.append(h)
+    return torch.stack(out, 1).float().contiguous()
+
+
+def reference_grads(x, dy, dht, softplus, reverse, seq_idx):
+    """Autograd of the float64 reference: {"d<name>": grad} for every input present."""
+    x64 = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in x.items()}
+    y, h = selective_scan_ref(**x64, delta_softplus=softplus, reverse=reverse, return_final_state=True,
+                              seq_idx=seq_idx)
+    loss = (y * dy.double()).sum() + ((h * dht.double()).sum() if dht is not None else 0.0)
+    names = [k for k in NAMES if x64[k] is not None]
+    grads = torch.autograd.grad(loss, [x64[k] for k in names])
+    return {f"d{k}": g for k, g in zip(names, grads)}
+
+
+def kernel_grads(impl, x, dy, dht, softplus, reverse, seq_idx, T, **tuning):
+    cs = chunk_states(x, T, softplus, reverse, seq_idx)
+    xs = {k: (v.detach() if v is not None else None) for k, v in x.items()}
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = impl(
+        xs["u"], xs["delta"], xs["A"], xs["B"], xs["C"], xs["D"], xs["z"], xs["delta_bias"], softplus, reverse,
+        cs, dy, dht, seq_idx, chunk_len=T, **tuning)
+    got = dict(du=du, ddelta=ddelta, dA=dA, dB=dB, dC=dC, dD=dD, dz=dz, ddelta_bias=dbias, dinitial_state=dh0)
+    return {k: v for k, v in got.items() if x[k[1:]] is not None}
+
+
+def packed_seq_idx(b, l, seed):
+    """(b, l) non-decreasing sequence ids with a few resets (one at position 1, one near the end)."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.zeros(b, l, dtype=torch.long)
+    for r in range(b):
+        for p in torch.randint(1, l, (3,), generator=g).tolist() + [1, l - 1]:
+            cuts[r, p] = 1
+    return cuts.cumsum(1)
+
+
+# (name, make_inputs overrides, softplus, reverse, seq_idx, dht, T, tuning)
+CASES = [
+    ("all-options-3-chunks", dict(l=21, groups=2), True, False, False, True, 8, {}),
+    ("reverse-ragged", dict(l=19, groups=2), True, True, False, True, 4, dict(block_d=1)),
+    ("no-options-3d-BC", dict(l=13, groups=None, z=False, D=False, delta_bias=False, h0=False), False, False,
+     False, False, 4, {}),
+    ("bias-no-softplus-groups4-n5", dict(l=17, groups=4, n=5, z=False), False, True, False, True, 8, {}),
+    ("seq-idx", dict(l=23, groups=1), True, False, True, True, 4, dict(block_d=4)),
+    ("seq-idx-reverse", dict(l=23, groups=2), True, True, True, False, 8, {}),
+    ("one-chunk-length-1", dict(l=1, groups=2), True, False, False, True, 4, {}),
+    ("exact-chunks", dict(l=16, groups=1, d=8), True, True, False, True, 4, dict(block_d=8, num_warps=2)),
+]
+
+
+@pytest.mark.parametrize("name,over,softplus,reverse,seq,dht,T,tuning", CASES, ids=[c[0] for c in CASES])
+def test_interpreted_matches_reference_autograd(blocked, name, over, softplus, reverse, seq, dht, T, tuning):
+    """Every gradient (dh0 included) from fp32 inputs against autograd of the float64 reference."""
+    kw = dict(b=2, d=4, n=3, seed=len(name), dtype=torch.float32)
+    kw.update(over)
+    x = make_inputs(**kw)
+    if not softplus and x["delta_bias"] is not None:  # raw delta without softplus: keep dt > 0 (decays <= 1)
+        x["delta"] = torch.nn.functional.softplus(x["delta"].detach()) + 0.5
+    b, d, l = x["u"].shape
+    n = x["A"].shape[1]
+    seq_idx = packed_seq_idx(b, l, len(name)) if seq and l > 1 else None
+    gen = torch.Generator().manual_seed(7)
+    dy = torch.randn(b, d, l, generator=gen)
+    dh = torch.randn(b, d, n, generator=gen) if dht else None
+    got = kernel_grads(blocked.blocked_bwd, x, dy, dh, softplus, reverse, seq_idx, T, **tuning)
+    want = reference_grads(x, dy, dh, softplus, reverse, seq_idx)
+    assert_close(got, want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interpreted_low_precision(blocked, dtype):
+    """bf16/fp16 u, delta, B, C, z, dy (fp32 A, D, bias, h0): each gradient in its input's dtype, close to the
+    float64 reference on the same rounded inputs."""
+    x = make_inputs(b=1, d=4, n=4, l=19, groups=2, dtype=torch.float32, seed=3)
+    x = {k: (v.detach().to(dtype) if k in ("u", "delta", "B", "C", "z") else v.detach()) for k, v in x.items()}
+    gen = torch.Generator().manual_seed(7)
+    dy = torch.randn(1, 4, 19, generator=gen).to(dtype)
+    dh = torch.randn(1, 4, 4, generator=gen)
+    got = kernel_grads(blocked.blocked_bwd, x, dy, dh, True, False, None, 8)
+    for k, v in got.items():
+        want_dtype = torch.float32 if k == "dinitial_state" else x[k[1:]].dtype
+        assert v.dtype == want_dtype, (k, v.dtype)
+    want = reference_grads(x, dy.float(), dh, True, False, None)
+    assert_close(got, want, rtol=2e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+def test_interpreted_strided_inputs(blocked):
+    """Channel-last u, delta, z, dy views (the mixer's layout) give the same gradients as contiguous ones."""
+    x = make_inputs(b=1, d=4, n=3, l=11, groups=1, dtype=torch.float32, seed=4)
+    gen = torch.Generator().manual_seed(7)
+    dy = torch.randn(1, 4, 11, generator=gen)
+    got = kernel_grads(blocked.blocked_bwd, x, dy, None, True, False, None, 4)
+    cl = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z") else v)
+          for k, v in x.items()}
+    got_cl = kernel_grads(blocked.blocked_bwd, cl, dy.transpose(1, 2).contiguous().transpose(1, 2), None, True,
+                          False, None, 4)
+    assert_close(got_cl, got, rtol=1e-6)
+
+
+def test_bad_chunk_states_is_one_error(blocked):
+    x = {k: (v.detach() if v is not None else None) for k, v in make_inputs(l=9, dtype=torch.float32).items()}
+    with pytest.raises(ValueError, match="chunk_states must have shape"):
+        blocked.blocked_bwd(x["u"], x["delta"], x["A"], x["B"], x["C"], None, None, None, False, False,
+                            torch.zeros(2, 2, 4, 3), torch.zeros_like(x["u"]), chunk_len=4)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_realistic_fp32(reverse):
+    """b2 d64 n16 l3000 (several 1024-position chunks, ragged end), groups 2, all options: every gradient."""
+    from seqmamba.kernels.selective_scan.blocked_bwd import blocked_bwd
+
+    x = make_inputs(b=2, d=64, n=16, l=3000, groups=2, dtype=torch.float32, seed=11)
+    x = {k: v.detach().cuda() for k, v in x.items()}
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    dy = torch.randn(2, 64, 3000, generator=gen, device="cuda")
+    dh = torch.randn(2, 64, 16, generator=gen, device="cuda")
+    got = kernel_grads(blocked_bwd, x, dy, dh, True, reverse, None, 1024)
+    want = reference_grads(x, dy, dh, True, reverse, None)
+    assert_close(got, {k: v.float() for k, v in want.items()}, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_bf16_million_positions_finite():
+    """b1 d1536 n16 l2^20 bf16: the backward runs (64-bit offsets in (b, g, n, l)) and every gradient is finite."""
+    from seqmamba.kernels.selective_scan.blocked_bwd import blocked_bwd
+
+    b, d, n, l, T = 1, 1536, 16, 2 ** 20, 2048
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
+    bf = torch.bfloat16
+    u, delta, z, dy = r(b, d, l).to(bf), (r(b, d, l) - 2).to(bf), r(b, d, l).to(bf), r(b, d, l).to(bf)
+    B, C = r(b, 1, n, l).to(bf), r(b, 1, n, l).to(bf)
+    A, D, bias = -torch.exp(r(d, n) * 0.5), r(d), r(d) * 0.3
+    cs = r(b, l // T, d, n) * 0.1
+    grads = blocked_bwd(u, delta, A, B, C, D, z, bias, True, False, cs, dy, None, chunk_len=T)
+    for gr in grads:
+        assert torch.isfinite(gr.float()).all()
