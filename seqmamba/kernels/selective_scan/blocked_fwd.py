@@ -1,0 +1,226 @@
+"""Single-pass Triton selective scan forward: positions spread over a program's threads (mamba_ssm's design).
+
+Same math as :func:`seqmamba.kernels.selective_scan.ref.selective_scan_ref`:
+
+    dt_t = softplus(delta_t + delta_bias)            (softplus and delta_bias optional)
+    h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t       h_{-1} = initial_state or 0
+    y_t  = (sum_n C_t * h_t + D * u_t) * silu(z_t)          (D and z optional)
+
+One program owns a block of ``BD`` channels of one batch row and walks the whole length in scan order, in
+chunks of ``T`` positions, carrying the (BD, n) state in registers from chunk to chunk: ONE pass over the
+inputs, one exp per (channel, position, state), no chunk-summary pass. Inside a chunk the T positions are
+spread over the program's threads (each thread holds consecutive positions); for each state index the
+(dA, dt*B*u) pairs are scanned with ``tl.associative_scan`` along the positions (inside a thread first, then
+across lanes and warps), the carried state is applied, C*h is accumulated into y, and the state at the
+chunk's last scan position becomes the next carry. Parallelism comes from the b * d / BD programs.
+
+``reverse=True`` scans right to left by address (chunk j covers addresses [l - (j+1) T, l - j T), scanned
+with ``reverse=True``); nothing is flipped in memory. ``seq_idx`` (b, l) resets the state where the sequence
+id changes in scan order (dA = 0 at a new sequence's first position). Masked positions past either end are
+identity steps (dt = 0, B = 0). Math is fp32 for every input dtype; all offsets are 64-bit.
+
+Contract with the backward (``blocked_bwd.py``): with ``save_states``, ``chunk_states`` (b, n_chunks, d, n)
+fp32 holds the state ENTERING scan-order chunk j, i.e. after scan-order positions < j * T
+(``chunk_states[:, 0]`` = initial_state or 0), raw: before any seq_idx reset at the chunk's first position.
+T is :func:`chunk_length` ``(tuning)`` (``CHUNK`` unless the call's tuning says ``chunk=``), and
+n_chunks = cdiv(l, T) (0 when l = 0). For ``reverse``, scan-order chunk j covers addresses
+[max(l - (j+1) T, 0), l - j T).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Tuning: chunk length T (positions per program step), channels per program BD (a power of two dividing the
+# channels of a B/C group) and warps per program. Chosen by a GPU sweep (see /work/notes/results3_m1fwd.md;
+# to be filled in by the sweep, initial guesses until then).
+CHUNK = 1024
+BD = 1
+WARPS = 4
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # x -> a1 x + b1, then x -> a2 x + b2. For a reverse scan Triton passes the element nearer the scan's
+    # start (the right) first, so the same function composes in scan order either way.
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(x):
+    # log1p(exp(x)), accurate for x << 0 (Kahan: log(w) * e / (w - 1)), x itself above 20.
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _blocked_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, h0_ptr, hT_ptr, cs_ptr, seq_ptr,
+    su_b, su_d, sdl_b, sdl_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sz_b, sz_d, sy_b, sy_d, sy_l, ss_b,
+    dim, nstate, seqlen, cpg, n_chunks,
+    HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
+    ACCUM: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+):
+    """One program: batch row pid // (d / BD), channels [BD * (pid % (d / BD)), + BD). u, delta, z, B, C have
+    l-stride 1 (the launcher makes sure). States (b, [n_chunks,] d, n) fp32 contiguous."""
+    pid = tl.program_id(0)
+    ndb = dim // BD
+    pb = (pid // ndb).to(tl.int64)
+    dblk = pid % ndb
+    d_off = (dblk * BD + tl.arange(0, BD)).to(tl.int64)           # (BD,)
+    grp = ((dblk * BD) // cpg).to(tl.int64)                       # BD divides cpg: one group per program
+    n_ar = tl.arange(0, BN)
+    dn_off = d_off[:, None] * nstate + n_ar[None, :]               # (BD, BN) into a (d, n) slab
+    dn_mask = (n_ar < nstate)[None, :] & (d_off < dim)[:, None]
+    ar = tl.arange(0, T)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d_off).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d_off).to(tl.float32)
+    if HAS_H0:
+        hc = tl.load(h0_ptr + pb * dim * nstate + dn_off, mask=dn_mask, other=0.0)
+    else:
+        hc = tl.zeros([BD, BN], dtype=tl.float32)
+
+    u_row = pb * su_b + d_off * su_d
+    dl_row = pb * sdl_b + d_off * sdl_d
+    z_row = pb * sz_b + d_off * sz_d
+    y_row = pb * sy_b + d_off * sy_d
+    B_row = pb * sB_b + grp * sB_g
+    C_row = pb * sC_b + grp * sC_g
+    if REVERSE:
+        edge = ar == 0          # the scan's last position in a chunk is its lowest address
+    else:
+        edge = ar == T - 1
+
+    for k in range(0, n_chunks):
+        if SAVE_STATES:
+            tl.store(cs_ptr + (pb * n_chunks + k) * dim * nstate + dn_off, hc, mask=dn_mask)
+        if REVERSE:
+            t = seqlen - (k + 1) * T + ar        # (T,) addresses, ascending (< 2^31; rows add int64)
+        else:
+            t = k * T + ar
+        valid = (t >= 0) & (t < seqlen)
+        mask = valid[None, :]
+        dl = tl.load(delta_ptr + dl_row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + u_row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dl += bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dl)
+        else:
+            dt = dl
+        dt = tl.where(mask, dt, 0.0)                                   # (BD, T); 0: an identity step
+        dtu = dt * u
+        if HAS_SEQ:  # False where the scan predecessor belongs to another sequence (state reset)
+            if REVERSE:
+                tp = t + 1
+            else:
+                tp = t - 1
+            ok = valid & (tp >= 0) & (tp < seqlen)
+            s_t = tl.load(seq_ptr + pb * ss_b + t, mask=ok, other=0)
+            s_p = tl.load(seq_ptr + pb * ss_b + tp, mask=ok, other=0)
+            keep = (s_t == s_p)[None, :]
+        acc = tl.zeros([BD, T], dtype=tl.float32)
+        for n in range(0, nstate):
+            a2 = tl.load(A_ptr + d_off * nstate + n).to(tl.float32) * 1.4426950408889634      # (BD,)
+            Bn = tl.load(B_ptr + B_row + n * sB_n + t, mask=valid, other=0.0).to(tl.float32)  # (T,)
+            Cn = tl.load(C_ptr + C_row + n * sC_n + t, mask=valid, other=0.0).to(tl.float32)
+            dA = tl.exp2(dt * a2[:, None])
+            if HAS_SEQ:
+                dA = tl.where(keep, dA, 0.0)
+            bx = dtu * Bn[None, :]
+            sa, sb = tl.associative_scan((dA, bx), 1, _combine, reverse=REVERSE)
+            sel = n_ar[None, :] == n
+            h_in = tl.sum(tl.where(sel, hc, 0.0), axis=1)                                  # (BD,)
+            h = sb + sa * h_in[:, None]
+            acc += h * Cn[None, :]
+            h_out = tl.sum(tl.where(edge[None, :], h, 0.0), axis=1)
+            hc = tl.where(sel, h_out[:, None], hc)
+        if HAS_D:
+            acc += Dv[:, None] * u
+        if HAS_Z:
+            zz = tl.load(z_ptr + z_row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc = acc * zz * tl.sigmoid(zz)
+        y_off = y_row[:, None] + t[None, :] * sy_l
+        if ACCUM:  # add into what y holds (e.g. the other direction of a bidirectional layer)
+            acc += tl.load(y_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(hT_ptr + pb * dim * nstate + dn_off, hc, mask=dn_mask)
+
+
+def chunk_length(tuning: dict | None = None) -> int:
+    """T of a call made with ``tuning`` (the chunk_states contract): ``tuning["chunk"]`` or CHUNK."""
+    return int((tuning or {}).get("chunk") or CHUNK)
+
+
+def _pow2_divisor(x: int, cap: int) -> int:
+    """Largest power of two dividing x, at most cap."""
+    p = 1
+    while p * 2 <= cap and x % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def _l_contiguous(t):
+    """t itself when its last (length) stride is 1, else a copy that is: a program reads one channel's
+    positions, which channel-last storage would scatter over one sector per element."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False, initial_state=None,
+                reverse=False, seq_idx=None, save_states=False, out=None, **tuning):
+    """Selective scan forward in one pass. u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l) or (b, g, n, l);
+    D, delta_bias: (d,); initial_state: (b, d, n); seq_idx: (b, l) integers (see
+    :func:`seqmamba.kernels.selective_scan.selective_scan`). Inputs fp32/bf16/fp16 (A, D, delta_bias any float),
+    on a CUDA device or under TRITON_INTERPRET=1; arguments are assumed validated by the caller.
+
+    Returns ``(y, final_state, chunk_states)``: y (b, d, l) in u's dtype (l contiguous), or ``out`` itself
+    with y added into it when ``out`` (a (b, d, l) tensor) is given; final_state (b, d, n) fp32; chunk_states
+    (b, cdiv(l, T), d, n) fp32 when ``save_states`` (module docstring: the state entering each chunk), else
+    None. ``tuning``: ``chunk`` (T, a power of two), ``bd`` (channels per program, capped to a power of two
+    dividing d // g), ``num_warps``.
+    """
+    b, d, l = u.shape
+    n = A.shape[1]
+    T = chunk_length(tuning)
+    if T < 1 or T & (T - 1):
+        raise ValueError(f"blocked_fwd: chunk must be a power of two, got {T}")
+    u, delta, z, B, C = (_l_contiguous(t) for t in (u, delta, z, B, C))
+    B4 = B if B.dim() == 4 else B.unsqueeze(1)
+    C4 = C if C.dim() == 4 else C.unsqueeze(1)
+    cpg = d // B4.shape[1]
+    bd = _pow2_divisor(cpg, int(tuning.get("bd") or BD))
+    BN = max(triton.next_power_of_2(n), 2)
+    n_chunks = triton.cdiv(l, T)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    y = torch.empty((b, d, l), device=u.device, dtype=u.dtype) if out is None else out
+    final = torch.empty(b, d, n, **f32)
+    states = torch.empty(b, n_chunks, d, n, **f32) if save_states else final
+    h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
+    seq = seq_idx.contiguous() if seq_idx is not None else None
+    dummy = final
+    if b * d == 0:
+        return y, final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
+    _blocked_fwd_kernel[(b * (d // bd),)](
+        u, delta, A.contiguous(), B4, C4, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, y, h0 if h0 is not None else dummy, final, states,
+        seq if seq is not None else dummy,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B4.stride(0), B4.stride(1), B4.stride(2),
+        C4.stride(0), C4.stride(1), C4.stride(2), *((z.stride(0), z.stride(1)) if z is not None else (0, 0)),
+        y.stride(0), y.stride(1), y.stride(2), seq.stride(0) if seq is not None else 0,
+        d, n, l, cpg, n_chunks,
+        HAS_H0=h0 is not None, SAVE_STATES=bool(save_states), HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse),
+        HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T,
+        num_warps=int(tuning.get("num_warps") or WARPS))
+    return y, final, (states if save_states else None)

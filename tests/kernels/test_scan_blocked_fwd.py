@@ -1,0 +1,218 @@
+"""Single-pass blocked selective scan forward (``blocked_fwd.py``) against the float64 reference.
+
+CPU: the kernel runs under the Triton interpreter on tiny shapes with a small chunk T, so every run has several
+chunks and a partial one: y, the final state and the chunk states (compared with the reference's final state on
+scan-order prefixes) for every option. GPU (``-m gpu``): realistic shapes, 1M tokens in bf16, 64-bit offsets.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqmamba.kernels.selective_scan import selective_scan_ref
+from tests.kernels.interpret import load_interpreted
+from tests.kernels.test_selective_scan import make_inputs
+from tests.utils import assert_all_close
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+L_ARGS = ("u", "delta", "z", "B", "C")
+
+
+@pytest.fixture(scope="module")
+def bf():
+    return load_interpreted("seqmamba.kernels.selective_scan.blocked_fwd")
+
+
+def inputs(dtype=torch.float32, **kw):
+    return {k: (None if v is None else v.detach().to(dtype)) for k, v in make_inputs(dtype=torch.float64, **kw).items()}
+
+
+def seq_ids(b, l, cuts, device="cpu"):
+    """(b, l) int32 sequence ids, a new sequence starting at each position in ``cuts`` (row r shifted by r)."""
+    s = torch.zeros(b, l, dtype=torch.int32, device=device)
+    for r in range(b):
+        for c in cuts:
+            s[r, min(c + r, l - 1):] += 1
+    return s
+
+
+def prefix(x, seq_idx, m, l, reverse):
+    """The inputs restricted to the first m positions in scan order (the last m addresses when reverse)."""
+    sl = slice(l - m, l) if reverse else slice(0, m)
+    x = {k: (v[..., sl] if k in L_ARGS and v is not None else v) for k, v in x.items()}
+    return x, (None if seq_idx is None else seq_idx[:, sl])
+
+
+def reference(x, softplus, reverse, seq_idx, T):
+    """float64 reference: y, final state and the state entering each scan-order chunk of T positions."""
+    x64 = {k: (None if v is None else v.double()) for k, v in x.items()}
+    y, h = selective_scan_ref(**x64, delta_softplus=softplus, reverse=reverse, seq_idx=seq_idx,
+                              return_final_state=True)
+    l = x["u"].shape[-1]
+    states = []
+    for j in range(-(-l // T)):
+        if j == 0:
+            h0 = x64["initial_state"]
+            states.append(h0 if h0 is not None else torch.zeros_like(h))
+            continue
+        xp, sp = prefix(x64, seq_idx, j * T, l, reverse)
+        states.append(selective_scan_ref(**xp, delta_softplus=softplus, reverse=reverse, seq_idx=sp,
+                                         return_final_state=True)[1])
+    return y, h, torch.stack(states, 1) if states else h.new_zeros(h.shape[0], 0, *h.shape[1:])
+
+
+def check(bf, x, softplus=True, reverse=False, seq_idx=None, rtol=2e-5, **tuning):
+    T = bf.chunk_length(tuning)
+    y, h, cs = bf.blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
+                              softplus=softplus, initial_state=x["initial_state"], reverse=reverse,
+                              seq_idx=seq_idx, save_states=True, **tuning)
+    y_ref, h_ref, cs_ref = reference(x, softplus, reverse, seq_idx, T)
+    assert y.dtype == x["u"].dtype and h.dtype == cs.dtype == torch.float32
+    assert y.stride(-1) == 1 and cs.shape == cs_ref.shape
+    assert_all_close({"y": (y, y_ref), "final_state": (h, h_ref), "chunk_states": (cs, cs_ref)}, rtol)
+
+
+# (name, make_inputs overrides, softplus, reverse, seq_idx cuts or None, tuning)
+CASES = [
+    ("all-options", dict(l=37, groups=2), True, False, None, dict(chunk=8, bd=2)),
+    ("all-options-reverse", dict(l=37, groups=2), True, True, None, dict(chunk=8, bd=2)),
+    ("3d-BC-no-options", dict(l=21, groups=None, z=False, D=False, delta_bias=False, h0=False), False, False,
+     None, dict(chunk=8)),
+    ("3d-BC-no-options-reverse", dict(l=21, groups=None, z=False, D=False, delta_bias=False, h0=False), False,
+     True, None, dict(chunk=4, num_warps=2)),
+    ("groups4-n5-bd-capped", dict(d=8, l=19, groups=4, n=5), True, False, None, dict(chunk=4, bd=8)),
+    ("seq_idx", dict(l=45), True, False, [3, 16, 17, 30], dict(chunk=8, bd=4)),
+    ("seq_idx-reverse", dict(l=45, groups=2), True, True, [5, 13, 29, 40], dict(chunk=8)),
+    ("exact-chunks", dict(l=32, groups=1), True, True, None, dict(chunk=16)),
+    ("length1", dict(l=1, groups=2), True, False, None, dict(chunk=4)),
+]
+
+
+@pytest.mark.parametrize("name,over,softplus,reverse,cuts,tuning", CASES, ids=[c[0] for c in CASES])
+def test_interpreted_matches_reference(bf, name, over, softplus, reverse, cuts, tuning):
+    """y, final state and chunk states of fp32 inputs against the float64 reference."""
+    kw = dict(b=2, d=4, n=4, seed=len(name))
+    kw.update(over)
+    x = inputs(**kw)
+    seq_idx = None if cuts is None else seq_ids(kw["b"], kw["l"], cuts)
+    check(bf, x, softplus, reverse, seq_idx, **tuning)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interpreted_low_precision(bf, dtype):
+    """bf16/fp16 u, delta, B, C, z with fp32 A, D, bias, initial state: y in the input dtype, close to the
+    float64 reference on the same rounded inputs."""
+    x = inputs(b=1, d=4, n=4, l=19, groups=2, seed=3)
+    x.update({k: x[k].to(dtype) for k in L_ARGS})
+    check(bf, x, True, False, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, chunk=8)
+
+
+def test_interpreted_channel_last_inputs(bf):
+    """(b, l, d) / (b, l, n) storage seen as (b, d, l) / (b, n, l) views gives the same result (the wrapper
+    makes them l-contiguous)."""
+    x = inputs(b=2, d=4, n=4, l=13, groups=None, seed=7)
+    for k in ("u", "delta", "z", "B", "C"):
+        x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
+        assert x[k].stride(1) == 1
+    check(bf, x, True, True, None, chunk=4, bd=2)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_interpreted_accumulates_into_out(bf, reverse):
+    """out=: y is added into the given tensor, which is returned."""
+    x = inputs(b=2, d=4, n=4, l=11, groups=2, seed=9)
+    base = torch.randn(2, 4, 11)
+    out = base.clone()
+    args = {k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")}
+    y, h, cs = bf.blocked_fwd(**args, softplus=True, initial_state=x["initial_state"], reverse=reverse, out=out,
+                              chunk=4)
+    y_ref, h_ref = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True,
+                                      reverse=reverse, return_final_state=True)
+    assert y is out and cs is None
+    assert_all_close({"y": (y, base.double() + y_ref), "final_state": (h, h_ref)}, 2e-5)
+
+
+def test_interpreted_bad_chunk(bf):
+    x = inputs(b=1, d=4, n=2, l=5)
+    with pytest.raises(ValueError, match="power of two"):
+        bf.blocked_fwd(x["u"], x["delta"], x["A"], x["B"], x["C"], chunk=12)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+def _compiled():
+    from seqmamba.kernels.selective_scan import blocked_fwd
+    return blocked_fwd
+
+
+def _cuda(x, dtype=None):
+    return {k: (None if v is None else v.cuda().to(dtype if (dtype and k in L_ARGS) else v.dtype))
+            for k, v in x.items()}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shape,groups,cuts", [((2, 64, 16, 3000), 1, None), ((1, 96, 8, 70000), 3, None),
+                                               ((2, 64, 16, 5000), 2, [7, 1024, 1025, 4000])])
+def test_gpu_fp32_matches_reference(shape, groups, cuts, reverse):
+    """fp32 at realistic sizes (several default chunks, a partial one, seq_idx) vs the float64 reference."""
+    b, d, n, l = shape
+    x = _cuda(inputs(b=b, d=d, n=n, l=l, groups=groups, seed=sum(shape)))
+    seq_idx = None if cuts is None else seq_ids(b, l, cuts, "cuda")
+    mod = _compiled()
+    T = mod.chunk_length()
+    y, h, cs = mod.blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
+                               softplus=True, initial_state=x["initial_state"], reverse=reverse, seq_idx=seq_idx,
+                               save_states=True)
+    y_ref, h_ref = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True,
+                                      reverse=reverse, seq_idx=seq_idx, return_final_state=True)
+    j = cs.shape[1] // 2
+    xp, sp = prefix({k: v.double() for k, v in x.items()}, seq_idx, j * T, l, reverse)
+    _, h_mid = selective_scan_ref(**xp, delta_softplus=True, reverse=reverse, seq_idx=sp, return_final_state=True)
+    assert_all_close({"y": (y, y_ref), "final_state": (h, h_ref), "chunk_state_mid": (cs[:, j], h_mid)}, 1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_bf16_1m_finite_and_two_halves():
+    """bf16 b1 d1536 l2^20: finite, and two calls carrying the state equal one shot."""
+    b, d, n, l = 1, 1536, 16, 1 << 20
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
+    x = dict(u=r(b, d, l), delta=r(b, d, l), A=-torch.rand(d, n, device="cuda") - 0.1, B=r(b, n, l), C=r(b, n, l),
+             D=torch.ones(d, device="cuda"), z=r(b, d, l), delta_bias=torch.full((d,), -3.0, device="cuda"))
+    fwd = _compiled().blocked_fwd
+    y, h, _ = fwd(**x, softplus=True)
+    assert torch.isfinite(y.float()).all() and torch.isfinite(h).all()
+    half = {k: (v[..., : l // 2] if k in L_ARGS else v) for k, v in x.items()}
+    rest = {k: (v[..., l // 2:] if k in L_ARGS else v) for k, v in x.items()}
+    y1, h1, _ = fwd(**half, softplus=True)
+    y2, h2, _ = fwd(**rest, softplus=True, initial_state=h1)
+    assert (h2 - h).abs().max() <= 1e-4 * h.abs().max()
+    assert (torch.cat([y1, y2], -1).float() - y.float()).abs().max() <= 1e-2 * y.float().abs().max()
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_64bit_offsets_4m_tokens():
+    """b1 d1536 l2^22 (6.4e9 elements per tensor, past 2^32 bytes): the last 2^15 positions match the reference
+    started from the kernel's own chunk state just before them."""
+    b, d, n, l, w = 1, 1536, 16, 1 << 22, 1 << 15
+    mod = _compiled()
+    assert w % mod.chunk_length() == 0
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
+    x = dict(u=r(b, d, l), delta=r(b, d, l), A=-torch.rand(d, n, device="cuda") - 0.1, B=r(b, n, l), C=r(b, n, l),
+             D=torch.ones(d, device="cuda"), z=r(b, d, l), delta_bias=torch.full((d,), -3.0, device="cuda"))
+    with torch.no_grad():
+        y, h, cs = mod.blocked_fwd(**x, softplus=True, save_states=True)
+        h_before = cs[:, (l - w) // mod.chunk_length()]
+        del cs
+        tail = {k: (v[..., -w:] if k in L_ARGS else v) for k, v in x.items()}
+        y_ref, h_ref = selective_scan_ref(**tail, delta_softplus=True, return_final_state=True,
+                                          initial_state=h_before)
+        assert (h - h_ref).abs().max() <= 1e-4 * h_ref.abs().max()
+        err = (y[..., -w:].float() - y_ref.float()).abs().max()
+        assert err <= 1e-2 * y_ref.float().abs().max(), err
+        assert torch.isfinite(y[..., :w].float()).all()
