@@ -50,6 +50,10 @@ STATE_BLOCK = 512  # elements of the (p, n) state per program of the state passe
 TARGET_PROGRAMS = 1024  # the backward splits the heads of a group among programs until this many run
 # Off-diagonal decay tiles as outer products of two exp vectors (SEQMAMBA_SSD_FACTOR=0: every pair's own exp)
 FACTOR = os.environ.get("SEQMAMBA_SSD_FACTOR", "1") != "0"
+# States entering the chunks (kept for the backward) and the backward's G_out stored in bf16 when the tl.dot
+# operands are bf16 (the kernels round them to bf16 before every product anyway); carried in fp32
+# (SEQMAMBA_SSD_STATE_HALF=0: fp32 storage)
+STATE_HALF = os.environ.get("SEQMAMBA_SSD_STATE_HALF", "1") != "0"
 
 
 @triton.jit
@@ -142,7 +146,7 @@ def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
                         REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
                         BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
     """Local end state of each chunk (from a zero state): sum_s exp(cs[Q-1] - cs[s]) dt[s] x[s] B[s]^T,
-    written to slot c of the (b, chunks + 1, h, p, n) state buffer."""
+    written to slot c of the (b, chunks, h, p, n) fp32 buffer of local states."""
     c = tl.program_id(0)
     pid = tl.program_id(1)
     bb = (pid // nheads).to(tl.int64)
@@ -166,7 +170,7 @@ def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
         if HAS_SEQ:
             w = tl.where(_seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE) == seq_last, w, 0.0)
         acc = _mm(tl.trans((xs * w[:, None]).to(DT)), Bs.to(DT), acc, PREC=PREC, UP=UP)
-    slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
+    slot = ((bb * n_chunks + c) * nheads + hh) * hdim * dstate
     m = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
     tl.store(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :], acc, mask=m)
 
@@ -190,11 +194,13 @@ def _chunk_decay(cs_ptr, row, seq_ptr, seq_row, c0, seqlen, ss_l, HAS_SEQ: tl.co
 
 
 @triton.jit
-def _state_pass_kernel(st_ptr, cs_ptr, h0_ptr, seq_ptr, ss_b, ss_l, nheads, seqlen, Lp, n_chunks, size,
-                       HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr,
+def _state_pass_kernel(loc_ptr, st_ptr, ht_ptr, cs_ptr, h0_ptr, seq_ptr, ss_b, ss_l, nheads, seqlen, Lp, n_chunks,
+                       size, HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr,
                        BS: tl.constexpr):
-    """In place over slots c = 0..chunks-1: local end state -> state entering chunk c; slot ``chunks`` gets
-    the final state. A block of BS elements of one (batch, head) state per program."""
+    """Over slots c = 0..chunks-1 of (b, chunks, h, p, n): local end states (fp32, ``loc``) -> the states
+    entering each chunk (``st``, in its dtype; it may be ``loc`` itself: each element is read before it is
+    written), carried in fp32; the final state (fp32) to ``ht``. A block of BS elements of one (batch, head)
+    state per program."""
     pid = tl.program_id(0)
     blk = tl.program_id(1)
     bb = (pid // nheads).to(tl.int64)
@@ -207,19 +213,19 @@ def _state_pass_kernel(st_ptr, cs_ptr, h0_ptr, seq_ptr, ss_b, ss_l, nheads, seql
         h = tl.zeros([BS], dtype=tl.float32)
     row = pid.to(tl.int64) * Lp
     step = nheads * size  # from one chunk's slot to the next
-    base = (bb * (n_chunks + 1) * nheads + hh) * size
-    s_n = tl.load(st_ptr + base + e, mask=em, other=0.0)
+    base = (bb * n_chunks * nheads + hh) * size
+    s_n = tl.load(loc_ptr + base + e, mask=em, other=0.0)
     d_n = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, 0, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
     for c in range(0, n_chunks):
         s = s_n
         decay = d_n
         if c + 1 < n_chunks:  # prefetch: nothing below depends on the carried state
-            s_n = tl.load(st_ptr + base + step + e, mask=em, other=0.0)
+            s_n = tl.load(loc_ptr + base + step + e, mask=em, other=0.0)
             d_n = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, (c + 1) * Q, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
-        tl.store(st_ptr + base + e, h, mask=em)
+        tl.store(st_ptr + base + e, h.to(st_ptr.dtype.element_ty), mask=em)
         h = decay * h + s
         base += step
-    tl.store(st_ptr + base + e, h, mask=em)  # slot n_chunks: the final state
+    tl.store(ht_ptr + pid.to(tl.int64) * size + e, h, mask=em)
 
 
 @triton.jit
@@ -250,7 +256,7 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
     tt = _pos(jt, seqlen, REVERSE)
     cst = tl.load(cs_ptr + row + jt)
     Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, tt, sC_l, n_off, sC_n, vt, dstate).to(DT)
-    slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
+    slot = ((bb * n_chunks + c) * nheads + hh) * hdim * dstate
     H = tl.load(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :],
                 mask=(p_off < hdim)[:, None] & (n_off < dstate)[None, :], other=0.0)
     ein = tl.exp(tl.minimum(cst, 0.0))
@@ -298,7 +304,7 @@ def _bwd_gloc_kernel(dy_ptr, z_ptr, C_ptr, g_ptr, cs_ptr, gst_ptr, seq_ptr,
                      BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
                      PREC: tl.constexpr, UP: tl.constexpr):
     """g = dy silu(z) (written when z is given) and each chunk's local dL/dH_in = sum_t exp(cs[t]) g[t]^T C[t]
-    into slot c of the (b, chunks + 1, h, p, n) gradient buffer."""
+    into slot c of the (b, chunks, h, p, n) fp32 gradient buffer."""
     c = tl.program_id(0)
     pid = tl.program_id(1)
     bb = (pid // nheads).to(tl.int64)
@@ -326,17 +332,18 @@ def _bwd_gloc_kernel(dy_ptr, z_ptr, C_ptr, g_ptr, cs_ptr, gst_ptr, seq_ptr,
             ein = tl.where(_seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE) == seq_in, ein, 0.0)
         Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, tt, sC_l, n_off, sC_n, vt, dstate).to(DT)
         acc = _mm(tl.trans((gt * ein[:, None]).to(DT)), Ct.to(DT), acc, PREC=PREC, UP=UP)
-    slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
+    slot = ((bb * n_chunks + c) * nheads + hh) * hdim * dstate
     m = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
     tl.store(gst_ptr + slot + p_off[:, None] * dstate + n_off[None, :], acc, mask=m)
 
 
 @triton.jit
-def _bwd_state_pass_kernel(gst_ptr, st_ptr, cs_ptr, dht_ptr, dh0_ptr, kp_ptr, seq_ptr, ss_b, ss_l,
+def _bwd_state_pass_kernel(gl_ptr, gst_ptr, st_ptr, cs_ptr, dht_ptr, dh0_ptr, kp_ptr, seq_ptr, ss_b, ss_l,
                            nheads, seqlen, Lp, n_chunks, size, n_blocks,
                            HAS_DHT: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
                            Q: tl.constexpr, BS: tl.constexpr):
-    """Right to left over chunks, in place: local dL/dH_in -> G_out[c] = dL/dH_out[c]; dinitial_state; and
+    """Right to left over chunks: local dL/dH_in (fp32, ``gl``) -> G_out[c] = dL/dH_out[c] (``gst``, in its
+    dtype; it may be ``gl`` itself), carried in fp32; dinitial_state; and
     this block's part of E_c <G_out[c], H_in[c]> (E_c = exp(cs[Q-1]) the chunk's decay: the gradient of the
     loss with respect to log E_c through the carried state)."""
     pid = tl.program_id(0)
@@ -351,10 +358,10 @@ def _bwd_state_pass_kernel(gst_ptr, st_ptr, cs_ptr, dht_ptr, dh0_ptr, kp_ptr, se
         G = tl.zeros([BS], dtype=tl.float32)
     row = pid.to(tl.int64) * Lp
     step = nheads * size
-    base = ((bb * (n_chunks + 1) + n_chunks - 1) * nheads + hh) * size
+    base = ((bb * n_chunks + n_chunks - 1) * nheads + hh) * size
     kp_row = (pid.to(tl.int64) * n_blocks + blk) * n_chunks
-    gl_n = tl.load(gst_ptr + base + e, mask=em, other=0.0)
-    h_n = tl.load(st_ptr + base + e, mask=em, other=0.0)
+    gl_n = tl.load(gl_ptr + base + e, mask=em, other=0.0)
+    h_n = tl.load(st_ptr + base + e, mask=em, other=0.0).to(tl.float32)
     d_n = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, (n_chunks - 1) * Q, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
     for cc in range(0, n_chunks):
         c = n_chunks - 1 - cc
@@ -362,10 +369,10 @@ def _bwd_state_pass_kernel(gst_ptr, st_ptr, cs_ptr, dht_ptr, dh0_ptr, kp_ptr, se
         h_in = h_n
         decay = d_n
         if c > 0:  # prefetch the chunk to the left
-            gl_n = tl.load(gst_ptr + base - step + e, mask=em, other=0.0)
-            h_n = tl.load(st_ptr + base - step + e, mask=em, other=0.0)
+            gl_n = tl.load(gl_ptr + base - step + e, mask=em, other=0.0)
+            h_n = tl.load(st_ptr + base - step + e, mask=em, other=0.0).to(tl.float32)
             d_n = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, (c - 1) * Q, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
-        tl.store(gst_ptr + base + e, G, mask=em)
+        tl.store(gst_ptr + base + e, G.to(gst_ptr.dtype.element_ty), mask=em)
         tl.store(kp_ptr + kp_row + c, decay * tl.sum(G * h_in, axis=0))
         G = decay * G + gl
         base -= step
@@ -440,7 +447,7 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
         w = tl.exp(tl.minimum(tl.load(cs_ptr + row + c0 + Q - 1) - css, 0.0))
         if HAS_SEQ:
             w = tl.where(seq_s == seq_last, w, 0.0)
-        slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
+        slot = ((bb * n_chunks + c) * nheads + hh) * hdim * dstate
         Gout = tl.load(gst_ptr + slot + p_off[:, None] * dstate + n_off[None, :], mask=st_m, other=0.0).to(DT)
         bgo = w[:, None] * _mm(Bs, tl.trans(Gout), PREC=PREC, UP=UP)
         tl.store(zs_ptr + row + js, dts * tl.sum(xs32 * bgo, axis=1))
@@ -534,7 +541,7 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
         ein = tl.exp(tl.minimum(cst, 0.0))
         if HAS_SEQ:
             ein = tl.where(seq_t == seq_in, ein, 0.0)
-        slot = ((bb * (n_chunks + 1) + c) * nheads + hh) * hdim * dstate
+        slot = ((bb * n_chunks + c) * nheads + hh) * hdim * dstate
         H = tl.load(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :], mask=st_m, other=0.0).to(DT)
         dC = _mm((gt * ein[:, None]).to(DT), H, dC, PREC=PREC, UP=UP)
         tl.store(rin_ptr + row + jt, ein * tl.sum(gt * _mm(Ct, tl.trans(H), PREC=PREC, UP=UP), axis=1))
@@ -617,6 +624,13 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 _INTERPRETED = __name__.endswith("__interpreted")
 
 
+def _state_dtype(x, B, C):
+    """Storage of the chunk-entry states and of G_out: bf16 where the tl.dot operands are bf16 (STATE_HALF),
+    else fp32. fp16 keeps fp32 (a state may exceed fp16's range)."""
+    half = STATE_HALF and x.dtype == torch.bfloat16 and torch.float32 not in (B.dtype, C.dtype)
+    return torch.bfloat16 if half else torch.float32
+
+
 def _dot_dtype(x, B, C):
     """tl.dot operand type and precision: fp32 (IEEE) if any of x, B, C is fp32, else x's half type."""
     if torch.float32 in (x.dtype, B.dtype, C.dtype):
@@ -655,7 +669,7 @@ def _seq_args(seq_idx, dummy):
 
 def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pre, chunk, blk, warps):
     """Returns y, final_state (b, h, p, n) fp32, y_pre (or None), dt' and cs ((b h, Lp) fp32, scan order),
-    and the states entering each chunk (b, chunks + 1, h, p, n) fp32 (the last slot is the final state)."""
+    and the states entering each chunk (b, chunks, h, p, n) in ``_state_dtype``."""
     cfg = _Cfg(x, B, chunk, blk, warps)
     b, l, h, p, n, nc = cfg.b, cfg.l, cfg.h, cfg.p, cfg.n, cfg.nc
     dev = x.device
@@ -668,14 +682,19 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     cs = torch.empty(b * h, cfg.Lp, **f32)
     _dt_kernel[(nc, b * h)](dt, A, dt_bias if dt_bias is not None else dummy, dtp, cs, *dt.stride(), h, l, cfg.Lp,
                             HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q)
-    st = torch.empty(b, nc + 1, h, p, n, **f32)
+    loc = torch.empty(b, nc, h, p, n, **f32)
     dims = (h, cfg.hpg, l, cfg.Lp, nc, p, n)
     blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, **dot)
-    _chunk_state_kernel[(nc, b * h)](x, B, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *seq[1:], *dims,
+    _chunk_state_kernel[(nc, b * h)](x, B, dtp, cs, loc, seq[0], *x.stride(), *B.stride(), *seq[1:], *dims,
                                      **common, **blocks, num_warps=warps, num_stages=STAGES)
+    sdt = _state_dtype(x, B, C)
+    st = loc if sdt == torch.float32 else torch.empty(b, nc, h, p, n, device=dev, dtype=sdt)
+    ht = torch.empty(b, h, p, n, **f32)
     h0c = h0.float().contiguous() if h0 is not None else None
-    _state_pass_kernel[(b * h, cfg.n_sblocks)](st, cs, h0c if h0c is not None else dummy, *seq, h, l, cfg.Lp, nc,
-                                               cfg.size, HAS_H0=h0 is not None, **common, BS=cfg.BS, num_warps=4)
+    _state_pass_kernel[(b * h, cfg.n_sblocks)](loc, st, ht, cs, h0c if h0c is not None else dummy, *seq, h, l,
+                                               cfg.Lp, nc, cfg.size, HAS_H0=h0 is not None, **common, BS=cfg.BS,
+                                               num_warps=4)
+    del loc  # the fp32 local states are freed here when the states are kept in bf16
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     ypre = torch.empty_like(y) if (store_pre and z is not None) else None
     _chunk_out_kernel[(nc * cfg.NB, b * h)](
@@ -684,7 +703,7 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
         *y.stride()[:3], *seq[1:], *dims, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2,
         HAS_Z=z is not None, STORE_PRE=ypre is not None, **common, **blocks, FACTOR=FACTOR, num_warps=warps,
         num_stages=STAGES)
-    return y, st[:, nc].clone(), ypre, dtp, cs, st
+    return y, ht, ypre, dtp, cs, st
 
 
 def _splits(cfg, target=None):
@@ -713,16 +732,18 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     dy = dy.to(x.dtype).contiguous()
     so = dy.stride()[:3]
     gbuf = torch.empty_like(dy) if z is not None else dy
-    gst = torch.empty(b, nc + 1, h, p, n, **f32)
-    _bwd_gloc_kernel[(nc, b * h)](dy, z if z is not None else dummy, C, gbuf, cs, gst, seq[0], *_strides4(z),
+    gl = torch.empty(b, nc, h, p, n, **f32)
+    _bwd_gloc_kernel[(nc, b * h)](dy, z if z is not None else dummy, C, gbuf, cs, gl, seq[0], *_strides4(z),
                                   *C.stride(), *so, *seq[1:], *dims, HAS_Z=z is not None, **common, **blocks,
                                   num_warps=warps, num_stages=STAGES)
     kp = torch.empty(b * h, cfg.n_sblocks, nc, **f32)
     dh0 = torch.empty(b, h, p, n, **f32)
     dht_c = dht.float().contiguous() if dht is not None else None
-    _bwd_state_pass_kernel[(b * h, cfg.n_sblocks)](gst, st, cs, dht_c if dht_c is not None else dummy, dh0, kp,
-                                                   *seq, h, l, cfg.Lp, nc, cfg.size, cfg.n_sblocks,
+    gst = gl if st.dtype == torch.float32 else torch.empty(b, nc, h, p, n, device=dev, dtype=st.dtype)
+    _bwd_state_pass_kernel[(b * h, cfg.n_sblocks)](gl, gst, st, cs, dht_c if dht_c is not None else dummy, dh0,
+                                                   kp, *seq, h, l, cfg.Lp, nc, cfg.size, cfg.n_sblocks,
                                                    HAS_DHT=dht is not None, **common, BS=cfg.BS, num_warps=4)
+    del gl  # freed here when G_out is kept in bf16
     if splits and cfg.hpg % splits:
         raise ValueError(f"ssd_scan (triton): splits={splits} must divide the {cfg.hpg} heads of a group")
     ns = splits or _splits(cfg)
@@ -799,7 +820,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, 
         return x.new_empty(b, l, h, p), x.new_empty(b, h, p, n, **f32), *(_empty(x) for _ in range(4))
     ypre = x.new_empty(b, l, h, p) if z is not None else _empty(x)
     return (x.new_empty(b, l, h, p), x.new_empty(b, h, p, n, **f32), ypre, x.new_empty(b * h, nc * chunk, **f32),
-            x.new_empty(b * h, nc * chunk, **f32), x.new_empty(b, nc + 1, h, p, n, **f32))
+            x.new_empty(b * h, nc * chunk, **f32), x.new_empty(b, nc, h, p, n, dtype=_state_dtype(x, B, C)))
 
 
 @torch.library.custom_op(_OPS + "_bwd", mutates_args=())
