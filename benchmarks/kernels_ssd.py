@@ -192,34 +192,51 @@ def print_table(rows, bw):
               f"{fmt(g('err_vs_peer'), '.1e')} |")
 
 
-def sweep(shapes):
-    # the default, then the backward alone with fewer registers a thread (kernels_ssd.py --resources: the
-    # backward pair kernels spill at 4 warps), then the forward
-    grid = [dict(chunk=256, blk=64, warps=4), dict(chunk=256, blk=64, warps=4, warps_bwd=8),
-            dict(chunk=256, blk=64, warps=4, blk_bwd=32, warps_bwd=8), dict(chunk=256, blk=64, warps=8),
-            dict(chunk=128, blk=64, warps=4)]
+# module switches of chunk.py (off: the session-2 paths) and launch parameters
+LEGACY = dict(SHARED_CB=False, HEADS_FIRST=False, STATE_HALF=False)
+SWEEP = [dict(flags=LEGACY), dict(), dict(flags=dict(HEADS_FIRST=False)), dict(flags=dict(SHARED_CB=False)),
+         dict(warps_bwd=8), dict(blk_bwd=32, warps_bwd=8), dict(blk_bwd=32), dict(warps=8)]
+
+
+def with_flags(flags, f, *a, **k):
+    """f(*a, **k) with chunk.py's module switches set to ``flags``, restored afterwards."""
+    saved = {name: getattr(ours, name) for name in flags}
+    try:
+        for name, v in flags.items():
+            setattr(ours, name, v)
+        return f(*a, **k)
+    finally:
+        for name, v in saved.items():
+            setattr(ours, name, v)
+
+
+def sweep(shapes, grid=None):
+    """fwd and fwd+bwd times (and fwd+bwd extra memory) of each variant: module switches (``flags``, see
+    LEGACY) and launch parameters (chunk, blk, warps, blk_bwd, warps_bwd, splits)."""
     for (b, l, h, p, n) in shapes:
         inp = make(b, l, h, p, n)
         dy = torch.randn(b, l, h, p, device="cuda").bfloat16()
-        for t in grid:
+        for t in grid or SWEEP:
+            t = dict(t)
+            flags = t.pop("flags", {})
             fn = lambda i, t=t: run_ours(i, t)  # noqa: E731
-            f = oom_safe(measure, fn, inp, "fwd")
-            fb = oom_safe(measure, fn, inp, "fb", dy)
-            print(json.dumps(dict(shape=f"b{b} l{l} h{h}x{p} n{n}", **t, fwd=f and f[0], fb=fb and fb[0],
-                                  fb_gb=fb and fb[1])), flush=True)
+            f = with_flags(flags, oom_safe, measure, fn, inp, "fwd")
+            fb = with_flags(flags, oom_safe, measure, fn, inp, "fb", dy)
+            print(json.dumps(dict(shape=f"b{b} l{l} h{h}x{p} n{n}", **flags, **t, fwd=f and f[0],
+                                  fwd_gb=f and f[1], fb=fb and fb[0], fb_gb=fb and fb[1])), flush=True)
         del inp, dy
         gc.collect()
         torch.cuda.empty_cache()
 
 
-def profile(shapes, tuning=None):
-    """Per-kernel device time of fwd+bwd (ours, then mamba_ssm's) under torch.profiler."""
+def profile(shapes, tuning=None, peer=True):
+    """Per-kernel device time of fwd+bwd (ours, then mamba_ssm's unless not ``peer``) under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile as prof
     for (b, l, h, p, n) in shapes:
         inp = make(b, l, h, p, n)
         dy = torch.randn(b, l, h, p, device="cuda").bfloat16()
         runs = [("ours", lambda i: run_ours(i, tuning))]
-        if mamba_chunk_scan_combined is not None:
+        if peer and mamba_chunk_scan_combined is not None:
             runs.append(("mamba_ssm", run_peer))
         for name, fn in runs:
             step = fwd_bwd(fn, inp, dy)
@@ -258,20 +275,22 @@ def resources(block=None, warps=None):
     from triton.compiler import ASTSource
 
     half = {"x_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "ypre_ptr", "dy_ptr", "g_ptr", "dx_ptr", "dz_ptr",
-            "dt_ptr", "ddt_ptr"}
+            "dt_ptr", "ddt_ptr", "st_ptr", "gst_ptr"}  # bf16 inputs keep the states and G_out in bf16
     blk, w = block or ours.BLOCK, warps or ours.WARPS
     flags = dict(REVERSE=True, HAS_SEQ=True, Q=ours.CHUNK)
     dots = dict(BLK=blk, BP=64, BN=128, DT=tl.bfloat16, PREC="tf32", UP=False)
     kernels = {
         "_dt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
+        "_cb_kernel": dict(REVERSE=True, Q=ours.CHUNK, BLK=blk, BN=128, DT=tl.bfloat16, PREC="tf32", UP=False),
         "_chunk_state_kernel": dict(**flags, **dots),
         "_state_pass_kernel": dict(HAS_H0=True, **flags, BS=ours.STATE_BLOCK),
         "_chunk_out_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
-                                  FACTOR=ours.FACTOR),
+                                  FACTOR=ours.FACTOR, SHARED_CB=ours.SHARED_CB, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_gloc_kernel": dict(HAS_Z=True, **flags, **dots),
         "_bwd_state_pass_kernel": dict(HAS_DHT=True, **flags, BS=ours.STATE_BLOCK),
-        "_bwd_dx_dB_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots, FACTOR=ours.FACTOR),
-        "_bwd_dC_kernel": dict(**flags, **dots, FACTOR=ours.FACTOR),
+        "_bwd_dx_dB_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots, FACTOR=ours.FACTOR,
+                                  SHARED_CB=ours.SHARED_CB),
+        "_bwd_dC_kernel": dict(**flags, **dots, FACTOR=ours.FACTOR, SHARED_CB=ours.SHARED_CB),
         "_bwd_ddt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
     }
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -304,6 +323,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of fwd+bwd under torch.profiler")
+    ap.add_argument("--no-peer", action="store_true", help="--profile: ours only")
     ap.add_argument("--ab-factor", action="store_true", help="factorised off-diagonal decays on / off")
     ap.add_argument("--resources", action="store_true",
                     help="registers and spills of each kernel compiled for sm_90 (no GPU needed)")
@@ -325,7 +345,7 @@ def main(argv=None):
         sweep(shapes)
         return
     if args.profile:
-        profile(shapes)
+        profile(shapes, peer=not args.no_peer)
         return
     if args.ab_factor:
         ab_factor(shapes)

@@ -82,6 +82,20 @@ def test_interpreted_matches_naive_loop(chunk, factor, monkeypatch):
     compare(got, run_with_grads(lambda **i: naive_ssd(**i, dt_softplus=True), as64(inp), dy, dht), 2e-5)
 
 
+@pytest.mark.parametrize("shared_cb,heads_first", [(False, False), (True, False)])
+def test_interpreted_cb_recomputed_and_chunk_first(chunk, shared_cb, heads_first, monkeypatch):
+    """The other paths of the C B^T tiles and the output kernel's grid (the default: C B^T computed once per
+    chunk and group, heads first): recomputed per head, and/or programs ordered chunk first."""
+    monkeypatch.setattr(chunk, "SHARED_CB", shared_cb)
+    monkeypatch.setattr(chunk, "HEADS_FIRST", heads_first)
+    l, opt, reverse, packed, tuning = CASES["packed"]
+    inp, dy, dht = make_inputs(2, l, 4, 3, n=5, seed=17, dtype=torch.float32, **opt)
+    seq_idx = torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])
+    flags = dict(dt_softplus=True, reverse=reverse, seq_idx=seq_idx)
+    got = run_with_grads(triton_op(chunk.ssd_scan_triton, tuning, **flags), inp, dy, dht)
+    compare(got, run_with_grads(ref_op(**flags), as64(inp), dy, dht), 2e-5)
+
+
 def test_interpreted_strong_decay_is_finite_and_accurate(chunk):
     """dt |A| up to ~55 a step at random positions: the decay over a chunk reaches thousands (exp of the
     cumulative sums themselves would overflow or underflow) while neighbouring positions stay O(1) apart."""
