@@ -65,10 +65,19 @@ def _blocked_fwd_kernel(
     dim, nstate, seqlen, cpg, n_chunks,
     HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
-    ACCUM: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+    ACCUM: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, NT: tl.constexpr,
+    V: tl.constexpr,
 ):
     """One program: batch row pid // (d / BD), channels [BD * (pid % (d / BD)), + BD). u, delta, z, B, C have
-    l-stride 1 (the launcher makes sure). States (b, [n_chunks,] d, n) fp32 contiguous."""
+    l-stride 1 (the launcher makes sure). States (b, [n_chunks,] d, n) fp32 contiguous.
+
+    The carried state lives in the program's own slab of the final-state buffer hT (read and written by this
+    program only; a barrier at each chunk start orders the writes of one chunk before the reads of the next).
+    A chunk's positions are viewed as (R, NT, V) = (repeats, threads, vector): the layout Triton gives a
+    (BD, T) tile of 16-byte loads on NT threads, so the first and last positions of a thread's share are
+    compile-time register indices: the carry is folded into the scan's first element and the state after the
+    scan's last element is picked out of one thread without any cross-thread reduction."""
+    R: tl.constexpr = T // (NT * V)
     pid = tl.program_id(0)
     ndb = dim // BD
     pb = (pid // ndb).to(tl.int64)
@@ -76,18 +85,32 @@ def _blocked_fwd_kernel(
     d_off = (dblk * BD + tl.arange(0, BD)).to(tl.int64)           # (BD,)
     grp = ((dblk * BD) // cpg).to(tl.int64)                       # BD divides cpg: one group per program
     n_ar = tl.arange(0, BN)
-    dn_off = d_off[:, None] * nstate + n_ar[None, :]               # (BD, BN) into a (d, n) slab
+    h_row = pb * dim * nstate + d_off * nstate                     # (BD,) this program's rows of hT
+    dn_off = h_row[:, None] + n_ar[None, :]                        # (BD, BN)
     dn_mask = (n_ar < nstate)[None, :] & (d_off < dim)[:, None]
     ar = tl.arange(0, T)
+    r4 = tl.arange(0, R)[None, :, None, None]
+    q4 = tl.arange(0, NT)[None, None, :, None]
+    i4 = tl.arange(0, V)[None, None, None, :]
+    q2 = tl.arange(0, NT)[None, :]
+    if REVERSE:  # scan order runs from the chunk's highest address to its lowest
+        first = (r4 == R - 1) & (q4 == NT - 1) & (i4 == V - 1)
+        last_ri = (r4 == 0) & (i4 == 0)
+        last_q = q2 == 0
+    else:
+        first = (r4 == 0) & (q4 == 0) & (i4 == 0)
+        last_ri = (r4 == R - 1) & (i4 == V - 1)
+        last_q = q2 == NT - 1
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_off).to(tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d_off).to(tl.float32)
     if HAS_H0:
-        hc = tl.load(h0_ptr + pb * dim * nstate + dn_off, mask=dn_mask, other=0.0)
+        hc = tl.load(h0_ptr + dn_off, mask=dn_mask, other=0.0)
     else:
         hc = tl.zeros([BD, BN], dtype=tl.float32)
+    tl.store(hT_ptr + dn_off, hc, mask=dn_mask)
 
     u_row = pb * su_b + d_off * su_d
     dl_row = pb * sdl_b + d_off * sdl_d
@@ -95,14 +118,13 @@ def _blocked_fwd_kernel(
     y_row = pb * sy_b + d_off * sy_d
     B_row = pb * sB_b + grp * sB_g
     C_row = pb * sC_b + grp * sC_g
-    if REVERSE:
-        edge = ar == 0          # the scan's last position in a chunk is its lowest address
-    else:
-        edge = ar == T - 1
 
     for k in range(0, n_chunks):
+        tl.debug_barrier()  # the previous chunk's carry writes (or the initial state) before this chunk's reads
         if SAVE_STATES:
-            tl.store(cs_ptr + (pb * n_chunks + k) * dim * nstate + dn_off, hc, mask=dn_mask)
+            hs = tl.load(hT_ptr + dn_off, mask=dn_mask, other=0.0)
+            tl.store(cs_ptr + (pb * n_chunks + k) * dim * nstate + d_off[:, None] * nstate + n_ar[None, :], hs,
+                     mask=dn_mask)
         if REVERSE:
             t = seqlen - (k + 1) * T + ar        # (T,) addresses, ascending (< 2^31; rows add int64)
         else:
@@ -131,19 +153,21 @@ def _blocked_fwd_kernel(
         acc = tl.zeros([BD, T], dtype=tl.float32)
         for n in range(0, nstate):
             a2 = tl.load(A_ptr + d_off * nstate + n).to(tl.float32) * 1.4426950408889634      # (BD,)
+            h_in = tl.load(hT_ptr + h_row + n)                                                 # (BD,)
             Bn = tl.load(B_ptr + B_row + n * sB_n + t, mask=valid, other=0.0).to(tl.float32)  # (T,)
             Cn = tl.load(C_ptr + C_row + n * sC_n + t, mask=valid, other=0.0).to(tl.float32)
             dA = tl.exp2(dt * a2[:, None])
             if HAS_SEQ:
                 dA = tl.where(keep, dA, 0.0)
             bx = dtu * Bn[None, :]
-            sa, sb = tl.associative_scan((dA, bx), 1, _combine, reverse=REVERSE)
-            sel = n_ar[None, :] == n
-            h_in = tl.sum(tl.where(sel, hc, 0.0), axis=1)                                  # (BD,)
-            h = sb + sa * h_in[:, None]
+            # carry in: h = dA * h_in + bx at the scan's first position
+            bx4 = tl.reshape(bx, (BD, R, NT, V))
+            bx4 = tl.where(first, bx4 + tl.reshape(dA, (BD, R, NT, V)) * h_in[:, None, None, None], bx4)
+            _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine, reverse=REVERSE)
             acc += h * Cn[None, :]
-            h_out = tl.sum(tl.where(edge[None, :], h, 0.0), axis=1)
-            hc = tl.where(sel, h_out[:, None], hc)
+            # carry out: the state after the scan's last position (one thread holds it)
+            hl = tl.max(tl.max(tl.where(last_ri, tl.reshape(h, (BD, R, NT, V)), float("-inf")), axis=3), axis=1)
+            tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, hl, mask=last_q)
         if HAS_D:
             acc += Dv[:, None] * u
         if HAS_Z:
@@ -153,7 +177,6 @@ def _blocked_fwd_kernel(
         if ACCUM:  # add into what y holds (e.g. the other direction of a bidirectional layer)
             acc += tl.load(y_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(hT_ptr + pb * dim * nstate + dn_off, hc, mask=dn_mask)
 
 
 def chunk_length(tuning: dict | None = None) -> int:
@@ -209,6 +232,11 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     seq = seq_idx.contiguous() if seq_idx is not None else None
     dummy = final
+    warps = int(tuning.get("num_warps") or WARPS)
+    # the (BD, T) tile's layout: 16-byte vectors of the loaded dtype on 32 * warps threads, repeated over T
+    vec = max(1, 16 // max(u.element_size(), delta.element_size(), B.element_size()))
+    nt = min(32 * warps, T)
+    vec = max(1, min(vec, T // nt))
     if b * d == 0:
         return y, final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
     _blocked_fwd_kernel[(b * (d // bd),)](
@@ -221,6 +249,5 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         d, n, l, cpg, n_chunks,
         HAS_H0=h0 is not None, SAVE_STATES=bool(save_states), HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse),
-        HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T,
-        num_warps=int(tuning.get("num_warps") or WARPS))
+        HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec, num_warps=warps)
     return y, final, (states if save_states else None)
