@@ -282,11 +282,11 @@ def resources(block=None, warps=None):
     kernels = {
         "_dt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
         "_cb_kernel": dict(REVERSE=True, Q=ours.CHUNK, BLK=blk, BN=128, DT=tl.bfloat16, PREC="tf32", UP=False),
-        "_chunk_state_kernel": dict(**flags, **dots),
+        "_chunk_state_kernel": dict(**flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_state_pass_kernel": dict(HAS_H0=True, **flags, BS=ours.STATE_BLOCK),
         "_chunk_out_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
                                   FACTOR=ours.FACTOR, SHARED_CB=ours.SHARED_CB, HEADS_FIRST=ours.HEADS_FIRST),
-        "_bwd_gloc_kernel": dict(HAS_Z=True, **flags, **dots),
+        "_bwd_gloc_kernel": dict(HAS_Z=True, **flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_state_pass_kernel": dict(HAS_DHT=True, **flags, BS=ours.STATE_BLOCK),
         "_bwd_dx_dB_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots, FACTOR=ours.FACTOR,
                                   SHARED_CB=ours.SHARED_CB),

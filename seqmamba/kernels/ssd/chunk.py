@@ -57,7 +57,9 @@ STATE_HALF = os.environ.get("SEQMAMBA_SSD_STATE_HALF", "1") != "0"
 # C B^T computed once per chunk and group (``_cb_kernel``, fp32, freed after use) and read by every head of
 # the group, instead of each head's programs recomputing it (SEQMAMBA_SSD_SHARED_CB=0: recomputed)
 SHARED_CB = os.environ.get("SEQMAMBA_SSD_SHARED_CB", "1") != "0"
-# The forward output kernel's programs ordered heads first (the heads of a group read one C B^T tile in turn)
+# Programs of the per-(chunk or block, head) kernels (chunk states, output, local state gradients) ordered heads
+# first: the heads of a group read one C B^T tile in turn, and neighbouring programs read neighbouring bytes of
+# the (b, l, h, p) rows
 HEADS_FIRST = os.environ.get("SEQMAMBA_SSD_HEADS_FIRST", "1") != "0"
 
 
@@ -145,6 +147,19 @@ def _dt_kernel(dt_ptr, A_ptr, bias_ptr, dtp_ptr, cs_ptr, sdt_b, sdt_l, sdt_h, nh
 
 
 @triton.jit
+def _grid_ids(n_bh, HEADS_FIRST: tl.constexpr):
+    """(chunk or block index, batch * heads index) of this program: from a 1-d grid whose consecutive programs
+    are the n_bh (batch, head) pairs of one chunk or block (HEADS_FIRST), or from the 2-d grid (chunks, b h)."""
+    if HEADS_FIRST:
+        pc = tl.program_id(0) // n_bh
+        pid = tl.program_id(0) % n_bh
+    else:
+        pc = tl.program_id(0)
+        pid = tl.program_id(1)
+    return pc, pid
+
+
+@triton.jit
 def _cb_ptrs(cb_ptr, base, m, k, BLK: tl.constexpr, TRANS: tl.constexpr = False):
     """(BLK, BLK) pointers to the tile (t block m, s block k <= m) of one chunk and group in the packed C B^T
     buffer (b, chunks, g, NB (NB + 1) / 2, BLK, BLK) fp32, base that chunk and group's offset; TRANS: the
@@ -187,13 +202,13 @@ def _cb_kernel(B_ptr, C_ptr, cb_ptr, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, s
 @triton.jit
 def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
                         sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
-                        nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate,
+                        nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bh,
                         REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
-                        BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
+                        BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+                        HEADS_FIRST: tl.constexpr):
     """Local end state of each chunk (from a zero state): sum_s exp(cs[Q-1] - cs[s]) dt[s] x[s] B[s]^T,
     written to slot c of the (b, chunks, h, p, n) fp32 buffer of local states."""
-    c = tl.program_id(0)
-    pid = tl.program_id(1)
+    c, pid = _grid_ids(n_bh, HEADS_FIRST)
     bb = (pid // nheads).to(tl.int64)
     hh = pid % nheads
     gg = hh // hpg
@@ -286,12 +301,7 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
     C, plus the masked (C B^T) (dt x) product over the blocks up to this one (C B^T read from ``cb`` where
     SHARED_CB), plus D x, times silu(z). HEADS_FIRST: a 1-d grid whose consecutive programs are the n_bh
     (batch, head) pairs of one block."""
-    if HEADS_FIRST:
-        pc = tl.program_id(0) // n_bh
-        pid = tl.program_id(0) % n_bh
-    else:
-        pc = tl.program_id(0)
-        pid = tl.program_id(1)
+    pc, pid = _grid_ids(n_bh, HEADS_FIRST)
     NB: tl.constexpr = Q // BLK
     NT: tl.constexpr = NB * (NB + 1) // 2
     c = pc // NB
@@ -356,14 +366,13 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
 @triton.jit
 def _bwd_gloc_kernel(dy_ptr, z_ptr, C_ptr, g_ptr, cs_ptr, gst_ptr, seq_ptr,
                      sz_b, sz_l, sz_h, sz_p, sC_b, sC_l, sC_g, sC_n, so_b, so_l, so_h, ss_b, ss_l,
-                     nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate,
+                     nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bh,
                      HAS_Z: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr,
                      BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
-                     PREC: tl.constexpr, UP: tl.constexpr):
+                     PREC: tl.constexpr, UP: tl.constexpr, HEADS_FIRST: tl.constexpr):
     """g = dy silu(z) (written when z is given) and each chunk's local dL/dH_in = sum_t exp(cs[t]) g[t]^T C[t]
     into slot c of the (b, chunks, h, p, n) fp32 gradient buffer."""
-    c = tl.program_id(0)
-    pid = tl.program_id(1)
+    c, pid = _grid_ids(n_bh, HEADS_FIRST)
     bb = (pid // nheads).to(tl.int64)
     hh = pid % nheads
     gg = hh // hpg
@@ -768,8 +777,9 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     loc = torch.empty(b, nc, h, p, n, **f32)
     dims = (h, cfg.hpg, l, cfg.Lp, nc, p, n)
     blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, **dot)
-    _chunk_state_kernel[(nc, b * h)](x, B, dtp, cs, loc, seq[0], *x.stride(), *B.stride(), *seq[1:], *dims,
-                                     **common, **blocks, num_warps=warps, num_stages=STAGES)
+    grid = (nc * b * h,) if HEADS_FIRST else (nc, b * h)
+    _chunk_state_kernel[grid](x, B, dtp, cs, loc, seq[0], *x.stride(), *B.stride(), *seq[1:], *dims, b * h,
+                              **common, **blocks, HEADS_FIRST=HEADS_FIRST, num_warps=warps, num_stages=STAGES)
     sdt = _state_dtype(x, B, C)
     st = loc if sdt == torch.float32 else torch.empty(b, nc, h, p, n, device=dev, dtype=sdt)
     ht = torch.empty(b, h, p, n, **f32)
@@ -818,9 +828,10 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     so = dy.stride()[:3]
     gbuf = torch.empty_like(dy) if z is not None else dy
     gl = torch.empty(b, nc, h, p, n, **f32)
-    _bwd_gloc_kernel[(nc, b * h)](dy, z if z is not None else dummy, C, gbuf, cs, gl, seq[0], *_strides4(z),
-                                  *C.stride(), *so, *seq[1:], *dims, HAS_Z=z is not None, **common, **blocks,
-                                  num_warps=warps, num_stages=STAGES)
+    grid = (nc * b * h,) if HEADS_FIRST else (nc, b * h)
+    _bwd_gloc_kernel[grid](dy, z if z is not None else dummy, C, gbuf, cs, gl, seq[0], *_strides4(z), *C.stride(),
+                           *so, *seq[1:], *dims, b * h, HAS_Z=z is not None, **common, **blocks,
+                           HEADS_FIRST=HEADS_FIRST, num_warps=warps, num_stages=STAGES)
     kp = torch.empty(b * h, cfg.n_sblocks, nc, **f32)
     dh0 = torch.empty(b, h, p, n, **f32)
     dht_c = dht.float().contiguous() if dht is not None else None
