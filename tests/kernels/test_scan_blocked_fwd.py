@@ -80,8 +80,9 @@ CASES = [
      None, dict(chunk=8)),
     ("3d-BC-no-options-reverse", dict(l=21, groups=None, z=False, D=False, delta_bias=False, h0=False), False,
      True, None, dict(chunk=4, num_warps=2)),
-    ("groups4-n5-bd-capped", dict(d=8, l=19, groups=4, n=5), True, False, None, dict(chunk=4, bd=8)),
-    ("seq_idx", dict(l=45), True, False, [3, 16, 17, 30], dict(chunk=8, bd=4)),
+    ("groups4-n5-bd-capped-unroll2", dict(d=8, l=19, groups=4, n=5), True, False, None,
+     dict(chunk=4, bd=8, unroll=2)),
+    ("seq_idx", dict(l=45), True, False, [3, 16, 17, 30], dict(chunk=8, bd=4, num_warps=1, unroll=2)),
     ("seq_idx-reverse", dict(l=45, groups=2), True, True, [5, 13, 29, 40], dict(chunk=8)),
     ("exact-chunks", dict(l=32, groups=1), True, True, None, dict(chunk=16)),
     ("length1", dict(l=1, groups=2), True, False, None, dict(chunk=4)),
@@ -153,18 +154,22 @@ def _cuda(x, dtype=None):
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("shape,groups,cuts", [((2, 64, 16, 3000), 1, None), ((1, 96, 8, 70000), 3, None),
-                                               ((2, 64, 16, 5000), 2, [7, 1024, 1025, 4000])])
-def test_gpu_fp32_matches_reference(shape, groups, cuts, reverse):
-    """fp32 at realistic sizes (several default chunks, a partial one, seq_idx) vs the float64 reference."""
+@pytest.mark.parametrize("shape,groups,cuts,tuning", [
+    ((2, 64, 16, 3000), 1, None, {}), ((1, 96, 8, 70000), 3, None, {}),
+    ((2, 64, 16, 5000), 2, [7, 1024, 1025, 4000], {}),
+    ((2, 64, 16, 5000), 2, [7, 1024, 1025, 4000], dict(bd=2, chunk=256, num_warps=1, unroll=2)),
+    ((1, 32, 16, 9000), 1, None, dict(bd=1, chunk=2048, num_warps=4, unroll=1))])
+def test_gpu_fp32_matches_reference(shape, groups, cuts, tuning, reverse):
+    """fp32 at realistic sizes (several chunks, a partial one, seq_idx; the default tuning and others) vs the
+    float64 reference."""
     b, d, n, l = shape
     x = _cuda(inputs(b=b, d=d, n=n, l=l, groups=groups, seed=sum(shape)))
     seq_idx = None if cuts is None else seq_ids(b, l, cuts, "cuda")
     mod = _compiled()
-    T = mod.chunk_length()
+    T = mod.chunk_length(tuning)
     y, h, cs = mod.blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
                                softplus=True, initial_state=x["initial_state"], reverse=reverse, seq_idx=seq_idx,
-                               save_states=True)
+                               save_states=True, **tuning)
     y_ref, h_ref = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True,
                                       reverse=reverse, seq_idx=seq_idx, return_final_state=True)
     j = cs.shape[1] // 2

@@ -40,6 +40,7 @@ LOG2E = 1.4426950408889634
 CHUNK = 1024
 BD = 1
 WARPS = 4
+UNROLL = 1
 
 
 @triton.jit
@@ -59,6 +60,18 @@ def _softplus(x):
 
 
 @triton.jit
+def _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t, valid, n, nstate):
+    """State n's operands for a chunk: A[:, n] * log2(e) (BD,), the carried state (BD,), B and C rows (T,) in
+    their storage dtype (all zero when n >= nstate)."""
+    ok = n < nstate
+    a2 = tl.load(A_ptr + d_off * nstate + n, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    h_in = tl.load(hT_ptr + h_row + n, mask=ok, other=0.0)
+    Bn = tl.load(B_ptr + B_row + n * sB_n + t, mask=valid & ok, other=0.0)
+    Cn = tl.load(C_ptr + C_row + n * sC_n + t, mask=valid & ok, other=0.0)
+    return a2, h_in, Bn, Cn
+
+
+@triton.jit
 def _blocked_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, h0_ptr, hT_ptr, cs_ptr, seq_ptr,
     su_b, su_d, sdl_b, sdl_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sz_b, sz_d, sy_b, sy_d, sy_l, ss_b,
@@ -66,7 +79,7 @@ def _blocked_fwd_kernel(
     HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
     ACCUM: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, NT: tl.constexpr,
-    V: tl.constexpr,
+    V: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """One program: batch row pid // (d / BD), channels [BD * (pid % (d / BD)), + BD). u, delta, z, B, C have
     l-stride 1 (the launcher makes sure). States (b, [n_chunks,] d, n) fp32 contiguous.
@@ -151,23 +164,27 @@ def _blocked_fwd_kernel(
             s_p = tl.load(seq_ptr + pb * ss_b + tp, mask=ok, other=0)
             keep = (s_t == s_p)[None, :]
         acc = tl.zeros([BD, T], dtype=tl.float32)
-        for n in range(0, nstate):
-            a2 = tl.load(A_ptr + d_off * nstate + n).to(tl.float32) * 1.4426950408889634      # (BD,)
-            h_in = tl.load(hT_ptr + h_row + n)                                                 # (BD,)
-            Bn = tl.load(B_ptr + B_row + n * sB_n + t, mask=valid, other=0.0).to(tl.float32)  # (T,)
-            Cn = tl.load(C_ptr + C_row + n * sC_n + t, mask=valid, other=0.0).to(tl.float32)
+        # state 0's operands now; each iteration then loads the next state's while it computes (the loads are
+        # L2 round trips that would otherwise stall every state; the carry slots read here were written in the
+        # previous chunk, before the barrier above)
+        a2, h_in, Bn, Cn = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t,
+                                           valid, 0, nstate)
+        for n in tl.range(0, nstate, loop_unroll_factor=UNROLL):
+            a2_x, h_x, B_x, C_x = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n,
+                                                  sC_n, t, valid, n + 1, nstate)
             dA = tl.exp2(dt * a2[:, None])
             if HAS_SEQ:
                 dA = tl.where(keep, dA, 0.0)
-            bx = dtu * Bn[None, :]
+            bx = dtu * Bn.to(tl.float32)[None, :]
             # carry in: h = dA * h_in + bx at the scan's first position
             bx4 = tl.reshape(bx, (BD, R, NT, V))
             bx4 = tl.where(first, bx4 + tl.reshape(dA, (BD, R, NT, V)) * h_in[:, None, None, None], bx4)
             _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine, reverse=REVERSE)
-            acc += h * Cn[None, :]
+            acc += h * Cn.to(tl.float32)[None, :]
             # carry out: the state after the scan's last position (one thread holds it)
             hl = tl.max(tl.max(tl.where(last_ri, tl.reshape(h, (BD, R, NT, V)), float("-inf")), axis=3), axis=1)
             tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, hl, mask=last_q)
+            a2, h_in, Bn, Cn = a2_x, h_x, B_x, C_x
         if HAS_D:
             acc += Dv[:, None] * u
         if HAS_Z:
@@ -249,5 +266,6 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         d, n, l, cpg, n_chunks,
         HAS_H0=h0 is not None, SAVE_STATES=bool(save_states), HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse),
-        HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec, num_warps=warps)
+        HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec,
+        UNROLL=int(tuning.get("unroll") or UNROLL), num_warps=warps)
     return y, final, (states if save_states else None)
