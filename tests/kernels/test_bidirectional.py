@@ -1,11 +1,14 @@
 """selective_scan_bidirectional (the fused forward + reverse scan) against two reference calls added.
 
-CPU: the public op's reference path and validation; the Triton op under the interpreter on tiny shapes, for
-both forward kernels (the tile scan on (b, d, l)-contiguous inputs, the sequential one on the mixer's
-channel-last delta/z, which also writes a channel-last y), with a shared z and with seq_idx. GPU (``-m gpu``):
+CPU: the public op's reference path and validation; the Triton op under the interpreter on tiny shapes, with
+the default blocked kernels (several chunks) and in deterministic mode with the tile-state kernels (the tile
+scan on (b, d, l)-contiguous inputs, the sequential one on the mixer's channel-last delta/z, which also writes
+a channel-last y), with a shared z and with seq_idx. GPU (``-m gpu``):
 a realistic bf16 shape and the BiMamba module (fused path) against the reference backend.
 """
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from seqmamba.kernels.bidirectional import selective_scan_bidirectional, split_d
 from seqmamba.kernels.selective_scan import selective_scan_ref
 from tests.kernels.interpret import load_interpreted
 from tests.kernels.test_selective_scan import assert_close, make_inputs
+from tests.kernels.test_selective_scan_triton import deterministic_mode
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SCAN = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -22,6 +26,15 @@ SCAN = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 @pytest.fixture(scope="module")
 def chunk():
     return load_interpreted("seqmamba.kernels.selective_scan.chunk")
+
+
+@pytest.fixture(params=["blocked", "deterministic"])
+def mode(request, chunk, monkeypatch):
+    """Which kernels the ops run: the blocked pair (default; its chunk length cut to 8 so tiny inputs take
+    several chunks) or this file's tile-state kernels (deterministic mode)."""
+    monkeypatch.setattr(chunk._blocked_fwd_mod, "CHUNK", 8)
+    with deterministic_mode() if request.param == "deterministic" else contextlib.nullcontext():
+        yield request.param
 
 
 def make_pair(b, d, n, l, groups=1, shared_z=False, channel_last=False, dtype=torch.float32, seed=0):
@@ -81,8 +94,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,shape,groups,shared_z,channel_last,packed", CASES, ids=[c[0] for c in CASES])
-def test_interpreted_matches_two_call_reference(chunk, name, shape, groups, shared_z, channel_last, packed):
-    """Output and every gradient of both directions' inputs (fp32) against two float64 reference calls."""
+def test_interpreted_matches_two_call_reference(chunk, mode, name, shape, groups, shared_z, channel_last, packed):
+    """Output and every gradient of both directions' inputs (fp32) against two float64 reference calls, with
+    either kernel family."""
     b, d, n, l = shape
     fwd, rev = make_pair(b, d, n, l, groups=groups, shared_z=shared_z, channel_last=channel_last,
                          seed=len(name))
@@ -91,8 +105,8 @@ def test_interpreted_matches_two_call_reference(chunk, name, shape, groups, shar
         seq_idx = torch.stack([torch.repeat_interleave(torch.arange(3), torch.tensor(c))
                                for c in ([5, 20, l - 25], [1, l - 2, 1])][:b])
     y = chunk.selective_scan_bidirectional_triton(fwd, rev, delta_softplus=True, seq_idx=seq_idx)
-    if channel_last:
-        assert y.stride(1) == 1, y.stride()  # y follows delta's layout
+    if channel_last and mode == "deterministic":
+        assert y.stride(1) == 1, y.stride()  # the tile-state kernels' y follows delta's layout
     got = grads_of(y, leaves_of(fwd, rev))
     y_ref, f64, r64 = two_call_reference(fwd, rev, seq_idx=seq_idx)
     want = grads_of(y_ref, leaves_of(f64, r64))
@@ -101,25 +115,30 @@ def test_interpreted_matches_two_call_reference(chunk, name, shape, groups, shar
 
 
 def test_interpreted_state_first_variant_by_default_rule(chunk, monkeypatch):
-    """With the state-first sequential kernel as the 'auto' variant (it writes the tile states in (n, d) order,
-    which the backward must read back the same way): channel-last inputs, output and every gradient."""
+    """Deterministic mode, with the state-first sequential kernel as the 'auto' variant (it writes the tile
+    states in (n, d) order, which the backward must read back the same way): channel-last inputs, output and
+    every gradient."""
     monkeypatch.setattr(chunk, "SEQ_VARIANT", "seqt")
     fwd, rev = make_pair(1, 4, 3, 70, shared_z=True, channel_last=True, seed=13)
-    got = grads_of(chunk.selective_scan_bidirectional_triton(fwd, rev, delta_softplus=True), leaves_of(fwd, rev))
+    with deterministic_mode():
+        y = chunk.selective_scan_bidirectional_triton(fwd, rev, delta_softplus=True)
+        got = grads_of(y, leaves_of(fwd, rev))
     y_ref, f64, r64 = two_call_reference(fwd, rev)
     assert_close(got, grads_of(y_ref, leaves_of(f64, r64)), rtol=2e-5)
 
 
+@pytest.mark.parametrize("blocked", [True, False])
 @pytest.mark.parametrize("channel_last", [False, True])
-def test_interpreted_fake_layouts_match_real(chunk, channel_last):
+def test_interpreted_fake_layouts_match_real(chunk, channel_last, blocked, monkeypatch):
     """The bidirectional ops' fake implementations give every output the real one's shape, dtype and strides
-    (torch.compile trusts them)."""
+    (torch.compile trusts them), with either kernel family."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(chunk._blocked_fwd_mod, "CHUNK", 16)
     fwd, rev = make_pair(1, 2, 2, 70, channel_last=channel_last, seed=5)
     pairs = [t.detach() for k in SCAN for t in (fwd[k], rev[k])]
-    fwd_args = (*pairs, True, True, None)
+    fwd_args = (*pairs, True, True, None, blocked)
     y, ts_f, ts_r = chunk._bi_fwd_op(*fwd_args)
-    bwd_args = (*pairs, ts_f, ts_r, torch.randn_like(y), True, None)
+    bwd_args = (*pairs, ts_f, ts_r, torch.randn_like(y), True, None, blocked)
     for op, args in ((chunk._bi_fwd_op, fwd_args), (chunk._bi_bwd_op, bwd_args)):
         real = op(*args)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:

@@ -6,6 +6,8 @@ and the core modules with ``backend="auto"`` against ``backend="ref"``.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -20,6 +22,25 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.fixture(scope="module")
 def chunk():
     return load_interpreted("seqmamba.kernels.selective_scan.chunk")
+
+
+@pytest.fixture
+def small_chunks(chunk, monkeypatch):
+    """The blocked kernels' chunk length cut to 4 positions for the default (custom-op) path, so that tiny
+    inputs take several chunks."""
+    monkeypatch.setattr(chunk._blocked_fwd_mod, "CHUNK", 4)
+    return chunk
+
+
+@contextlib.contextmanager
+def deterministic_mode():
+    """torch.use_deterministic_algorithms(True) (warn-only, so that other ops are not refused) for the block."""
+    old, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old, warn_only=warn)
 
 
 def triton_fn(impl, tuning=None, **kw):
@@ -67,6 +88,8 @@ CASES = [
      dict(tile=8, fwd_kernel="seqt", bwd_kernel="seq")),
     ("seq-bwd-blocks-per-program", dict(d=6, l=23, groups=2), True, True,  # 3 blocks a group in 2 splits, 1 masked
      dict(tile=4, fwd_kernel="seqt", bwd_kernel="seq", bd_bwd=1, bwd_splits=2, programs_bwd=8)),
+    ("blocked-chunks", dict(l=37, groups=2), True, False, dict(blocked=True, chunk=8, bd=2, bd_bwd=2)),
+    ("blocked-reverse-one-chunk", dict(l=21, groups=None), True, True, dict(blocked=True, chunk=32)),
 ]
 
 
@@ -119,6 +142,33 @@ def test_interpreted_no_grad_returns_y_only(chunk):
     assert (y - want).abs().max() < 1e-5 * want.abs().max()
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_interpreted_default_op_is_blocked(small_chunks, monkeypatch, reverse):
+    """The default path (custom ops) runs the blocked pair: several 4-position chunks, a ragged end, groups,
+    initial state, final-state cotangent; output, final state and every gradient against the float64
+    reference. The tile-state kernels are not called."""
+    chunk = small_chunks
+    monkeypatch.setattr(chunk, "_fwd", None)
+    monkeypatch.setattr(chunk, "_bwd", None)
+    x = make_inputs(b=2, d=4, n=3, l=19, groups=2, dtype=torch.float32, seed=12)
+    got = run_with_grads(triton_fn(chunk.selective_scan_triton, delta_softplus=True, reverse=reverse), x)
+    want = run_with_grads(ref_fn(delta_softplus=True, reverse=reverse), detached(x, torch.float64))
+    assert_close(got, want, rtol=2e-5)
+
+
+def test_interpreted_deterministic_mode_runs_tile_kernels(small_chunks, monkeypatch):
+    """In deterministic mode the custom ops run this file's kernels (no atomics): the blocked pair is not
+    called, and the result is the reference's."""
+    chunk = small_chunks
+    monkeypatch.setattr(chunk, "_blocked_fwd", None)
+    monkeypatch.setattr(chunk, "_blocked_bwd", None)
+    x = make_inputs(b=1, d=4, n=3, l=21, groups=1, dtype=torch.float32, seed=13)
+    with deterministic_mode():
+        got = run_with_grads(triton_fn(chunk.selective_scan_triton, delta_softplus=True), x)
+    want = run_with_grads(ref_fn(delta_softplus=True), detached(x, torch.float64))
+    assert_close(got, want, rtol=2e-5)
+
+
 def test_float64_on_auto_goes_to_reference():
     """backend='auto' never sends float64 to Triton (CPU here: the reference either way); 'triton' on CPU
     tensors is an error naming why."""
@@ -163,11 +213,25 @@ def test_gpu_bf16_realistic_shape():
 @pytest.mark.gpu
 @cuda
 def test_gpu_deterministic_backward():
+    """torch.use_deterministic_algorithms(True): two runs give bitwise equal outputs and gradients."""
     x = _cuda_inputs(2, 256, 16, 8192, groups=2, dtype=torch.bfloat16, seed=4)
-    a = outputs_and_grads(public_fn(delta_softplus=True), x)
-    b = outputs_and_grads(public_fn(delta_softplus=True), detached(x))
+    with deterministic_mode():
+        a = outputs_and_grads(public_fn(delta_softplus=True), x)
+        b = outputs_and_grads(public_fn(delta_softplus=True), detached(x))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_default_close_to_deterministic_mode():
+    """The default (blocked, dB/dC by atomics) and deterministic mode (tile kernels) agree: fp32, groups,
+    initial state, every gradient within 1e-5 (relative L2)."""
+    x = _cuda_inputs(2, 256, 16, 8192, groups=2, seed=5)
+    a = outputs_and_grads(public_fn(delta_softplus=True), x)
+    with deterministic_mode():
+        b = outputs_and_grads(public_fn(delta_softplus=True), detached(x))
+    assert_close(a, b, rtol=1e-5)
 
 
 @pytest.mark.gpu
@@ -298,12 +362,13 @@ def test_packed_reference_equals_separate_sequences():
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("fwd_kernel", ["scan", "seq", "seqt"])
+@pytest.mark.parametrize("fwd_kernel", ["scan", "seq", "seqt", "blocked"])
 def test_interpreted_packed_matches_reference(chunk, reverse, fwd_kernel):
     """Packed rows (a different packing per batch row) through the Triton kernels, all gradients."""
     x = make_inputs(b=2, d=2, n=2, l=23, groups=1, dtype=torch.float32, seed=9)
     seq_idx = torch.tensor([SEQ, [0] * 12 + [1] * 11])
-    tuning = dict(tile=4, fwd_chunks=3, bwd_chunks=2, fwd_kernel=fwd_kernel)
+    tuning = (dict(blocked=True, chunk=4) if fwd_kernel == "blocked"
+              else dict(tile=4, fwd_chunks=3, bwd_chunks=2, fwd_kernel=fwd_kernel))
     got = run_with_grads(triton_fn(chunk.selective_scan_triton, tuning, delta_softplus=True, reverse=reverse,
                                    seq_idx=seq_idx), x)
     want = run_with_grads(ref_fn(delta_softplus=True, reverse=reverse, seq_idx=seq_idx),
@@ -311,28 +376,33 @@ def test_interpreted_packed_matches_reference(chunk, reverse, fwd_kernel):
     assert_close(got, want, rtol=2e-5)
 
 
-def test_interpreted_custom_op_opcheck(chunk):
-    """The torch.library registration (fake tensors, autograd, schema) passes torch's own checks."""
+@pytest.mark.parametrize("blocked", [True, False])
+def test_interpreted_custom_op_opcheck(chunk, blocked):
+    """The torch.library registration (fake tensors, autograd, schema) passes torch's own checks, with either
+    kernel family."""
     x = make_inputs(b=1, d=2, n=2, l=5, groups=1, dtype=torch.float32, seed=8)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], x["initial_state"],
-            True, False, True, None)
+            True, False, True, None, blocked)
     torch.library.opcheck(chunk._scan_fwd_op, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("blocked", [True, False])
 @pytest.mark.parametrize("channel_last", [False, True])
-def test_interpreted_custom_op_opcheck_layouts(chunk, channel_last):
+def test_interpreted_custom_op_opcheck_layouts(small_chunks, channel_last, blocked):
     """Fake and real agree on every output's layout, forward and backward op, in the mixer's layout too
-    (channel-last delta/z: state-first forward, sequential backward, channel-last y/du/ddelta/dz)."""
+    (channel-last delta/z; this file's kernels: state-first forward, sequential backward, channel-last
+    y/du/ddelta/dz; the blocked pair: contiguous outputs)."""
+    chunk = small_chunks
     x = {k: v.detach() for k, v in make_inputs(b=1, d=2, n=2, l=70, groups=1, dtype=torch.float32, seed=8).items()}
     if channel_last:
         for k in ("delta", "z"):
             x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
     order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-    fwd_args = (*(x[k] for k in order), True, False, True, None)
+    fwd_args = (*(x[k] for k in order), True, False, True, None, blocked)
     torch.library.opcheck(chunk._scan_fwd_op, fwd_args, test_utils=("test_schema", "test_faketensor"))
     y, h, ts = chunk._scan_fwd_op(*fwd_args)
-    bwd_args = (*(x[k] for k in order), ts, torch.randn_like(y), torch.randn_like(h), True, False, None)
+    bwd_args = (*(x[k] for k in order), ts, torch.randn_like(y), torch.randn_like(h), True, False, None, blocked)
     torch.library.opcheck(chunk._scan_bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
     # opcheck compares shapes and dtypes; the strides must agree as well (compiled graphs trust the fake's)
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -341,7 +411,10 @@ def test_interpreted_custom_op_opcheck_layouts(chunk, channel_last):
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
         assert [t.stride() for t in real] == [t.stride() for t in fake], (op, [t.stride() for t in real])
-    if channel_last:
+    if blocked:
+        assert ts.shape[1] == 18  # chunk states: cdiv(70, 4)
+        assert y.is_contiguous() and real[0].is_contiguous() and real[1].is_contiguous()
+    elif channel_last:
         assert y.stride(1) == 1 and real[0].stride(1) == 1 and real[1].stride(1) == 1  # y, du, ddelta
 
 

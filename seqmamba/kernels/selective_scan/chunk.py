@@ -23,15 +23,46 @@ Backward: with g_t = dL/dh_t (all paths), g_t = dy_t C_t + exp(dt_{t+1} A) g_{t+
      atomics anywhere: the backward is deterministic (summed in a fixed order by torch afterwards).
 
 Accumulation is fp32 for every input dtype; all offsets are 64-bit.
+
+Default path and determinism: the custom ops below (``selective_scan_triton``, the bidirectional call) run the
+single-pass blocked kernels of ``blocked_fwd.py`` / ``blocked_bwd.py`` (the forward keeps only the state entering
+each chunk of ``T`` positions, (b, l/T, d, n); the backward walks the chunks right to left and adds dB, dC into
+fp32 buffers with atomics, so its dB, dC vary in the last bits from run to run). When
+``torch.are_deterministic_algorithms_enabled()``, the whole op runs the kernels of this file instead (forward
+with tile states, tile or sequential backward: no atomics, bitwise reproducible). ``_tuning`` (tests,
+benchmarks) selects this file's kernels too, or the blocked pair with ``blocked=True``.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
+
+
+def _sibling(name: str):
+    """A kernel module of this package. When this file runs as a copy under the Triton interpreter (its name
+    ends in ``__interpreted``: tests), the sibling is loaded the same way, from its file, under the same kind of
+    name, so its kernels are interpreted too."""
+    full = f"seqmamba.kernels.selective_scan.{name}"
+    if not __name__.endswith("__interpreted"):
+        return importlib.import_module(full)
+    key = full + "__interpreted"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(os.path.dirname(__file__), name + ".py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
+
+
+_blocked_fwd_mod = _sibling("blocked_fwd")
+_blocked_bwd_mod = _sibling("blocked_bwd")
 
 LOG2E = 1.4426950408889634
 
@@ -1111,40 +1142,96 @@ def _bwd_seq(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, do
     return du, ddelta, dA.contiguous(), dB, dC, dD, dz, dbias, dh0.transpose(1, 2).contiguous()
 
 
+# ------------------------------------------------------------------------------- the blocked pair (default)
+
+def blocked_default() -> bool:
+    """True unless torch's deterministic mode is on (the blocked backward's dB/dC atomics are not bitwise
+    reproducible; this file's kernels are)."""
+    return not torch.are_deterministic_algorithms_enabled()
+
+
+def _blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, save_states, seq_idx,
+                 out=None, tuning=None):
+    """``blocked_fwd``: (y, final_state, chunk_states or None). ``tuning``: chunk, bd, warps (forward)."""
+    tuning = tuning or {}
+    return _blocked_fwd_mod.blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
+                                        seq_idx, save_states, out=out, chunk=tuning.get("chunk"),
+                                        bd=tuning.get("bd"), num_warps=tuning.get("warps"))
+
+
+def _chunk_len(l: int, n_chunks: int) -> int:
+    """The forward's chunk length T, read back from (l, n_chunks = cdiv(l, T)): exact for several chunks (one
+    power of two fits); for one chunk any T >= l computes the same, the smallest is taken."""
+    if n_chunks > 1:
+        return triton.next_power_of_2(triton.cdiv(l, n_chunks))
+    return max(triton.next_power_of_2(max(l, 1)), 16)
+
+
+def _blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dy, dht, seq_idx,
+                 tuning=None):
+    """``blocked_bwd`` from the forward's chunk states; tuning: bd_bwd, warps_bwd."""
+    tuning = tuning or {}
+    l = u.shape[-1]
+    return _blocked_bwd_mod.blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dy,
+                                        dht, seq_idx, chunk_len=_chunk_len(l, chunk_states.shape[1]),
+                                        block_d=tuning.get("bd_bwd"), num_warps=tuning.get("warps_bwd"))
+
+
+def _blocked_states_like(u, A, save_states):
+    """Empty chunk states with the blocked forward's shape (fake implementations)."""
+    b, d, l = u.shape
+    if not save_states:
+        return _empty(u)
+    T = _blocked_fwd_mod.chunk_length()
+    return u.new_empty(b, triton.cdiv(l, T), d, A.shape[1], dtype=torch.float32)
+
+
 class SelectiveScanFn(torch.autograd.Function):
+    """The ``_tuning`` path (tests, benchmarks): this file's kernels, or the blocked pair with ``blocked=True``."""
+
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, tuning, seq_idx):
         tuning = tuning or {}
         save = any(ctx.needs_input_grad)
-        y, ht, tstates = _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
-                              save_states=save, tile=tuning.get("tile", TILE),
-                              n_chunks=tuning.get("fwd_chunks"), num_warps=tuning.get("warps_fwd"),
-                              max_bd=tuning.get("bd_fwd"), programs=tuning.get("programs"),
-                              kernel=tuning.get("fwd_kernel"), seq_idx=seq_idx)
+        if tuning.get("blocked"):
+            y, ht, states = _blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
+                                         save, seq_idx, tuning=tuning)
+        else:
+            y, ht, states = _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
+                                 save_states=save, tile=tuning.get("tile", TILE),
+                                 n_chunks=tuning.get("fwd_chunks"), num_warps=tuning.get("warps_fwd"),
+                                 max_bd=tuning.get("bd_fwd"), programs=tuning.get("programs"),
+                                 kernel=tuning.get("fwd_kernel"), seq_idx=seq_idx)
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, seq_idx)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states, seq_idx)
         ctx.softplus, ctx.reverse, ctx.tuning = softplus, reverse, tuning
         return y, ht
 
     @staticmethod
     def backward(ctx, dy, dht):
-        u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, seq_idx = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, initial_state, states, seq_idx = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _bwd(
-            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.reverse, tstates, dy, dht,
-            tile=ctx.tuning.get("tile", TILE), n_chunks=ctx.tuning.get("bwd_chunks"),
-            n_splits=ctx.tuning.get("bwd_splits"), num_warps=ctx.tuning.get("warps_bwd"),
-            max_bd=ctx.tuning.get("bd_bwd"), programs=ctx.tuning.get("programs_bwd"), seq_idx=seq_idx,
-            fwd_kernel=ctx.tuning.get("fwd_kernel"), bwd_kernel=ctx.tuning.get("bwd_kernel"))
+        if ctx.tuning.get("blocked"):
+            du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _blocked_bwd(
+                u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.reverse, states, dy, dht, seq_idx,
+                tuning=ctx.tuning)
+        else:
+            du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _bwd(
+                u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.reverse, states, dy, dht,
+                tile=ctx.tuning.get("tile", TILE), n_chunks=ctx.tuning.get("bwd_chunks"),
+                n_splits=ctx.tuning.get("bwd_splits"), num_warps=ctx.tuning.get("warps_bwd"),
+                max_bd=ctx.tuning.get("bd_bwd"), programs=ctx.tuning.get("programs_bwd"), seq_idx=seq_idx,
+                fwd_kernel=ctx.tuning.get("fwd_kernel"), bwd_kernel=ctx.tuning.get("bwd_kernel"))
         dh0 = dh0.to(initial_state.dtype) if initial_state is not None else None
         return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, None, None
 
 
 # ------------------------------------------------------------------ torch.library registration (torch.compile)
 # The default path goes through two custom ops, so that torch.compile treats the scan as one opaque node with a
-# registered backward (no graph break). A copy of this module loaded under the Triton interpreter (tests)
-# registers its own names.
+# registered backward (no graph break). ``blocked`` (an argument, fixed when the graph is traced) says which
+# kernels run: the blocked pair (saved states: chunk states) or this file's (saved states: tile states). A copy
+# of this module loaded under the Triton interpreter (tests) registers its own names.
 _OPS = "seqmamba::selective_scan" + ("_interp" if __name__.endswith("__interpreted") else "")
 _T = torch.Tensor
 
@@ -1156,16 +1243,23 @@ def _empty(ref):
 @torch.library.custom_op(_OPS + "_fwd", mutates_args=())
 def _scan_fwd_op(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
                  initial_state: _T | None, softplus: bool, reverse: bool, save_states: bool,
-                 seq_idx: _T | None) -> tuple[_T, _T, _T]:
-    y, ht, tstates = _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
-                          save_states=save_states, seq_idx=seq_idx)
-    return y, ht.clone(memory_format=torch.contiguous_format), tstates if tstates is not None else _empty(u)
+                 seq_idx: _T | None, blocked: bool = True) -> tuple[_T, _T, _T]:
+    if blocked:
+        y, ht, states = _blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
+                                     save_states, seq_idx)
+    else:
+        y, ht, states = _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
+                             save_states=save_states, seq_idx=seq_idx)
+    return y, ht.clone(memory_format=torch.contiguous_format), states if states is not None else _empty(u)
 
 
 @_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, save_states, seq_idx):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, save_states, seq_idx, blocked=True):
     b, d, l = u.shape
     n = A.shape[1]
+    if blocked:
+        return u.new_empty(b, d, l), u.new_empty(b, d, n, dtype=torch.float32), _blocked_states_like(u, A,
+                                                                                                   save_states)
     n_tiles = max(triton.cdiv(l, TILE), 1)
     ts = u.new_empty(b, n_tiles, d, n, dtype=torch.float32) if save_states else _empty(u)
     return new_output(u, delta), u.new_empty(b, d, n, dtype=torch.float32), ts
@@ -1173,21 +1267,23 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, sav
 
 @torch.library.custom_op(_OPS + "_bwd", mutates_args=())
 def _scan_bwd_op(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
-                 initial_state: _T | None, tstates: _T, dy: _T, dht: _T | None, softplus: bool,
-                 reverse: bool, seq_idx: _T | None) -> list[_T]:
-    grads = _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dy, dht, seq_idx=seq_idx)
+                 initial_state: _T | None, states: _T, dy: _T, dht: _T | None, softplus: bool,
+                 reverse: bool, seq_idx: _T | None, blocked: bool = True) -> list[_T]:
+    if blocked:
+        grads = _blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, states, dy, dht, seq_idx)
+    else:
+        grads = _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, states, dy, dht, seq_idx=seq_idx)
     grads = list(grads)
     grads[-1] = grads[-1].to(initial_state.dtype) if initial_state is not None else None
     return [g if g is not None else _empty(u) for g in grads]
 
 
-def _grads_like(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
-    """Empty gradients with the layouts ``_bwd`` gives them (what the fake implementations must return):
+def _grads_like(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, blocked=False):
+    """Empty gradients with the layouts the backward gives them (what the fake implementations must return):
     contiguous, except du, ddelta, dz from the sequential backward, which follow delta's layout."""
-    seq = _bwd_plan(u, delta, A, B, seq_idx, None, None, TILE)
     out = [t.new_empty(t.shape) if t is not None else _empty(u)
            for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
-    if seq:
+    if not blocked and _bwd_plan(u, delta, A, B, seq_idx, None, None, TILE):
         out[0], out[1] = new_output(u, delta), new_output(delta, delta)
         if z is not None:
             out[6] = new_output(z, delta)
@@ -1195,25 +1291,26 @@ def _grads_like(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
 
 
 @_scan_bwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, dy, dht, softplus, reverse, seq_idx):
-    return _grads_like(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dy, dht, softplus, reverse, seq_idx,
+      blocked=True):
+    return _grads_like(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, blocked)
 
 
 def _scan_setup(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, _, seq_idx = inputs
+    u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, _, seq_idx, blocked = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2], seq_idx)
-    ctx.softplus, ctx.reverse = softplus, reverse
+    ctx.softplus, ctx.reverse, ctx.blocked = softplus, reverse, blocked
 
 
-def _scan_backward(ctx, dy, dht, _dtstates):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, seq_idx = ctx.saved_tensors
+def _scan_backward(ctx, dy, dht, _dstates):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, states, seq_idx = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(u)
-    grads = _scan_bwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, tstates, dy, dht, ctx.softplus,
-                         ctx.reverse, seq_idx)
+    grads = _scan_bwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dy, dht, ctx.softplus,
+                         ctx.reverse, seq_idx, ctx.blocked)
     present = [u, delta, A, B, C, D, z, delta_bias, initial_state]
     grads = [g if t is not None else None for g, t in zip(grads, present)]
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 _scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup)
@@ -1225,15 +1322,17 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     """Triton implementation with :func:`selective_scan_ref`'s signature (``chunk_size`` is ignored: the
     kernel picks its own tiling). Inputs fp32/bf16/fp16 on a CUDA device (or any device under
     TRITON_INTERPRET=1); arguments are assumed validated by the caller (``seq_idx``: an integer (b, l) tensor,
-    see :func:`selective_scan`). It runs as the custom ops
-    ``seqmamba::selective_scan_fwd/_bwd`` (torch.compile sees one node). ``_tuning`` (tests, benchmarks) takes
-    the plain autograd.Function path instead, with a dict of any of tile, fwd_chunks, bwd_chunks, bwd_splits,
-    warps_fwd, warps_bwd, bd_fwd, bd_bwd, programs, programs_bwd, fwd_kernel ('scan' | 'seq' | 'seqt' | 'auto')."""
+    see :func:`selective_scan`). It runs as the custom ops ``seqmamba::selective_scan_fwd/_bwd`` (torch.compile
+    sees one node): the blocked kernels, or this file's in deterministic mode (module docstring). ``_tuning``
+    (tests, benchmarks) takes the plain autograd.Function path instead, with a dict of any of tile, fwd_chunks,
+    bwd_chunks, bwd_splits, warps_fwd, warps_bwd, bd_fwd, bd_bwd, programs, programs_bwd, fwd_kernel
+    ('scan' | 'seq' | 'seqt' | 'auto'), bwd_kernel; or ``blocked=True`` with chunk, bd, warps (forward),
+    bd_bwd, warps_bwd."""
     if _tuning is None:
         tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         y, ht, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
-                                bool(reverse), save, seq_idx)
+                                bool(reverse), save, seq_idx, blocked_default())
     else:
         y, ht = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
                                       bool(reverse), _tuning, seq_idx)
@@ -1245,7 +1344,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 # (``reverse=True``: right to left by address, nothing flipped) adds its output into the same y in its final
 # pass, so neither a flipped copy nor a second output exists. Each direction has its own inputs (they may be the
 # same tensors: the gradients of a shared input are summed by autograd); the backward runs both directions'
-# backward kernels on the one dy.
+# backward kernels on the one dy. ``blocked`` as for the one-direction ops.
 
 _BI_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -1253,19 +1352,29 @@ _BI_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 @torch.library.custom_op(_OPS + "_bi_fwd", mutates_args=())
 def _bi_fwd_op(u_f: _T, u_r: _T, delta_f: _T, delta_r: _T, A_f: _T, A_r: _T, B_f: _T, B_r: _T, C_f: _T, C_r: _T,
                D_f: _T | None, D_r: _T | None, z_f: _T | None, z_r: _T | None, bias_f: _T | None,
-               bias_r: _T | None, softplus: bool, save_states: bool, seq_idx: _T | None) -> tuple[_T, _T, _T]:
-    y, _, ts_f = _fwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, None, False, save_states,
-                      seq_idx=seq_idx)
-    y, _, ts_r = _fwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, None, True, save_states,
-                      seq_idx=seq_idx, out=y)
+               bias_r: _T | None, softplus: bool, save_states: bool, seq_idx: _T | None,
+               blocked: bool = True) -> tuple[_T, _T, _T]:
+    if blocked:
+        y, _, ts_f = _blocked_fwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, None, False,
+                                  save_states, seq_idx)
+        y, _, ts_r = _blocked_fwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, None, True,
+                                  save_states, seq_idx, out=y)
+    else:
+        y, _, ts_f = _fwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, None, False, save_states,
+                          seq_idx=seq_idx)
+        y, _, ts_r = _fwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, None, True, save_states,
+                          seq_idx=seq_idx, out=y)
     return y, (ts_f if ts_f is not None else _empty(u_f)), (ts_r if ts_r is not None else _empty(u_f))
 
 
 @_bi_fwd_op.register_fake
 def _(u_f, u_r, delta_f, delta_r, A_f, A_r, B_f, B_r, C_f, C_r, D_f, D_r, z_f, z_r, bias_f, bias_r, softplus,
-      save_states, seq_idx):
+      save_states, seq_idx, blocked=True):
     b, d, l = u_f.shape
     n = A_f.shape[1]
+    if blocked:
+        return (u_f.new_empty(b, d, l), _blocked_states_like(u_f, A_f, save_states),
+                _blocked_states_like(u_f, A_f, save_states))
     n_tiles = max(triton.cdiv(l, TILE), 1)
     ts = (lambda: u_f.new_empty(b, n_tiles, d, n, dtype=torch.float32)) if save_states else (lambda: _empty(u_f))
     return new_output(u_f, delta_f), ts(), ts()
@@ -1274,32 +1383,37 @@ def _(u_f, u_r, delta_f, delta_r, A_f, A_r, B_f, B_r, C_f, C_r, D_f, D_r, z_f, z
 @torch.library.custom_op(_OPS + "_bi_bwd", mutates_args=())
 def _bi_bwd_op(u_f: _T, u_r: _T, delta_f: _T, delta_r: _T, A_f: _T, A_r: _T, B_f: _T, B_r: _T, C_f: _T, C_r: _T,
                D_f: _T | None, D_r: _T | None, z_f: _T | None, z_r: _T | None, bias_f: _T | None,
-               bias_r: _T | None, ts_f: _T, ts_r: _T, dy: _T, softplus: bool, seq_idx: _T | None) -> list[_T]:
+               bias_r: _T | None, ts_f: _T, ts_r: _T, dy: _T, softplus: bool, seq_idx: _T | None,
+               blocked: bool = True) -> list[_T]:
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()  # once for both directions
-    g_f = _bwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, False, ts_f, dy, None, seq_idx=seq_idx)
-    g_r = _bwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, True, ts_r, dy, None, seq_idx=seq_idx)
+    if blocked:
+        g_f = _blocked_bwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, False, ts_f, dy, None, seq_idx)
+        g_r = _blocked_bwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, True, ts_r, dy, None, seq_idx)
+    else:
+        g_f = _bwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, False, ts_f, dy, None, seq_idx=seq_idx)
+        g_r = _bwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, True, ts_r, dy, None, seq_idx=seq_idx)
     # interleaved like the inputs: du_f, du_r, ddelta_f, ... (dh0 dropped: no initial state)
     return [g if g is not None else _empty(u_f) for pair in zip(g_f[:-1], g_r[:-1]) for g in pair]
 
 
 @_bi_bwd_op.register_fake
 def _(u_f, u_r, delta_f, delta_r, A_f, A_r, B_f, B_r, C_f, C_r, D_f, D_r, z_f, z_r, bias_f, bias_r, ts_f, ts_r,
-      dy, softplus, seq_idx):
-    g_f = _grads_like(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, None, seq_idx)
-    g_r = _grads_like(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, None, seq_idx)
+      dy, softplus, seq_idx, blocked=True):
+    g_f = _grads_like(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, None, seq_idx, blocked)
+    g_r = _grads_like(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, None, seq_idx, blocked)
     return [g for pair in zip(g_f[:-1], g_r[:-1]) for g in pair]
 
 
 def _bi_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:16], output[1], output[2], inputs[18])
-    ctx.softplus = inputs[16]
+    ctx.softplus, ctx.blocked = inputs[16], inputs[19]
 
 
 def _bi_backward(ctx, dy, _dts_f, _dts_r):
     saved = ctx.saved_tensors
-    grads = _bi_bwd_op(*saved[:18], dy, ctx.softplus, saved[18])
+    grads = _bi_bwd_op(*saved[:18], dy, ctx.softplus, saved[18], ctx.blocked)
     grads = [g if t is not None else None for g, t in zip(grads, saved[:16])]
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 _bi_fwd_op.register_autograd(_bi_backward, setup_context=_bi_setup)
@@ -1307,9 +1421,10 @@ _bi_fwd_op.register_autograd(_bi_backward, setup_context=_bi_setup)
 
 def selective_scan_bidirectional_triton(fwd: dict, rev: dict, delta_softplus=False, seq_idx=None):
     """y = selective_scan(**fwd) + selective_scan(**rev, reverse=True) through the Triton kernels, as the
-    custom op ``seqmamba::selective_scan_bi_fwd/_bwd``. ``fwd``/``rev``: dicts of u, delta, A, B, C and
-    optionally D, z, delta_bias (validated by the caller; same shapes in both directions)."""
+    custom op ``seqmamba::selective_scan_bi_fwd/_bwd`` (blocked kernels; this file's in deterministic mode).
+    ``fwd``/``rev``: dicts of u, delta, A, B, C and optionally D, z, delta_bias (validated by the caller; same
+    shapes in both directions)."""
     args = [d.get(k) for k in _BI_NAMES for d in (fwd, rev)]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-    y, _, _ = _bi_fwd_op(*args, bool(delta_softplus), save, seq_idx)
+    y, _, _ = _bi_fwd_op(*args, bool(delta_softplus), save, seq_idx, blocked_default())
     return y
