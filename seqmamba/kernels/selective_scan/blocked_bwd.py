@@ -54,6 +54,11 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
+def _add2(a1, b1, a2, b2):
+    return a1 + a2, b1 + b2
+
+
+@triton.jit
 def _softplus(x):
     # log1p(exp(x)) with Kahan's trick (log(w) * e / (w - 1)), exact to fp32 rounding for x << 0.
     e = tl.exp(tl.minimum(x, 20.0))
@@ -85,15 +90,17 @@ def _keep(seq_ptr, row, t, tp, ok, ss_l):
 
 @triton.jit
 def _blocked_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, cs_ptr, dht_ptr, seq_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, cs_ptr, seq_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, g_ptr,
     su_b, su_d, sdl_b, sdl_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sz_b, sz_d, so_b, so_d, ss_b, ss_l,
     dim, nstate, seqlen, cpg, ngroups, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DHT: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
 ):
-    # u, delta, z, dout have unit l-stride; du, ddelta, dz are contiguous (b, d, l); B, C unit l-stride.
+    """u, delta, z, dout, B, C have unit l-stride; du, ddelta, dz are contiguous (b, d, l). ``g_ptr`` (b, d, n)
+    fp32 holds dht (or 0) on entry: it carries g at the first position of the chunk last done (read by all
+    threads in the next chunk, after a barrier) and is dh0 on exit."""
     pid = tl.program_id(0)
     ndb = dim // BD
     pb = (pid // ndb).to(tl.int64)
@@ -104,7 +111,9 @@ def _blocked_bwd_kernel(
     n_mask = n_off < nstate
     dn_off = (pb * dim + d_off[:, None]) * nstate + n_off[None, :]   # (b, d, n) slots
     dn_mask = n_mask[None, :] & (d_off[:, None] < dim)
-    ar = tl.arange(0, T)
+    ar = tl.arange(0, T)[None, :]                                    # (1, T): positions of the chunk
+    first = ar == 0
+    last = ar == T - 1
 
     bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_BIAS:
@@ -112,23 +121,20 @@ def _blocked_bwd_kernel(
     Dv = tl.zeros([BD], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d_off).to(tl.float32)
-    if HAS_DHT:
-        G = tl.load(dht_ptr + dn_off, mask=dn_mask, other=0.0)   # g carried from the chunk to the right
-    else:
-        G = tl.zeros([BD, BN], dtype=tl.float32)
     dA_acc = tl.zeros([BD, BN], dtype=tl.float32)
     dD_acc = tl.zeros([BD], dtype=tl.float32)
     db_acc = tl.zeros([BD], dtype=tl.float32)
 
-    u_row = pb * su_b + d_off * su_d
-    dl_row = pb * sdl_b + d_off * sdl_d
-    z_row = pb * sz_b + d_off * sz_d
-    o_row = pb * so_b + d_off * so_d
-    g_row = (pb * dim + d_off) * seqlen                      # du, ddelta, dz: contiguous (b, d, l)
+    u_row = (pb * su_b + d_off * su_d)[:, None]
+    dl_row = (pb * sdl_b + d_off * sdl_d)[:, None]
+    z_row = (pb * sz_b + d_off * sz_d)[:, None]
+    o_row = (pb * so_b + d_off * so_d)[:, None]
+    g_row = ((pb * dim + d_off) * seqlen)[:, None]           # du, ddelta, dz: contiguous (b, d, l)
     B_base = B_ptr + pb * sB_b + grp * sB_g
     C_base = C_ptr + pb * sC_b + grp * sC_g
     bc_row = (pb * ngroups + grp) * nstate * seqlen         # dB, dC accumulators: contiguous (b, g, n, l)
     A_row = d_off * nstate
+    gc_row = (pb * dim + d_off) * nstate                    # the g carry slab (b, d, n)
     seq_row = pb * ss_b
 
     for ci in range(0, n_chunks):
@@ -143,14 +149,12 @@ def _blocked_bwd_kernel(
         else:
             t = j
             tn = t + 1
-        mask = valid[None, :] & (d_off[:, None] < dim)
-        mask_n = valid_n[None, :] & (d_off[:, None] < dim)
-        dl, dt = _dt(delta_ptr, dl_row[:, None] + t[None, :], mask, bias, HAS_BIAS, SOFTPLUS)
-        _, dtn = _dt(delta_ptr, dl_row[:, None] + tn[None, :], mask_n, bias, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + u_row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dout_ptr + o_row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+        dl, dt = _dt(delta_ptr, dl_row + t, valid, bias, HAS_BIAS, SOFTPLUS)
+        _, dtn = _dt(delta_ptr, dl_row + tn, valid_n, bias, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + u_row + t, mask=valid, other=0.0).to(tl.float32)
+        dy = tl.load(dout_ptr + o_row + t, mask=valid, other=0.0).to(tl.float32)
         if HAS_Z:
-            zz = tl.load(z_ptr + z_row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+            zz = tl.load(z_ptr + z_row + t, mask=valid, other=0.0).to(tl.float32)
             sz = tl.sigmoid(zz)
             dyp = dy * zz * sz
         else:
@@ -167,47 +171,48 @@ def _blocked_bwd_kernel(
         sgB = tl.zeros([BD, T], dtype=tl.float32)
         ypre = tl.zeros([BD, T], dtype=tl.float32)
         cs_row = ((pb * n_chunks + c) * dim + d_off) * nstate
+        bc_t = bc_row + t
+        tl.debug_barrier()  # the previous chunk's g carries are written
         for n in range(0, nstate):
-            An = tl.load(A_ptr + A_row + n).to(tl.float32)                             # (BD,)
+            An = tl.load(A_ptr + A_row + n).to(tl.float32)[:, None]                   # (BD, 1)
             A2n = An * 1.4426950408889634
-            Bn = tl.load(B_base + n * sB_n + t, mask=valid, other=0.0).to(tl.float32)  # (T,)
+            Bn = tl.load(B_base + n * sB_n + t, mask=valid, other=0.0).to(tl.float32)  # (1, T)
             Cn = tl.load(C_base + n * sC_n + t, mask=valid, other=0.0).to(tl.float32)
-            h0 = tl.load(cs_ptr + cs_row + n)                                          # (BD,) fp32
-            a = tl.exp2(dt * A2n[:, None])
-            an = tl.exp2(dtn * A2n[:, None])                                           # a_{j+1}
+            h0 = tl.load(cs_ptr + cs_row + n)[:, None]                                 # (BD, 1) fp32
+            gc = tl.load(g_ptr + gc_row + n)[:, None]                                  # g after the chunk
+            a = tl.exp2(dt * A2n)
+            an = tl.exp2(dtn * A2n)                                                    # a_{j+1}
             if HAS_SEQ:
-                a = tl.where(keep[None, :], a, 0.0)
-                an = tl.where(keep_n[None, :], an, 0.0)
-            x = dtu * Bn[None, :]
-            ca, hs = tl.associative_scan((a, x), 1, _combine)
-            h = hs + ca * h0[:, None]
-            ga, gs = tl.associative_scan((an, dyp * Cn[None, :]), 1, _combine, reverse=True)
-            sel = n_off[None, :] == n
-            g_car = tl.sum(tl.where(sel, G, 0.0), axis=1)
-            g = gs + ga * g_car[:, None]
+                a = tl.where(keep, a, 0.0)
+                an = tl.where(keep_n, an, 0.0)
+            x = dtu * Bn
+            # the carried state folded into the first step, the carried g into the last one
+            _, h = tl.associative_scan((a, tl.where(first, x + a * h0, x)), 1, _combine)
+            beta = dyp * Cn
+            _, g = tl.associative_scan((an, tl.where(last, beta + an * gc, beta)), 1, _combine, reverse=True)
             xa = h - x
-            gB = g * Bn[None, :]
-            sgB += gB
-            ddt += g * xa * An[:, None]
-            dA_acc += tl.where(sel, tl.sum(g * dt * xa, axis=1)[:, None], 0.0)
-            bc_off = bc_row + n * seqlen + t
-            tl.atomic_add(dB_ptr + bc_off, tl.sum(g * dtu, axis=0), mask=valid, sem="relaxed")
-            tl.atomic_add(dC_ptr + bc_off, tl.sum(h * dyp, axis=0), mask=valid, sem="relaxed")
-            ypre += h * Cn[None, :]
-            g_first = tl.sum(tl.where(ar[None, :] == 0, g, 0.0), axis=1)
-            G = tl.where(sel, g_first[:, None], G)
+            gdt = g * dt
+            sgB += g * Bn
+            ddt += g * xa * An
+            # one reduction over the chunk for dA[n] and g at the chunk's first position (the next carry)
+            dA_n, g_first = tl.reduce((gdt * xa, tl.where(first, g, 0.0)), 1, _add2)
+            dA_acc += tl.where(n_off[None, :] == n, dA_n[:, None], 0.0)
+            tl.atomic_add(dB_ptr + bc_t + n * seqlen, tl.sum(gdt * u, axis=0)[None, :], mask=valid, sem="relaxed")
+            tl.atomic_add(dC_ptr + bc_t + n * seqlen, tl.sum(h * dyp, axis=0)[None, :], mask=valid, sem="relaxed")
+            ypre += h * Cn
+            tl.store(g_ptr + gc_row + n, g_first)
         ddt += u * sgB
         du = dt * sgB + Dv[:, None] * dyp
-        out_off = g_row[:, None] + t[None, :]
-        tl.store(du_ptr + out_off, du.to(du_ptr.dtype.element_ty), mask=mask)
+        out_off = g_row + t
+        tl.store(du_ptr + out_off, du.to(du_ptr.dtype.element_ty), mask=valid)
         if HAS_Z:
             ypre += Dv[:, None] * u
             dz = dy * ypre * sz * (1.0 + zz * (1.0 - sz))
-            tl.store(dz_ptr + out_off, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_ptr + out_off, dz.to(dz_ptr.dtype.element_ty), mask=valid)
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(dl)
-        ddt = tl.where(mask, ddt, 0.0)
-        tl.store(ddelta_ptr + out_off, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+        ddt = tl.where(valid, ddt, 0.0)
+        tl.store(ddelta_ptr + out_off, ddt.to(ddelta_ptr.dtype.element_ty), mask=valid)
         db_acc += tl.sum(ddt, axis=1)
         dD_acc += tl.sum(u * dyp, axis=1)
 
@@ -216,10 +221,13 @@ def _blocked_bwd_kernel(
         t0 = seqlen - 1
     else:
         t0 = 0
-    _, dt0 = _dt(delta_ptr, dl_row[:, None] + t0 + tl.zeros([1], dtype=tl.int64)[None, :],
-                 (d_off < dim)[:, None], bias, HAS_BIAS, SOFTPLUS)
+    _, dt0 = _dt(delta_ptr, dl_row + t0 + tl.zeros([1, 1], dtype=tl.int64), d_off[:, None] < dim, bias, HAS_BIAS,
+                 SOFTPLUS)
     A2 = tl.load(A_ptr + A_row[:, None] + n_off[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-    tl.store(dh0_ptr + dn_off, G * tl.exp2(tl.sum(dt0, axis=1)[:, None] * A2), mask=dn_mask)
+    tl.debug_barrier()
+    g0 = tl.load(g_ptr + dn_off, mask=dn_mask, other=0.0)
+    tl.debug_barrier()  # every thread has read g_0 before it is overwritten
+    tl.store(g_ptr + dn_off, g0 * tl.exp2(dt0 * A2), mask=dn_mask)
     tl.store(dA_ptr + dn_off, dA_acc, mask=dn_mask)
     tl.store(dD_ptr + pb * dim + d_off, dD_acc)
     tl.store(dbias_ptr + pb * dim + d_off, db_acc)
@@ -277,24 +285,23 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
     dA = torch.empty(b, d, n, **f32)
     dD = torch.empty(b, d, **f32)
     dbias = torch.empty(b, d, **f32)
-    dh0 = torch.empty(b, d, n, **f32)
+    # g carry slab: dht (or 0) in, dh0 out
+    dh0 = dht.to(torch.float32, copy=True).contiguous() if dht is not None else torch.zeros(b, d, n, **f32)
     if l == 0:
         dA.zero_(), dD.zero_(), dbias.zero_()
-        dh0.copy_(dht) if dht is not None else dh0.zero_()
     else:
         cs = chunk_states if chunk_states.is_contiguous() else chunk_states.contiguous()
-        dht_c = dht.float().contiguous() if dht is not None else None
         seq = (seq_idx, seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (dA, 0, 0)
         zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
         _blocked_bwd_kernel[(b * (d // BD),)](
             u, delta, A.contiguous(), B4, C4, D if D is not None else dA, z if z is not None else dA,
-            delta_bias if delta_bias is not None else dA, dout, cs, dht_c if dht_c is not None else dA, seq[0],
+            delta_bias if delta_bias is not None else dA, dout, cs, seq[0],
             du, ddelta, dz if dz is not None else dA, dB, dC, dA, dD, dbias, dh0,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B4.stride(0), B4.stride(1),
             B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2), *zs, dout.stride(0), dout.stride(1),
             seq[1], seq[2], d, n, l, cpg, g, n_chunks,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-            REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, HAS_DHT=dht is not None, BD=BD, BN=BN, T=T,
+            REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, BD=BD, BN=BN, T=T,
             num_warps=num_warps or NUM_WARPS)
     return (du, ddelta, dA.sum(0).to(A.dtype), dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz,
