@@ -193,9 +193,9 @@ def print_table(rows, bw):
 
 
 # module switches of chunk.py (off: the session-2 paths) and launch parameters
-LEGACY = dict(SHARED_CB=False, HEADS_FIRST=False, STATE_HALF=False)
-SWEEP = [dict(flags=LEGACY), dict(), dict(flags=dict(HEADS_FIRST=False)), dict(flags=dict(SHARED_CB=False)),
-         dict(warps_bwd=8), dict(blk_bwd=32, warps_bwd=8), dict(blk_bwd=32), dict(warps=8)]
+LEGACY = dict(SHARED_CB=False, HEADS_FIRST=False, STATE_HALF=False, SPLIT_BWD=False)
+SWEEP = [dict(), dict(flags=dict(SPLIT_BWD=False)), dict(warps_bwd=8), dict(flags=dict(STAGES=3)),
+         dict(flags=dict(STATE_BLOCK=256)), dict(blk=128, warps=8, blk_bwd=64, warps_bwd=4)]
 
 
 def with_flags(flags, f, *a, **k):
@@ -263,6 +263,13 @@ def ab_factor(shapes):
         ours.FACTOR = True
 
 
+def pair_parts(per_head, summed):
+    """(label, per-head half on, summed half on) of each launch of a backward pair kernel (SPLIT_BWD: two)."""
+    if ours.SPLIT_BWD:
+        return [(per_head, True, False), (summed, False, True)]
+    return [(f"{per_head}+{summed}", True, True)]
+
+
 def resources(block=None, warps=None):
     """Registers and spill stack of every kernel compiled for sm_90 (needs no GPU: Triton's ptxas and
     cuobjdump), for bf16 inputs with every option on."""
@@ -288,9 +295,12 @@ def resources(block=None, warps=None):
                                   FACTOR=ours.FACTOR, SHARED_CB=ours.SHARED_CB, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_gloc_kernel": dict(HAS_Z=True, **flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_state_pass_kernel": dict(HAS_DHT=True, **flags, BS=ours.STATE_BLOCK),
-        "_bwd_dx_dB_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots, FACTOR=ours.FACTOR,
-                                  SHARED_CB=ours.SHARED_CB),
-        "_bwd_dC_kernel": dict(**flags, **dots, FACTOR=ours.FACTOR, SHARED_CB=ours.SHARED_CB),
+        **{f"_bwd_dx_dB_kernel {part}": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots,
+                                             FACTOR=ours.FACTOR, SHARED_CB=ours.SHARED_CB, HEADS_FIRST=ours.HEADS_FIRST,
+                                             DO_DX=dx, DO_DB=db) for part, dx, db in pair_parts("dx", "dB")},
+        **{f"_bwd_dC_kernel {part}": dict(**flags, **dots, FACTOR=ours.FACTOR, SHARED_CB=ours.SHARED_CB,
+                                          HEADS_FIRST=ours.HEADS_FIRST, DO_DA=da, DO_DC=dc)
+           for part, da, dc in pair_parts("dA", "dC")},
         "_bwd_ddt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
     }
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -300,7 +310,8 @@ def resources(block=None, warps=None):
     unit = {"sx_p", "sB_n", "sC_n", "sz_p", "ss_l"}
     aligned = {"sx_b", "sx_l", "sB_b", "sB_l", "sC_b", "sC_l", "sz_b", "sz_l", "so_b", "so_l", "hdim", "dstate",
                "Lp", "size", "sx_h", "sz_h", "so_h"}
-    for name, consts in kernels.items():
+    for label, consts in kernels.items():
+        name = label.split()[0]
         fn = getattr(ours, name)
         consts = {**{a: 1 for a in fn.arg_names if a in unit}, **consts}
         sig = {a: "constexpr" if a in consts else
@@ -316,7 +327,7 @@ def resources(block=None, warps=None):
             f.flush()
             out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
         usage = next((line.split()[:2] for line in out.splitlines() if "REG:" in line), ["?", "?"])
-        print(f"  {name:24s} {usage[0]:8s} {usage[1]}")
+        print(f"  {label:24s} {usage[0]:8s} {usage[1]}")
 
 
 def main(argv=None):

@@ -82,12 +82,13 @@ def test_interpreted_matches_naive_loop(chunk, factor, monkeypatch):
     compare(got, run_with_grads(lambda **i: naive_ssd(**i, dt_softplus=True), as64(inp), dy, dht), 2e-5)
 
 
-@pytest.mark.parametrize("shared_cb,heads_first", [(False, False), (True, False)])
-def test_interpreted_cb_recomputed_and_chunk_first(chunk, shared_cb, heads_first, monkeypatch):
-    """The other paths of the C B^T tiles and the output kernel's grid (the default: C B^T computed once per
-    chunk and group, heads first): recomputed per head, and/or programs ordered chunk first."""
+@pytest.mark.parametrize("shared_cb,heads_first,split", [(False, False, False), (True, False, True)])
+def test_interpreted_other_paths(chunk, shared_cb, heads_first, split, monkeypatch):
+    """The paths the defaults do not take: C B^T computed once per chunk and group (SHARED_CB), programs
+    ordered chunk first (not HEADS_FIRST), and each backward pair kernel as one launch (not SPLIT_BWD)."""
     monkeypatch.setattr(chunk, "SHARED_CB", shared_cb)
     monkeypatch.setattr(chunk, "HEADS_FIRST", heads_first)
+    monkeypatch.setattr(chunk, "SPLIT_BWD", split)
     l, opt, reverse, packed, tuning = CASES["packed"]
     inp, dy, dht = make_inputs(2, l, 4, 3, n=5, seed=17, dtype=torch.float32, **opt)
     seq_idx = torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])

@@ -46,6 +46,7 @@ WARPS = 4
 BLOCK_BWD = 0  # 0: the forward's (the backward recomputes per block, so its block may differ)
 WARPS_BWD = 0  # 0: the forward's
 STAGES = 2
+STAGES_BWD = 0  # 0: STAGES
 STATE_BLOCK = 512  # elements of the (p, n) state per program of the state passes
 TARGET_PROGRAMS = 1024  # the backward splits the heads of a group among programs until this many run
 # Off-diagonal decay tiles as outer products of two exp vectors (SEQMAMBA_SSD_FACTOR=0: every pair's own exp)
@@ -56,7 +57,12 @@ FACTOR = os.environ.get("SEQMAMBA_SSD_FACTOR", "1") != "0"
 STATE_HALF = os.environ.get("SEQMAMBA_SSD_STATE_HALF", "1") != "0"
 # C B^T computed once per chunk and group (``_cb_kernel``, fp32, freed after use) and read by every head of
 # the group, instead of each head's programs recomputing it (SEQMAMBA_SSD_SHARED_CB=0: recomputed)
-SHARED_CB = os.environ.get("SEQMAMBA_SSD_SHARED_CB", "1") != "0"
+# Measured slower on an H100 (2026-11-23, b1 l2^20 24x64 n128: fwd 16.2 ms either way, fwd+bwd 102 vs 73 ms):
+# off by default (SEQMAMBA_SSD_SHARED_CB=1: on)
+SHARED_CB = os.environ.get("SEQMAMBA_SSD_SHARED_CB", "0") != "0"
+# The backward pair kernels split in two launches each (fewer live registers, no spills): dx per head, dB
+# summed over the heads; dA's pair terms per head, dC summed over the heads (SEQMAMBA_SSD_SPLIT_BWD=0: one each)
+SPLIT_BWD = os.environ.get("SEQMAMBA_SSD_SPLIT_BWD", "1") != "0"
 # Programs of the per-(chunk or block, head) kernels (chunk states, output, local state gradients) ordered heads
 # first: the heads of a group read one C B^T tile in turn, and neighbouring programs read neighbouring bytes of
 # the (b, l, h, p) rows
@@ -450,13 +456,14 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
                       seq_ptr, cb_ptr, dx_ptr, dz_ptr, dBp_ptr, q_ptr, zs_ptr, dDp_ptr,
                       sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                       sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, ss_b, ss_l,
-                      nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate,
+                      nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate, n_prog,
                       HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, REVERSE: tl.constexpr,
                       HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr,
                       BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
-                      FACTOR: tl.constexpr, SHARED_CB: tl.constexpr):
+                      FACTOR: tl.constexpr, SHARED_CB: tl.constexpr, DO_DX: tl.constexpr, DO_DB: tl.constexpr,
+                      HEADS_FIRST: tl.constexpr):
     """One block of BLK source positions s of one chunk, for the ``hps`` heads of one split of a group
-    (C B^T read from ``cb`` where SHARED_CB):
+    (C B^T read from ``cb`` where SHARED_CB); DO_DX: dx and what goes with it (dz, dD, q, Z), DO_DB: dB:
 
         dx[s] = dt[s] (sum_{t>=s} P[t,s] (C[t].B[s]) g[t] + w[s] G_out B[s]) + D g[s]
         dB[s] = dt[s] (sum_{t>=s} P[t,s] (g[t].x[s]) C[t] + w[s] G_out^T x[s])   (summed over the heads)
@@ -464,8 +471,7 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
     with P[t,s] = exp(cs[t] - cs[s]), w[s] = exp(cs[Q-1] - cs[s]); also dz, this block's part of dD and,
     in scan order, q = x.(dx - D g)/dt (the direct ddt) and Z = w dt x.(G_out B) (the outgoing state's term,
     whose gradient in cs[s] is -Z[s])."""
-    pc = tl.program_id(0)
-    pid = tl.program_id(1)
+    pc, pid = _grid_ids(n_prog, HEADS_FIRST)  # pid: (batch, group, split)
     NB: tl.constexpr = Q // BLK
     NT: tl.constexpr = NB * (NB + 1) // 2
     c = pc // NB
@@ -487,7 +493,6 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
         seq_s = _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)
         seq_last = _seq_at(seq_ptr, bb * ss_b, c0 + Q - 1, seqlen, ss_l, REVERSE)
     dB = tl.zeros([BLK, BN], dtype=tl.float32)
-    om = vs[:, None] & pm[None, :]
     for i in range(0, hps):
         hh = gg * hpg + sp * hps + i
         row = (bb * nheads + hh) * Lp
@@ -507,13 +512,15 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
             if HAS_SEQ:
                 keep = keep & (_seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE)[None, :] == seq_s[:, None])
             decay = tl.where(keep, decay, 0.0)
-            if SHARED_CB:
-                cbt = tl.load(_cb_ptrs(cb_ptr, cbase, k, m, BLK, TRANS=True))  # (s, t)
-            else:
-                cbt = _mm(Bs, tl.trans(Ct), PREC=PREC, UP=UP)
-            acc = _mm((cbt * decay).to(DT), gt, acc, PREC=PREC, UP=UP)
-            gxt = _mm(xs, tl.trans(gt), PREC=PREC, UP=UP)
-            dB = _mm((gxt * decay * dts[:, None]).to(DT), Ct, dB, PREC=PREC, UP=UP)
+            if DO_DX:
+                if SHARED_CB:
+                    cbt = tl.load(_cb_ptrs(cb_ptr, cbase, k, m, BLK, TRANS=True))  # (s, t)
+                else:
+                    cbt = _mm(Bs, tl.trans(Ct), PREC=PREC, UP=UP)
+                acc = _mm((cbt * decay).to(DT), gt, acc, PREC=PREC, UP=UP)
+            if DO_DB:
+                gxt = _mm(xs, tl.trans(gt), PREC=PREC, UP=UP)
+                dB = _mm((gxt * decay * dts[:, None]).to(DT), Ct, dB, PREC=PREC, UP=UP)
         # what only the state terms need is loaded after the loop (fewer registers live across it)
         xs32 = xs.to(tl.float32)  # exact: DT is x's dtype or fp32
         w = tl.exp(tl.minimum(tl.load(cs_ptr + row + c0 + Q - 1) - css, 0.0))
@@ -521,40 +528,60 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
             w = tl.where(seq_s == seq_last, w, 0.0)
         slot = ((bb * n_chunks + c) * nheads + hh) * hdim * dstate
         Gout = tl.load(gst_ptr + slot + p_off[:, None] * dstate + n_off[None, :], mask=st_m, other=0.0).to(DT)
-        bgo = w[:, None] * _mm(Bs, tl.trans(Gout), PREC=PREC, UP=UP)
-        tl.store(zs_ptr + row + js, dts * tl.sum(xs32 * bgo, axis=1))
-        dxraw = acc + bgo
-        tl.store(q_ptr + row + js, tl.sum(xs32 * dxraw, axis=1))
-        dB = _mm((xs32 * (w * dts)[:, None]).to(DT), Gout, dB, PREC=PREC, UP=UP)
-        dx = dts[:, None] * dxraw
-        if HAS_D:
-            gs = _load_rows(g_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim).to(tl.float32)
-            if D_HP:
-                Dv = tl.load(D_ptr + hh * hdim + p_off, mask=pm, other=0.0).to(tl.float32)[None, :]
-            else:
-                Dv = tl.load(D_ptr + hh).to(tl.float32)
-            dx += Dv * gs
-            tl.store(dDp_ptr + ((bb * n_chunks * NB + pc) * nheads + hh) * BP + p_off, tl.sum(gs * xs32, axis=0))
-        out = bb * so_b + hh * so_h + ts[:, None] * so_l + p_off[None, :]
-        tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=om)
-        if HAS_Z:  # dz = dy y_pre silu'(z), y_pre the output before the gate (saved by the forward)
-            zs = _load_rows(z_ptr, bb * sz_b + hh * sz_h, ts, sz_l, p_off, sz_p, vs, hdim).to(tl.float32)
-            dys = _load_rows(dy_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim).to(tl.float32)
-            yp = _load_rows(ypre_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim).to(tl.float32)
-            sg = tl.sigmoid(zs)
-            tl.store(dz_ptr + out, (dys * yp * sg * (1.0 + zs * (1.0 - sg))).to(dz_ptr.dtype.element_ty), mask=om)
-    dbm = vs[:, None] & (n_off < dstate)[None, :]
-    tl.store(dBp_ptr + (((bb * n_splits + sp) * seqlen + ts[:, None]) * ngroups + gg) * dstate + n_off[None, :],
-             dB, mask=dbm)
+        if DO_DB:
+            dB = _mm((xs32 * (w * dts)[:, None]).to(DT), Gout, dB, PREC=PREC, UP=UP)
+        if DO_DX:
+            _dx_epilogue(D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr, dx_ptr, dz_ptr, q_ptr, zs_ptr, dDp_ptr, Bs,
+                         Gout, acc, xs32, w, dts, bb, hh, row, js, ts, vs, pc, n_chunks, nheads,
+                         sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, hdim, p_off,
+                         HAS_D, D_HP, HAS_Z, NB, BP, PREC, UP)
+    if DO_DB:
+        dbm = vs[:, None] & (n_off < dstate)[None, :]
+        tl.store(dBp_ptr + (((bb * n_splits + sp) * seqlen + ts[:, None]) * ngroups + gg) * dstate
+                 + n_off[None, :], dB, mask=dbm)
+
+
+@triton.jit
+def _dx_epilogue(D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr, dx_ptr, dz_ptr, q_ptr, zs_ptr, dDp_ptr, Bs, Gout,
+                 acc, xs32, w, dts, bb, hh, row, js, ts, vs, pc, n_chunks, nheads,
+                 sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, hdim, p_off,
+                 HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, NB: tl.constexpr, BP: tl.constexpr,
+                 PREC: tl.constexpr, UP: tl.constexpr):
+    """dx of one s block and head from its pair sum ``acc`` and the outgoing state's term; q, Z, dD's part, dz."""
+    pm = p_off < hdim
+    om = vs[:, None] & pm[None, :]
+    bgo = w[:, None] * _mm(Bs, tl.trans(Gout), PREC=PREC, UP=UP)
+    tl.store(zs_ptr + row + js, dts * tl.sum(xs32 * bgo, axis=1))
+    dxraw = acc + bgo
+    tl.store(q_ptr + row + js, tl.sum(xs32 * dxraw, axis=1))
+    dx = dts[:, None] * dxraw
+    if HAS_D:
+        gs = _load_rows(g_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim).to(tl.float32)
+        if D_HP:
+            Dv = tl.load(D_ptr + hh * hdim + p_off, mask=pm, other=0.0).to(tl.float32)[None, :]
+        else:
+            Dv = tl.load(D_ptr + hh).to(tl.float32)
+        dx += Dv * gs
+        tl.store(dDp_ptr + ((bb * n_chunks * NB + pc) * nheads + hh) * BP + p_off, tl.sum(gs * xs32, axis=0))
+    out = bb * so_b + hh * so_h + ts[:, None] * so_l + p_off[None, :]
+    tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=om)
+    if HAS_Z:  # dz = dy y_pre silu'(z), y_pre the output before the gate (saved by the forward)
+        zs = _load_rows(z_ptr, bb * sz_b + hh * sz_h, ts, sz_l, p_off, sz_p, vs, hdim).to(tl.float32)
+        dys = _load_rows(dy_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim).to(tl.float32)
+        yp = _load_rows(ypre_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim).to(tl.float32)
+        sg = tl.sigmoid(zs)
+        tl.store(dz_ptr + out, (dys * yp * sg * (1.0 + zs * (1.0 - sg))).to(dz_ptr.dtype.element_ty), mask=om)
 
 
 @triton.jit
 def _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, cb_ptr, cbase, gt, Ct, cst, jt, seq_t, dC, bb, hh, gg, row,
              c0, k, m, seqlen, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l, hdim, dstate, p_off,
              n_off, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, BLK: tl.constexpr, DT: tl.constexpr,
-             PREC: tl.constexpr, UP: tl.constexpr, FACTOR: tl.constexpr, SHARED_CB: tl.constexpr):
-    """The (t block, s block k) tile of ``_bwd_dC_kernel`` for one head: dC += (P dt GX) B[s] and the
-    tile's pair terms R[t,s] = P[t,s] dt[s] (g[t].x[s]) (C[t].B[s]) (zero where s > t or across sequences)."""
+             PREC: tl.constexpr, UP: tl.constexpr, FACTOR: tl.constexpr, SHARED_CB: tl.constexpr,
+             DO_DC: tl.constexpr, DO_DA: tl.constexpr):
+    """The (t block, s block k) tile of ``_bwd_dC_kernel`` for one head: dC += (P dt GX) B[s] (DO_DC) and
+    the tile's pair terms R[t,s] = P[t,s] dt[s] (g[t].x[s]) (C[t].B[s]) (zero where s > t or across
+    sequences; DO_DA, else R is returned without the C.B factor)."""
     js = c0 + k * BLK + tl.arange(0, BLK)
     vs = js < seqlen
     ts = _pos(js, seqlen, REVERSE)
@@ -566,30 +593,33 @@ def _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, cb_ptr, cbase, gt, Ct, cst,
         keep = keep & (seq_t[:, None] == _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)[None, :])
     gx = _mm(gt, tl.trans(xs), PREC=PREC, UP=UP)
     wgt = tl.where(keep, gx * decay * tl.load(dtp_ptr + row + js)[None, :], 0.0)
-    dC = _mm(wgt.to(DT), Bs, dC, PREC=PREC, UP=UP)
-    if SHARED_CB:
-        cb = tl.load(_cb_ptrs(cb_ptr, cbase, m, k, BLK))
-    else:
-        cb = _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
-    return dC, wgt * cb
+    if DO_DC:
+        dC = _mm(wgt.to(DT), Bs, dC, PREC=PREC, UP=UP)
+    if DO_DA:
+        if SHARED_CB:
+            wgt = wgt * tl.load(_cb_ptrs(cb_ptr, cbase, m, k, BLK))
+        else:
+            wgt = wgt * _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
+    return dC, wgt
 
 
 @triton.jit
 def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr, cb_ptr, dCp_ptr, rin_ptr, dap_ptr,
                    sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, so_b, so_l, so_h,
                    ss_b, ss_l,
-                   nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate,
+                   nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate, n_prog,
                    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
                    BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
-                   FACTOR: tl.constexpr, SHARED_CB: tl.constexpr):
-    """One block of BLK target positions t, summed over the ``hps`` heads of one split of a group:
+                   FACTOR: tl.constexpr, SHARED_CB: tl.constexpr, DO_DC: tl.constexpr, DO_DA: tl.constexpr,
+                   HEADS_FIRST: tl.constexpr):
+    """One block of BLK target positions t, summed over the ``hps`` heads of one split of a group (DO_DC: dC,
+    DO_DA: the per-head terms of dA below):
     dC[t] = sum_{s<=t} P[t,s] dt[s] (g[t].x[s]) B[s] + exp(cs[t]) g[t]^T H_in. Per head also the parts of
     the gradient in dA = dt A that do not cancel: with R[t,s] = P[t,s] (C[t].B[s]) dt[s] (g[t].x[s]) (the
     pair's term of the loss), da[k] gets sum_{s<k<=t} R[t,s] (summed here without forming differences of
     large sums: this t block's share for every k of the chunk up to it, into its own row of ``dap``), and
     r_in[t] = exp(cs[t]) g[t].(H_in C[t]) (the incoming state's term) in scan order."""
-    pc = tl.program_id(0)
-    pid = tl.program_id(1)
+    pc, pid = _grid_ids(n_prog, HEADS_FIRST)  # pid: (batch, group, split)
     NB: tl.constexpr = Q // BLK
     c = pc // NB
     m = pc % NB
@@ -621,8 +651,10 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
             ein = tl.where(seq_t == seq_in, ein, 0.0)
         slot = ((bb * n_chunks + c) * nheads + hh) * hdim * dstate
         H = tl.load(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :], mask=st_m, other=0.0).to(DT)
-        dC = _mm((gt * ein[:, None]).to(DT), H, dC, PREC=PREC, UP=UP)
-        tl.store(rin_ptr + row + jt, ein * tl.sum(gt * _mm(Ct, tl.trans(H), PREC=PREC, UP=UP), axis=1))
+        if DO_DC:
+            dC = _mm((gt * ein[:, None]).to(DT), H, dC, PREC=PREC, UP=UP)
+        if DO_DA:
+            tl.store(rin_ptr + row + jt, ein * tl.sum(gt * _mm(Ct, tl.trans(H), PREC=PREC, UP=UP), axis=1))
         gt = gt.to(DT)
         ar = tl.arange(0, BLK)
         dap_row = ((bb * nheads + hh) * n_chunks + c) * NB * Q
@@ -636,22 +668,26 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
             dC, R = _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, cb_ptr, cbase, gt, Ct, cst, jt, seq_t, dC, bb,
                              hh, gg, row, c0, k, m, seqlen, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b,
                              ss_l, hdim, dstate, p_off, n_off, REVERSE, HAS_SEQ, BLK, DT, PREC, UP, FACTOR,
-                             SHARED_CB)
-            colsum = tl.sum(R, axis=0)  # per s
-            excl = tl.sum(tl.where(before, colsum[:, None], 0.0), axis=0)  # per k of the block: s < k
-            tl.store(dap_ptr + dap_row + m * Q + k * BLK + ar, excl + run)
-            run += tl.sum(colsum, axis=0)
-            rs += tl.sum(R, axis=1)
+                             SHARED_CB, DO_DC, DO_DA)
+            if DO_DA:
+                colsum = tl.sum(R, axis=0)  # per s
+                excl = tl.sum(tl.where(before, colsum[:, None], 0.0), axis=0)  # per k of the block: s < k
+                tl.store(dap_ptr + dap_row + m * Q + k * BLK + ar, excl + run)
+                run += tl.sum(colsum, axis=0)
+                rs += tl.sum(R, axis=1)
         dC, R = _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, cb_ptr, cbase, gt, Ct, cst, jt, seq_t, dC, bb, hh,
                          gg, row, c0, m, m, seqlen, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
-                         hdim, dstate, p_off, n_off, REVERSE, HAS_SEQ, BLK, DT, PREC, UP, FACTOR, SHARED_CB)
-        # diagonal tile: c1[t, k] = sum_{s<k} R[t, s], kept where t >= k; earlier blocks: rs[t] for t >= k
-        c1 = _mm(R.to(DT), tl.where(before, 1.0, 0.0).to(DT), PREC=PREC, UP=UP)
-        at_or_after = ar[:, None] >= ar[None, :]  # [t, k]: t >= k
-        diag = tl.sum(tl.where(at_or_after, c1 + rs[:, None], 0.0), axis=0)
-        tl.store(dap_ptr + dap_row + m * Q + m * BLK + ar, diag)
-    tl.store(dCp_ptr + (((bb * n_splits + sp) * seqlen + tt[:, None]) * ngroups + gg) * dstate + n_off[None, :],
-             dC, mask=vt[:, None] & (n_off < dstate)[None, :])
+                         hdim, dstate, p_off, n_off, REVERSE, HAS_SEQ, BLK, DT, PREC, UP, FACTOR, SHARED_CB, DO_DC,
+                         DO_DA)
+        if DO_DA:
+            # diagonal tile: c1[t, k] = sum_{s<k} R[t, s], kept where t >= k; earlier blocks: rs[t] for t >= k
+            c1 = _mm(R.to(DT), tl.where(before, 1.0, 0.0).to(DT), PREC=PREC, UP=UP)
+            at_or_after = ar[:, None] >= ar[None, :]  # [t, k]: t >= k
+            diag = tl.sum(tl.where(at_or_after, c1 + rs[:, None], 0.0), axis=0)
+            tl.store(dap_ptr + dap_row + m * Q + m * BLK + ar, diag)
+    if DO_DC:
+        tl.store(dCp_ptr + (((bb * n_splits + sp) * seqlen + tt[:, None]) * ngroups + gg) * dstate
+                 + n_off[None, :], dC, mask=vt[:, None] & (n_off < dstate)[None, :])
 
 
 @triton.jit
@@ -843,28 +879,36 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     if splits and cfg.hpg % splits:
         raise ValueError(f"ssd_scan (triton): splits={splits} must divide the {cfg.hpg} heads of a group")
     ns = splits or _splits(cfg)
-    hps = cfg.hpg // ns
     dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     dz = torch.empty(b, l, h, p, device=dev, dtype=z.dtype) if z is not None else None
     q = torch.empty(b * h, cfg.Lp, **f32)
     zs = torch.empty(b * h, cfg.Lp, **f32)
     dBp = torch.empty(b, ns, l, g, n, **f32)
     dDp = torch.empty(b, nc * cfg.NB, h, cfg.BP, **f32) if D is not None else None
-    gdims = (h, g, cfg.hpg, hps, ns, l, cfg.Lp, nc, p, n)
     cb = _cb(cfg, B, C, reverse, dot, dummy)
-    _bwd_dx_dB_kernel[(nc * cfg.NB, b * g * ns)](
-        x, B, C, D if D is not None else dummy, z if z is not None else dummy, dy, gbuf,
-        ypre if ypre is not None else dummy, dtp, cs, gst, seq[0], cb, dx, dz if dz is not None else dummy, dBp, q, zs,
-        dDp if dDp is not None else dummy, *x.stride(), *B.stride(), *C.stride(), *_strides4(z), *so, *seq[1:],
-        *gdims, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None, **common, **blocks,
-        FACTOR=FACTOR, SHARED_CB=SHARED_CB, num_warps=warps, num_stages=STAGES)
+    kw = dict(**common, **blocks, FACTOR=FACTOR, SHARED_CB=SHARED_CB, HEADS_FIRST=HEADS_FIRST, num_warps=warps,
+              num_stages=STAGES_BWD or STAGES)
+    # (the per-head half, the half summed over heads, programs per group): one launch doing both, or two
+    parts = [(True, False, cfg.hpg), (False, True, ns)] if SPLIT_BWD else [(True, True, ns)]
+    for per_head, summed, nsp in parts:
+        n_prog = b * g * nsp
+        grid = (nc * cfg.NB * n_prog,) if HEADS_FIRST else (nc * cfg.NB, n_prog)
+        gdims = (h, g, cfg.hpg, cfg.hpg // nsp, nsp, l, cfg.Lp, nc, p, n, n_prog)
+        _bwd_dx_dB_kernel[grid](
+            x, B, C, D if D is not None else dummy, z if z is not None else dummy, dy, gbuf,
+            ypre if ypre is not None else dummy, dtp, cs, gst, seq[0], cb, dx, dz if dz is not None else dummy, dBp,
+            q, zs, dDp if dDp is not None else dummy, *x.stride(), *B.stride(), *C.stride(), *_strides4(z), *so,
+            *seq[1:], *gdims, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None,
+            DO_DX=per_head, DO_DB=summed, **kw)
     dCp = torch.empty(b, ns, l, g, n, **f32)
     rin = torch.empty(b * h, cfg.Lp, **f32)
     dap = torch.zeros(b * h, nc, cfg.NB, cfg.Q, **f32)  # [t block, k]: only blocks k <= t block are written
-    _bwd_dC_kernel[(nc * cfg.NB, b * g * ns)](x, B, C, gbuf, dtp, cs, st, seq[0], cb, dCp, rin, dap, *x.stride(),
-                                              *B.stride(), *C.stride(), *so, *seq[1:], *gdims, **common, **blocks,
-                                              FACTOR=FACTOR, SHARED_CB=SHARED_CB, num_warps=warps,
-                                              num_stages=STAGES)
+    for per_head, summed, nsp in parts:
+        n_prog = b * g * nsp
+        grid = (nc * cfg.NB * n_prog,) if HEADS_FIRST else (nc * cfg.NB, n_prog)
+        gdims = (h, g, cfg.hpg, cfg.hpg // nsp, nsp, l, cfg.Lp, nc, p, n, n_prog)
+        _bwd_dC_kernel[grid](x, B, C, gbuf, dtp, cs, st, seq[0], cb, dCp, rin, dap, *x.stride(), *B.stride(),
+                             *C.stride(), *so, *seq[1:], *gdims, DO_DC=summed, DO_DA=per_head, **kw)
     del cb
     ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dAp = torch.empty(b * h, nc, **f32)
