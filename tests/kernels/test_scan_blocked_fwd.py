@@ -75,7 +75,7 @@ def check(bf, x, softplus=True, reverse=False, seq_idx=None, rtol=2e-5, **tuning
 # (name, make_inputs overrides, softplus, reverse, seq_idx cuts or None, tuning)
 CASES = [
     ("all-options", dict(l=37, groups=2), True, False, None, dict(chunk=8, bd=2)),
-    ("all-options-reverse", dict(l=37, groups=2), True, True, None, dict(chunk=8, bd=2)),
+    ("all-options-reverse-prefetch", dict(l=37, groups=2), True, True, None, dict(chunk=8, bd=2, prefetch=True)),
     ("3d-BC-no-options", dict(l=21, groups=None, z=False, D=False, delta_bias=False, h0=False), False, False,
      None, dict(chunk=8)),
     ("3d-BC-no-options-reverse", dict(l=21, groups=None, z=False, D=False, delta_bias=False, h0=False), False,
@@ -83,7 +83,7 @@ CASES = [
     ("groups4-n5-bd-capped-unroll2", dict(d=8, l=19, groups=4, n=5), True, False, None,
      dict(chunk=4, bd=8, unroll=2)),
     ("seq_idx", dict(l=45), True, False, [3, 16, 17, 30], dict(chunk=8, bd=4, num_warps=1, unroll=2)),
-    ("seq_idx-reverse", dict(l=45, groups=2), True, True, [5, 13, 29, 40], dict(chunk=8)),
+    ("seq_idx-reverse-prefetch", dict(l=45, groups=2), True, True, [5, 13, 29, 40], dict(chunk=8, prefetch=True)),
     ("exact-chunks", dict(l=32, groups=1), True, True, None, dict(chunk=16)),
     ("length1", dict(l=1, groups=2), True, False, None, dict(chunk=4)),
 ]
@@ -99,13 +99,14 @@ def test_interpreted_matches_reference(bf, name, over, softplus, reverse, cuts, 
     check(bf, x, softplus, reverse, seq_idx, **tuning)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_interpreted_low_precision(bf, dtype):
+@pytest.mark.parametrize("dtype,l,reverse", [(torch.bfloat16, 19, False), (torch.bfloat16, 22, True),
+                                             (torch.bfloat16, 22, False), (torch.float16, 19, False)])
+def test_interpreted_low_precision(bf, dtype, l, reverse):
     """bf16/fp16 u, delta, B, C, z with fp32 A, D, bias, initial state: y in the input dtype, close to the
-    float64 reference on the same rounded inputs."""
-    x = inputs(b=1, d=4, n=4, l=19, groups=2, seed=3)
+    float64 reference on the same rounded inputs (bf16 B/C at even lengths: read as 32-bit pairs)."""
+    x = inputs(b=1, d=4, n=4, l=l, groups=2, seed=3)
     x.update({k: x[k].to(dtype) for k in L_ARGS})
-    check(bf, x, True, False, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, chunk=8)
+    check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, chunk=8)
 
 
 def test_interpreted_channel_last_inputs(bf):

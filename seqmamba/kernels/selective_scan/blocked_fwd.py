@@ -41,6 +41,8 @@ CHUNK = 1024
 BD = 1
 WARPS = 4
 UNROLL = 1
+PAIRS = True
+PREFETCH = False
 
 
 @triton.jit
@@ -60,14 +62,52 @@ def _softplus(x):
 
 
 @triton.jit
-def _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t, valid, n, nstate):
-    """State n's operands for a chunk: A[:, n] * log2(e) (BD,), the carried state (BD,), B and C rows (T,) in
-    their storage dtype (all zero when n >= nstate)."""
+def _chunk_start(k, seqlen, T: tl.constexpr, REVERSE: tl.constexpr):
+    """Lowest address of scan-order chunk k (negative for a reverse scan's partial last chunk)."""
+    if REVERSE:
+        return seqlen - (k + 1) * T         # (< 2^31; the rows it is added to are int64)
+    else:
+        return k * T
+
+
+@triton.jit
+def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k, n_chunks, T: tl.constexpr,
+                  REVERSE: tl.constexpr):
+    """Raw (BD, T) delta and u of scan-order chunk k (zero past either end, or when k >= n_chunks)."""
+    t = _chunk_start(k, seqlen, T, REVERSE) + ar
+    mask = ((t >= 0) & (t < seqlen) & (k < n_chunks))[None, :]
+    dl = tl.load(delta_ptr + dl_row[:, None] + t[None, :], mask=mask, other=0.0)
+    u = tl.load(u_ptr + u_row[:, None] + t[None, :], mask=mask, other=0.0)
+    return dl, u
+
+
+@triton.jit
+def _bf16_pairs(ptr, off, start, seqlen, ok, T: tl.constexpr):
+    """T bf16 values at element offset off + start + [0, T) as fp32, read as T/2 32-bit words (off and start
+    even, seqlen even: a word is wholly in or out of range). One integer op per value instead of the 1.5 that
+    a bf16 -> fp32 conversion of packed registers costs."""
+    w_off = start // 2 + tl.arange(0, T // 2)
+    words = tl.load(ptr.to(tl.pointer_type(tl.int32)) + off // 2 + w_off,
+                    mask=ok & (w_off >= 0) & (w_off < seqlen // 2), other=0)
+    lo = (words << 16).to(tl.float32, bitcast=True)
+    hi = (words & -65536).to(tl.float32, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (T,))
+
+
+@triton.jit
+def _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t, start, seqlen, valid,
+                    n, nstate, T: tl.constexpr, PAIRS: tl.constexpr):
+    """State n's operands for a chunk: A[:, n] * log2(e) (BD,), the carried state (BD,), B and C rows (T,)
+    (all zero when n >= nstate)."""
     ok = n < nstate
     a2 = tl.load(A_ptr + d_off * nstate + n, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
     h_in = tl.load(hT_ptr + h_row + n, mask=ok, other=0.0)
-    Bn = tl.load(B_ptr + B_row + n * sB_n + t, mask=valid & ok, other=0.0)
-    Cn = tl.load(C_ptr + C_row + n * sC_n + t, mask=valid & ok, other=0.0)
+    if PAIRS:
+        Bn = _bf16_pairs(B_ptr, B_row + n * sB_n, start, seqlen, ok, T)
+        Cn = _bf16_pairs(C_ptr, C_row + n * sC_n, start, seqlen, ok, T)
+    else:
+        Bn = tl.load(B_ptr + B_row + n * sB_n + t, mask=valid & ok, other=0.0).to(tl.float32)
+        Cn = tl.load(C_ptr + C_row + n * sC_n + t, mask=valid & ok, other=0.0).to(tl.float32)
     return a2, h_in, Bn, Cn
 
 
@@ -79,7 +119,7 @@ def _blocked_fwd_kernel(
     HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
     ACCUM: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, NT: tl.constexpr,
-    V: tl.constexpr, UNROLL: tl.constexpr,
+    V: tl.constexpr, UNROLL: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One program: batch row pid // (d / BD), channels [BD * (pid % (d / BD)), + BD). u, delta, z, B, C have
     l-stride 1 (the launcher makes sure). States (b, [n_chunks,] d, n) fp32 contiguous.
@@ -132,20 +172,26 @@ def _blocked_fwd_kernel(
     B_row = pb * sB_b + grp * sB_g
     C_row = pb * sC_b + grp * sC_g
 
+    # chunk 0's delta and u; with PREFETCH each chunk then loads the next chunk's while it computes
+    dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, 0, n_chunks, T, REVERSE)
     for k in range(0, n_chunks):
         tl.debug_barrier()  # the previous chunk's carry writes (or the initial state) before this chunk's reads
         if SAVE_STATES:
             hs = tl.load(hT_ptr + dn_off, mask=dn_mask, other=0.0)
             tl.store(cs_ptr + (pb * n_chunks + k) * dim * nstate + d_off[:, None] * nstate + n_ar[None, :], hs,
                      mask=dn_mask)
-        if REVERSE:
-            t = seqlen - (k + 1) * T + ar        # (T,) addresses, ascending (< 2^31; rows add int64)
-        else:
-            t = k * T + ar
+        start = _chunk_start(k, seqlen, T, REVERSE)
+        t = start + ar
         valid = (t >= 0) & (t < seqlen)
         mask = valid[None, :]
-        dl = tl.load(delta_ptr + dl_row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + u_row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            dl = dl_x.to(tl.float32)
+            u = u_x.to(tl.float32)
+            dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k + 1, n_chunks, T, REVERSE)
+        else:
+            dl_k, u_k = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k, n_chunks, T, REVERSE)
+            dl = dl_k.to(tl.float32)
+            u = u_k.to(tl.float32)
         if HAS_BIAS:
             dl += bias[:, None]
         if SOFTPLUS:
@@ -168,19 +214,19 @@ def _blocked_fwd_kernel(
         # L2 round trips that would otherwise stall every state; the carry slots read here were written in the
         # previous chunk, before the barrier above)
         a2, h_in, Bn, Cn = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t,
-                                           valid, 0, nstate)
+                                           start, seqlen, valid, 0, nstate, T, PAIRS)
         for n in tl.range(0, nstate, loop_unroll_factor=UNROLL):
             a2_x, h_x, B_x, C_x = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n,
-                                                  sC_n, t, valid, n + 1, nstate)
+                                                  sC_n, t, start, seqlen, valid, n + 1, nstate, T, PAIRS)
             dA = tl.exp2(dt * a2[:, None])
             if HAS_SEQ:
                 dA = tl.where(keep, dA, 0.0)
-            bx = dtu * Bn.to(tl.float32)[None, :]
+            bx = dtu * Bn[None, :]
             # carry in: h = dA * h_in + bx at the scan's first position
             bx4 = tl.reshape(bx, (BD, R, NT, V))
             bx4 = tl.where(first, bx4 + tl.reshape(dA, (BD, R, NT, V)) * h_in[:, None, None, None], bx4)
             _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine, reverse=REVERSE)
-            acc += h * Cn.to(tl.float32)[None, :]
+            acc += h * Cn[None, :]
             # carry out: the state after the scan's last position (one thread holds it)
             hl = tl.max(tl.max(tl.where(last_ri, tl.reshape(h, (BD, R, NT, V)), float("-inf")), axis=3), axis=1)
             tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, hl, mask=last_q)
@@ -254,6 +300,9 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     vec = max(1, 16 // max(u.element_size(), delta.element_size(), B.element_size()))
     nt = min(32 * warps, T)
     vec = max(1, min(vec, T // nt))
+    # bf16 B and C read as 32-bit pairs where every pair is aligned and wholly in or out of range
+    pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and T >= 2 and all(
+        s % 2 == 0 for s in (*B4.stride()[:3], *C4.stride()[:3], l, B4.storage_offset(), C4.storage_offset()))
     if b * d == 0:
         return y, final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
     _blocked_fwd_kernel[(b * (d // bd),)](
@@ -267,5 +316,6 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         HAS_H0=h0 is not None, SAVE_STATES=bool(save_states), HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse),
         HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec,
-        UNROLL=int(tuning.get("unroll") or UNROLL), num_warps=warps)
+        UNROLL=int(tuning.get("unroll") or UNROLL), PAIRS=pairs,
+        PREFETCH=bool(tuning.get("prefetch", PREFETCH)), num_warps=warps)
     return y, final, (states if save_states else None)
