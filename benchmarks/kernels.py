@@ -11,7 +11,10 @@ is importable in the same process, mamba_ssm's CUDA kernel; plus the floors from
 Times are medians of ``triton.testing.do_bench`` (CUDA events); inputs are random (never zeros), bf16 u, delta,
 B, C, z and fp32 A, D, delta_bias, softplus on, z gating on, one group of B/C (the FIELD_NOTES setting).
 Bandwidth counts the bytes a perfect kernel must move (inputs read once, outputs written once); the exp rate
-counts one exp per (channel, position, state).
+counts one exp per (channel, position, state). Memory: fwd_extra_GB is the no-grad forward's peak above the
+inputs, fwdbwd_extra_GB the peak of a forward + backward; fwd_graph_GB (the forward under autograd, saved tensors
+included) and bwd_extra_GB (the backward's peak above what the forward left) are FIELD_NOTES' split.
+``--deterministic`` times the scan's deterministic (tile-state) kernels instead of the default blocked pair.
 """
 from __future__ import annotations
 
@@ -93,6 +96,7 @@ def run_shape(shape, args, mamba_fn):
     base = torch.cuda.memory_allocated()
     row["fwdbwd_ms"] = bench(fwd_bwd)
     row["fwdbwd_extra_GB"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    row["fwd_graph_GB"], row["bwd_extra_GB"] = graph_memory(leaves, dy, dh, kw)
     row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
     bf, ef = floors(b, d, n, l)
     row["floor_ms"] = max(bf, ef)
@@ -127,6 +131,25 @@ def run_shape(shape, args, mamba_fn):
         row["fwd_vs_fieldnotes"] = row["fwd_ms"] / anchor[0]
         row["bwd_vs_fieldnotes"] = row["bwd_ms"] / anchor[1]
     return row
+
+
+def graph_memory(leaves, dy, dh, kw):
+    """FIELD_NOTES' memory (GB): the forward's peak under autograd above the inputs, and the backward's peak
+    above what the forward left allocated (its outputs and saved tensors): that is, what the backward adds."""
+    from seqmamba.kernels.selective_scan import selective_scan
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    y, h = selective_scan(**leaves, **kw, backend="triton")
+    torch.cuda.synchronize()
+    fwd = torch.cuda.max_memory_allocated() - base
+    after = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grads = torch.autograd.grad((y, h), list(leaves.values()), (dy, dh))
+    torch.cuda.synchronize()
+    bwd = torch.cuda.max_memory_allocated() - after
+    del grads, y, h
+    return fwd / 1e9, bwd / 1e9
 
 
 def conv_rows():
@@ -463,7 +486,11 @@ def main(argv=None):
     p.add_argument("--compare-fwd", action="store_true", help="the two forward kernels side by side")
     p.add_argument("--sweep-seq", action="store_true", help="time the sequential forward kernel's tunings")
     p.add_argument("--sweep-programs", action="store_true", help="time grid-size targets instead")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch deterministic mode: the scan runs the tile-state kernels instead of the blocked pair")
     args = p.parse_args(argv)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if args.e2e:
         lengths = [int(v) for v in args.e2e_lengths.split(",")] if args.e2e_lengths else None
         rows = e2e_rows(lengths, infer_extra=()) if lengths else e2e_rows()
@@ -525,7 +552,8 @@ def main(argv=None):
         shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                mamba_ssm=mamba_fn is not None)
+                mamba_ssm=mamba_fn is not None,
+                scan_kernels="tile-state (deterministic)" if args.deterministic else "blocked")
     print(json.dumps(info))
     rows = []
     for s in shapes:
@@ -541,7 +569,8 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows, "conv": crows, "bidirectional": brows}, f, indent=1)
     cols = ["shape", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fieldnotes_fwd_ms", "fieldnotes_bwd_ms", "mamba_fwd_ms",
-            "ref_fwd_ms", "floor_ms", "GBps", "Texp_s", "fwd_extra_GB", "fwdbwd_extra_GB", "err_y", "err_h"]
+            "ref_fwd_ms", "floor_ms", "GBps", "Texp_s", "fwd_extra_GB", "fwd_graph_GB", "bwd_extra_GB",
+            "fwdbwd_extra_GB", "err_y", "err_h"]
     print("\n| " + " | ".join(cols) + " |")
     for r in rows:
         print("| " + " | ".join(
