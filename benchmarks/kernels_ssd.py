@@ -193,9 +193,8 @@ def print_table(rows, bw):
 
 
 # module switches of chunk.py (off: the session-2 paths) and launch parameters
-LEGACY = dict(SHARED_CB=False, HEADS_FIRST=False, STATE_HALF=False, SPLIT_BWD=False)
-SWEEP = [dict(), dict(flags=dict(SPLIT_BWD=False)), dict(warps_bwd=8), dict(flags=dict(STAGES=3)),
-         dict(flags=dict(STATE_BLOCK=256)), dict(blk=128, warps=8, blk_bwd=64, warps_bwd=4)]
+LEGACY = dict(HEADS_FIRST=False, STATE_HALF=False, SPLIT_DX=False, SPLIT_DC=False, STAGES=2)
+SWEEP = [dict(), dict(flags=dict(SPLIT_DX=False)), dict(flags=dict(SPLIT_DC=True))]
 
 
 def with_flags(flags, f, *a, **k):
@@ -263,9 +262,9 @@ def ab_factor(shapes):
         ours.FACTOR = True
 
 
-def pair_parts(per_head, summed):
-    """(label, per-head half on, summed half on) of each launch of a backward pair kernel (SPLIT_BWD: two)."""
-    if ours.SPLIT_BWD:
+def pair_parts(per_head, summed, split):
+    """(label, per-head half on, summed half on) of each launch of a backward pair kernel (split: two)."""
+    if split:
         return [(per_head, True, False), (summed, False, True)]
     return [(f"{per_head}+{summed}", True, True)]
 
@@ -288,23 +287,26 @@ def resources(block=None, warps=None):
     dots = dict(BLK=blk, BP=64, BN=128, DT=tl.bfloat16, PREC="tf32", UP=False)
     kernels = {
         "_dt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
-        "_cb_kernel": dict(REVERSE=True, Q=ours.CHUNK, BLK=blk, BN=128, DT=tl.bfloat16, PREC="tf32", UP=False),
         "_chunk_state_kernel": dict(**flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_state_pass_kernel": dict(HAS_H0=True, **flags, BS=ours.STATE_BLOCK),
         "_chunk_out_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
-                                  FACTOR=ours.FACTOR, SHARED_CB=ours.SHARED_CB, HEADS_FIRST=ours.HEADS_FIRST),
+                                  FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_gloc_kernel": dict(HAS_Z=True, **flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_state_pass_kernel": dict(HAS_DHT=True, **flags, BS=ours.STATE_BLOCK),
         **{f"_bwd_dx_dB_kernel {part}": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots,
-                                             FACTOR=ours.FACTOR, SHARED_CB=ours.SHARED_CB, HEADS_FIRST=ours.HEADS_FIRST,
-                                             DO_DX=dx, DO_DB=db) for part, dx, db in pair_parts("dx", "dB")},
-        **{f"_bwd_dC_kernel {part}": dict(**flags, **dots, FACTOR=ours.FACTOR, SHARED_CB=ours.SHARED_CB,
-                                          HEADS_FIRST=ours.HEADS_FIRST, DO_DA=da, DO_DC=dc)
-           for part, da, dc in pair_parts("dA", "dC")},
+                                             FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST, DO_DX=dx, DO_DB=db)
+           for part, dx, db in pair_parts("dx", "dB", ours.SPLIT_DX)},
+        **{f"_bwd_dC_kernel {part}": dict(**flags, **dots, FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST,
+                                          DO_DA=da, DO_DC=dc)
+           for part, da, dc in pair_parts("dA", "dC", ours.SPLIT_DC)},
         "_bwd_ddt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
     }
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    print(f"sm_90, bf16, every option, block {blk}, {w} warps, {ours.STAGES} stages, triton {triton.__version__}")
+    def stages(name):
+        return (ours.STAGES_BWD or ours.STAGES) if name.startswith("_bwd") else ours.STAGES
+
+    print(f"sm_90, bf16, every option, block {blk}, {w} warps, {ours.STAGES} stages ({stages('_bwd')} in the "
+          f"backward), triton {triton.__version__}")
     # as the launcher specialises them for contiguous (b, l, h, p) tensors: unit strides are constants, pointers
     # and the other strides and sizes are multiples of 16
     unit = {"sx_p", "sB_n", "sC_n", "sz_p", "ss_l"}
@@ -321,7 +323,7 @@ def resources(block=None, warps=None):
                  if a not in consts and (a.endswith("_ptr") or a in aligned)}
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
         cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                               options=dict(num_warps=w, num_stages=ours.STAGES)).asm["cubin"]
+                               options=dict(num_warps=w, num_stages=stages(name))).asm["cubin"]
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()

@@ -45,8 +45,8 @@ BLOCK = 64
 WARPS = 4
 BLOCK_BWD = 0  # 0: the forward's (the backward recomputes per block, so its block may differ)
 WARPS_BWD = 0  # 0: the forward's
-STAGES = 2
-STAGES_BWD = 0  # 0: STAGES
+STAGES = 3  # H100, b1 l2^20: forward 15.8 ms at 3 stages, 16.2 at 2
+STAGES_BWD = 2  # 0: STAGES (the backward at 3 stages: fwd+bwd 84.8 ms, 82.6 at 2)
 STATE_BLOCK = 512  # elements of the (p, n) state per program of the state passes
 TARGET_PROGRAMS = 1024  # the backward splits the heads of a group among programs until this many run
 # Off-diagonal decay tiles as outer products of two exp vectors (SEQMAMBA_SSD_FACTOR=0: every pair's own exp)
@@ -55,14 +55,11 @@ FACTOR = os.environ.get("SEQMAMBA_SSD_FACTOR", "1") != "0"
 # operands are bf16 (the kernels round them to bf16 before every product anyway); carried in fp32
 # (SEQMAMBA_SSD_STATE_HALF=0: fp32 storage)
 STATE_HALF = os.environ.get("SEQMAMBA_SSD_STATE_HALF", "1") != "0"
-# C B^T computed once per chunk and group (``_cb_kernel``, fp32, freed after use) and read by every head of
-# the group, instead of each head's programs recomputing it (SEQMAMBA_SSD_SHARED_CB=0: recomputed)
-# Measured slower on an H100 (2026-11-23, b1 l2^20 24x64 n128: fwd 16.2 ms either way, fwd+bwd 102 vs 73 ms):
-# off by default (SEQMAMBA_SSD_SHARED_CB=1: on)
-SHARED_CB = os.environ.get("SEQMAMBA_SSD_SHARED_CB", "0") != "0"
-# The backward pair kernels split in two launches each (fewer live registers, no spills): dx per head, dB
-# summed over the heads; dA's pair terms per head, dC summed over the heads (SEQMAMBA_SSD_SPLIT_BWD=0: one each)
-SPLIT_BWD = os.environ.get("SEQMAMBA_SSD_SPLIT_BWD", "1") != "0"
+# The backward pair kernels as two launches each (fewer tiles live at once): dx per head and dB summed over the
+# heads (SPLIT_DX); dA's pair terms per head and dC summed over the heads (SPLIT_DC). H100, b1 l2^20 24x64 n128
+# (torch.profiler at l2^18): splitting dx/dB took its kernel from 7.6 to 6.3 ms, splitting dC/dA from 7.7 to 8.8
+SPLIT_DX = os.environ.get("SEQMAMBA_SSD_SPLIT_DX", "1") != "0"
+SPLIT_DC = os.environ.get("SEQMAMBA_SSD_SPLIT_DC", "0") != "0"
 # Programs of the per-(chunk or block, head) kernels (chunk states, output, local state gradients) ordered heads
 # first: the heads of a group read one C B^T tile in turn, and neighbouring programs read neighbouring bytes of
 # the (b, l, h, p) rows
@@ -166,46 +163,6 @@ def _grid_ids(n_bh, HEADS_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _cb_ptrs(cb_ptr, base, m, k, BLK: tl.constexpr, TRANS: tl.constexpr = False):
-    """(BLK, BLK) pointers to the tile (t block m, s block k <= m) of one chunk and group in the packed C B^T
-    buffer (b, chunks, g, NB (NB + 1) / 2, BLK, BLK) fp32, base that chunk and group's offset; TRANS: the
-    tile transposed ([s, t])."""
-    ar = tl.arange(0, BLK)
-    tile = cb_ptr + base + (m * (m + 1) // 2 + k) * (BLK * BLK)
-    if TRANS:
-        return tile + ar[None, :] * BLK + ar[:, None]
-    else:
-        return tile + ar[:, None] * BLK + ar[None, :]
-
-
-@triton.jit
-def _cb_kernel(B_ptr, C_ptr, cb_ptr, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, ngroups, seqlen, n_chunks,
-               dstate, REVERSE: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr, BN: tl.constexpr,
-               DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
-    """C[t] . B[s] for the tiles (t block m, s block k <= m) of one chunk and group (the same for every head
-    of the group), fp32, as the consumers computed it themselves (the same tl.dot of the same operands)."""
-    pc = tl.program_id(0)
-    pid = tl.program_id(1)
-    NB: tl.constexpr = Q // BLK
-    NT: tl.constexpr = NB * (NB + 1) // 2
-    c = pc // NB
-    m = pc % NB
-    bb = (pid // ngroups).to(tl.int64)
-    gg = pid % ngroups
-    n_off = tl.arange(0, BN)
-    c0 = c.to(tl.int64) * Q
-    jt = c0 + m * BLK + tl.arange(0, BLK)
-    Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, _pos(jt, seqlen, REVERSE), sC_l, n_off, sC_n, jt < seqlen,
-                    dstate).to(DT)
-    base = ((bb * n_chunks + c) * ngroups + gg) * (NT * BLK * BLK)
-    for k in range(0, m + 1):
-        js = c0 + k * BLK + tl.arange(0, BLK)
-        Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, _pos(js, seqlen, REVERSE), sB_l, n_off, sB_n, js < seqlen,
-                        dstate).to(DT)
-        tl.store(_cb_ptrs(cb_ptr, base, m, k, BLK), _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP))
-
-
-@triton.jit
 def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
                         sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
                         nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bh,
@@ -295,28 +252,24 @@ def _state_pass_kernel(loc_ptr, st_ptr, ht_ptr, cs_ptr, h0_ptr, seq_ptr, ss_b, s
 
 
 @triton.jit
-def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr, cb_ptr,
+def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
                       sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                       sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, ss_b, ss_l,
                       nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bh,
                       HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, STORE_PRE: tl.constexpr,
                       REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
                       BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
-                      FACTOR: tl.constexpr, SHARED_CB: tl.constexpr, HEADS_FIRST: tl.constexpr):
+                      FACTOR: tl.constexpr, HEADS_FIRST: tl.constexpr):
     """y for one block of BLK positions of one chunk and head: the state entering the chunk, decayed, read by
-    C, plus the masked (C B^T) (dt x) product over the blocks up to this one (C B^T read from ``cb`` where
-    SHARED_CB), plus D x, times silu(z). HEADS_FIRST: a 1-d grid whose consecutive programs are the n_bh
-    (batch, head) pairs of one block."""
+    C, plus the masked (C B^T) (dt x) product over the blocks up to this one, plus D x, times silu(z).
+    HEADS_FIRST: a 1-d grid whose consecutive programs are the n_bh (batch, head) pairs of one block."""
     pc, pid = _grid_ids(n_bh, HEADS_FIRST)
     NB: tl.constexpr = Q // BLK
-    NT: tl.constexpr = NB * (NB + 1) // 2
     c = pc // NB
     m = pc % NB
     bb = (pid // nheads).to(tl.int64)
     hh = pid % nheads
     gg = hh // hpg
-    ngroups = nheads // hpg
-    cbase = ((bb * n_chunks + c) * ngroups + gg) * (NT * BLK * BLK)
     p_off = tl.arange(0, BP)
     n_off = tl.arange(0, BN)
     row = pid.to(tl.int64) * Lp
@@ -339,11 +292,8 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
         vs = js < seqlen
         ts = _pos(js, seqlen, REVERSE)
         xs = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim).to(DT)
-        if SHARED_CB:
-            cb = tl.load(_cb_ptrs(cb_ptr, cbase, m, k, BLK))
-        else:
-            Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
-            cb = _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
+        Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
+        cb = _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
         decay = _decay(cs_ptr, row + c0 + k * BLK + BLK - 1, cst, tl.load(cs_ptr + row + js), k < m, FACTOR)
         keep = jt[:, None] >= js[None, :]
         if HAS_SEQ:
@@ -453,17 +403,17 @@ def _bwd_state_pass_kernel(gl_ptr, gst_ptr, st_ptr, cs_ptr, dht_ptr, dh0_ptr, kp
 
 @triton.jit
 def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr, dtp_ptr, cs_ptr, gst_ptr,
-                      seq_ptr, cb_ptr, dx_ptr, dz_ptr, dBp_ptr, q_ptr, zs_ptr, dDp_ptr,
+                      seq_ptr, dx_ptr, dz_ptr, dBp_ptr, q_ptr, zs_ptr, dDp_ptr,
                       sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                       sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, ss_b, ss_l,
                       nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate, n_prog,
                       HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, REVERSE: tl.constexpr,
                       HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr,
                       BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
-                      FACTOR: tl.constexpr, SHARED_CB: tl.constexpr, DO_DX: tl.constexpr, DO_DB: tl.constexpr,
+                      FACTOR: tl.constexpr, DO_DX: tl.constexpr, DO_DB: tl.constexpr,
                       HEADS_FIRST: tl.constexpr):
-    """One block of BLK source positions s of one chunk, for the ``hps`` heads of one split of a group
-    (C B^T read from ``cb`` where SHARED_CB); DO_DX: dx and what goes with it (dz, dD, q, Z), DO_DB: dB:
+    """One block of BLK source positions s of one chunk, for the ``hps`` heads of one split of a group;
+    DO_DX: dx and what goes with it (dz, dD, q, Z), DO_DB: dB:
 
         dx[s] = dt[s] (sum_{t>=s} P[t,s] (C[t].B[s]) g[t] + w[s] G_out B[s]) + D g[s]
         dB[s] = dt[s] (sum_{t>=s} P[t,s] (g[t].x[s]) C[t] + w[s] G_out^T x[s])   (summed over the heads)
@@ -473,13 +423,11 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
     whose gradient in cs[s] is -Z[s])."""
     pc, pid = _grid_ids(n_prog, HEADS_FIRST)  # pid: (batch, group, split)
     NB: tl.constexpr = Q // BLK
-    NT: tl.constexpr = NB * (NB + 1) // 2
     c = pc // NB
     m = pc % NB
     sp = pid % n_splits
     gg = (pid // n_splits) % ngroups
     bb = (pid // (n_splits * ngroups)).to(tl.int64)
-    cbase = ((bb * n_chunks + c) * ngroups + gg) * (NT * BLK * BLK)
     p_off = tl.arange(0, BP)
     n_off = tl.arange(0, BN)
     pm = p_off < hdim
@@ -513,10 +461,7 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
                 keep = keep & (_seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE)[None, :] == seq_s[:, None])
             decay = tl.where(keep, decay, 0.0)
             if DO_DX:
-                if SHARED_CB:
-                    cbt = tl.load(_cb_ptrs(cb_ptr, cbase, k, m, BLK, TRANS=True))  # (s, t)
-                else:
-                    cbt = _mm(Bs, tl.trans(Ct), PREC=PREC, UP=UP)
+                cbt = _mm(Bs, tl.trans(Ct), PREC=PREC, UP=UP)
                 acc = _mm((cbt * decay).to(DT), gt, acc, PREC=PREC, UP=UP)
             if DO_DB:
                 gxt = _mm(xs, tl.trans(gt), PREC=PREC, UP=UP)
@@ -574,11 +519,11 @@ def _dx_epilogue(D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr, dx_ptr, dz_ptr, q_ptr, z
 
 
 @triton.jit
-def _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, cb_ptr, cbase, gt, Ct, cst, jt, seq_t, dC, bb, hh, gg, row,
+def _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, gt, Ct, cst, jt, seq_t, dC, bb, hh, gg, row,
              c0, k, m, seqlen, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l, hdim, dstate, p_off,
              n_off, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, BLK: tl.constexpr, DT: tl.constexpr,
-             PREC: tl.constexpr, UP: tl.constexpr, FACTOR: tl.constexpr, SHARED_CB: tl.constexpr,
-             DO_DC: tl.constexpr, DO_DA: tl.constexpr):
+             PREC: tl.constexpr, UP: tl.constexpr, FACTOR: tl.constexpr, DO_DC: tl.constexpr,
+             DO_DA: tl.constexpr):
     """The (t block, s block k) tile of ``_bwd_dC_kernel`` for one head: dC += (P dt GX) B[s] (DO_DC) and
     the tile's pair terms R[t,s] = P[t,s] dt[s] (g[t].x[s]) (C[t].B[s]) (zero where s > t or across
     sequences; DO_DA, else R is returned without the C.B factor)."""
@@ -596,21 +541,18 @@ def _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, cb_ptr, cbase, gt, Ct, cst,
     if DO_DC:
         dC = _mm(wgt.to(DT), Bs, dC, PREC=PREC, UP=UP)
     if DO_DA:
-        if SHARED_CB:
-            wgt = wgt * tl.load(_cb_ptrs(cb_ptr, cbase, m, k, BLK))
-        else:
-            wgt = wgt * _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
+        wgt = wgt * _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
     return dC, wgt
 
 
 @triton.jit
-def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr, cb_ptr, dCp_ptr, rin_ptr, dap_ptr,
+def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr, dCp_ptr, rin_ptr, dap_ptr,
                    sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, so_b, so_l, so_h,
                    ss_b, ss_l,
                    nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate, n_prog,
                    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
                    BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
-                   FACTOR: tl.constexpr, SHARED_CB: tl.constexpr, DO_DC: tl.constexpr, DO_DA: tl.constexpr,
+                   FACTOR: tl.constexpr, DO_DC: tl.constexpr, DO_DA: tl.constexpr,
                    HEADS_FIRST: tl.constexpr):
     """One block of BLK target positions t, summed over the ``hps`` heads of one split of a group (DO_DC: dC,
     DO_DA: the per-head terms of dA below):
@@ -626,8 +568,6 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
     sp = pid % n_splits
     gg = (pid // n_splits) % ngroups
     bb = (pid // (n_splits * ngroups)).to(tl.int64)
-    NT: tl.constexpr = NB * (NB + 1) // 2
-    cbase = ((bb * n_chunks + c) * ngroups + gg) * (NT * BLK * BLK)
     p_off = tl.arange(0, BP)
     n_off = tl.arange(0, BN)
     st_m = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
@@ -665,19 +605,19 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
         run = tl.sum(tl.zeros([BLK], dtype=tl.float32), axis=0)  # every pair of the earlier s blocks
         rs = tl.zeros([BLK], dtype=tl.float32)  # per t: its pairs with the s of earlier blocks
         for k in range(0, m):  # s blocks before this t block: every t is >= every k of the s block
-            dC, R = _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, cb_ptr, cbase, gt, Ct, cst, jt, seq_t, dC, bb,
+            dC, R = _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, gt, Ct, cst, jt, seq_t, dC, bb,
                              hh, gg, row, c0, k, m, seqlen, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b,
                              ss_l, hdim, dstate, p_off, n_off, REVERSE, HAS_SEQ, BLK, DT, PREC, UP, FACTOR,
-                             SHARED_CB, DO_DC, DO_DA)
+                             DO_DC, DO_DA)
             if DO_DA:
                 colsum = tl.sum(R, axis=0)  # per s
                 excl = tl.sum(tl.where(before, colsum[:, None], 0.0), axis=0)  # per k of the block: s < k
                 tl.store(dap_ptr + dap_row + m * Q + k * BLK + ar, excl + run)
                 run += tl.sum(colsum, axis=0)
                 rs += tl.sum(R, axis=1)
-        dC, R = _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, cb_ptr, cbase, gt, Ct, cst, jt, seq_t, dC, bb, hh,
+        dC, R = _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, gt, Ct, cst, jt, seq_t, dC, bb, hh,
                          gg, row, c0, m, m, seqlen, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
-                         hdim, dstate, p_off, n_off, REVERSE, HAS_SEQ, BLK, DT, PREC, UP, FACTOR, SHARED_CB, DO_DC,
+                         hdim, dstate, p_off, n_off, REVERSE, HAS_SEQ, BLK, DT, PREC, UP, FACTOR, DO_DC,
                          DO_DA)
         if DO_DA:
             # diagonal tile: c1[t, k] = sum_{s<k} R[t, s], kept where t >= k; earlier blocks: rs[t] for t >= k
@@ -782,19 +722,6 @@ def _seq_args(seq_idx, dummy):
     return (seq_idx, seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (dummy, 0, 0)
 
 
-def _cb(cfg, B, C, reverse, dot, dummy):
-    """C B^T of every chunk and group, the tiles (t block m, s block k <= m), (b, chunks, g, NB (NB + 1) / 2,
-    BLK, BLK) fp32 (``dummy`` unless SHARED_CB)."""
-    if not SHARED_CB:
-        return dummy
-    cb = torch.empty(cfg.b, cfg.nc, cfg.g, cfg.NB * (cfg.NB + 1) // 2, cfg.BLK, cfg.BLK, device=B.device,
-                     dtype=torch.float32)
-    _cb_kernel[(cfg.nc * cfg.NB, cfg.b * cfg.g)](B, C, cb, *B.stride(), *C.stride(), cfg.g, cfg.l, cfg.nc, cfg.n,
-                                                 REVERSE=reverse, Q=cfg.Q, BLK=cfg.BLK, BN=cfg.BN, **dot,
-                                                 num_warps=cfg.warps, num_stages=STAGES)
-    return cb
-
-
 def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pre, chunk, blk, warps):
     """Returns y, final_state (b, h, p, n) fp32, y_pre (or None), dt' and cs ((b h, Lp) fp32, scan order),
     and the states entering each chunk (b, chunks, h, p, n) in ``_state_dtype``."""
@@ -826,14 +753,13 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     del loc  # the fp32 local states are freed here when the states are kept in bf16
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     ypre = torch.empty_like(y) if (store_pre and z is not None) else None
-    cb = _cb(cfg, B, C, reverse, dot, dummy)
     grid = (nc * cfg.NB * b * h,) if HEADS_FIRST else (nc * cfg.NB, b * h)
     _chunk_out_kernel[grid](
         x, B, C, D if D is not None else dummy, z if z is not None else dummy, y,
-        ypre if ypre is not None else y, dtp, cs, st, seq[0], cb, *x.stride(), *B.stride(), *C.stride(),
+        ypre if ypre is not None else y, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *C.stride(),
         *_strides4(z), *y.stride()[:3], *seq[1:], *dims, b * h, HAS_D=D is not None,
         D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None, STORE_PRE=ypre is not None, **common, **blocks,
-        FACTOR=FACTOR, SHARED_CB=SHARED_CB, HEADS_FIRST=HEADS_FIRST, num_warps=warps, num_stages=STAGES)
+        FACTOR=FACTOR, HEADS_FIRST=HEADS_FIRST, num_warps=warps, num_stages=STAGES)
     return y, ht, ypre, dtp, cs, st
 
 
@@ -885,31 +811,29 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     zs = torch.empty(b * h, cfg.Lp, **f32)
     dBp = torch.empty(b, ns, l, g, n, **f32)
     dDp = torch.empty(b, nc * cfg.NB, h, cfg.BP, **f32) if D is not None else None
-    cb = _cb(cfg, B, C, reverse, dot, dummy)
-    kw = dict(**common, **blocks, FACTOR=FACTOR, SHARED_CB=SHARED_CB, HEADS_FIRST=HEADS_FIRST, num_warps=warps,
+    kw = dict(**common, **blocks, FACTOR=FACTOR, HEADS_FIRST=HEADS_FIRST, num_warps=warps,
               num_stages=STAGES_BWD or STAGES)
     # (the per-head half, the half summed over heads, programs per group): one launch doing both, or two
-    parts = [(True, False, cfg.hpg), (False, True, ns)] if SPLIT_BWD else [(True, True, ns)]
-    for per_head, summed, nsp in parts:
+    both, split = [(True, True, ns)], [(True, False, cfg.hpg), (False, True, ns)]
+    for per_head, summed, nsp in (split if SPLIT_DX else both):
         n_prog = b * g * nsp
         grid = (nc * cfg.NB * n_prog,) if HEADS_FIRST else (nc * cfg.NB, n_prog)
         gdims = (h, g, cfg.hpg, cfg.hpg // nsp, nsp, l, cfg.Lp, nc, p, n, n_prog)
         _bwd_dx_dB_kernel[grid](
             x, B, C, D if D is not None else dummy, z if z is not None else dummy, dy, gbuf,
-            ypre if ypre is not None else dummy, dtp, cs, gst, seq[0], cb, dx, dz if dz is not None else dummy, dBp,
+            ypre if ypre is not None else dummy, dtp, cs, gst, seq[0], dx, dz if dz is not None else dummy, dBp,
             q, zs, dDp if dDp is not None else dummy, *x.stride(), *B.stride(), *C.stride(), *_strides4(z), *so,
             *seq[1:], *gdims, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None,
             DO_DX=per_head, DO_DB=summed, **kw)
     dCp = torch.empty(b, ns, l, g, n, **f32)
     rin = torch.empty(b * h, cfg.Lp, **f32)
     dap = torch.zeros(b * h, nc, cfg.NB, cfg.Q, **f32)  # [t block, k]: only blocks k <= t block are written
-    for per_head, summed, nsp in parts:
+    for per_head, summed, nsp in (split if SPLIT_DC else both):
         n_prog = b * g * nsp
         grid = (nc * cfg.NB * n_prog,) if HEADS_FIRST else (nc * cfg.NB, n_prog)
         gdims = (h, g, cfg.hpg, cfg.hpg // nsp, nsp, l, cfg.Lp, nc, p, n, n_prog)
-        _bwd_dC_kernel[grid](x, B, C, gbuf, dtp, cs, st, seq[0], cb, dCp, rin, dap, *x.stride(), *B.stride(),
+        _bwd_dC_kernel[grid](x, B, C, gbuf, dtp, cs, st, seq[0], dCp, rin, dap, *x.stride(), *B.stride(),
                              *C.stride(), *so, *seq[1:], *gdims, DO_DC=summed, DO_DA=per_head, **kw)
-    del cb
     ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dAp = torch.empty(b * h, nc, **f32)
     dbp = torch.empty(b * h, nc, **f32) if dt_bias is not None else None
