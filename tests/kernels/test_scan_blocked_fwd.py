@@ -159,7 +159,8 @@ def _cuda(x, dtype=None):
     ((2, 64, 16, 3000), 1, None, {}), ((1, 96, 8, 70000), 3, None, {}),
     ((2, 64, 16, 5000), 2, [7, 1024, 1025, 4000], {}),
     ((2, 64, 16, 5000), 2, [7, 1024, 1025, 4000], dict(bd=2, chunk=256, num_warps=1, unroll=2)),
-    ((1, 32, 16, 9000), 1, None, dict(bd=1, chunk=2048, num_warps=4, unroll=1))])
+    ((1, 32, 16, 9000), 1, None, dict(bd=1, chunk=2048, num_warps=4, unroll=1)),
+    ((2, 32, 16, 9000), 2, None, dict(bd=2, num_warps=4, prefetch=True))])
 def test_gpu_fp32_matches_reference(shape, groups, cuts, tuning, reverse):
     """fp32 at realistic sizes (several chunks, a partial one, seq_idx; the default tuning and others) vs the
     float64 reference."""

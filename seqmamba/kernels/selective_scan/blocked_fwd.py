@@ -34,15 +34,26 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
-# Tuning: chunk length T (positions per program step), channels per program BD (a power of two dividing the
-# channels of a B/C group) and warps per program. Chosen by a GPU sweep (see /work/notes/results3_m1fwd.md;
-# to be filled in by the sweep, initial guesses until then).
+# Tuning, from sweeps on one H100 (bf16 inputs, softplus + z, medians of do_bench; benchmarks in
+# /work/notes/results3_m1fwd.md), as (channels per program BD, chunk T, warps):
+#   b8 d1536 l2048:   2/256/1 0.380 ms, 2/512/2 0.393, 2/1024/4 0.415, 1/1024/2 0.49, 2/512/4 0.56
+#   b1 d1536 l2^20:   2/512/2 25.2 ms,  2/1024/4 27.2, 1/512/1 27.6, 1/1024/2 28-33, 1/2048/4 30-35, 4/*/* 70-85
+#   b1 d512  l2^20:   1/1024/2 10.5 ms, 1/1024/4 11.0, 2/1024/4 11.2, 1/2048/4 11.7, 2/512/2 18.7, 1/512/1 24
+# (unrolling the state loop by 2 and one-warp programs with 2 channels lost everywhere: registers). Each thread
+# should hold 16 positions of a row (fewer: the cross-thread scan dominates; more: registers spill) and the
+# grid should hold >= ~8 warps per SM. One chunk length for every shape keeps chunk_length() shape-free (the
+# backward and the fake implementations rely on it); T = 1024 costs ~5% at b1 d1536 against T = 512 and
+# saves 40% at b1 d512. Two channels a program (B and C rows shared, half the L2 reads) once there are
+# MIN_CHANNELS_BD2 channel rows, else one channel with 2 warps (twice the programs).
 CHUNK = 1024
-BD = 1
-WARPS = 4
-UNROLL = 1
-PAIRS = True
-PREFETCH = False
+MIN_CHANNELS_BD2 = 1024
+WARPS_BD2 = 4
+WARPS_BD1 = 2
+UNROLL = 1          # state-loop unroll factor (2 measured slower: register pressure)
+PAIRS = True        # bf16 B/C read as 32-bit pairs where aligned (-16 instructions a state, 3-6% faster)
+# load the next chunk's delta and u during the current one: 2-6% faster with 16-bit inputs (+50 registers);
+# fp32 inputs would spill at 2 channels x 4 warps, so it is on for 16-bit inputs only
+PREFETCH_16BIT = True
 
 
 @triton.jit
@@ -247,6 +258,17 @@ def chunk_length(tuning: dict | None = None) -> int:
     return int((tuning or {}).get("chunk") or CHUNK)
 
 
+def _plan(b: int, d: int, cpg: int, elt_size: int, tuning: dict) -> tuple[int, int, bool]:
+    """(channels per program, warps, prefetch) for this call: the tuning's values where given (None: default),
+    else the module's measured defaults (see the table at the top)."""
+    bd = tuning.get("bd") or (2 if b * d >= MIN_CHANNELS_BD2 else 1)
+    bd = _pow2_divisor(cpg, int(bd))
+    warps = int(tuning.get("num_warps") or (WARPS_BD2 if bd >= 2 else WARPS_BD1))
+    prefetch = tuning.get("prefetch")
+    prefetch = bool(PREFETCH_16BIT and elt_size <= 2) if prefetch is None else bool(prefetch)
+    return bd, warps, prefetch
+
+
 def _pow2_divisor(x: int, cap: int) -> int:
     """Largest power of two dividing x, at most cap."""
     p = 1
@@ -273,8 +295,9 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     Returns ``(y, final_state, chunk_states)``: y (b, d, l) in u's dtype (l contiguous), or ``out`` itself
     with y added into it when ``out`` (a (b, d, l) tensor) is given; final_state (b, d, n) fp32; chunk_states
     (b, cdiv(l, T), d, n) fp32 when ``save_states`` (module docstring: the state entering each chunk), else
-    None. ``tuning``: ``chunk`` (T, a power of two), ``bd`` (channels per program, capped to a power of two
-    dividing d // g), ``num_warps``.
+    None. ``tuning`` (each optional, None = default): ``chunk`` (T, a power of two), ``bd`` (channels per
+    program, capped to a power of two dividing d // g), ``num_warps``, ``unroll`` (state loop), ``pairs``,
+    ``prefetch`` (bools).
     """
     b, d, l = u.shape
     n = A.shape[1]
@@ -285,7 +308,7 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     B4 = B if B.dim() == 4 else B.unsqueeze(1)
     C4 = C if C.dim() == 4 else C.unsqueeze(1)
     cpg = d // B4.shape[1]
-    bd = _pow2_divisor(cpg, int(tuning.get("bd") or BD))
+    bd, warps, prefetch = _plan(b, d, cpg, max(u.element_size(), delta.element_size()), tuning)
     BN = max(triton.next_power_of_2(n), 2)
     n_chunks = triton.cdiv(l, T)
     f32 = dict(device=u.device, dtype=torch.float32)
@@ -295,7 +318,6 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     seq = seq_idx.contiguous() if seq_idx is not None else None
     dummy = final
-    warps = int(tuning.get("num_warps") or WARPS)
     # the (BD, T) tile's layout: 16-byte vectors of the loaded dtype on 32 * warps threads, repeated over T
     vec = max(1, 16 // max(u.element_size(), delta.element_size(), B.element_size()))
     nt = min(32 * warps, T)
@@ -317,5 +339,5 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse),
         HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec,
         UNROLL=int(tuning.get("unroll") or UNROLL), PAIRS=pairs,
-        PREFETCH=bool(tuning.get("prefetch", PREFETCH)), num_warps=warps)
+        PREFETCH=prefetch, num_warps=warps)
     return y, final, (states if save_states else None)
