@@ -194,7 +194,7 @@ def print_table(rows, bw):
 
 # module switches of chunk.py (off: the session-2 paths) and launch parameters
 LEGACY = dict(HEADS_FIRST=False, STATE_HALF=False, SPLIT_DX=False, SPLIT_DC=False, STAGES=2)
-SWEEP = [dict(), dict(flags=dict(SPLIT_DX=False)), dict(flags=dict(SPLIT_DC=True))]
+SWEEP = [dict(), dict(flags=dict(SPLIT_DX=False)), dict(chunk=128)]
 
 
 def with_flags(flags, f, *a, **k):
