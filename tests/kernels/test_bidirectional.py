@@ -32,7 +32,7 @@ def chunk():
 def mode(request, chunk, monkeypatch):
     """Which kernels the ops run: the blocked pair (default; its chunk length cut to 8 so tiny inputs take
     several chunks) or this file's tile-state kernels (deterministic mode)."""
-    monkeypatch.setattr(chunk._blocked_fwd_mod, "CHUNK", 8)
+    monkeypatch.setattr(chunk, "GRAD_CHUNK", 8)
     with deterministic_mode() if request.param == "deterministic" else contextlib.nullcontext():
         yield request.param
 
@@ -133,7 +133,7 @@ def test_interpreted_fake_layouts_match_real(chunk, channel_last, blocked, monke
     """The bidirectional ops' fake implementations give every output the real one's shape, dtype and strides
     (torch.compile trusts them), with either kernel family."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    monkeypatch.setattr(chunk._blocked_fwd_mod, "CHUNK", 16)
+    monkeypatch.setattr(chunk, "GRAD_CHUNK", 16)
     fwd, rev = make_pair(1, 2, 2, 70, channel_last=channel_last, seed=5)
     pairs = [t.detach() for k in SCAN for t in (fwd[k], rev[k])]
     fwd_args = (*pairs, True, True, None, blocked)

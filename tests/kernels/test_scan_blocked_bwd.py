@@ -89,6 +89,7 @@ CASES = [
     ("seq-idx-reverse", dict(l=23, groups=2), True, True, True, False, 8, {}),
     ("one-chunk-length-1", dict(l=1, groups=2), True, False, False, True, 4, {}),
     ("exact-chunks", dict(l=16, groups=1, d=8), True, True, False, True, 4, dict(block_d=8, num_warps=2)),
+    ("one-channel-seq-idx-reverse-n5", dict(l=19, groups=2, n=5), True, True, True, True, 4, dict(block_d=1)),
 ]
 
 

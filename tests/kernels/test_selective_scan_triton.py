@@ -28,7 +28,7 @@ def chunk():
 def small_chunks(chunk, monkeypatch):
     """The blocked kernels' chunk length cut to 4 positions for the default (custom-op) path, so that tiny
     inputs take several chunks."""
-    monkeypatch.setattr(chunk._blocked_fwd_mod, "CHUNK", 4)
+    monkeypatch.setattr(chunk, "GRAD_CHUNK", 4)
     return chunk
 
 

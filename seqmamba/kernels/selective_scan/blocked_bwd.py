@@ -42,9 +42,17 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
-# Channels per program and warps (positions spread over the threads): see blocked_bwd_launch's ``block_d``.
-BLOCK_D = 4
-NUM_WARPS = 4
+# Channels per program and warps per chunk length T. H100 sweep (bf16, b1 d1536 l65536 and b8 d1536 l2048, bwd
+# ms): one channel a program won at every T (two: 5-25% slower, more spills); warps T128:1 (10.4 / 2.12),
+# T256:1 (13.8 / 2.39), T512:4 (11.4 / 2.31; 2 warps 12.4 / 2.61), T1024:4 (12.9 / 2.65; 8 warps 20.8 / 3.95),
+# T2048:8 (14.1 / 2.96).
+BLOCK_D = 1
+WARPS = {128: 1, 256: 1, 512: 4, 1024: 4, 2048: 8}
+
+
+def default_warps(T: int) -> int:
+    """Warps per program for chunk length T (the sweep's choice; 4 positions a thread elsewhere, 1 to 8 warps)."""
+    return WARPS.get(T, min(max(T // 128, 1), 8))
 
 
 @triton.jit
@@ -197,10 +205,11 @@ def _blocked_bwd_kernel(
             # one reduction over the chunk for dA[n] and g at the chunk's first position (the next carry)
             dA_n, g_first = tl.reduce((gdt * xa, tl.where(first, g, 0.0)), 1, _add2)
             dA_acc += tl.where(n_off[None, :] == n, dA_n[:, None], 0.0)
-            tl.atomic_add(dB_ptr + bc_t + n * seqlen, tl.sum(gdt * u, axis=0)[None, :], mask=valid, sem="relaxed")
-            tl.atomic_add(dC_ptr + bc_t + n * seqlen, tl.sum(h * dyp, axis=0)[None, :], mask=valid, sem="relaxed")
+            tl.atomic_add(dB_ptr + bc_t, tl.sum(gdt * u, axis=0)[None, :], mask=valid, sem="relaxed")
+            tl.atomic_add(dC_ptr + bc_t, tl.sum(h * dyp, axis=0)[None, :], mask=valid, sem="relaxed")
             ypre += h * Cn
             tl.store(g_ptr + gc_row + n, g_first)
+            bc_t += seqlen                                                             # next state's row
         ddt += u * sgB
         du = dt * sgB + Dv[:, None] * dyp
         out_off = g_row + t
@@ -254,7 +263,7 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
     (b, g, n, l); D, delta_bias: (d,) or None; chunk_states: (b, n_chunks, d, n) fp32 with
     n_chunks = cdiv(l, chunk_len) (see the module docstring); dht: (b, d, n) or None; seq_idx: (b, l) ints or
     None. ``chunk_len`` (a power of two) is the forward's chunk length T; ``block_d`` channels per program
-    (a power of two dividing d // g; default ``BLOCK_D``), ``num_warps`` (default ``NUM_WARPS``).
+    (a power of two dividing d // g; default ``BLOCK_D``), ``num_warps`` (default :func:`default_warps`).
 
     Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0): du, ddelta, dz contiguous in u's, delta's, z's
     dtypes; dA, dB, dC, dD, ddelta_bias in their inputs' dtypes; dh0 (b, d, n) fp32; None for absent inputs.
@@ -302,7 +311,7 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
             seq[1], seq[2], d, n, l, cpg, g, n_chunks,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
             REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, BD=BD, BN=BN, T=T,
-            num_warps=num_warps or NUM_WARPS)
+            num_warps=num_warps or default_warps(T))
     return (du, ddelta, dA.sum(0).to(A.dtype), dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, dh0)

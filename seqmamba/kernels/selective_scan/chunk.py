@@ -1150,13 +1150,28 @@ def blocked_default() -> bool:
     return not torch.are_deterministic_algorithms_enabled()
 
 
+# Chunk length and forward warps when the forward saves chunk states for the backward (the no-grad forward keeps
+# blocked_fwd's own tuning). H100, bf16, fwd (saving states) + bwd ms by T (forward warps, backward warps):
+#   T      b8 d1536 l2048   b1 d1536 l65536   b1 d1536 l2^20
+#   128    2.65 (1, 1)      14.7              236
+#   256    2.85 (1, 1)      16.1              254
+#   512    2.74 (2, 4)      12.6              206
+#   1024   3.25 (2, 4)      15.7              260
+GRAD_CHUNK = 512
+GRAD_FWD_WARPS = 2
+
+
 def _blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, save_states, seq_idx,
                  out=None, tuning=None):
-    """``blocked_fwd``: (y, final_state, chunk_states or None). ``tuning``: chunk, bd, warps (forward)."""
+    """``blocked_fwd``: (y, final_state, chunk_states or None). ``tuning``: chunk, bd, warps (forward); by default
+    GRAD_CHUNK / GRAD_FWD_WARPS when states are saved."""
     tuning = tuning or {}
+    chunk, warps = tuning.get("chunk"), tuning.get("warps")
+    if save_states and chunk is None:
+        chunk, warps = GRAD_CHUNK, warps or GRAD_FWD_WARPS
     return _blocked_fwd_mod.blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
-                                        seq_idx, save_states, out=out, chunk=tuning.get("chunk"),
-                                        bd=tuning.get("bd"), num_warps=tuning.get("warps"))
+                                        seq_idx, save_states, out=out, chunk=chunk, bd=tuning.get("bd"),
+                                        num_warps=warps)
 
 
 def _chunk_len(l: int, n_chunks: int) -> int:
@@ -1182,8 +1197,7 @@ def _blocked_states_like(u, A, save_states):
     b, d, l = u.shape
     if not save_states:
         return _empty(u)
-    T = _blocked_fwd_mod.chunk_length()
-    return u.new_empty(b, triton.cdiv(l, T), d, A.shape[1], dtype=torch.float32)
+    return u.new_empty(b, triton.cdiv(l, GRAD_CHUNK), d, A.shape[1], dtype=torch.float32)
 
 
 class SelectiveScanFn(torch.autograd.Function):
