@@ -1157,21 +1157,22 @@ def blocked_default() -> bool:
 #   256    2.85 (1, 1)      16.1              254
 #   512    2.74 (2, 4)      12.6              206
 #   1024   3.25 (2, 4)      15.7              260
+# (measured with one channel a forward program)
 GRAD_CHUNK = 512
 GRAD_FWD_WARPS = 2
+GRAD_FWD_BD = 1
 
 
 def _blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, save_states, seq_idx,
                  out=None, tuning=None):
     """``blocked_fwd``: (y, final_state, chunk_states or None). ``tuning``: chunk, bd, warps (forward); by default
-    GRAD_CHUNK / GRAD_FWD_WARPS when states are saved."""
+    GRAD_CHUNK / GRAD_FWD_WARPS / GRAD_FWD_BD when states are saved."""
     tuning = tuning or {}
-    chunk, warps = tuning.get("chunk"), tuning.get("warps")
+    chunk, warps, bd = tuning.get("chunk"), tuning.get("warps"), tuning.get("bd")
     if save_states and chunk is None:
-        chunk, warps = GRAD_CHUNK, warps or GRAD_FWD_WARPS
+        chunk, warps, bd = GRAD_CHUNK, warps or GRAD_FWD_WARPS, bd or GRAD_FWD_BD
     return _blocked_fwd_mod.blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
-                                        seq_idx, save_states, out=out, chunk=chunk, bd=tuning.get("bd"),
-                                        num_warps=warps)
+                                        seq_idx, save_states, out=out, chunk=chunk, bd=bd, num_warps=warps)
 
 
 def _chunk_len(l: int, n_chunks: int) -> int:
