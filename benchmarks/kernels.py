@@ -278,7 +278,8 @@ def with_layout(x, layout):
 
 
 def layout_rows(shapes=((8, 1536, 16, 2048), (1, 1536, 16, 65536), (1, 1536, 16, 1 << 20))):
-    """Forward time of both forward kernels and fwd+bwd time of the default, for each input layout."""
+    """Forward time of the tile-state forward kernels and of the default (blocked), and fwd+bwd time of the
+    default and of the tile-state kernels (``_tuning={}``), for each input layout."""
     from seqmamba.kernels.selective_scan.chunk import selective_scan_triton
     rows = []
     for shape in shapes:
@@ -289,12 +290,15 @@ def layout_rows(shapes=((8, 1536, 16, 2048), (1, 1536, 16, 65536), (1, 1536, 16,
             for kern in ("scan", "seq"):
                 row[f"fwd_{kern}_ms"] = bench(lambda: selective_scan_triton(
                     **x, delta_softplus=True, return_final_state=True, _tuning=dict(fwd_kernel=kern)), rep_ms=100)
+            row["fwd_blocked_ms"] = bench(lambda: selective_scan_triton(
+                **x, delta_softplus=True, return_final_state=True), rep_ms=100)
             leaves = {k: v.detach().requires_grad_() for k, v in x.items()}
-
-            def f():
-                y, h = selective_scan_triton(**leaves, delta_softplus=True, return_final_state=True)
-                torch.autograd.backward((y, h), (y.detach(), h.detach()))
-            row["fwdbwd_ms"] = bench(f, rep_ms=100)
+            for name, tuning in (("fwdbwd_ms", None), ("fwdbwd_tile_ms", {})):
+                def f():
+                    y, h = selective_scan_triton(**leaves, delta_softplus=True, return_final_state=True,
+                                                 _tuning=tuning)
+                    torch.autograd.backward((y, h), (y.detach(), h.detach()))
+                row[name] = bench(f, rep_ms=100)
             del leaves
             rows.append(row)
             print(json.dumps(row), flush=True)
