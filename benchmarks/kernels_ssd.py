@@ -193,8 +193,8 @@ def print_table(rows, bw):
 
 
 # module switches of chunk.py (off: the session-2 paths) and launch parameters
-LEGACY = dict(HEADS_FIRST=False, STATE_HALF=False, SPLIT_DX=False, SPLIT_DC=False, STAGES=2)
-SWEEP = [dict(), dict(flags=dict(SPLIT_DX=False)), dict(chunk=128)]
+LEGACY = dict(HEADS_FIRST=False, STATE_HALF=False, STAGES=2)
+SWEEP = [dict(flags=LEGACY), dict(), dict(flags=dict(STAGES=2)), dict(warps_bwd=8), dict(chunk=128)]
 
 
 def with_flags(flags, f, *a, **k):
@@ -262,13 +262,6 @@ def ab_factor(shapes):
         ours.FACTOR = True
 
 
-def pair_parts(per_head, summed, split):
-    """(label, per-head half on, summed half on) of each launch of a backward pair kernel (split: two)."""
-    if split:
-        return [(per_head, True, False), (summed, False, True)]
-    return [(f"{per_head}+{summed}", True, True)]
-
-
 def resources(block=None, warps=None):
     """Registers and spill stack of every kernel compiled for sm_90 (needs no GPU: Triton's ptxas and
     cuobjdump), for bf16 inputs with every option on."""
@@ -293,12 +286,9 @@ def resources(block=None, warps=None):
                                   FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_gloc_kernel": dict(HAS_Z=True, **flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_state_pass_kernel": dict(HAS_DHT=True, **flags, BS=ours.STATE_BLOCK),
-        **{f"_bwd_dx_dB_kernel {part}": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots,
-                                             FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST, DO_DX=dx, DO_DB=db)
-           for part, dx, db in pair_parts("dx", "dB", ours.SPLIT_DX)},
-        **{f"_bwd_dC_kernel {part}": dict(**flags, **dots, FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST,
-                                          DO_DA=da, DO_DC=dc)
-           for part, da, dc in pair_parts("dA", "dC", ours.SPLIT_DC)},
+        "_bwd_dx_dB_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots, FACTOR=ours.FACTOR,
+                                  HEADS_FIRST=ours.HEADS_FIRST),
+        "_bwd_dC_kernel": dict(**flags, **dots, FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_ddt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
     }
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -312,8 +302,7 @@ def resources(block=None, warps=None):
     unit = {"sx_p", "sB_n", "sC_n", "sz_p", "ss_l"}
     aligned = {"sx_b", "sx_l", "sB_b", "sB_l", "sC_b", "sC_l", "sz_b", "sz_l", "so_b", "so_l", "hdim", "dstate",
                "Lp", "size", "sx_h", "sz_h", "so_h"}
-    for label, consts in kernels.items():
-        name = label.split()[0]
+    for name, consts in kernels.items():
         fn = getattr(ours, name)
         consts = {**{a: 1 for a in fn.arg_names if a in unit}, **consts}
         sig = {a: "constexpr" if a in consts else
@@ -329,7 +318,7 @@ def resources(block=None, warps=None):
             f.flush()
             out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
         usage = next((line.split()[:2] for line in out.splitlines() if "REG:" in line), ["?", "?"])
-        print(f"  {label:24s} {usage[0]:8s} {usage[1]}")
+        print(f"  {name:24s} {usage[0]:8s} {usage[1]}")
 
 
 def main(argv=None):

@@ -82,13 +82,10 @@ def test_interpreted_matches_naive_loop(chunk, factor, monkeypatch):
     compare(got, run_with_grads(lambda **i: naive_ssd(**i, dt_softplus=True), as64(inp), dy, dht), 2e-5)
 
 
-@pytest.mark.parametrize("heads_first,split", [(False, False), (True, True)])
-def test_interpreted_other_paths(chunk, heads_first, split, monkeypatch):
-    """The paths the defaults do not take: programs ordered chunk first (not HEADS_FIRST), both backward pair
-    kernels as one launch each or both as two (SPLIT_DX, SPLIT_DC)."""
-    monkeypatch.setattr(chunk, "HEADS_FIRST", heads_first)
-    monkeypatch.setattr(chunk, "SPLIT_DX", split)
-    monkeypatch.setattr(chunk, "SPLIT_DC", split)
+def test_interpreted_chunk_first_grids(chunk, monkeypatch):
+    """The path the default (HEADS_FIRST) does not take: the 2-d grids whose consecutive programs are the
+    chunks (or blocks) of one head, or of one group of heads."""
+    monkeypatch.setattr(chunk, "HEADS_FIRST", False)
     l, opt, reverse, packed, tuning = CASES["packed"]
     inp, dy, dht = make_inputs(2, l, 4, 3, n=5, seed=17, dtype=torch.float32, **opt)
     seq_idx = torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])

@@ -13,18 +13,20 @@ Every exponent is a difference of cumulative sums taken where it is <= 0 (clampe
 nothing positive is exponentiated. ``seq_idx`` zeroes every term that crosses a change of sequence.
 
 Forward: ``_dt_kernel`` (dt' = softplus(dt + bias) and cs, (b h, l) fp32, scan order) ->
-``_chunk_state_kernel`` (each chunk's local end state, a tl.dot) -> ``_state_pass_kernel`` (sequential over
-chunks: the state entering every chunk, in place, and the final state) -> ``_chunk_out_kernel`` (y).
+``_chunk_state_kernel`` (each chunk's local end state, fp32, a tl.dot) -> ``_state_pass_kernel`` (sequential
+over chunks, carried in fp32: the state entering every chunk, stored in bf16 for bf16 inputs, and the final
+state) -> ``_chunk_out_kernel`` (y).
 
 Backward, with g = dy silu(z) and G_out[c] = dL/dH_out[c]:
-  ``_bwd_gloc_kernel`` (g, and each chunk's local dL/dH_in) -> ``_bwd_state_pass_kernel`` (right to left:
-  G_out per chunk, dinitial_state, and exp(cs[Q-1]) <G_out, H_in> per chunk) -> ``_bwd_dx_dB_kernel`` (per
+  ``_bwd_gloc_kernel`` (g, and each chunk's local dL/dH_in, fp32) -> ``_bwd_state_pass_kernel`` (right to
+  left: G_out per chunk, stored like the states, dinitial_state, and exp(cs[Q-1]) <G_out, H_in> per chunk) -> ``_bwd_dx_dB_kernel`` (per
   block of s: dx, dz, dB summed over the heads of a group, dD, and per-position scalars) -> ``_bwd_dC_kernel``
   (per block of t: dC, and the pair sums of dA) -> ``_bwd_ddt_kernel`` (ddt, dA, ddt_bias).
 The gradient in da[k] (a = dt A) is summed from terms that each belong to k, never as a difference of large
 sums (which cancels to noise in bf16): the pairs s < k <= t of R[t,s] = P[t,s] (C[t].B[s]) dt[s] (g[t].x[s]),
 the incoming state's terms at t >= k, the outgoing state's terms at s < k, and the chunk decay's term.
-The backward recomputes from the inputs, y before the gate (saved only when z is given) and the chunk states;
+The backward recomputes from the inputs, y before the gate (saved only when z is given) and the chunk-entry
+states;
 nothing of size (b, l, h, p, n) is stored. No atomics: per-program partials are summed by torch in a fixed
 order, so the backward is deterministic. Accumulation is fp32; tl.dot operands are bf16/fp16 for such inputs,
 fp32 (IEEE) for fp32 inputs. All offsets are 64-bit (positions themselves are 32-bit: l < 2^31).
@@ -39,14 +41,16 @@ import triton.language as tl
 
 from seqmamba.kernels.ssd.ref import ssd_scan_ref
 
-# Defaults: chunk length (mamba_ssm's), block of positions, warps. Not swept yet (benchmarks/kernels_ssd.py --sweep).
+# Defaults: chunk length (mamba_ssm's), block of positions, warps. Swept on an H100 (benchmarks/kernels_ssd.py
+# --sweep, b1 l2^20 24x64 n128, 2026-11-23): chunk 128, block 128 + 8 warps (forward), 8 warps or block 32
+# (backward) were all slower; splitting each backward pair kernel in two launches (fewer spills) was no faster.
 CHUNK = 256
 BLOCK = 64
 WARPS = 4
 BLOCK_BWD = 0  # 0: the forward's (the backward recomputes per block, so its block may differ)
 WARPS_BWD = 0  # 0: the forward's
 STAGES = 3  # H100, b1 l2^20: forward 15.8 ms at 3 stages, 16.2 at 2
-STAGES_BWD = 2  # 0: STAGES (the backward at 3 stages: fwd+bwd 84.8 ms, 82.6 at 2)
+STAGES_BWD = 2  # 0: STAGES (the backward at 3 stages was slower: fwd+bwd +2.2 ms at b1 l2^20)
 STATE_BLOCK = 512  # elements of the (p, n) state per program of the state passes
 TARGET_PROGRAMS = 1024  # the backward splits the heads of a group among programs until this many run
 # Off-diagonal decay tiles as outer products of two exp vectors (SEQMAMBA_SSD_FACTOR=0: every pair's own exp)
@@ -55,14 +59,9 @@ FACTOR = os.environ.get("SEQMAMBA_SSD_FACTOR", "1") != "0"
 # operands are bf16 (the kernels round them to bf16 before every product anyway); carried in fp32
 # (SEQMAMBA_SSD_STATE_HALF=0: fp32 storage)
 STATE_HALF = os.environ.get("SEQMAMBA_SSD_STATE_HALF", "1") != "0"
-# The backward pair kernels as two launches each (fewer tiles live at once): dx per head and dB summed over the
-# heads (SPLIT_DX); dA's pair terms per head and dC summed over the heads (SPLIT_DC). H100, b1 l2^20 24x64 n128
-# (torch.profiler at l2^18): splitting dx/dB took its kernel from 7.6 to 6.3 ms, splitting dC/dA from 7.7 to 8.8
-SPLIT_DX = os.environ.get("SEQMAMBA_SSD_SPLIT_DX", "1") != "0"
-SPLIT_DC = os.environ.get("SEQMAMBA_SSD_SPLIT_DC", "0") != "0"
-# Programs of the per-(chunk or block, head) kernels (chunk states, output, local state gradients) ordered heads
-# first: the heads of a group read one C B^T tile in turn, and neighbouring programs read neighbouring bytes of
-# the (b, l, h, p) rows
+# Programs ordered heads first (1-d grids): consecutive programs are the heads (or groups) of one chunk or block,
+# so they read neighbouring bytes of the (b, l, h, p) rows and the same B/C tiles (H100, b1 l2^20: forward 20.0
+# -> 16.2 ms; SEQMAMBA_SSD_HEADS_FIRST=0: the chunks of one head first)
 HEADS_FIRST = os.environ.get("SEQMAMBA_SSD_HEADS_FIRST", "1") != "0"
 
 
@@ -410,10 +409,8 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
                       HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, REVERSE: tl.constexpr,
                       HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr,
                       BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
-                      FACTOR: tl.constexpr, DO_DX: tl.constexpr, DO_DB: tl.constexpr,
-                      HEADS_FIRST: tl.constexpr):
-    """One block of BLK source positions s of one chunk, for the ``hps`` heads of one split of a group;
-    DO_DX: dx and what goes with it (dz, dD, q, Z), DO_DB: dB:
+                      FACTOR: tl.constexpr, HEADS_FIRST: tl.constexpr):
+    """One block of BLK source positions s of one chunk, for the ``hps`` heads of one split of a group:
 
         dx[s] = dt[s] (sum_{t>=s} P[t,s] (C[t].B[s]) g[t] + w[s] G_out B[s]) + D g[s]
         dB[s] = dt[s] (sum_{t>=s} P[t,s] (g[t].x[s]) C[t] + w[s] G_out^T x[s])   (summed over the heads)
@@ -460,12 +457,10 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
             if HAS_SEQ:
                 keep = keep & (_seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE)[None, :] == seq_s[:, None])
             decay = tl.where(keep, decay, 0.0)
-            if DO_DX:
-                cbt = _mm(Bs, tl.trans(Ct), PREC=PREC, UP=UP)
-                acc = _mm((cbt * decay).to(DT), gt, acc, PREC=PREC, UP=UP)
-            if DO_DB:
-                gxt = _mm(xs, tl.trans(gt), PREC=PREC, UP=UP)
-                dB = _mm((gxt * decay * dts[:, None]).to(DT), Ct, dB, PREC=PREC, UP=UP)
+            cbt = _mm(Bs, tl.trans(Ct), PREC=PREC, UP=UP)
+            acc = _mm((cbt * decay).to(DT), gt, acc, PREC=PREC, UP=UP)
+            gxt = _mm(xs, tl.trans(gt), PREC=PREC, UP=UP)
+            dB = _mm((gxt * decay * dts[:, None]).to(DT), Ct, dB, PREC=PREC, UP=UP)
         # what only the state terms need is loaded after the loop (fewer registers live across it)
         xs32 = xs.to(tl.float32)  # exact: DT is x's dtype or fp32
         w = tl.exp(tl.minimum(tl.load(cs_ptr + row + c0 + Q - 1) - css, 0.0))
@@ -473,17 +468,13 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
             w = tl.where(seq_s == seq_last, w, 0.0)
         slot = ((bb * n_chunks + c) * nheads + hh) * hdim * dstate
         Gout = tl.load(gst_ptr + slot + p_off[:, None] * dstate + n_off[None, :], mask=st_m, other=0.0).to(DT)
-        if DO_DB:
-            dB = _mm((xs32 * (w * dts)[:, None]).to(DT), Gout, dB, PREC=PREC, UP=UP)
-        if DO_DX:
-            _dx_epilogue(D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr, dx_ptr, dz_ptr, q_ptr, zs_ptr, dDp_ptr, Bs,
-                         Gout, acc, xs32, w, dts, bb, hh, row, js, ts, vs, pc, n_chunks, nheads,
-                         sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, hdim, p_off,
-                         HAS_D, D_HP, HAS_Z, NB, BP, PREC, UP)
-    if DO_DB:
-        dbm = vs[:, None] & (n_off < dstate)[None, :]
-        tl.store(dBp_ptr + (((bb * n_splits + sp) * seqlen + ts[:, None]) * ngroups + gg) * dstate
-                 + n_off[None, :], dB, mask=dbm)
+        dB = _mm((xs32 * (w * dts)[:, None]).to(DT), Gout, dB, PREC=PREC, UP=UP)
+        _dx_epilogue(D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr, dx_ptr, dz_ptr, q_ptr, zs_ptr, dDp_ptr, Bs, Gout, acc,
+                     xs32, w, dts, bb, hh, row, js, ts, vs, pc, n_chunks, nheads, sz_b, sz_l, sz_h, sz_p, so_b,
+                     so_l, so_h, hdim, p_off, HAS_D, D_HP, HAS_Z, NB, BP, PREC, UP)
+    dbm = vs[:, None] & (n_off < dstate)[None, :]
+    tl.store(dBp_ptr + (((bb * n_splits + sp) * seqlen + ts[:, None]) * ngroups + gg) * dstate + n_off[None, :],
+             dB, mask=dbm)
 
 
 @triton.jit
@@ -522,11 +513,9 @@ def _dx_epilogue(D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr, dx_ptr, dz_ptr, q_ptr, z
 def _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, gt, Ct, cst, jt, seq_t, dC, bb, hh, gg, row,
              c0, k, m, seqlen, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l, hdim, dstate, p_off,
              n_off, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, BLK: tl.constexpr, DT: tl.constexpr,
-             PREC: tl.constexpr, UP: tl.constexpr, FACTOR: tl.constexpr, DO_DC: tl.constexpr,
-             DO_DA: tl.constexpr):
-    """The (t block, s block k) tile of ``_bwd_dC_kernel`` for one head: dC += (P dt GX) B[s] (DO_DC) and
-    the tile's pair terms R[t,s] = P[t,s] dt[s] (g[t].x[s]) (C[t].B[s]) (zero where s > t or across
-    sequences; DO_DA, else R is returned without the C.B factor)."""
+             PREC: tl.constexpr, UP: tl.constexpr, FACTOR: tl.constexpr):
+    """The (t block, s block k) tile of ``_bwd_dC_kernel`` for one head: dC += (P dt GX) B[s] and the
+    tile's pair terms R[t,s] = P[t,s] dt[s] (g[t].x[s]) (C[t].B[s]) (zero where s > t or across sequences)."""
     js = c0 + k * BLK + tl.arange(0, BLK)
     vs = js < seqlen
     ts = _pos(js, seqlen, REVERSE)
@@ -538,11 +527,8 @@ def _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, gt, Ct, cst, jt, seq_t, dC,
         keep = keep & (seq_t[:, None] == _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)[None, :])
     gx = _mm(gt, tl.trans(xs), PREC=PREC, UP=UP)
     wgt = tl.where(keep, gx * decay * tl.load(dtp_ptr + row + js)[None, :], 0.0)
-    if DO_DC:
-        dC = _mm(wgt.to(DT), Bs, dC, PREC=PREC, UP=UP)
-    if DO_DA:
-        wgt = wgt * _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
-    return dC, wgt
+    dC = _mm(wgt.to(DT), Bs, dC, PREC=PREC, UP=UP)
+    return dC, wgt * _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
 
 
 @triton.jit
@@ -552,10 +538,8 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
                    nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate, n_prog,
                    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
                    BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
-                   FACTOR: tl.constexpr, DO_DC: tl.constexpr, DO_DA: tl.constexpr,
-                   HEADS_FIRST: tl.constexpr):
-    """One block of BLK target positions t, summed over the ``hps`` heads of one split of a group (DO_DC: dC,
-    DO_DA: the per-head terms of dA below):
+                   FACTOR: tl.constexpr, HEADS_FIRST: tl.constexpr):
+    """One block of BLK target positions t, summed over the ``hps`` heads of one split of a group:
     dC[t] = sum_{s<=t} P[t,s] dt[s] (g[t].x[s]) B[s] + exp(cs[t]) g[t]^T H_in. Per head also the parts of
     the gradient in dA = dt A that do not cancel: with R[t,s] = P[t,s] (C[t].B[s]) dt[s] (g[t].x[s]) (the
     pair's term of the loss), da[k] gets sum_{s<k<=t} R[t,s] (summed here without forming differences of
@@ -591,10 +575,8 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
             ein = tl.where(seq_t == seq_in, ein, 0.0)
         slot = ((bb * n_chunks + c) * nheads + hh) * hdim * dstate
         H = tl.load(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :], mask=st_m, other=0.0).to(DT)
-        if DO_DC:
-            dC = _mm((gt * ein[:, None]).to(DT), H, dC, PREC=PREC, UP=UP)
-        if DO_DA:
-            tl.store(rin_ptr + row + jt, ein * tl.sum(gt * _mm(Ct, tl.trans(H), PREC=PREC, UP=UP), axis=1))
+        dC = _mm((gt * ein[:, None]).to(DT), H, dC, PREC=PREC, UP=UP)
+        tl.store(rin_ptr + row + jt, ein * tl.sum(gt * _mm(Ct, tl.trans(H), PREC=PREC, UP=UP), axis=1))
         gt = gt.to(DT)
         ar = tl.arange(0, BLK)
         dap_row = ((bb * nheads + hh) * n_chunks + c) * NB * Q
@@ -607,27 +589,22 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
         for k in range(0, m):  # s blocks before this t block: every t is >= every k of the s block
             dC, R = _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, gt, Ct, cst, jt, seq_t, dC, bb,
                              hh, gg, row, c0, k, m, seqlen, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b,
-                             ss_l, hdim, dstate, p_off, n_off, REVERSE, HAS_SEQ, BLK, DT, PREC, UP, FACTOR,
-                             DO_DC, DO_DA)
-            if DO_DA:
-                colsum = tl.sum(R, axis=0)  # per s
-                excl = tl.sum(tl.where(before, colsum[:, None], 0.0), axis=0)  # per k of the block: s < k
-                tl.store(dap_ptr + dap_row + m * Q + k * BLK + ar, excl + run)
-                run += tl.sum(colsum, axis=0)
-                rs += tl.sum(R, axis=1)
+                             ss_l, hdim, dstate, p_off, n_off, REVERSE, HAS_SEQ, BLK, DT, PREC, UP, FACTOR)
+            colsum = tl.sum(R, axis=0)  # per s
+            excl = tl.sum(tl.where(before, colsum[:, None], 0.0), axis=0)  # per k of the block: s < k
+            tl.store(dap_ptr + dap_row + m * Q + k * BLK + ar, excl + run)
+            run += tl.sum(colsum, axis=0)
+            rs += tl.sum(R, axis=1)
         dC, R = _dC_tile(x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, gt, Ct, cst, jt, seq_t, dC, bb, hh,
                          gg, row, c0, m, m, seqlen, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
-                         hdim, dstate, p_off, n_off, REVERSE, HAS_SEQ, BLK, DT, PREC, UP, FACTOR, DO_DC,
-                         DO_DA)
-        if DO_DA:
-            # diagonal tile: c1[t, k] = sum_{s<k} R[t, s], kept where t >= k; earlier blocks: rs[t] for t >= k
-            c1 = _mm(R.to(DT), tl.where(before, 1.0, 0.0).to(DT), PREC=PREC, UP=UP)
-            at_or_after = ar[:, None] >= ar[None, :]  # [t, k]: t >= k
-            diag = tl.sum(tl.where(at_or_after, c1 + rs[:, None], 0.0), axis=0)
-            tl.store(dap_ptr + dap_row + m * Q + m * BLK + ar, diag)
-    if DO_DC:
-        tl.store(dCp_ptr + (((bb * n_splits + sp) * seqlen + tt[:, None]) * ngroups + gg) * dstate
-                 + n_off[None, :], dC, mask=vt[:, None] & (n_off < dstate)[None, :])
+                         hdim, dstate, p_off, n_off, REVERSE, HAS_SEQ, BLK, DT, PREC, UP, FACTOR)
+        # diagonal tile: c1[t, k] = sum_{s<k} R[t, s], kept where t >= k; earlier blocks: rs[t] for t >= k
+        c1 = _mm(R.to(DT), tl.where(before, 1.0, 0.0).to(DT), PREC=PREC, UP=UP)
+        at_or_after = ar[:, None] >= ar[None, :]  # [t, k]: t >= k
+        diag = tl.sum(tl.where(at_or_after, c1 + rs[:, None], 0.0), axis=0)
+        tl.store(dap_ptr + dap_row + m * Q + m * BLK + ar, diag)
+    tl.store(dCp_ptr + (((bb * n_splits + sp) * seqlen + tt[:, None]) * ngroups + gg) * dstate + n_off[None, :],
+             dC, mask=vt[:, None] & (n_off < dstate)[None, :])
 
 
 @triton.jit
@@ -813,27 +790,19 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     dDp = torch.empty(b, nc * cfg.NB, h, cfg.BP, **f32) if D is not None else None
     kw = dict(**common, **blocks, FACTOR=FACTOR, HEADS_FIRST=HEADS_FIRST, num_warps=warps,
               num_stages=STAGES_BWD or STAGES)
-    # (the per-head half, the half summed over heads, programs per group): one launch doing both, or two
-    both, split = [(True, True, ns)], [(True, False, cfg.hpg), (False, True, ns)]
-    for per_head, summed, nsp in (split if SPLIT_DX else both):
-        n_prog = b * g * nsp
-        grid = (nc * cfg.NB * n_prog,) if HEADS_FIRST else (nc * cfg.NB, n_prog)
-        gdims = (h, g, cfg.hpg, cfg.hpg // nsp, nsp, l, cfg.Lp, nc, p, n, n_prog)
-        _bwd_dx_dB_kernel[grid](
-            x, B, C, D if D is not None else dummy, z if z is not None else dummy, dy, gbuf,
-            ypre if ypre is not None else dummy, dtp, cs, gst, seq[0], dx, dz if dz is not None else dummy, dBp,
-            q, zs, dDp if dDp is not None else dummy, *x.stride(), *B.stride(), *C.stride(), *_strides4(z), *so,
-            *seq[1:], *gdims, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None,
-            DO_DX=per_head, DO_DB=summed, **kw)
+    n_prog = b * g * ns  # programs per block of positions
+    grid = (nc * cfg.NB * n_prog,) if HEADS_FIRST else (nc * cfg.NB, n_prog)
+    gdims = (h, g, cfg.hpg, cfg.hpg // ns, ns, l, cfg.Lp, nc, p, n, n_prog)
+    _bwd_dx_dB_kernel[grid](
+        x, B, C, D if D is not None else dummy, z if z is not None else dummy, dy, gbuf,
+        ypre if ypre is not None else dummy, dtp, cs, gst, seq[0], dx, dz if dz is not None else dummy, dBp, q, zs,
+        dDp if dDp is not None else dummy, *x.stride(), *B.stride(), *C.stride(), *_strides4(z), *so, *seq[1:],
+        *gdims, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None, **kw)
     dCp = torch.empty(b, ns, l, g, n, **f32)
     rin = torch.empty(b * h, cfg.Lp, **f32)
     dap = torch.zeros(b * h, nc, cfg.NB, cfg.Q, **f32)  # [t block, k]: only blocks k <= t block are written
-    for per_head, summed, nsp in (split if SPLIT_DC else both):
-        n_prog = b * g * nsp
-        grid = (nc * cfg.NB * n_prog,) if HEADS_FIRST else (nc * cfg.NB, n_prog)
-        gdims = (h, g, cfg.hpg, cfg.hpg // nsp, nsp, l, cfg.Lp, nc, p, n, n_prog)
-        _bwd_dC_kernel[grid](x, B, C, gbuf, dtp, cs, st, seq[0], dCp, rin, dap, *x.stride(), *B.stride(),
-                             *C.stride(), *so, *seq[1:], *gdims, DO_DC=summed, DO_DA=per_head, **kw)
+    _bwd_dC_kernel[grid](x, B, C, gbuf, dtp, cs, st, seq[0], dCp, rin, dap, *x.stride(), *B.stride(), *C.stride(),
+                         *so, *seq[1:], *gdims, **kw)
     ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dAp = torch.empty(b * h, nc, **f32)
     dbp = torch.empty(b * h, nc, **f32) if dt_bias is not None else None
