@@ -474,7 +474,7 @@ def _bwd_dx_dB_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr
                      so_l, so_h, hdim, p_off, HAS_D, D_HP, HAS_Z, NB, BP, PREC, UP)
     dbm = vs[:, None] & (n_off < dstate)[None, :]
     tl.store(dBp_ptr + (((bb * n_splits + sp) * seqlen + ts[:, None]) * ngroups + gg) * dstate + n_off[None, :],
-             dB, mask=dbm)
+             dB.to(dBp_ptr.dtype.element_ty), mask=dbm)
 
 
 @triton.jit
@@ -604,7 +604,7 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
         diag = tl.sum(tl.where(at_or_after, c1 + rs[:, None], 0.0), axis=0)
         tl.store(dap_ptr + dap_row + m * Q + m * BLK + ar, diag)
     tl.store(dCp_ptr + (((bb * n_splits + sp) * seqlen + tt[:, None]) * ngroups + gg) * dstate + n_off[None, :],
-             dC, mask=vt[:, None] & (n_off < dstate)[None, :])
+             dC.to(dCp_ptr.dtype.element_ty), mask=vt[:, None] & (n_off < dstate)[None, :])
 
 
 @triton.jit
@@ -786,7 +786,8 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     dz = torch.empty(b, l, h, p, device=dev, dtype=z.dtype) if z is not None else None
     q = torch.empty(b * h, cfg.Lp, **f32)
     zs = torch.empty(b * h, cfg.Lp, **f32)
-    dBp = torch.empty(b, ns, l, g, n, **f32)
+    # dB and dC partials per split, fp32; one split writes dB and dC themselves, in B's and C's dtypes
+    dBp = torch.empty(b, ns, l, g, n, device=dev, dtype=B.dtype if ns == 1 else torch.float32)
     dDp = torch.empty(b, nc * cfg.NB, h, cfg.BP, **f32) if D is not None else None
     kw = dict(**common, **blocks, FACTOR=FACTOR, HEADS_FIRST=HEADS_FIRST, num_warps=warps,
               num_stages=STAGES_BWD or STAGES)
@@ -798,7 +799,7 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
         ypre if ypre is not None else dummy, dtp, cs, gst, seq[0], dx, dz if dz is not None else dummy, dBp, q, zs,
         dDp if dDp is not None else dummy, *x.stride(), *B.stride(), *C.stride(), *_strides4(z), *so, *seq[1:],
         *gdims, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None, **kw)
-    dCp = torch.empty(b, ns, l, g, n, **f32)
+    dCp = torch.empty(b, ns, l, g, n, device=dev, dtype=C.dtype if ns == 1 else torch.float32)
     rin = torch.empty(b * h, cfg.Lp, **f32)
     dap = torch.zeros(b * h, nc, cfg.NB, cfg.Q, **f32)  # [t block, k]: only blocks k <= t block are written
     _bwd_dC_kernel[grid](x, B, C, gbuf, dtp, cs, st, seq[0], dCp, rin, dap, *x.stride(), *B.stride(), *C.stride(),
@@ -809,8 +810,8 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     _bwd_ddt_kernel[(nc, b * h)](dt, dt_bias if dt_bias is not None else dummy, A, dtp, q, zs, rin, dap.sum(2),
                                  kp.sum(1), ddt, dAp, dbp if dbp is not None else dummy, *dt.stride(), h, l, cfg.Lp, nc,
                                  HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q)
-    dB = (dBp.sum(1) if ns > 1 else dBp[:, 0]).to(B.dtype)
-    dC = (dCp.sum(1) if ns > 1 else dCp[:, 0]).to(C.dtype)
+    dB = dBp.sum(1).to(B.dtype) if ns > 1 else dBp[:, 0]
+    dC = dCp.sum(1).to(C.dtype) if ns > 1 else dCp[:, 0]
     dA = dAp.view(b, h, nc).sum((0, 2)).to(A.dtype)
     dD = None
     if D is not None:
@@ -884,6 +885,9 @@ def _ssd_setup(ctx, inputs, output):
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre if z is not None else None,
                           dtp, cs, st)
     ctx.flags = (softplus, reverse, chunk, blk_bwd, warps_bwd, splits)
+    # outputs without a gradient (the saved dt', cs and states, often y or the final state) arrive as None
+    # rather than as zero tensors of their sizes (the states alone are 1.6 GB at b1 l2^20 24x64 n128)
+    ctx.set_materialize_grads(False)
 
 
 def _ssd_backward(ctx, dy, dht, *_):
