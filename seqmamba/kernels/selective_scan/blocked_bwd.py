@@ -122,6 +122,10 @@ def _blocked_bwd_kernel(
     ar = tl.arange(0, T)[None, :]                                    # (1, T): positions of the chunk
     first = ar == 0
     last = ar == T - 1
+    if REVERSE:
+        start = last   # the tile element holding the chunk's first position in scan order
+    else:
+        start = first
 
     bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_BIAS:
@@ -147,16 +151,20 @@ def _blocked_bwd_kernel(
 
     for ci in range(0, n_chunks):
         c = n_chunks - 1 - ci
-        j = c.to(tl.int64) * T + ar
-        jn = j + 1
-        valid = j < seqlen
-        valid_n = jn < seqlen
         if REVERSE:
-            t = seqlen - 1 - j
+            # the tile holds the chunk in ascending address order (vector loads, stores and atomics): element k is
+            # scan position c*T + T-1-k, so h scans the tile right to left and g left to right
+            t = seqlen - (c.to(tl.int64) + 1) * T + ar
+            valid = t >= 0
             tn = t - 1
+            valid_n = tn >= 0
+            not_start = t < seqlen - 1
         else:
-            t = j
+            t = c.to(tl.int64) * T + ar
+            valid = t < seqlen
             tn = t + 1
+            valid_n = tn < seqlen
+            not_start = t > 0
         dl, dt = _dt(delta_ptr, dl_row + t, valid, bias, HAS_BIAS, SOFTPLUS)
         _, dtn = _dt(delta_ptr, dl_row + tn, valid_n, bias, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + u_row + t, mask=valid, other=0.0).to(tl.float32)
@@ -172,7 +180,7 @@ def _blocked_bwd_kernel(
                 tp = t + 1
             else:
                 tp = t - 1
-            keep = _keep(seq_ptr, seq_row, t, tp, valid & (j > 0), ss_l)
+            keep = _keep(seq_ptr, seq_row, t, tp, valid & not_start, ss_l)
             keep_n = _keep(seq_ptr, seq_row, tn, t, valid_n, ss_l)
         dtu = dt * u
         ddt = tl.zeros([BD, T], dtype=tl.float32)
@@ -194,16 +202,20 @@ def _blocked_bwd_kernel(
                 a = tl.where(keep, a, 0.0)
                 an = tl.where(keep_n, an, 0.0)
             x = dtu * Bn
-            # the carried state folded into the first step, the carried g into the last one
-            _, h = tl.associative_scan((a, tl.where(first, x + a * h0, x)), 1, _combine)
+            # the carried state folded into the chunk's first step (in scan order), the carried g into its last
             beta = dyp * Cn
-            _, g = tl.associative_scan((an, tl.where(last, beta + an * gc, beta)), 1, _combine, reverse=True)
+            if REVERSE:
+                _, h = tl.associative_scan((a, tl.where(last, x + a * h0, x)), 1, _combine, reverse=True)
+                _, g = tl.associative_scan((an, tl.where(first, beta + an * gc, beta)), 1, _combine)
+            else:
+                _, h = tl.associative_scan((a, tl.where(first, x + a * h0, x)), 1, _combine)
+                _, g = tl.associative_scan((an, tl.where(last, beta + an * gc, beta)), 1, _combine, reverse=True)
             xa = h - x
             gdt = g * dt
             sgB += g * Bn
             ddt += g * xa * An
             # one reduction over the chunk for dA[n] and g at the chunk's first position (the next carry)
-            dA_n, g_first = tl.reduce((gdt * xa, tl.where(first, g, 0.0)), 1, _add2)
+            dA_n, g_first = tl.reduce((gdt * xa, tl.where(start, g, 0.0)), 1, _add2)
             dA_acc += tl.where(n_off[None, :] == n, dA_n[:, None], 0.0)
             tl.atomic_add(dB_ptr + bc_t, tl.sum(gdt * u, axis=0)[None, :], mask=valid, sem="relaxed")
             tl.atomic_add(dC_ptr + bc_t, tl.sum(h * dyp, axis=0)[None, :], mask=valid, sem="relaxed")
