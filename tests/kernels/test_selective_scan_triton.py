@@ -169,6 +169,21 @@ def test_interpreted_deterministic_mode_runs_tile_kernels(small_chunks, monkeypa
     assert_close(got, want, rtol=2e-5)
 
 
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_interpreted_no_grad_kernel_choice(small_chunks, monkeypatch, channel_last):
+    """Without autograd, channel-last delta (the mixer's layout) runs this file's sequential forward (it reads
+    that layout in place), l-contiguous delta the blocked forward; both give the reference's y."""
+    chunk = small_chunks
+    monkeypatch.setattr(chunk, "_fwd" if not channel_last else "_blocked_fwd", None)
+    x = {k: v.detach() for k, v in make_inputs(b=1, d=4, n=3, l=70, groups=1, dtype=torch.float32, seed=14).items()}
+    if channel_last:
+        for k in ("delta", "z"):
+            x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
+    y = chunk.selective_scan_triton(**x, delta_softplus=True)
+    want = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True)
+    assert (y.double() - want).abs().max() < 1e-5 * want.abs().max()
+
+
 def test_float64_on_auto_goes_to_reference():
     """backend='auto' never sends float64 to Triton (CPU here: the reference either way); 'triton' on CPU
     tensors is an error naming why."""
