@@ -109,6 +109,16 @@ def test_interpreted_low_precision(bf, dtype, l, reverse):
     check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, chunk=8)
 
 
+@pytest.mark.parametrize("dtype,l,chunk,reverse", [(torch.bfloat16, 150, 64, True), (torch.bfloat16, 300, 256, True),
+                                                   (torch.float32, 200, 128, True), (torch.bfloat16, 300, 256, False)])
+def test_interpreted_full_warp_tiles(bf, dtype, l, chunk, reverse):
+    """Chunks of 2, 4 and 8 positions a thread (one warp): the reverse scan's in-thread reversal at every
+    vector width, bf16 B/C read as pairs at mirrored positions."""
+    x = inputs(b=1, d=2, n=3, l=l, groups=1, seed=l)
+    x.update({k: x[k].to(dtype) for k in L_ARGS})
+    check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, chunk=chunk, num_warps=1)
+
+
 def test_interpreted_channel_last_inputs(bf):
     """(b, l, d) / (b, l, n) storage seen as (b, d, l) / (b, n, l) views gives the same result (the wrapper
     makes them l-contiguous)."""
@@ -178,6 +188,22 @@ def test_gpu_fp32_matches_reference(shape, groups, cuts, tuning, reverse):
     xp, sp = prefix({k: v.double() for k, v in x.items()}, seq_idx, j * T, l, reverse)
     _, h_mid = selective_scan_ref(**xp, delta_softplus=True, reverse=reverse, seq_idx=sp, return_final_state=True)
     assert_all_close({"y": (y, y_ref), "final_state": (h, h_ref), "chunk_state_mid": (cs[:, j], h_mid)}, 1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_bf16_default_tiles_match_reference(reverse):
+    """bf16 at b2 d1536 (the default tiles for many channels: 2 channels, 4 warps, 8 positions a thread, chunk
+    prefetch, B/C pairs; reverse: the in-thread reversal by inline PTX) vs the float64 reference."""
+    b, d, n, l = 2, 1536, 16, 4000
+    x = _cuda(inputs(b=b, d=d, n=n, l=l, groups=1, seed=11), torch.bfloat16)
+    y, h, cs = _compiled().blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
+                                       softplus=True, initial_state=x["initial_state"], reverse=reverse,
+                                       save_states=True)
+    y_ref, h_ref = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True,
+                                      reverse=reverse, return_final_state=True)
+    assert_all_close({"y": (y, y_ref), "final_state": (h, h_ref)}, 1e-2)
 
 
 @pytest.mark.gpu

@@ -14,8 +14,8 @@ spread over the program's threads (each thread holds consecutive positions); for
 across lanes and warps), the carried state is applied, C*h is accumulated into y, and the state at the
 chunk's last scan position becomes the next carry. Parallelism comes from the b * d / BD programs.
 
-``reverse=True`` scans right to left by address (chunk j covers addresses [l - (j+1) T, l - j T), scanned
-with ``reverse=True``); nothing is flipped in memory. ``seq_idx`` (b, l) resets the state where the sequence
+``reverse=True`` scans right to left by address (chunk j covers addresses [l - (j+1) T, l - j T), loaded at
+mirrored positions and reversed inside each thread, see the kernel); nothing is flipped in memory. ``seq_idx`` (b, l) resets the state where the sequence
 id changes in scan order (dA = 0 at a new sequence's first position). Masked positions past either end are
 identity steps (dt = 0, B = 0). Math is fp32 for every input dtype; all offsets are 64-bit.
 
@@ -28,11 +28,15 @@ n_chunks = cdiv(l, T) (0 when l = 0). For ``reverse``, scan-order chunk j covers
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# read when the module is executed: tests load a fresh copy under TRITON_INTERPRET=1 (no inline PTX there)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" or __name__.endswith("__interpreted")
 
 # Tuning, from sweeps on one H100 (bf16 inputs, softplus + z, medians of do_bench; benchmarks in
 # /work/notes/results3_m1fwd.md), as (channels per program BD, chunk T, warps):
@@ -72,6 +76,36 @@ def _softplus(x):
     return tl.where(x > 20.0, x, lp)
 
 
+def _reverse_asm(v: int) -> tuple[str, str]:
+    """PTX that returns its v 32-bit operands in reverse order (register moves, renamed away by ptxas), and the
+    inline-asm constraints for it."""
+    asm = "".join(f"mov.b32 ${i}, ${2 * v - 1 - i}; " for i in range(v))
+    return asm, ",".join(["=r"] * v + ["r"] * v)
+
+
+_REV2, _REV2_C = (tl.constexpr(x) for x in _reverse_asm(2))
+_REV4, _REV4_C = (tl.constexpr(x) for x in _reverse_asm(4))
+_REV8, _REV8_C = (tl.constexpr(x) for x in _reverse_asm(8))
+
+
+@triton.jit
+def _flip_v(x, BD: tl.constexpr, R: tl.constexpr, NT: tl.constexpr, V: tl.constexpr,
+            INTERPRET: tl.constexpr):
+    """x (BD, T) fp32 with each thread's V consecutive positions reversed (T = R * NT * V; V in 1, 2, 4, 8).
+    Compiled: an inline-asm identity over packs of V registers that hands them back in reverse order (the V
+    positions of a pack are the thread's V consecutive positions in the tile's layout); interpreted: tl.flip."""
+    if V == 1:
+        return x
+    elif INTERPRET:
+        return tl.reshape(tl.flip(tl.reshape(x, (BD, R, NT, V)), 3), (BD, R * NT * V))
+    elif V == 2:
+        return tl.inline_asm_elementwise(_REV2, _REV2_C, [x], dtype=tl.float32, is_pure=True, pack=2)
+    elif V == 4:
+        return tl.inline_asm_elementwise(_REV4, _REV4_C, [x], dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(_REV8, _REV8_C, [x], dtype=tl.float32, is_pure=True, pack=8)
+
+
 @triton.jit
 def _chunk_start(k, seqlen, T: tl.constexpr, REVERSE: tl.constexpr):
     """Lowest address of scan-order chunk k (negative for a reverse scan's partial last chunk)."""
@@ -82,10 +116,11 @@ def _chunk_start(k, seqlen, T: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k, n_chunks, T: tl.constexpr,
+def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, pos, seqlen, k, n_chunks, T: tl.constexpr,
                   REVERSE: tl.constexpr):
-    """Raw (BD, T) delta and u of scan-order chunk k (zero past either end, or when k >= n_chunks)."""
-    t = _chunk_start(k, seqlen, T, REVERSE) + ar
+    """Raw (BD, T) delta and u of scan-order chunk k at positions pos (zero past either end, or when
+    k >= n_chunks)."""
+    t = _chunk_start(k, seqlen, T, REVERSE) + pos
     mask = ((t >= 0) & (t < seqlen) & (k < n_chunks))[None, :]
     dl = tl.load(delta_ptr + dl_row[:, None] + t[None, :], mask=mask, other=0.0)
     u = tl.load(u_ptr + u_row[:, None] + t[None, :], mask=mask, other=0.0)
@@ -93,11 +128,11 @@ def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k, n_chunks, T: t
 
 
 @triton.jit
-def _bf16_pairs(ptr, off, start, seqlen, ok, T: tl.constexpr):
-    """T bf16 values at element offset off + start + [0, T) as fp32, read as T/2 32-bit words (off and start
-    even, seqlen even: a word is wholly in or out of range). One integer op per value instead of the 1.5 that
-    a bf16 -> fp32 conversion of packed registers costs."""
-    w_off = start // 2 + tl.arange(0, T // 2)
+def _bf16_pairs(ptr, off, start, wpos, seqlen, ok, T: tl.constexpr):
+    """T bf16 values at element offsets off + start + pos (pos: 2 * wpos, 2 * wpos + 1 interleaved) as fp32,
+    read as T/2 32-bit words (off and start even, seqlen even: a word is wholly in or out of range). One
+    integer op per value instead of the 1.5 that a bf16 -> fp32 conversion of packed registers costs."""
+    w_off = start // 2 + wpos
     words = tl.load(ptr.to(tl.pointer_type(tl.int32)) + off // 2 + w_off,
                     mask=ok & (w_off >= 0) & (w_off < seqlen // 2), other=0)
     lo = (words << 16).to(tl.float32, bitcast=True)
@@ -106,16 +141,16 @@ def _bf16_pairs(ptr, off, start, seqlen, ok, T: tl.constexpr):
 
 
 @triton.jit
-def _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t, start, seqlen, valid,
-                    n, nstate, T: tl.constexpr, PAIRS: tl.constexpr):
+def _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t, start, wpos, seqlen,
+                    valid, n, nstate, T: tl.constexpr, PAIRS: tl.constexpr):
     """State n's operands for a chunk: A[:, n] * log2(e) (BD,), the carried state (BD,), B and C rows (T,)
     (all zero when n >= nstate)."""
     ok = n < nstate
     a2 = tl.load(A_ptr + d_off * nstate + n, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
     h_in = tl.load(hT_ptr + h_row + n, mask=ok, other=0.0)
     if PAIRS:
-        Bn = _bf16_pairs(B_ptr, B_row + n * sB_n, start, seqlen, ok, T)
-        Cn = _bf16_pairs(C_ptr, C_row + n * sC_n, start, seqlen, ok, T)
+        Bn = _bf16_pairs(B_ptr, B_row + n * sB_n, start, wpos, seqlen, ok, T)
+        Cn = _bf16_pairs(C_ptr, C_row + n * sC_n, start, wpos, seqlen, ok, T)
     else:
         Bn = tl.load(B_ptr + B_row + n * sB_n + t, mask=valid & ok, other=0.0).to(tl.float32)
         Cn = tl.load(C_ptr + C_row + n * sC_n + t, mask=valid & ok, other=0.0).to(tl.float32)
@@ -131,6 +166,7 @@ def _blocked_fwd_kernel(
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
     ACCUM: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, NT: tl.constexpr,
     V: tl.constexpr, UNROLL: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """One program: batch row pid // (d / BD), channels [BD * (pid % (d / BD)), + BD). u, delta, z, B, C have
     l-stride 1 (the launcher makes sure). States (b, [n_chunks,] d, n) fp32 contiguous.
@@ -157,14 +193,23 @@ def _blocked_fwd_kernel(
     q4 = tl.arange(0, NT)[None, None, :, None]
     i4 = tl.arange(0, V)[None, None, None, :]
     q2 = tl.arange(0, NT)[None, :]
-    if REVERSE:  # scan order runs from the chunk's highest address to its lowest
-        first = (r4 == R - 1) & (q4 == NT - 1) & (i4 == V - 1)
-        last_ri = (r4 == 0) & (i4 == 0)
-        last_q = q2 == 0
+    # scan-domain masks: the scan's first and last positions
+    first = (r4 == 0) & (q4 == 0) & (i4 == 0)
+    last_ri = (r4 == R - 1) & (i4 == V - 1)
+    last_q = q2 == NT - 1
+    if REVERSE:
+        # Scan order runs from the chunk's highest address to its lowest. Tensors are loaded at mirrored
+        # positions: thread/repeat blocks of V in descending order, each block ascending (16-byte loads); the
+        # scan inputs and output are then reversed inside each thread (_flip_v, register moves only), so the
+        # scan itself runs forward (Triton's reverse scan flips across lanes: 240 shuffles a state).
+        pos = (T // V - 1 - ar // V) * V + ar % V
+        if V >= 2:  # (PAIRS needs V >= 2 here: a word must not straddle two mirrored blocks)
+            wpos = (T // V - 1 - tl.arange(0, T // 2) // (V // 2)) * (V // 2) + tl.arange(0, T // 2) % (V // 2)
+        else:
+            wpos = tl.arange(0, T // 2)
     else:
-        first = (r4 == 0) & (q4 == 0) & (i4 == 0)
-        last_ri = (r4 == R - 1) & (i4 == V - 1)
-        last_q = q2 == NT - 1
+        pos = ar
+        wpos = tl.arange(0, T // 2)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_off).to(tl.float32)
@@ -184,7 +229,7 @@ def _blocked_fwd_kernel(
     C_row = pb * sC_b + grp * sC_g
 
     # chunk 0's delta and u; with PREFETCH each chunk then loads the next chunk's while it computes
-    dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, 0, n_chunks, T, REVERSE)
+    dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, pos, seqlen, 0, n_chunks, T, REVERSE)
     for k in range(0, n_chunks):
         tl.debug_barrier()  # the previous chunk's carry writes (or the initial state) before this chunk's reads
         if SAVE_STATES:
@@ -192,15 +237,15 @@ def _blocked_fwd_kernel(
             tl.store(cs_ptr + (pb * n_chunks + k) * dim * nstate + d_off[:, None] * nstate + n_ar[None, :], hs,
                      mask=dn_mask)
         start = _chunk_start(k, seqlen, T, REVERSE)
-        t = start + ar
+        t = start + pos
         valid = (t >= 0) & (t < seqlen)
         mask = valid[None, :]
         if PREFETCH:
             dl = dl_x.to(tl.float32)
             u = u_x.to(tl.float32)
-            dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k + 1, n_chunks, T, REVERSE)
+            dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, pos, seqlen, k + 1, n_chunks, T, REVERSE)
         else:
-            dl_k, u_k = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k, n_chunks, T, REVERSE)
+            dl_k, u_k = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, pos, seqlen, k, n_chunks, T, REVERSE)
             dl = dl_k.to(tl.float32)
             u = u_k.to(tl.float32)
         if HAS_BIAS:
@@ -225,22 +270,27 @@ def _blocked_fwd_kernel(
         # L2 round trips that would otherwise stall every state; the carry slots read here were written in the
         # previous chunk, before the barrier above)
         a2, h_in, Bn, Cn = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t,
-                                           start, seqlen, valid, 0, nstate, T, PAIRS)
+                                           start, wpos, seqlen, valid, 0, nstate, T, PAIRS)
         for n in tl.range(0, nstate, loop_unroll_factor=UNROLL):
             a2_x, h_x, B_x, C_x = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n,
-                                                  sC_n, t, start, seqlen, valid, n + 1, nstate, T, PAIRS)
+                                                  sC_n, t, start, wpos, seqlen, valid, n + 1, nstate, T, PAIRS)
             dA = tl.exp2(dt * a2[:, None])
             if HAS_SEQ:
                 dA = tl.where(keep, dA, 0.0)
             bx = dtu * Bn[None, :]
+            if REVERSE:  # into scan order
+                dA = _flip_v(dA, BD, R, NT, V, INTERPRET)
+                bx = _flip_v(bx, BD, R, NT, V, INTERPRET)
             # carry in: h = dA * h_in + bx at the scan's first position
             bx4 = tl.reshape(bx, (BD, R, NT, V))
             bx4 = tl.where(first, bx4 + tl.reshape(dA, (BD, R, NT, V)) * h_in[:, None, None, None], bx4)
-            _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine, reverse=REVERSE)
-            acc += h * Cn[None, :]
+            _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine)
             # carry out: the state after the scan's last position (one thread holds it)
             hl = tl.max(tl.max(tl.where(last_ri, tl.reshape(h, (BD, R, NT, V)), float("-inf")), axis=3), axis=1)
             tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, hl, mask=last_q)
+            if REVERSE:  # back to the loaded order
+                h = _flip_v(h, BD, R, NT, V, INTERPRET)
+            acc += h * Cn[None, :]
             a2, h_in, Bn, Cn = a2_x, h_x, B_x, C_x
         if HAS_D:
             acc += Dv[:, None] * u
@@ -323,7 +373,8 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     nt = min(32 * warps, T)
     vec = max(1, min(vec, T // nt))
     # bf16 B and C read as 32-bit pairs where every pair is aligned and wholly in or out of range
-    pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and T >= 2 and all(
+    pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and T >= 2 and (
+        vec >= 2 or not reverse) and all(
         s % 2 == 0 for s in (*B4.stride()[:3], *C4.stride()[:3], l, B4.storage_offset(), C4.storage_offset()))
     if b * d == 0:
         return y, final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
@@ -339,5 +390,5 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse),
         HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec,
         UNROLL=int(tuning.get("unroll") or UNROLL), PAIRS=pairs,
-        PREFETCH=prefetch, num_warps=warps)
+        PREFETCH=prefetch, INTERPRET=_INTERPRET, num_warps=warps)
     return y, final, (states if save_states else None)
