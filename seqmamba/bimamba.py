@@ -69,7 +69,7 @@ class BiMamba(nn.Module):
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         long_inference = not torch.is_grad_enabled() and hidden_states.shape[1] > self.mamba_fwd.segment_len
         if self.shares_projections and not long_inference:  # long inference runs in segments below instead
-            projected = self.mamba_fwd.in_proj(hidden_states)
+            projected = self.mamba_fwd.project(hidden_states)
             fused = self.fused_scan is True or (self.fused_scan == "no_grad" and not torch.is_grad_enabled())
             if fused and isinstance(self.mamba_fwd, Mamba):
                 y = self._fused_mix(projected, mask)

@@ -71,8 +71,12 @@ class SegmentedMixer(nn.Module):
         return out, state
 
     def _forward(self, hidden_states, mask, state):
-        y, new_state = self._mix(self.in_proj(hidden_states), mask, state)
+        y, new_state = self._mix(self.project(hidden_states), mask, state)
         return self.out_proj(y), new_state
+
+    def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """in_proj: ``(b, l, d_model)`` -> ``(b, l, d_in_proj)``, the argument of ``_mix``."""
+        return self.in_proj(hidden_states)
 
 
 class Mamba(SegmentedMixer):
@@ -122,6 +126,15 @@ class Mamba(SegmentedMixer):
         conv = torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=self.conv1d.weight.dtype)
         return MixerState(conv, torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=dtype))
 
+    def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """in_proj: ``(b, l, d_model)`` -> ``(b, l, 2*d_inner)``, stored as ``(b, 2*d_inner, l)``: every tensor the
+        scan reads (u, delta, z, B, C) then runs along l with unit stride, as its kernels read them (one channel's
+        positions spread over a program's threads), and no copy is made on the way."""
+        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))  # (b, 2*d_inner, l)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
+        return xz.transpose(1, 2)
+
     def _mix(self, xz, mask, state):
         """xz ``(b, l, 2*d_inner)`` (in_proj output) -> y ``(b, l, d_inner)`` and the new state."""
         scan, conv_state = self.scan_inputs(xz, mask, state)
@@ -141,10 +154,9 @@ class Mamba(SegmentedMixer):
         x, conv_state = causal_conv1d(
             x, self.conv1d.weight, self.conv1d.bias, initial_state=None if state is None else state.conv,
             return_final_state=True, activation="silu", reverse=self.reverse, backend=self.backend)
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2n)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, d_inner, l), bias added in the scan
-        B, C = B.transpose(1, 2), C.transpose(1, 2)  # (b, n, l)
+        x_dbl = torch.matmul(self.x_proj.weight, x)  # (b, dt_rank + 2n, l), l contiguous
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)  # B, C: (b, n, l)
+        dt = torch.matmul(self.dt_proj.weight, dt)  # (b, d_inner, l), bias added in the scan
         A = -torch.exp(fp32(self.A_log))  # (d_inner, n)
         dt_bias, softplus = fp32(self.dt_proj.bias), True
         if mask is not None:

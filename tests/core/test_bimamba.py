@@ -69,7 +69,9 @@ def test_shared_projections_run_once_and_match_two_mixers(mixer, bias):
     model = make(mixer, bias=bias)
     assert model.shares_projections
     calls = []
-    model.mamba_fwd.in_proj.register_forward_hook(lambda *args: calls.append("in"))
+    project = model.mamba_fwd.project  # Mamba applies in_proj through its weight (a (b, 2*d_inner, l) product)
+    model.mamba_fwd.project = lambda h: (calls.append("in"), project(h))[1]
+    model.mamba_rev.project = lambda h: (calls.append("in_rev"), project(h))[1]
     model.mamba_fwd.out_proj.register_forward_hook(lambda *args: calls.append("out"))
     x = torch.randn(2, 11, D, dtype=torch.float64)
     fused = model(x)

@@ -152,3 +152,18 @@ def test_dt_rank_auto():
     assert Mamba(33).dt_rank == math.ceil(33 / 16)
     with pytest.raises(ValueError, match="headdim"):
         Mamba2(20, headdim=64)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_mamba_scan_inputs_run_along_the_length(bias):
+    """The Triton scan reads each channel's positions with unit stride: the mixer must hand it u, delta, z, B
+    and C with l contiguous (a channel-last view costs a transposing copy of each, forward and backward), and
+    projecting through in_proj's weight must equal calling in_proj."""
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=4, bias=bias).double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    xz = m.project(x)
+    assert_close("in_proj through its weight", xz, m.in_proj(x), 1e-12)
+    scan, _ = m.scan_inputs(xz, None, None)
+    for name in ("u", "delta", "z", "B", "C"):
+        assert scan[name].stride(-1) == 1, f"{name} has l-stride {scan[name].stride(-1)}"
