@@ -58,6 +58,11 @@ PAIRS = True        # bf16 B/C read as 32-bit pairs where aligned (-16 instructi
 # load the next chunk's delta and u during the current one: 2-6% faster with 16-bit inputs (+50 registers);
 # fp32 inputs would spill at 2 channels x 4 warps, so it is on for 16-bit inputs only
 PREFETCH_16BIT = True
+# reverse scans on mirrored loads + in-thread register reversal (inline PTX): as fast as the forward on an H100
+# (b8 d1536 l2048 0.419 vs 0.414 ms, b1 d1536 l2^20 27.3 vs 27.1; Triton's reverse scan: 0.98 / 66.5 ms). OFF
+# until its GPU tests pass: the first version's PTX let an output share an input's register (fp32 reverse
+# tests failed on the GPU, bf16 passed); the fix (scoped temporaries) is tested under the interpreter only.
+FAST_REVERSE = False
 
 
 @triton.jit
@@ -78,9 +83,10 @@ def _softplus(x):
 
 def _reverse_asm(v: int) -> tuple[str, str]:
     """PTX that returns its v 32-bit operands in reverse order (register moves, renamed away by ptxas), and the
-    inline-asm constraints for it."""
-    asm = "".join(f"mov.b32 ${i}, ${2 * v - 1 - i}; " for i in range(v))
-    return asm, ",".join(["=r"] * v + ["r"] * v)
+    inline-asm constraints for it. Through scoped temporaries: an output may share a register with an input."""
+    tmp = "".join(f"mov.b32 %rv{i}, ${2 * v - 1 - i}; " for i in range(v))
+    out = "".join(f"mov.b32 ${i}, %rv{i}; " for i in range(v))
+    return f"{{ .reg .b32 %rv<{v}>; {tmp}{out}}}", ",".join(["=r"] * v + ["r"] * v)
 
 
 _REV2, _REV2_C = (tl.constexpr(x) for x in _reverse_asm(2))
@@ -166,7 +172,7 @@ def _blocked_fwd_kernel(
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
     ACCUM: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, NT: tl.constexpr,
     V: tl.constexpr, UNROLL: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, MIRROR: tl.constexpr,
 ):
     """One program: batch row pid // (d / BD), channels [BD * (pid % (d / BD)), + BD). u, delta, z, B, C have
     l-stride 1 (the launcher makes sure). States (b, [n_chunks,] d, n) fp32 contiguous.
@@ -193,15 +199,20 @@ def _blocked_fwd_kernel(
     q4 = tl.arange(0, NT)[None, None, :, None]
     i4 = tl.arange(0, V)[None, None, None, :]
     q2 = tl.arange(0, NT)[None, :]
-    # scan-domain masks: the scan's first and last positions
-    first = (r4 == 0) & (q4 == 0) & (i4 == 0)
-    last_ri = (r4 == R - 1) & (i4 == V - 1)
-    last_q = q2 == NT - 1
-    if REVERSE:
-        # Scan order runs from the chunk's highest address to its lowest. Tensors are loaded at mirrored
-        # positions: thread/repeat blocks of V in descending order, each block ascending (16-byte loads); the
-        # scan inputs and output are then reversed inside each thread (_flip_v, register moves only), so the
-        # scan itself runs forward (Triton's reverse scan flips across lanes: 240 shuffles a state).
+    # the scan's first and last positions (tensor order)
+    if REVERSE and not MIRROR:  # Triton's reverse scan: scan order runs from the highest index to the lowest
+        first = (r4 == R - 1) & (q4 == NT - 1) & (i4 == V - 1)
+        last_ri = (r4 == 0) & (i4 == 0)
+        last_q = q2 == 0
+    else:
+        first = (r4 == 0) & (q4 == 0) & (i4 == 0)
+        last_ri = (r4 == R - 1) & (i4 == V - 1)
+        last_q = q2 == NT - 1
+    if MIRROR:
+        # Reverse scan run forward: tensors are loaded at mirrored positions (thread/repeat blocks of V in
+        # descending order, each block ascending: still 16-byte loads), the scan's inputs and output are
+        # reversed inside each thread (_flip_v, register moves only) and Triton's forward scan runs (its
+        # reverse scan reverses the order across lanes: 240 shuffles a state, 2.4x the forward's time).
         pos = (T // V - 1 - ar // V) * V + ar % V
         if V >= 2:  # (PAIRS needs V >= 2 here: a word must not straddle two mirrored blocks)
             wpos = (T // V - 1 - tl.arange(0, T // 2) // (V // 2)) * (V // 2) + tl.arange(0, T // 2) % (V // 2)
@@ -278,17 +289,20 @@ def _blocked_fwd_kernel(
             if HAS_SEQ:
                 dA = tl.where(keep, dA, 0.0)
             bx = dtu * Bn[None, :]
-            if REVERSE:  # into scan order
+            if MIRROR:  # into scan order
                 dA = _flip_v(dA, BD, R, NT, V, INTERPRET)
                 bx = _flip_v(bx, BD, R, NT, V, INTERPRET)
             # carry in: h = dA * h_in + bx at the scan's first position
             bx4 = tl.reshape(bx, (BD, R, NT, V))
             bx4 = tl.where(first, bx4 + tl.reshape(dA, (BD, R, NT, V)) * h_in[:, None, None, None], bx4)
-            _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine)
+            if MIRROR:
+                _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine)
+            else:
+                _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine, reverse=REVERSE)
             # carry out: the state after the scan's last position (one thread holds it)
             hl = tl.max(tl.max(tl.where(last_ri, tl.reshape(h, (BD, R, NT, V)), float("-inf")), axis=3), axis=1)
             tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, hl, mask=last_q)
-            if REVERSE:  # back to the loaded order
+            if MIRROR:  # back to the loaded order
                 h = _flip_v(h, BD, R, NT, V, INTERPRET)
             acc += h * Cn[None, :]
             a2, h_in, Bn, Cn = a2_x, h_x, B_x, C_x
@@ -376,6 +390,8 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and T >= 2 and (
         vec >= 2 or not reverse) and all(
         s % 2 == 0 for s in (*B4.stride()[:3], *C4.stride()[:3], l, B4.storage_offset(), C4.storage_offset()))
+    # reverse scans run forward on mirrored loads (FAST_REVERSE; bf16 pairs need V >= 2 there)
+    mirror = bool(reverse) and bool(tuning.get("fast_reverse", FAST_REVERSE)) and vec >= 2
     if b * d == 0:
         return y, final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
     _blocked_fwd_kernel[(b * (d // bd),)](
@@ -390,5 +406,5 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse),
         HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec,
         UNROLL=int(tuning.get("unroll") or UNROLL), PAIRS=pairs,
-        PREFETCH=prefetch, INTERPRET=_INTERPRET, num_warps=warps)
+        PREFETCH=prefetch, INTERPRET=_INTERPRET, MIRROR=mirror, num_warps=warps)
     return y, final, (states if save_states else None)
