@@ -12,7 +12,8 @@ buffer, see the kernel): ONE pass over the inputs, one exp per (channel, positio
 pass. Inside a chunk the T positions are spread over the program's threads (each thread holds consecutive
 positions); for each state index the (dA, dt*B*u) pairs are scanned with ``tl.associative_scan`` along the
 positions (inside a thread first, then across lanes and warps), the carried state is applied, C*h is
-accumulated into y, and the state at the chunk's last scan position becomes the next carry. Parallelism comes from the b * d / BD programs.
+accumulated into y, and the state at the chunk's last scan position becomes the next carry. Parallelism comes
+from the b * d / BD programs.
 
 ``reverse=True`` scans right to left by address (chunk j covers addresses [l - (j+1) T, l - j T)) with
 Triton's reverse scan, or with ``fast_reverse`` (FAST_REVERSE) on mirrored loads reversed inside each thread and
