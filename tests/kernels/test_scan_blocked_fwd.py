@@ -84,7 +84,7 @@ CASES = [
      dict(chunk=4, bd=8, unroll=2)),
     ("seq_idx", dict(l=45), True, False, [3, 16, 17, 30], dict(chunk=8, bd=4, num_warps=1, unroll=2)),
     ("seq_idx-reverse-prefetch", dict(l=45, groups=2), True, True, [5, 13, 29, 40], dict(chunk=8, prefetch=True)),
-    ("seq_idx-fast-reverse", dict(l=300, groups=1, d=2), True, True, [5, 64, 65, 200],
+    ("seq_idx-fast-reverse", dict(l=304, groups=1, d=2), True, True, [5, 64, 65, 200],
      dict(chunk=128, num_warps=1, fast_reverse=True)),
     ("exact-chunks", dict(l=32, groups=1), True, True, None, dict(chunk=16)),
     ("length1", dict(l=1, groups=2), True, False, None, dict(chunk=4)),
@@ -111,14 +111,15 @@ def test_interpreted_low_precision(bf, dtype, l, reverse):
     check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, chunk=8)
 
 
-@pytest.mark.parametrize("dtype,l,chunk,reverse", [(torch.bfloat16, 150, 64, True), (torch.bfloat16, 300, 256, True),
-                                                   (torch.float32, 200, 128, True), (torch.bfloat16, 300, 256, False),
-                                                   (torch.float32, 600, 256, True)])
+@pytest.mark.parametrize("dtype,l,chunk,reverse", [(torch.bfloat16, 144, 64, True), (torch.bfloat16, 304, 256, True),
+                                                   (torch.float32, 208, 128, True), (torch.bfloat16, 304, 256, False),
+                                                   (torch.float32, 608, 256, True)])
 def test_interpreted_full_warp_tiles(bf, dtype, l, chunk, reverse):
     """Chunks of 2, 4 and 8 positions a thread (one warp), repeated twice at 600: the fast reverse scan
     (mirrored loads, in-thread reversal) at every vector width, bf16 B/C read as pairs at mirrored positions."""
     x = inputs(b=1, d=2, n=3, l=l, groups=1, seed=l)
     x.update({k: x[k].to(dtype) for k in L_ARGS})
+    assert all(bf._vector_aligned(x[k]) for k in L_ARGS)  # (the fast reverse runs only on aligned rows)
     check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, chunk=chunk, num_warps=1,
           fast_reverse=True)
 
@@ -213,11 +214,12 @@ def test_gpu_bf16_default_tiles_match_reference(reverse):
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype,shape,tuning", [
-    (torch.float32, (2, 64, 16, 3000), {}), (torch.float32, (2, 1536, 16, 3000), dict(prefetch=True)),
-    (torch.bfloat16, (2, 1536, 16, 4000), {}), (torch.bfloat16, (1, 64, 16, 5000), dict(chunk=2048, num_warps=4))])
+    (torch.float32, (2, 64, 16, 3072), {}), (torch.float32, (2, 1536, 16, 3008), dict(prefetch=True)),
+    (torch.bfloat16, (2, 1536, 16, 4000), {}), (torch.bfloat16, (1, 64, 16, 5008), dict(chunk=2048, num_warps=4)),
+    (torch.float32, (2, 64, 16, 3000), {})])  # the last: rows not 16-byte aligned, Triton's reverse scan instead
 def test_gpu_fast_reverse_matches_reference(dtype, shape, tuning):
-    """fast_reverse (mirrored loads + inline-PTX in-thread reversal; off by default until this passes on a GPU):
-    several vector widths and repeats, against the float64 reference, and bitwise-close to the default path."""
+    """fast_reverse (mirrored loads + inline-PTX in-thread reversal, on 16-byte aligned rows): 4 and 8 positions
+    a thread, 1-4 repeats, against the float64 reference and close to Triton's reverse scan."""
     b, d, n, l = shape
     x = _cuda(inputs(b=b, d=d, n=n, l=l, groups=1, seed=l), dtype)
     args = {k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")}

@@ -65,12 +65,14 @@ PAIRS = True        # bf16 B/C read as 32-bit pairs where aligned (-16 instructi
 # fp32 inputs would spill at 2 channels x 4 warps, so it is on for 16-bit inputs only
 PREFETCH_16BIT = True
 # reverse scans on mirrored loads + in-thread register reversal (inline PTX): as fast as the forward on an H100
-# (b8 d1536 l2048 0.419 vs 0.414 ms, b1 d1536 l2^20 27.3 vs 27.1; Triton's reverse scan: 0.98 / 66.5 ms). OFF
-# until tests/kernels/test_scan_blocked_fwd.py::test_gpu_fast_reverse_matches_reference passes on a GPU: its
-# first GPU run matched in bf16 (8 positions a thread, no repeat) but not in fp32 (4 positions, 2-4 repeats),
-# cause not found (the interpreter's version of the same logic passes with repeats; the PTX now permutes
-# through scoped temporaries).
-FAST_REVERSE = False
+# (b8 d1536 l2048 0.419 vs 0.414 ms, b1 d1536 l2^20 27.3 vs 27.1; Triton's reverse scan: 0.98 / 66.5 ms).
+# Its one GPU run passed every reverse test whose rows were 16-byte aligned (fp32 b1 d96 n8 l70000, bf16 b2
+# d1536 l4000) and failed every one whose length was not a multiple of 16 (fp32, l = 3000, 5000, 9000): without
+# 16-byte alignment Triton reads rows element by element, the tile layout is then not V positions a thread and
+# the in-thread reversal mixes positions. So it runs only where every row is 16-byte aligned (_vector_aligned),
+# the case that passed; elsewhere Triton's reverse scan. If
+# tests/kernels/test_scan_blocked_fwd.py::test_gpu_fast_reverse_matches_reference fails, set this to False.
+FAST_REVERSE = True
 
 
 @triton.jit
@@ -349,6 +351,16 @@ def _pow2_divisor(x: int, cap: int) -> int:
     return p
 
 
+def _vector_aligned(t) -> bool:
+    """True when Triton will see t's rows as 16-byte aligned (pointer and every stride but the unit length stride
+    multiples of 16, length too), so its loads get the (V positions a thread) layout that the fast reverse's
+    in-thread reversal assumes. Otherwise the loads are scalar, the tile layout holds 1 position a thread per
+    repeat and reversing V registers would mix positions NT apart (seen on an H100: fp32 reverse at l = 3000)."""
+    if t is None:
+        return True
+    return t.data_ptr() % 16 == 0 and t.shape[-1] % 16 == 0 and all(st % 16 == 0 for st in t.stride()[:-1])
+
+
 def _l_contiguous(t):
     """t itself when its last (length) stride is 1, else a copy that is: a program reads one channel's
     positions, which channel-last storage would scatter over one sector per element."""
@@ -399,7 +411,8 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         vec >= 2 or not reverse) and all(
         s % 2 == 0 for s in (*B4.stride()[:3], *C4.stride()[:3], l, B4.storage_offset(), C4.storage_offset()))
     # reverse scans run forward on mirrored loads (FAST_REVERSE; bf16 pairs need V >= 2 there)
-    mirror = bool(reverse) and bool(tuning.get("fast_reverse", FAST_REVERSE)) and vec >= 2
+    mirror = bool(reverse) and bool(tuning.get("fast_reverse", FAST_REVERSE)) and vec >= 2 and all(
+        _vector_aligned(t) for t in (u, delta, z, y, B4, C4, seq))
     if b * d == 0:
         return y, final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
     _blocked_fwd_kernel[(b * (d // bd),)](
