@@ -403,7 +403,9 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     seq = seq_idx.contiguous() if seq_idx is not None else None
     dummy = final
     # the (BD, T) tile's layout: 16-byte vectors of the loaded dtype on 32 * warps threads, repeated over T
-    vec = max(1, 16 // max(t.element_size() for t in (u, delta, z, B, C) if t is not None))
+    # (a reverse scan counts y and seq_idx too: the fast reverse's in-thread reversal must match the narrowest)
+    vec = max(1, 16 // max(t.element_size() for t in (u, delta, z, B, C, *((y, seq) if reverse else ()))
+                           if t is not None))
     nt = min(32 * warps, T)
     vec = max(1, min(vec, T // nt))
     # bf16 B and C read as 32-bit pairs where every pair is aligned and wholly in or out of range
