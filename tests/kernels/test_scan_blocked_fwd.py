@@ -84,8 +84,8 @@ CASES = [
      dict(chunk=4, bd=8, unroll=2)),
     ("seq_idx", dict(l=45), True, False, [3, 16, 17, 30], dict(chunk=8, bd=4, num_warps=1, unroll=2)),
     ("seq_idx-reverse-prefetch", dict(l=45, groups=2), True, True, [5, 13, 29, 40], dict(chunk=8, prefetch=True)),
-    ("seq_idx-fast-reverse", dict(l=304, groups=1, d=2), True, True, [5, 64, 65, 200],
-     dict(chunk=128, num_warps=1, fast_reverse=True)),
+    ("seq_idx-reverse-full-warp", dict(l=304, groups=1, d=2), True, True, [5, 64, 65, 200],
+     dict(chunk=128, num_warps=1)),
     ("exact-chunks", dict(l=32, groups=1), True, True, None, dict(chunk=16)),
     ("length1", dict(l=1, groups=2), True, False, None, dict(chunk=4)),
 ]
@@ -115,13 +115,11 @@ def test_interpreted_low_precision(bf, dtype, l, reverse):
                                                    (torch.float32, 208, 128, True), (torch.bfloat16, 304, 256, False),
                                                    (torch.float32, 608, 256, True)])
 def test_interpreted_full_warp_tiles(bf, dtype, l, chunk, reverse):
-    """Chunks of 2, 4 and 8 positions a thread (one warp), repeated twice at 600: the fast reverse scan
-    (mirrored loads, in-thread reversal) at every vector width, bf16 B/C read as pairs at mirrored positions."""
+    """Chunks of 2, 4 and 8 positions a thread (one warp), repeated twice at 608: the first/last scan positions
+    picked at every vector width, mostly reverse, bf16 B/C read as pairs."""
     x = inputs(b=1, d=2, n=3, l=l, groups=1, seed=l)
     x.update({k: x[k].to(dtype) for k in L_ARGS})
-    assert all(bf._vector_aligned(x[k]) for k in L_ARGS)  # (the fast reverse runs only on aligned rows)
-    check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, chunk=chunk, num_warps=1,
-          fast_reverse=True)
+    check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, chunk=chunk, num_warps=1)
 
 
 def test_interpreted_channel_last_inputs(bf):
@@ -200,7 +198,7 @@ def test_gpu_fp32_matches_reference(shape, groups, cuts, tuning, reverse):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gpu_bf16_default_tiles_match_reference(reverse):
     """bf16 at b2 d1536 (the default tiles for many channels: 2 channels, 4 warps, 8 positions a thread, chunk
-    prefetch, B/C pairs; reverse: the in-thread reversal by inline PTX) vs the float64 reference."""
+    prefetch, B/C pairs; reverse: Triton's reverse scan) vs the float64 reference."""
     b, d, n, l = 2, 1536, 16, 4000
     x = _cuda(inputs(b=b, d=d, n=n, l=l, groups=1, seed=11), torch.bfloat16)
     y, h, cs = _compiled().blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
@@ -209,30 +207,6 @@ def test_gpu_bf16_default_tiles_match_reference(reverse):
     y_ref, h_ref = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True,
                                       reverse=reverse, return_final_state=True)
     assert_all_close({"y": (y, y_ref), "final_state": (h, h_ref)}, 1e-2)
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("dtype,shape,tuning", [
-    (torch.float32, (2, 64, 16, 3072), {}), (torch.float32, (2, 1536, 16, 3008), dict(prefetch=True)),
-    (torch.bfloat16, (2, 1536, 16, 4000), {}), (torch.bfloat16, (1, 64, 16, 5008), dict(chunk=2048, num_warps=4)),
-    (torch.float32, (2, 64, 16, 3000), {})])  # the last: rows not 16-byte aligned, Triton's reverse scan instead
-def test_gpu_fast_reverse_matches_reference(dtype, shape, tuning):
-    """fast_reverse (mirrored loads + inline-PTX in-thread reversal, on 16-byte aligned rows): 4 and 8 positions
-    a thread, 1-4 repeats, against the float64 reference and close to Triton's reverse scan."""
-    b, d, n, l = shape
-    x = _cuda(inputs(b=b, d=d, n=n, l=l, groups=1, seed=l), dtype)
-    args = {k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")}
-    fwd = _compiled().blocked_fwd
-    y, h, cs = fwd(**args, softplus=True, initial_state=x["initial_state"], reverse=True, save_states=True,
-                   fast_reverse=True, **tuning)
-    y_ref, h_ref = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True, reverse=True,
-                                      return_final_state=True)
-    assert_all_close({"y": (y, y_ref), "final_state": (h, h_ref)}, 1e-4 if dtype == torch.float32 else 1e-2)
-    y2, h2, cs2 = fwd(**args, softplus=True, initial_state=x["initial_state"], reverse=True, save_states=True,
-                      fast_reverse=False, **tuning)
-    assert_all_close({"final_state": (h, h2), "chunk_states": (cs, cs2)}, 1e-4)
-    assert_all_close({"y": (y, y2)}, 1e-5 if dtype == torch.float32 else 1e-2)  # bf16 y: one rounding step
 
 
 @pytest.mark.gpu

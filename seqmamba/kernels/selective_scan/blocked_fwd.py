@@ -16,9 +16,9 @@ accumulated into y, and the state at the chunk's last scan position becomes the 
 from the b * d / BD programs.
 
 ``reverse=True`` scans right to left by address (chunk j covers addresses [l - (j+1) T, l - j T)) with
-Triton's reverse scan, or with ``fast_reverse`` (FAST_REVERSE) on mirrored loads reversed inside each thread and
-a forward scan (see the kernel); nothing is flipped in memory. ``seq_idx`` (b, l) resets the state where the
-sequence id changes in scan order (dA = 0 at a new sequence's first position). Masked positions past either end are
+Triton's reverse scan (``tl.associative_scan(..., reverse=True)``; ~2.4x the forward's time on an H100, see the
+comments below); nothing is flipped in memory. ``seq_idx`` (b, l) resets the state where the sequence id
+changes in scan order (dA = 0 at a new sequence's first position). Masked positions past either end are
 identity steps (dt = 0, B = 0). Math is fp32 for every input dtype; all offsets are 64-bit.
 
 Contract with the backward (``blocked_bwd.py``): with ``save_states``, ``chunk_states`` (b, n_chunks, d, n)
@@ -34,15 +34,11 @@ instructions per (position, state), issue-bound.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-# read when the module is executed: tests load a fresh copy under TRITON_INTERPRET=1 (no inline PTX there)
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" or __name__.endswith("__interpreted")
 
 # Tuning, from sweeps on one H100 (bf16 inputs, softplus + z, medians of do_bench; benchmarks in
 # /work/notes/results3_m1fwd.md), as (channels per program BD, chunk T, warps):
@@ -64,15 +60,9 @@ PAIRS = True        # bf16 B/C read as 32-bit pairs where aligned (-16 instructi
 # load the next chunk's delta and u during the current one: 2-6% faster with 16-bit inputs (+50 registers);
 # fp32 inputs would spill at 2 channels x 4 warps, so it is on for 16-bit inputs only
 PREFETCH_16BIT = True
-# reverse scans on mirrored loads + in-thread register reversal (inline PTX): as fast as the forward on an H100
-# (b8 d1536 l2048 0.419 vs 0.414 ms, b1 d1536 l2^20 27.3 vs 27.1; Triton's reverse scan: 0.98 / 66.5 ms).
-# Its one GPU run passed every reverse test whose rows were 16-byte aligned (fp32 b1 d96 n8 l70000, bf16 b2
-# d1536 l4000) and failed every one whose length was not a multiple of 16 (fp32, l = 3000, 5000, 9000): without
-# 16-byte alignment Triton reads rows element by element, the tile layout is then not V positions a thread and
-# the in-thread reversal mixes positions. So it runs only where every row is 16-byte aligned (_vector_aligned),
-# the case that passed; elsewhere Triton's reverse scan. If
-# tests/kernels/test_scan_blocked_fwd.py::test_gpu_fast_reverse_matches_reference fails, set this to False.
-FAST_REVERSE = True
+# Reverse scans use Triton's reverse scan: ~2.4x the forward's time on an H100 (b8 d1536 l2048 bf16: 0.98 vs
+# 0.41 ms). A mirrored-load reverse with an inline-PTX in-thread reversal was tried and failed on sm_90 (wrong y
+# and states on an H100), so it was removed.
 
 
 @triton.jit
@@ -91,37 +81,6 @@ def _softplus(x):
     return tl.where(x > 20.0, x, lp)
 
 
-def _reverse_asm(v: int) -> tuple[str, str]:
-    """PTX that returns its v 32-bit operands in reverse order (register moves, renamed away by ptxas), and the
-    inline-asm constraints for it. Through scoped temporaries: an output may share a register with an input."""
-    tmp = "".join(f"mov.b32 %rv{i}, ${2 * v - 1 - i}; " for i in range(v))
-    out = "".join(f"mov.b32 ${i}, %rv{i}; " for i in range(v))
-    return f"{{ .reg .b32 %rv<{v}>; {tmp}{out}}}", ",".join(["=r"] * v + ["r"] * v)
-
-
-_REV2, _REV2_C = (tl.constexpr(x) for x in _reverse_asm(2))
-_REV4, _REV4_C = (tl.constexpr(x) for x in _reverse_asm(4))
-_REV8, _REV8_C = (tl.constexpr(x) for x in _reverse_asm(8))
-
-
-@triton.jit
-def _flip_v(x, BD: tl.constexpr, R: tl.constexpr, NT: tl.constexpr, V: tl.constexpr,
-            INTERPRET: tl.constexpr):
-    """x (BD, T) fp32 with each thread's V consecutive positions reversed (T = R * NT * V; V in 1, 2, 4, 8).
-    Compiled: an inline-asm identity over packs of V registers that hands them back in reverse order (the V
-    positions of a pack are the thread's V consecutive positions in the tile's layout); interpreted: tl.flip."""
-    if V == 1:
-        return x
-    elif INTERPRET:
-        return tl.reshape(tl.flip(tl.reshape(x, (BD, R, NT, V)), 3), (BD, R * NT * V))
-    elif V == 2:
-        return tl.inline_asm_elementwise(_REV2, _REV2_C, [x], dtype=tl.float32, is_pure=True, pack=2)
-    elif V == 4:
-        return tl.inline_asm_elementwise(_REV4, _REV4_C, [x], dtype=tl.float32, is_pure=True, pack=4)
-    else:
-        return tl.inline_asm_elementwise(_REV8, _REV8_C, [x], dtype=tl.float32, is_pure=True, pack=8)
-
-
 @triton.jit
 def _chunk_start(k, seqlen, T: tl.constexpr, REVERSE: tl.constexpr):
     """Lowest address of scan-order chunk k (negative for a reverse scan's partial last chunk)."""
@@ -132,11 +91,10 @@ def _chunk_start(k, seqlen, T: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, pos, seqlen, k, n_chunks, T: tl.constexpr,
+def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k, n_chunks, T: tl.constexpr,
                   REVERSE: tl.constexpr):
-    """Raw (BD, T) delta and u of scan-order chunk k at positions pos (zero past either end, or when
-    k >= n_chunks)."""
-    t = _chunk_start(k, seqlen, T, REVERSE) + pos
+    """Raw (BD, T) delta and u of scan-order chunk k (zero past either end, or when k >= n_chunks)."""
+    t = _chunk_start(k, seqlen, T, REVERSE) + ar
     mask = ((t >= 0) & (t < seqlen) & (k < n_chunks))[None, :]
     dl = tl.load(delta_ptr + dl_row[:, None] + t[None, :], mask=mask, other=0.0)
     u = tl.load(u_ptr + u_row[:, None] + t[None, :], mask=mask, other=0.0)
@@ -144,11 +102,11 @@ def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, pos, seqlen, k, n_chunks, T: 
 
 
 @triton.jit
-def _bf16_pairs(ptr, off, start, wpos, seqlen, ok, T: tl.constexpr):
-    """T bf16 values at element offsets off + start + pos (pos: 2 * wpos, 2 * wpos + 1 interleaved) as fp32,
-    read as T/2 32-bit words (off and start even, seqlen even: a word is wholly in or out of range). One
-    integer op per value instead of the 1.5 that a bf16 -> fp32 conversion of packed registers costs."""
-    w_off = start // 2 + wpos
+def _bf16_pairs(ptr, off, start, seqlen, ok, T: tl.constexpr):
+    """T bf16 values at element offset off + start + [0, T) as fp32, read as T/2 32-bit words (off and start
+    even, seqlen even: a word is wholly in or out of range). One integer op per value instead of the 1.5 that
+    a bf16 -> fp32 conversion of packed registers costs."""
+    w_off = start // 2 + tl.arange(0, T // 2)
     words = tl.load(ptr.to(tl.pointer_type(tl.int32)) + off // 2 + w_off,
                     mask=ok & (w_off >= 0) & (w_off < seqlen // 2), other=0)
     lo = (words << 16).to(tl.float32, bitcast=True)
@@ -157,16 +115,16 @@ def _bf16_pairs(ptr, off, start, wpos, seqlen, ok, T: tl.constexpr):
 
 
 @triton.jit
-def _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t, start, wpos, seqlen,
-                    valid, n, nstate, T: tl.constexpr, PAIRS: tl.constexpr):
+def _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t, start, seqlen, valid,
+                    n, nstate, T: tl.constexpr, PAIRS: tl.constexpr):
     """State n's operands for a chunk: A[:, n] * log2(e) (BD,), the carried state (BD,), B and C rows (T,)
     (all zero when n >= nstate)."""
     ok = n < nstate
     a2 = tl.load(A_ptr + d_off * nstate + n, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
     h_in = tl.load(hT_ptr + h_row + n, mask=ok, other=0.0)
     if PAIRS:
-        Bn = _bf16_pairs(B_ptr, B_row + n * sB_n, start, wpos, seqlen, ok, T)
-        Cn = _bf16_pairs(C_ptr, C_row + n * sC_n, start, wpos, seqlen, ok, T)
+        Bn = _bf16_pairs(B_ptr, B_row + n * sB_n, start, seqlen, ok, T)
+        Cn = _bf16_pairs(C_ptr, C_row + n * sC_n, start, seqlen, ok, T)
     else:
         Bn = tl.load(B_ptr + B_row + n * sB_n + t, mask=valid & ok, other=0.0).to(tl.float32)
         Cn = tl.load(C_ptr + C_row + n * sC_n + t, mask=valid & ok, other=0.0).to(tl.float32)
@@ -182,7 +140,6 @@ def _blocked_fwd_kernel(
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
     ACCUM: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, NT: tl.constexpr,
     V: tl.constexpr, UNROLL: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr,
-    INTERPRET: tl.constexpr, MIRROR: tl.constexpr,
 ):
     """One program: batch row pid // (d / BD), channels [BD * (pid % (d / BD)), + BD). u, delta, z, B, C have
     l-stride 1 (the launcher makes sure). States (b, [n_chunks,] d, n) fp32 contiguous.
@@ -210,7 +167,7 @@ def _blocked_fwd_kernel(
     i4 = tl.arange(0, V)[None, None, None, :]
     q2 = tl.arange(0, NT)[None, :]
     # the scan's first and last positions (tensor order)
-    if REVERSE and not MIRROR:  # Triton's reverse scan: scan order runs from the highest index to the lowest
+    if REVERSE:  # Triton's reverse scan: scan order runs from the highest index to the lowest
         first = (r4 == R - 1) & (q4 == NT - 1) & (i4 == V - 1)
         last_ri = (r4 == 0) & (i4 == 0)
         last_q = q2 == 0
@@ -218,19 +175,6 @@ def _blocked_fwd_kernel(
         first = (r4 == 0) & (q4 == 0) & (i4 == 0)
         last_ri = (r4 == R - 1) & (i4 == V - 1)
         last_q = q2 == NT - 1
-    if MIRROR:
-        # Reverse scan run forward: tensors are loaded at mirrored positions (thread/repeat blocks of V in
-        # descending order, each block ascending: still 16-byte loads), the scan's inputs and output are
-        # reversed inside each thread (_flip_v, register moves only) and Triton's forward scan runs (its
-        # reverse scan reverses the order across lanes: 240 shuffles a state, 2.4x the forward's time).
-        pos = (T // V - 1 - ar // V) * V + ar % V
-        if V >= 2:  # (PAIRS needs V >= 2 here: a word must not straddle two mirrored blocks)
-            wpos = (T // V - 1 - tl.arange(0, T // 2) // (V // 2)) * (V // 2) + tl.arange(0, T // 2) % (V // 2)
-        else:
-            wpos = tl.arange(0, T // 2)
-    else:
-        pos = ar
-        wpos = tl.arange(0, T // 2)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_off).to(tl.float32)
@@ -250,7 +194,7 @@ def _blocked_fwd_kernel(
     C_row = pb * sC_b + grp * sC_g
 
     # chunk 0's delta and u; with PREFETCH each chunk then loads the next chunk's while it computes
-    dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, pos, seqlen, 0, n_chunks, T, REVERSE)
+    dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, 0, n_chunks, T, REVERSE)
     for k in range(0, n_chunks):
         tl.debug_barrier()  # the previous chunk's carry writes (or the initial state) before this chunk's reads
         if SAVE_STATES:
@@ -258,15 +202,15 @@ def _blocked_fwd_kernel(
             tl.store(cs_ptr + (pb * n_chunks + k) * dim * nstate + d_off[:, None] * nstate + n_ar[None, :], hs,
                      mask=dn_mask)
         start = _chunk_start(k, seqlen, T, REVERSE)
-        t = start + pos
+        t = start + ar
         valid = (t >= 0) & (t < seqlen)
         mask = valid[None, :]
         if PREFETCH:
             dl = dl_x.to(tl.float32)
             u = u_x.to(tl.float32)
-            dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, pos, seqlen, k + 1, n_chunks, T, REVERSE)
+            dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k + 1, n_chunks, T, REVERSE)
         else:
-            dl_k, u_k = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, pos, seqlen, k, n_chunks, T, REVERSE)
+            dl_k, u_k = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k, n_chunks, T, REVERSE)
             dl = dl_k.to(tl.float32)
             u = u_k.to(tl.float32)
         if HAS_BIAS:
@@ -291,29 +235,21 @@ def _blocked_fwd_kernel(
         # L2 round trips that would otherwise stall every state; the carry slots read here were written in the
         # previous chunk, before the barrier above)
         a2, h_in, Bn, Cn = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t,
-                                           start, wpos, seqlen, valid, 0, nstate, T, PAIRS)
+                                           start, seqlen, valid, 0, nstate, T, PAIRS)
         for n in tl.range(0, nstate, loop_unroll_factor=UNROLL):
             a2_x, h_x, B_x, C_x = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n,
-                                                  sC_n, t, start, wpos, seqlen, valid, n + 1, nstate, T, PAIRS)
+                                                  sC_n, t, start, seqlen, valid, n + 1, nstate, T, PAIRS)
             dA = tl.exp2(dt * a2[:, None])
             if HAS_SEQ:
                 dA = tl.where(keep, dA, 0.0)
             bx = dtu * Bn[None, :]
-            if MIRROR:  # into scan order
-                dA = _flip_v(dA, BD, R, NT, V, INTERPRET)
-                bx = _flip_v(bx, BD, R, NT, V, INTERPRET)
             # carry in: h = dA * h_in + bx at the scan's first position
             bx4 = tl.reshape(bx, (BD, R, NT, V))
             bx4 = tl.where(first, bx4 + tl.reshape(dA, (BD, R, NT, V)) * h_in[:, None, None, None], bx4)
-            if MIRROR:
-                _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine)
-            else:
-                _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine, reverse=REVERSE)
+            _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine, reverse=REVERSE)
             # carry out: the state after the scan's last position (one thread holds it)
             hl = tl.max(tl.max(tl.where(last_ri, tl.reshape(h, (BD, R, NT, V)), float("-inf")), axis=3), axis=1)
             tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, hl, mask=last_q)
-            if MIRROR:  # back to the loaded order
-                h = _flip_v(h, BD, R, NT, V, INTERPRET)
             acc += h * Cn[None, :]
             a2, h_in, Bn, Cn = a2_x, h_x, B_x, C_x
         if HAS_D:
@@ -349,16 +285,6 @@ def _pow2_divisor(x: int, cap: int) -> int:
     while p * 2 <= cap and x % (p * 2) == 0:
         p *= 2
     return p
-
-
-def _vector_aligned(t) -> bool:
-    """True when Triton will see t's rows as 16-byte aligned (pointer and every stride but the unit length stride
-    multiples of 16, length too), so its loads get the (V positions a thread) layout that the fast reverse's
-    in-thread reversal assumes. Otherwise the loads are scalar, the tile layout holds 1 position a thread per
-    repeat and reversing V registers would mix positions NT apart (seen on an H100: fp32 reverse at l = 3000)."""
-    if t is None:
-        return True
-    return t.data_ptr() % 16 == 0 and t.shape[-1] % 16 == 0 and all(st % 16 == 0 for st in t.stride()[:-1])
 
 
 def _l_contiguous(t):
@@ -403,18 +329,12 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     seq = seq_idx.contiguous() if seq_idx is not None else None
     dummy = final
     # the (BD, T) tile's layout: 16-byte vectors of the loaded dtype on 32 * warps threads, repeated over T
-    # (a reverse scan counts y and seq_idx too: the fast reverse's in-thread reversal must match the narrowest)
-    vec = max(1, 16 // max(t.element_size() for t in (u, delta, z, B, C, *((y, seq) if reverse else ()))
-                           if t is not None))
+    vec = max(1, 16 // max(t.element_size() for t in (u, delta, z, B, C) if t is not None))
     nt = min(32 * warps, T)
     vec = max(1, min(vec, T // nt))
     # bf16 B and C read as 32-bit pairs where every pair is aligned and wholly in or out of range
-    pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and T >= 2 and (
-        vec >= 2 or not reverse) and all(
+    pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and T >= 2 and all(
         s % 2 == 0 for s in (*B4.stride()[:3], *C4.stride()[:3], l, B4.storage_offset(), C4.storage_offset()))
-    # reverse scans run forward on mirrored loads (FAST_REVERSE; bf16 pairs need V >= 2 there)
-    mirror = bool(reverse) and bool(tuning.get("fast_reverse", FAST_REVERSE)) and vec >= 2 and all(
-        _vector_aligned(t) for t in (u, delta, z, y, B4, C4, seq))
     if b * d == 0:
         return y, final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
     _blocked_fwd_kernel[(b * (d // bd),)](
@@ -429,5 +349,5 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse),
         HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec,
         UNROLL=int(tuning.get("unroll") or UNROLL), PAIRS=pairs,
-        PREFETCH=prefetch, INTERPRET=_INTERPRET, MIRROR=mirror, num_warps=warps)
+        PREFETCH=prefetch, num_warps=warps)
     return y, final, (states if save_states else None)
