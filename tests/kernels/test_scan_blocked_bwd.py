@@ -212,7 +212,8 @@ def test_gpu_64bit_offsets_backward_last_window():
     grads = blocked_bwd(*x.values(), True, False, cs, dy, None, chunk_len=T)
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     for name, gr in zip(names, grads):
-        assert torch.isfinite(gr).all(), name
+        # a NaN/inf anywhere makes the fp32 sum non-finite; isfinite(gr) would allocate 4.3 GB of bools
+        assert torch.isfinite(gr.sum(dtype=torch.float32)), name
     got = {k: gr[..., -w:].clone() for k, gr in zip(names, grads) if k in ("u", "delta", "B", "C", "z")}
     dy_w = dy[..., -w:].clone()
     del grads, dy, cs
