@@ -37,6 +37,16 @@ def masked_dt(dt: torch.Tensor, dt_bias: torch.Tensor, mask: torch.Tensor) -> to
     return F.softplus(fp32(dt) + dt_bias) * mask
 
 
+def scan_layout_l_major() -> bool:
+    """Storage of the Mamba-1 scan's inputs u, delta, z, B, C, chosen for the CUDA kernels (the values are the
+    same either way). Under autograd the blocked kernel pair reads each channel along l and copies anything else
+    (a transposing copy of delta and z costs as much as the scan at 1M tokens: fwd+bwd 474 vs 206 ms at b1 d1536
+    on an H100), so the mixer stores them (b, channels, l). Without autograd they are channel-last views of
+    (b, l, .) tensors: the sequential forward reads those rows in place at the same speed in both directions,
+    while the blocked forward's reverse scan (Triton's reverse associative scan) takes 2.4x its forward time."""
+    return torch.is_grad_enabled()
+
+
 class SegmentedMixer(nn.Module):
     """What Mamba and Mamba2 share: the call signature, streaming state, and segmented inference.
 
@@ -127,9 +137,10 @@ class Mamba(SegmentedMixer):
         return MixerState(conv, torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=dtype))
 
     def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """in_proj: ``(b, l, d_model)`` -> ``(b, l, 2*d_inner)``, stored as ``(b, 2*d_inner, l)``: every tensor the
-        scan reads (u, delta, z, B, C) then runs along l with unit stride, as its kernels read them (one channel's
-        positions spread over a program's threads), and no copy is made on the way."""
+        """in_proj: ``(b, l, d_model)`` -> ``(b, l, 2*d_inner)``, applied through its weight (as mamba_ssm does)
+        so that the storage suits the scan kernels (see :func:`scan_layout_l_major`)."""
+        if not scan_layout_l_major():
+            return F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)
         xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))  # (b, 2*d_inner, l)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
@@ -154,9 +165,14 @@ class Mamba(SegmentedMixer):
         x, conv_state = causal_conv1d(
             x, self.conv1d.weight, self.conv1d.bias, initial_state=None if state is None else state.conv,
             return_final_state=True, activation="silu", reverse=self.reverse, backend=self.backend)
-        x_dbl = torch.matmul(self.x_proj.weight, x)  # (b, dt_rank + 2n, l), l contiguous
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)  # B, C: (b, n, l)
-        dt = torch.matmul(self.dt_proj.weight, dt)  # (b, d_inner, l), bias added in the scan
+        split = [self.dt_rank, self.d_state, self.d_state]
+        if scan_layout_l_major():
+            dt, B, C = torch.split(torch.matmul(self.x_proj.weight, x), split, dim=1)  # (b, ., l), l contiguous
+            dt = torch.matmul(self.dt_proj.weight, dt)  # (b, d_inner, l), bias added in the scan
+        else:  # the same values as channel-last views of (b, l, .) tensors
+            dt, B, C = torch.split(F.linear(x.transpose(1, 2), self.x_proj.weight), split, dim=-1)
+            dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)
+            B, C = B.transpose(1, 2), C.transpose(1, 2)  # (b, n, l)
         A = -torch.exp(fp32(self.A_log))  # (d_inner, n)
         dt_bias, softplus = fp32(self.dt_proj.bias), True
         if mask is not None:

@@ -155,15 +155,26 @@ def test_dt_rank_auto():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_mamba_scan_inputs_run_along_the_length(bias):
-    """The Triton scan reads each channel's positions with unit stride: the mixer must hand it u, delta, z, B
-    and C with l contiguous (a channel-last view costs a transposing copy of each, forward and backward), and
-    projecting through in_proj's weight must equal calling in_proj."""
+@pytest.mark.parametrize("grad", [True, False])
+def test_mamba_scan_input_layout(bias, grad):
+    """The mixer stores the scan's inputs as its CUDA kernels read them best (same values either way): under
+    autograd u, delta, z, B, C run along l with unit stride (the blocked pair copies anything else); without
+    autograd delta, z, B and C are channel-last (the sequential forward reads those rows in place). in_proj and
+    x_proj/dt_proj applied through their weights must equal the modules' own outputs."""
     torch.manual_seed(0)
     m = Mamba(16, d_state=4, bias=bias).double()
     x = torch.randn(2, 9, 16, dtype=torch.float64)
-    xz = m.project(x)
-    assert_close("in_proj through its weight", xz, m.in_proj(x), 1e-12)
-    scan, _ = m.scan_inputs(xz, None, None)
+    with torch.set_grad_enabled(grad):
+        xz = m.project(x)
+        assert_close("in_proj through its weight", xz, m.in_proj(x), 1e-12)
+        scan, _ = m.scan_inputs(xz, None, None)
+        u = scan["u"].transpose(1, 2)
+        dt, B, C = torch.split(m.x_proj(u), [m.dt_rank, m.d_state, m.d_state], dim=-1)
+        assert_close("delta", scan["delta"], m.dt_proj(dt).transpose(1, 2) - m.dt_proj.bias[:, None], 1e-12)
+        assert_close("B", scan["B"], B.transpose(1, 2), 1e-12)
+        assert_close("C", scan["C"], C.transpose(1, 2), 1e-12)
     for name in ("u", "delta", "z", "B", "C"):
-        assert scan[name].stride(-1) == 1, f"{name} has l-stride {scan[name].stride(-1)}"
+        if grad or name == "u":
+            assert scan[name].stride(-1) == 1, f"{name} has l-stride {scan[name].stride(-1)}"
+        else:
+            assert scan[name].stride(1) == 1, f"{name} is not channel-last: strides {scan[name].stride()}"
