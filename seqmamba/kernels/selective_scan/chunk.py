@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import os
 import sys
 
@@ -732,8 +731,6 @@ def _bwd_seq_kernel(
     grp = (pid // n_splits) % n_groups
     pb = (pid // (n_splits * n_groups)).to(tl.int64)
     ndb_g = cpg // BD
-    n_off = tl.arange(0, BN).to(tl.int64)
-    n_mask = n_off < nstate
     # scratch: T + 1 slots of (BN, BD) per program (slot 0: the tile's start state, slot s + 1: h after step s);
     # dA and dh0 are written in (n, d) order too (transposed by torch)
     hs_base = (pid.to(tl.int64) * n_chunks + chunk) * ((T + 1) * BN * BD)
@@ -975,6 +972,37 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, 
     return y, final, (tstates if save_states else None)
 
 
+def _chunk_end_adjoints(delta, A, C4, z, delta_bias, softplus, reverse, dout, dht, seq, has_seq, n_chunks, tpc,
+                        n_tiles, tile, BDs, BN, num_warps):
+    """g = dL/dh at the end of every backward chunk (b, n_chunks, d, n) fp32: dht for the last one; with more
+    than one chunk, each chunk's local adjoint from a zero end (``_bwd_sum_kernel``) carried right to left over
+    the chunks (``_bwd_state_kernel``). ``seq``: (seq_idx or a dummy, its two strides)."""
+    b, d, l = delta.shape
+    n = A.shape[1]
+    f32 = dict(device=delta.device, dtype=torch.float32)
+    dummy = torch.empty(1, **f32)
+    dht_c = dht.float().contiguous() if dht is not None else None
+    gbuf = torch.empty(b, n_chunks, d, n, **f32)
+    if n_chunks == 1:
+        if dht_c is not None:
+            gbuf.copy_(dht_c.unsqueeze(1))
+        else:
+            gbuf.zero_()
+        return gbuf
+    cpg = d // C4.shape[1]
+    ndb = d // BDs
+    gloc = torch.empty(b, n_chunks, d, n, **f32)
+    dtsum = torch.empty(b, n_chunks, d, **f32)
+    _bwd_sum_kernel[(b * ndb, n_chunks)](
+        delta, A, C4, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
+        dout, gloc, dtsum, *_strides3(delta), *C4.stride(), *_strides3(z), *_strides3(dout), *seq,
+        d, n, l, cpg, tpc, n_tiles, n_chunks, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus, REVERSE=reverse, HAS_SEQ=has_seq, BD=BDs, BN=BN, T=tile, num_warps=num_warps)
+    _bwd_state_kernel[(b * ndb,)](A, gloc, dtsum, dht_c if dht_c is not None else dummy, gbuf, d, n,
+                                  n_chunks, HAS_DHT=dht_c is not None, HAS_SEQ=has_seq, BD=BDs, BN=BN, num_warps=1)
+    return gbuf
+
+
 def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, dht, tile=TILE,
          n_chunks=None, n_splits=None, num_warps=None, max_bd=None, programs=None, seq_idx=None, fwd_kernel=None,
          bwd_kernel=None):
@@ -1010,26 +1038,8 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, 
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dummy = torch.empty(1, **f32)
     seq = (seq_idx, seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (dummy, 0, 0)
-    dht_c = dht.float().contiguous() if dht is not None else None
-    gbuf = torch.empty(b, n_chunks, d, n, **f32)
-    if n_chunks == 1:
-        if dht_c is not None:
-            gbuf.copy_(dht_c.unsqueeze(1))
-        else:
-            gbuf.zero_()
-    else:
-        ndb = d // BDs
-        gloc = torch.empty(b, n_chunks, d, n, **f32)
-        dtsum = torch.empty(b, n_chunks, d, **f32)
-        _bwd_sum_kernel[(b * ndb, n_chunks)](
-            delta, A, C4, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
-            dout, gloc, dtsum, *_strides3(delta), *C4.stride(), *_strides3(z), *_strides3(dout), *seq,
-            d, n, l, cpg, tpc, n_tiles, n_chunks, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=softplus, REVERSE=reverse, HAS_SEQ=seq_idx is not None, BD=BDs, BN=BN, T=tile,
-            num_warps=num_warps)
-        _bwd_state_kernel[(b * ndb,)](A, gloc, dtsum, dht_c if dht_c is not None else dummy, gbuf, d, n,
-                                      n_chunks, HAS_DHT=dht_c is not None, HAS_SEQ=seq_idx is not None, BD=BDs,
-                                      BN=BN, num_warps=1)
+    gbuf = _chunk_end_adjoints(delta, A, C4, z, delta_bias, softplus, reverse, dout, dht, seq, seq_idx is not None,
+                               n_chunks, tpc, n_tiles, tile, BDs, BN, num_warps)
     du = torch.empty(b, d, l, device=dev, dtype=u.dtype)
     ddelta = torch.empty(b, d, l, device=dev, dtype=delta.dtype)
     dz = torch.empty(b, d, l, device=dev, dtype=z.dtype) if z is not None else None
@@ -1097,25 +1107,8 @@ def _bwd_seq(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, do
     f32 = dict(device=dev, dtype=torch.float32)
     A = A.contiguous()
     dummy = torch.empty(1, **f32)
-    dht_c = dht.float().contiguous() if dht is not None else None
-    gbuf = torch.empty(b, n_chunks, d, n, **f32)
-    if n_chunks == 1:
-        if dht_c is not None:
-            gbuf.copy_(dht_c.unsqueeze(1))
-        else:
-            gbuf.zero_()
-    else:
-        ndbs = d // BDs
-        gloc = torch.empty(b, n_chunks, d, n, **f32)
-        dtsum = torch.empty(b, n_chunks, d, **f32)
-        _bwd_sum_kernel[(b * ndbs, n_chunks)](
-            delta, A, C4, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
-            dout, gloc, dtsum, *_strides3(delta), *C4.stride(), *_strides3(z), *_strides3(dout), dummy, 0, 0,
-            d, n, l, cpg, tpc, n_tiles, n_chunks, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=softplus, REVERSE=reverse, HAS_SEQ=False, BD=BDs, BN=BN, T=tile, num_warps=WARPS_BWD)
-        _bwd_state_kernel[(b * ndbs,)](A, gloc, dtsum, dht_c if dht_c is not None else dummy, gbuf, d, n,
-                                       n_chunks, HAS_DHT=dht_c is not None, HAS_SEQ=False, BD=BDs, BN=BN,
-                                       num_warps=1)
+    gbuf = _chunk_end_adjoints(delta, A, C4, z, delta_bias, softplus, reverse, dout, dht, (dummy, 0, 0), False,
+                               n_chunks, tpc, n_tiles, tile, BDs, BN, WARPS_BWD)
     gbuf = gbuf.transpose(-1, -2).contiguous()  # (n, d) order for the sequential kernel
     du, ddelta = new_output(u, delta), new_output(delta, delta)
     dz = new_output(z, delta) if z is not None else None
