@@ -25,9 +25,10 @@ Backward: with g_t = dL/dh_t (all paths), g_t = dy_t C_t + exp(dt_{t+1} A) g_{t+
 Accumulation is fp32 for every input dtype; all offsets are 64-bit.
 
 Default path and determinism: the custom ops below (``selective_scan_triton``, the bidirectional call) run the
-single-pass blocked kernels (except a no-grad forward on channel-last delta: see ``blocked_default``) of ``blocked_fwd.py`` / ``blocked_bwd.py`` (the forward keeps only the state entering
-each chunk of ``T`` positions, (b, l/T, d, n); the backward walks the chunks right to left and adds dB, dC into
-fp32 buffers with atomics, so its dB, dC vary in the last bits from run to run). When
+single-pass blocked kernels of ``blocked_fwd.py`` / ``blocked_bwd.py`` (except a no-grad forward on
+channel-last delta: see ``blocked_default``; the forward keeps only the state entering each chunk of ``T``
+positions, (b, l/T, d, n); the backward walks the chunks right to left and adds dB, dC into fp32 buffers
+with atomics, so its dB, dC vary in the last bits from run to run). When
 ``torch.are_deterministic_algorithms_enabled()``, the whole op runs the kernels of this file instead (forward
 with tile states, tile or sequential backward: no atomics, bitwise reproducible). ``_tuning`` (tests,
 benchmarks) selects this file's kernels too, or the blocked pair with ``blocked=True``.
@@ -1140,10 +1141,10 @@ def _bwd_seq(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, do
 def blocked_default(delta=None, save_states=True) -> bool:
     """Whether the ops run the blocked pair: not in torch's deterministic mode (the blocked backward's dB/dC atomics
     are not bitwise reproducible; this file's kernels are), nor for a forward without autograd on channel-last
-    delta (the Mamba mixer's layout), which this file's sequential kernel reads in place while blocked_fwd copies
-    delta and z l-contiguous first. H100, same run, no-grad forward, mixer layout: b1 d1536 l2^20 36 vs 128 ms,
-    b1 d1536 l65536 2.4 vs 3.3 ms, b8 d1536 l2048 0.61 vs 0.79 ms; under autograd the blocked pair is as fast or
-    faster there too (fwd+bwd 474 vs 487, 18.4 vs 19.8, 4.0 vs 6.2 ms)."""
+    delta (the Mamba mixer's layout without autograd), which this file's sequential kernel reads in place while
+    blocked_fwd copies delta and z l-contiguous first. H100, same run, no-grad forward, channel-last delta/z:
+    b1 d1536 l2^20 36 vs 128 ms, b1 d1536 l65536 2.4 vs 3.3 ms, b8 d1536 l2048 0.61 vs 0.79 ms; under autograd
+    the blocked pair is as fast or faster there too (fwd+bwd 474 vs 487, 18.4 vs 19.8, 4.0 vs 6.2 ms)."""
     if torch.are_deterministic_algorithms_enabled():
         return False
     return save_states or delta is None or not channel_last(delta)
