@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from typing import Literal
 
 import torch
@@ -36,6 +37,23 @@ def load_triton_impl(module: str, name: str):
         return getattr(importlib.import_module(module), name)
     except Exception:  # pragma: no cover
         return None
+
+
+def kernel_module(name: str, importer: str):
+    """The Triton kernel module ``name`` (dotted) as seen from the kernel module named ``importer`` (its
+    ``__name__``): the package's own module, or, when the importer is a copy run under the Triton interpreter
+    (tests/kernels/interpret.py: its name ends in ``__interpreted``), a copy of ``name`` loaded the same way, from
+    its file, so that its kernels are interpreted too. That copy is the importer's own: each interpreted load
+    brings a fresh interpreted triton, and a jit function called inside a kernel must come from the same one."""
+    if not importer.endswith("__interpreted"):
+        return importlib.import_module(name)
+    key = f"{name}__{importer.replace('.', '_')}"  # ends in __interpreted like the importer
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, importlib.util.find_spec(name).origin)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
 @torch.compiler.assume_constant_result

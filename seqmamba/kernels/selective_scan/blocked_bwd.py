@@ -40,6 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
+from seqmamba.kernels._dispatch import kernel_module
+from seqmamba.kernels.selective_scan.ref import _grouped
+
 LOG2E = 1.4426950408889634
 
 # Channels per program and warps per chunk length T. H100 sweep (bf16, b1 d1536 l65536 and b8 d1536 l2048, bwd
@@ -55,24 +58,13 @@ def default_warps(T: int) -> int:
     return WARPS.get(T, min(max(T // 128, 1), 8))
 
 
-@triton.jit
-def _combine(a1, b1, a2, b2):
-    # Compose x -> a1 x + b1, then x -> a2 x + b2 (the reverse scan gets the part from the right first).
-    return a1 * a2, a2 * b1 + b2
+_common = kernel_module("seqmamba.kernels._triton_common", __name__)
+_softplus, _combine = _common.softplus, _common.affine_combine
 
 
 @triton.jit
 def _add2(a1, b1, a2, b2):
     return a1 + a2, b1 + b2
-
-
-@triton.jit
-def _softplus(x):
-    # log1p(exp(x)) with Kahan's trick (log(w) * e / (w - 1)), exact to fp32 rounding for x << 0.
-    e = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + e
-    lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
-    return tl.where(x > 20.0, x, lp)
 
 
 @triton.jit
@@ -254,19 +246,6 @@ def _blocked_bwd_kernel(
     tl.store(dbias_ptr + pb * dim + d_off, db_acc)
 
 
-def _pow2_divisor(x: int, cap: int) -> int:
-    """Largest power of two dividing x, at most cap."""
-    p = 1
-    while x % (2 * p) == 0 and 2 * p <= cap:
-        p *= 2
-    return p
-
-
-def _unit_l(t):
-    """t with unit stride along its last dim (a copy only when it has not)."""
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
 def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dout, dht=None,
                 seq_idx=None, *, chunk_len, block_d=None, num_warps=None):
     """Gradients of the selective scan from the forward's ``chunk_states``.
@@ -289,13 +268,12 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
     if chunk_states.shape != (b, n_chunks, d, n):
         raise ValueError(f"blocked_bwd: chunk_states must have shape (b, cdiv(l, chunk_len), d, n) = "
                          f"{(b, n_chunks, d, n)}, got {tuple(chunk_states.shape)}")
-    B4 = B if B.dim() == 4 else B.unsqueeze(1)
-    C4 = C if C.dim() == 4 else C.unsqueeze(1)
+    B4, C4 = _grouped(B), _grouped(C)
     g = B4.shape[1]
     cpg = d // g
-    BD = _pow2_divisor(cpg, block_d or BLOCK_D)
+    BD = _common.pow2_divisor(cpg, block_d or BLOCK_D)
     BN = max(triton.next_power_of_2(n), 2)
-    u, delta, z, dout, B4, C4 = (_unit_l(t) for t in (u, delta, z, dout, B4, C4))
+    u, delta, z, dout, B4, C4 = (_common.unit_l(t) for t in (u, delta, z, dout, B4, C4))
     dev = u.device
     f32 = dict(device=dev, dtype=torch.float32)
     du = torch.empty(b, d, l, device=dev, dtype=u.dtype)

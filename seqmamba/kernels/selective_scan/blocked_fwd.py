@@ -38,6 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
+from seqmamba.kernels._dispatch import kernel_module
+from seqmamba.kernels.selective_scan.ref import _grouped
+
 LOG2E = 1.4426950408889634
 
 # Tuning, from sweeps on one H100 (bf16 inputs, softplus + z, medians of do_bench; benchmarks in
@@ -65,20 +68,8 @@ PREFETCH_16BIT = True
 # and states on an H100), so it was removed.
 
 
-@triton.jit
-def _combine(a1, b1, a2, b2):
-    # x -> a1 x + b1, then x -> a2 x + b2. For a reverse scan Triton passes the element nearer the scan's
-    # start (the right) first, so the same function composes in scan order either way.
-    return a1 * a2, a2 * b1 + b2
-
-
-@triton.jit
-def _softplus(x):
-    # log1p(exp(x)), accurate for x << 0 (Kahan: log(w) * e / (w - 1)), x itself above 20.
-    e = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + e
-    lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
-    return tl.where(x > 20.0, x, lp)
+_common = kernel_module("seqmamba.kernels._triton_common", __name__)
+_softplus, _combine = _common.softplus, _common.affine_combine
 
 
 @triton.jit
@@ -272,27 +263,11 @@ def _plan(b: int, d: int, cpg: int, elt_size: int, tuning: dict) -> tuple[int, i
     """(channels per program, warps, prefetch) for this call: the tuning's values where given (None: default),
     else the module's measured defaults (see the table at the top)."""
     bd = tuning.get("bd") or (2 if b * d >= MIN_CHANNELS_BD2 else 1)
-    bd = _pow2_divisor(cpg, int(bd))
+    bd = _common.pow2_divisor(cpg, int(bd))
     warps = int(tuning.get("num_warps") or (WARPS_BD2 if bd >= 2 else WARPS_BD1))
     prefetch = tuning.get("prefetch")
     prefetch = bool(PREFETCH_16BIT and elt_size <= 2) if prefetch is None else bool(prefetch)
     return bd, warps, prefetch
-
-
-def _pow2_divisor(x: int, cap: int) -> int:
-    """Largest power of two dividing x, at most cap."""
-    p = 1
-    while p * 2 <= cap and x % (p * 2) == 0:
-        p *= 2
-    return p
-
-
-def _l_contiguous(t):
-    """t itself when its last (length) stride is 1, else a copy that is: a program reads one channel's
-    positions, which channel-last storage would scatter over one sector per element."""
-    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
-        return t
-    return t.contiguous()
 
 
 def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False, initial_state=None,
@@ -314,9 +289,8 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     T = chunk_length(tuning)
     if T < 1 or T & (T - 1):
         raise ValueError(f"blocked_fwd: chunk must be a power of two, got {T}")
-    u, delta, z, B, C = (_l_contiguous(t) for t in (u, delta, z, B, C))
-    B4 = B if B.dim() == 4 else B.unsqueeze(1)
-    C4 = C if C.dim() == 4 else C.unsqueeze(1)
+    u, delta, z, B, C = (_common.unit_l(t) for t in (u, delta, z, B, C))
+    B4, C4 = _grouped(B), _grouped(C)
     cpg = d // B4.shape[1]
     bd, warps, prefetch = _plan(b, d, cpg, max(u.element_size(), delta.element_size()), tuning)
     BN = max(triton.next_power_of_2(n), 2)

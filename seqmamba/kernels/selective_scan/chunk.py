@@ -35,34 +35,20 @@ benchmarks) selects this file's kernels too, or the blocked pair with ``blocked=
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _sibling(name: str):
-    """A kernel module of this package. When this file runs as a copy under the Triton interpreter (its name
-    ends in ``__interpreted``: tests), the sibling is loaded the same way, from its file, under the same kind of
-    name, so its kernels are interpreted too."""
-    full = f"seqmamba.kernels.selective_scan.{name}"
-    if not __name__.endswith("__interpreted"):
-        return importlib.import_module(full)
-    key = full + "__interpreted"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, os.path.join(os.path.dirname(__file__), name + ".py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[key] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[key]
+from seqmamba.kernels._dispatch import kernel_module
+from seqmamba.kernels.selective_scan.ref import _grouped
 
 
-_blocked_fwd_mod = _sibling("blocked_fwd")
-_blocked_bwd_mod = _sibling("blocked_bwd")
+_common = kernel_module("seqmamba.kernels._triton_common", __name__)
+_softplus, _combine = _common.softplus, _common.affine_combine
+_blocked_fwd_mod = kernel_module("seqmamba.kernels.selective_scan.blocked_fwd", __name__)
+_blocked_bwd_mod = kernel_module("seqmamba.kernels.selective_scan.blocked_bwd", __name__)
 
 LOG2E = 1.4426950408889634
 
@@ -102,22 +88,6 @@ SEQ_MAX_CHANNELS = 8192
 MAX_BD_SEQ = 128
 WARPS_SEQ = 4
 SEQ_PROGRAMS = 1024
-
-
-@triton.jit
-def _combine(a1, b1, a2, b2):
-    # Compose x -> a1 x + b1 and then x -> a2 x + b2 (the reverse scan uses the same combine: triton hands it
-    # the carry coming from the right first).
-    return a1 * a2, a2 * b1 + b2
-
-
-@triton.jit
-def _softplus(x):
-    # log1p(exp(x)) computed with Kahan's trick (log(w) * e / (w - 1)), exact to fp32 rounding for x << 0.
-    e = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + e
-    lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
-    return tl.where(x > 20.0, x, lp)
 
 
 @triton.jit
@@ -864,18 +834,6 @@ def _bwd_seq_block(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
 
 # ---------------------------------------------------------------------------------------------- launchers
 
-def _pow2_divisor(x: int, cap: int) -> int:
-    """Largest power of two dividing x, at most cap."""
-    p = 1
-    while p * 2 <= cap and x % (p * 2) == 0:
-        p *= 2
-    return p
-
-
-def _grouped(X):
-    return X if X.dim() == 4 else X.unsqueeze(1)
-
-
 def _strides3(t):
     return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
 
@@ -919,7 +877,7 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, 
     B4, C4 = _grouped(B), _grouped(C)
     g = B4.shape[1]
     cpg = d // g
-    BD = _pow2_divisor(cpg, max_bd or (MAX_BD_SEQT if nfirst else MAX_BD_SEQ if seq else MAX_BD_FWD))
+    BD = _common.pow2_divisor(cpg, max_bd or (MAX_BD_SEQT if nfirst else MAX_BD_SEQ if seq else MAX_BD_FWD))
     BN = max(triton.next_power_of_2(n), 2)
     ndb = d // BD
     n_tiles = max(triton.cdiv(l, tile), 1)
@@ -1019,8 +977,8 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, dout, 
     B4, C4 = _grouped(B), _grouped(C)
     g = B4.shape[1]
     cpg = d // g
-    BD = _pow2_divisor(cpg, max_bd or MAX_BD_BWD)
-    BDs = _pow2_divisor(cpg, MAX_BD_FWD)  # summary/state passes: any block works, reuse the forward's
+    BD = _common.pow2_divisor(cpg, max_bd or MAX_BD_BWD)
+    BDs = _common.pow2_divisor(cpg, MAX_BD_FWD)  # summary/state passes: any block works, reuse the forward's
     BN = max(triton.next_power_of_2(n), 2)
     ndb_g = cpg // BD
     n_tiles = tstates.shape[1]
@@ -1078,7 +1036,7 @@ def _bwd_plan(u, delta, A, B, seq_idx, fwd_kernel, bwd_kernel, tile, n_splits=No
     if bwd_kernel == "seq":
         return True
     g = _grouped(B).shape[1]
-    ndb_g = (d // g) // _pow2_divisor(d // g, max_bd or MAX_BD_BWD_SEQ)
+    ndb_g = (d // g) // _common.pow2_divisor(d // g, max_bd or MAX_BD_BWD_SEQ)
     splits = min(ndb_g, n_splits or BWD_SEQ_SPLITS or ndb_g)
     return 2 * 4 * b * splits * g * A.shape[1] * l <= BWD_SEQ_MAX_PARTIAL_BYTES
 
@@ -1091,8 +1049,8 @@ def _bwd_seq(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, tstates, do
     B4, C4 = _grouped(B), _grouped(C)
     g = B4.shape[1]
     cpg = d // g
-    BD = _pow2_divisor(cpg, max_bd or MAX_BD_BWD_SEQ)
-    BDs = _pow2_divisor(cpg, MAX_BD_FWD)
+    BD = _common.pow2_divisor(cpg, max_bd or MAX_BD_BWD_SEQ)
+    BDs = _common.pow2_divisor(cpg, MAX_BD_FWD)
     BN = max(triton.next_power_of_2(n), 2)
     n_tiles = tstates.shape[1]
     ndb_g = cpg // BD

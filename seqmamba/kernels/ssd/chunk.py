@@ -39,7 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
+from seqmamba.kernels._dispatch import kernel_module
 from seqmamba.kernels.ssd.ref import ssd_scan_ref
+
+_softplus = kernel_module("seqmamba.kernels._triton_common", __name__).softplus
 
 # Defaults: chunk length (mamba_ssm's), block of positions, warps. Swept on an H100 (benchmarks/kernels_ssd.py
 # --sweep, b1 l2^20 24x64 n128, 2026-11-23): chunk 128, block 128 + 8 warps (forward), 8 warps or block 32
@@ -72,15 +75,6 @@ def _mm(a, b, acc=None, PREC: tl.constexpr = "ieee", UP: tl.constexpr = False):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PREC)
-
-
-@triton.jit
-def _softplus(x):
-    # log1p(exp(x)) computed with Kahan's trick (log(w) * e / (w - 1)), exact to fp32 rounding for x << 0.
-    e = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + e
-    lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
-    return tl.where(x > 20.0, x, lp)
 
 
 @triton.jit
