@@ -1133,21 +1133,13 @@ def _blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, r
                                         seq_idx, save_states, out=out, chunk=chunk, bd=bd, num_warps=warps)
 
 
-def _chunk_len(l: int, n_chunks: int) -> int:
-    """The forward's chunk length T, read back from (l, n_chunks = cdiv(l, T)): exact for several chunks (one
-    power of two fits); for one chunk any T >= l computes the same, the smallest is taken."""
-    if n_chunks > 1:
-        return triton.next_power_of_2(triton.cdiv(l, n_chunks))
-    return max(triton.next_power_of_2(max(l, 1)), 16)
-
-
 def _blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dy, dht, seq_idx,
                  tuning=None):
-    """``blocked_bwd`` from the forward's chunk states; tuning: bd_bwd, warps_bwd."""
+    """``blocked_bwd`` from the chunk states of ``_blocked_fwd`` called with the same ``tuning`` (its chunk, else
+    GRAD_CHUNK); tuning: also bd_bwd, warps_bwd."""
     tuning = tuning or {}
-    l = u.shape[-1]
     return _blocked_bwd_mod.blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dy,
-                                        dht, seq_idx, chunk_len=_chunk_len(l, chunk_states.shape[1]),
+                                        dht, seq_idx, chunk_len=tuning.get("chunk") or GRAD_CHUNK,
                                         block_d=tuning.get("bd_bwd"), num_warps=tuning.get("warps_bwd"))
 
 
