@@ -1209,12 +1209,8 @@ def _empty(ref):
 def _scan_fwd_op(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
                  initial_state: _T | None, softplus: bool, reverse: bool, save_states: bool,
                  seq_idx: _T | None, blocked: bool = True) -> tuple[_T, _T, _T]:
-    if blocked:
-        y, ht, states = _blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
-                                     save_states, seq_idx)
-    else:
-        y, ht, states = _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
-                             save_states=save_states, seq_idx=seq_idx)
+    y, ht, states = (_blocked_fwd if blocked else _fwd)(u, delta, A, B, C, D, z, delta_bias, softplus,
+                                                        initial_state, reverse, save_states, seq_idx=seq_idx)
     return y, ht.clone(memory_format=torch.contiguous_format), states if states is not None else _empty(u)
 
 
@@ -1234,11 +1230,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, sav
 def _scan_bwd_op(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
                  initial_state: _T | None, states: _T, dy: _T, dht: _T | None, softplus: bool,
                  reverse: bool, seq_idx: _T | None, blocked: bool = True) -> list[_T]:
-    if blocked:
-        grads = _blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, states, dy, dht, seq_idx)
-    else:
-        grads = _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, states, dy, dht, seq_idx=seq_idx)
-    grads = list(grads)
+    grads = list((_blocked_bwd if blocked else _bwd)(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, states,
+                                                     dy, dht, seq_idx=seq_idx))
     grads[-1] = grads[-1].to(initial_state.dtype) if initial_state is not None else None
     return [g if g is not None else _empty(u) for g in grads]
 
@@ -1319,16 +1312,11 @@ def _bi_fwd_op(u_f: _T, u_r: _T, delta_f: _T, delta_r: _T, A_f: _T, A_r: _T, B_f
                D_f: _T | None, D_r: _T | None, z_f: _T | None, z_r: _T | None, bias_f: _T | None,
                bias_r: _T | None, softplus: bool, save_states: bool, seq_idx: _T | None,
                blocked: bool = True) -> tuple[_T, _T, _T]:
-    if blocked:
-        y, _, ts_f = _blocked_fwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, None, False,
-                                  save_states, seq_idx)
-        y, _, ts_r = _blocked_fwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, None, True,
-                                  save_states, seq_idx, out=y)
-    else:
-        y, _, ts_f = _fwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, None, False, save_states,
-                          seq_idx=seq_idx)
-        y, _, ts_r = _fwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, None, True, save_states,
-                          seq_idx=seq_idx, out=y)
+    fwd = _blocked_fwd if blocked else _fwd
+    y, _, ts_f = fwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, None, False, save_states,
+                     seq_idx=seq_idx)
+    y, _, ts_r = fwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, None, True, save_states,
+                     seq_idx=seq_idx, out=y)
     return y, (ts_f if ts_f is not None else _empty(u_f)), (ts_r if ts_r is not None else _empty(u_f))
 
 
@@ -1351,12 +1339,9 @@ def _bi_bwd_op(u_f: _T, u_r: _T, delta_f: _T, delta_r: _T, A_f: _T, A_r: _T, B_f
                bias_r: _T | None, ts_f: _T, ts_r: _T, dy: _T, softplus: bool, seq_idx: _T | None,
                blocked: bool = True) -> list[_T]:
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()  # once for both directions
-    if blocked:
-        g_f = _blocked_bwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, False, ts_f, dy, None, seq_idx)
-        g_r = _blocked_bwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, True, ts_r, dy, None, seq_idx)
-    else:
-        g_f = _bwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, False, ts_f, dy, None, seq_idx=seq_idx)
-        g_r = _bwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, True, ts_r, dy, None, seq_idx=seq_idx)
+    bwd = _blocked_bwd if blocked else _bwd
+    g_f = bwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, False, ts_f, dy, None, seq_idx=seq_idx)
+    g_r = bwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, True, ts_r, dy, None, seq_idx=seq_idx)
     # interleaved like the inputs: du_f, du_r, ddelta_f, ... (dh0 dropped: no initial state)
     return [g if g is not None else _empty(u_f) for pair in zip(g_f[:-1], g_r[:-1]) for g in pair]
 
