@@ -27,6 +27,27 @@ def affine_combine(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
 
 
+@triton.jit
+def delta_to_dt(dl, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(BD, T) raw delta (fp32) -> (dl = delta + bias, dt = softplus(dl) or dl); dt is 0 where masked (an
+    identity step: decay 1, input 0)."""
+    if HAS_BIAS:
+        dl += bias[:, None]
+    if SOFTPLUS:
+        dt = softplus(dl)
+    else:
+        dt = dl
+    return dl, tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def continues_sequence(seq_ptr, row, t, tp, ok, ss_l):
+    """True where position t continues the sequence of its scan predecessor tp (always where not ok)."""
+    s_t = tl.load(seq_ptr + row + t * ss_l, mask=ok, other=0)
+    s_p = tl.load(seq_ptr + row + tp * ss_l, mask=ok, other=0)
+    return s_t == s_p
+
+
 def pow2_divisor(x: int, cap: int) -> int:
     """Largest power of two dividing x, at most cap (a channel block that tiles a group exactly)."""
     p = 1

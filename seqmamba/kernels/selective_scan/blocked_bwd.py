@@ -59,7 +59,7 @@ def default_warps(T: int) -> int:
 
 
 _common = kernel_module("seqmamba.kernels._triton_common", __name__)
-_softplus, _combine = _common.softplus, _common.affine_combine
+_combine, _keep = _common.affine_combine, _common.continues_sequence
 
 
 @triton.jit
@@ -71,21 +71,7 @@ def _add2(a1, b1, a2, b2):
 def _dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """(BD, T) delta -> (delta + bias, dt); dt is 0 where masked (an identity step: a = 1, x = 0)."""
     dl = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dl += bias[:, None]
-    if SOFTPLUS:
-        dt = _softplus(dl)
-    else:
-        dt = dl
-    return dl, tl.where(mask, dt, 0.0)
-
-
-@triton.jit
-def _keep(seq_ptr, row, t, tp, ok, ss_l):
-    """(T,) True where position t continues the sequence of its scan predecessor tp (always where not ok)."""
-    s_t = tl.load(seq_ptr + row + t * ss_l, mask=ok, other=0)
-    s_p = tl.load(seq_ptr + row + tp * ss_l, mask=ok, other=0)
-    return s_t == s_p
+    return _common.delta_to_dt(dl, mask, bias, HAS_BIAS, SOFTPLUS)
 
 
 @triton.jit

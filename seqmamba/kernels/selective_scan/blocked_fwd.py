@@ -69,7 +69,7 @@ PREFETCH_16BIT = True
 
 
 _common = kernel_module("seqmamba.kernels._triton_common", __name__)
-_softplus, _combine = _common.softplus, _common.affine_combine
+_combine = _common.affine_combine
 
 
 @triton.jit
@@ -169,6 +169,8 @@ def _blocked_fwd_kernel(
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_off).to(tl.float32)
+    else:
+        bias = tl.zeros([BD], dtype=tl.float32)  # unused (HAS_BIAS off): delta_to_dt takes an argument
     if HAS_D:
         Dv = tl.load(D_ptr + d_off).to(tl.float32)
     if HAS_H0:
@@ -204,13 +206,7 @@ def _blocked_fwd_kernel(
             dl_k, u_k = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k, n_chunks, T, REVERSE)
             dl = dl_k.to(tl.float32)
             u = u_k.to(tl.float32)
-        if HAS_BIAS:
-            dl += bias[:, None]
-        if SOFTPLUS:
-            dt = _softplus(dl)
-        else:
-            dt = dl
-        dt = tl.where(mask, dt, 0.0)                                   # (BD, T); 0: an identity step
+        dl, dt = _common.delta_to_dt(dl, mask, bias, HAS_BIAS, SOFTPLUS)  # (BD, T); dt 0: an identity step
         dtu = dt * u
         if HAS_SEQ:  # False where the scan predecessor belongs to another sequence (state reset)
             if REVERSE:

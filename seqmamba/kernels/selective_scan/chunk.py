@@ -46,7 +46,7 @@ from seqmamba.kernels.selective_scan.ref import _grouped
 
 
 _common = kernel_module("seqmamba.kernels._triton_common", __name__)
-_softplus, _combine = _common.softplus, _common.affine_combine
+_softplus, _combine, _keep = _common.softplus, _common.affine_combine, _common.continues_sequence
 _blocked_fwd_mod = kernel_module("seqmamba.kernels.selective_scan.blocked_fwd", __name__)
 _blocked_bwd_mod = kernel_module("seqmamba.kernels.selective_scan.blocked_bwd", __name__)
 
@@ -91,25 +91,10 @@ SEQ_PROGRAMS = 1024
 
 
 @triton.jit
-def _keep(seq_ptr, row, t, tp, ok, ss_l):
-    """True where position t continues the sequence of its scan predecessor tp (always where not ok)."""
-    s_t = tl.load(seq_ptr + row + t * ss_l, mask=ok, other=0)
-    s_p = tl.load(seq_ptr + row + tp * ss_l, mask=ok, other=0)
-    return s_t == s_p
-
-
-@triton.jit
 def _dt_tile(delta_ptr, row_off, t_off, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """(BD, T) raw delta tile -> (dl = delta + bias, dt); dt is 0 where masked (an identity step)."""
     dl = tl.load(delta_ptr + row_off[:, None] + t_off[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dl += bias[:, None]
-    if SOFTPLUS:
-        dt = _softplus(dl)
-    else:
-        dt = dl
-    dt = tl.where(mask, dt, 0.0)
-    return dl, dt
+    return _common.delta_to_dt(dl, mask, bias, HAS_BIAS, SOFTPLUS)
 
 
 @triton.jit
