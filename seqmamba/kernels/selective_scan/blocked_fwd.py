@@ -15,9 +15,12 @@ positions (inside a thread first, then across lanes and warps), the carried stat
 accumulated into y, and the state at the chunk's last scan position becomes the next carry. Parallelism comes
 from the b * d / BD programs.
 
-``reverse=True`` scans right to left by address (chunk j covers addresses [l - (j+1) T, l - j T)) with
-Triton's reverse scan (``tl.associative_scan(..., reverse=True)``; ~2.4x the forward's time on an H100, see the
-comments below); nothing is flipped in memory. ``seq_idx`` (b, l) resets the state where the sequence id
+``reverse=True`` scans right to left by address (chunk j covers addresses [l - (j+1) T, l - j T)) with the
+same forward ``tl.associative_scan``: each chunk is loaded as V-position blocks in descending block order, each
+block ascending (still 16-byte loads), and every thread reverses its own V positions in registers
+(``tl.flip`` over an in-thread axis), so the tile holds descending addresses; outputs go back the same way.
+Nothing is flipped in memory, and no data crosses threads (Triton's reverse scan, which cost ~2.4x the
+forward's time on an H100, is not used). ``seq_idx`` (b, l) resets the state where the sequence id
 changes in scan order (dA = 0 at a new sequence's first position). Masked positions past either end are
 identity steps (dt = 0, B = 0). Math is fp32 for every input dtype; all offsets are 64-bit.
 
@@ -30,7 +33,8 @@ n_chunks = cdiv(l, T) (0 when l = 0). For ``reverse``, scan-order chunk j covers
 
 H100, bf16, softplus + z (details and the sweep: the comment below): b8 d1536 l2048 0.41 ms, b1 d1536 l2^20
 27 ms, b1 d512 l2^20 10.6 ms (chunk.py's earlier l-contiguous path: 0.96 / 90 / 31 ms). About 17 SASS
-instructions per (position, state), issue-bound.
+instructions per (position, state), issue-bound, in both directions; reverse takes 1.03-1.22x the forward's
+time (0.51 / 31.8 / 10.8 ms), Triton's reverse scan took 2.4x.
 """
 from __future__ import annotations
 
@@ -63,9 +67,12 @@ PAIRS = True        # bf16 B/C read as 32-bit pairs where aligned (-16 instructi
 # load the next chunk's delta and u during the current one: 2-6% faster with 16-bit inputs (+50 registers);
 # fp32 inputs would spill at 2 channels x 4 warps, so it is on for 16-bit inputs only
 PREFETCH_16BIT = True
-# Reverse scans use Triton's reverse scan: ~2.4x the forward's time on an H100 (b8 d1536 l2048 bf16: 0.98 vs
-# 0.41 ms). A mirrored-load reverse with an inline-PTX in-thread reversal was tried and failed on sm_90 (wrong y
-# and states on an H100), so it was removed.
+# Reverse scans: mirrored V-blocks + in-thread tl.flip + the forward scan (_load_order). Triton's reverse scan
+# costs ~2.4x the forward's time on an H100 (b8 d1536 l2048 bf16: 0.98 vs 0.41 ms: butterfly shuffles of its
+# inputs and output); an earlier inline-PTX in-thread reversal assumed a register layout Triton does not always
+# pick (wrong results at unaligned lengths) and was removed. tl.flip is exact for any layout: where Triton cannot
+# prove 16-byte alignment (l not a multiple of 16, odd strides) the V axis is not in-thread and the flip
+# crosses threads (slower, still exact).
 
 
 _common = kernel_module("seqmamba.kernels._triton_common", __name__)
@@ -73,19 +80,35 @@ _combine = _common.affine_combine
 
 
 @triton.jit
-def _chunk_start(k, seqlen, T: tl.constexpr, REVERSE: tl.constexpr):
-    """Lowest address of scan-order chunk k (negative for a reverse scan's partial last chunk)."""
+def _load_addresses(k, seqlen, T: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr):
+    """(T,) addresses of scan-order chunk k in load order: ascending, or for a reverse scan the chunk's V-position
+    blocks from the highest down, each block ascending (negative past the start of a reverse scan's last chunk;
+    < 2^31: the rows they are added to are int64)."""
+    ar = tl.arange(0, T)
     if REVERSE:
-        return seqlen - (k + 1) * T         # (< 2^31; the rows it is added to are int64)
+        return seqlen - k * T - (ar // V + 1) * V + ar % V
     else:
-        return k * T
+        return k * T + ar
 
 
 @triton.jit
-def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k, n_chunks, T: tl.constexpr,
+def _scan_order(x, V: tl.constexpr, REVERSE: tl.constexpr):
+    """(rows, T) tile in load order -> scan order (reverse each V block: descending addresses), or back (an
+    involution). V is the thread's vector width, so the flip stays inside each thread's registers."""
+    if REVERSE:
+        R: tl.constexpr = x.shape[0]
+        T: tl.constexpr = x.shape[1]
+        return tl.reshape(tl.flip(tl.reshape(x, (R, T // V, V)), 2), (R, T))
+    else:
+        return x
+
+
+@triton.jit
+def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, k, n_chunks, T: tl.constexpr, V: tl.constexpr,
                   REVERSE: tl.constexpr):
-    """Raw (BD, T) delta and u of scan-order chunk k (zero past either end, or when k >= n_chunks)."""
-    t = _chunk_start(k, seqlen, T, REVERSE) + ar
+    """Raw (BD, T) delta and u of scan-order chunk k in load order (zero past either end, or when
+    k >= n_chunks)."""
+    t = _load_addresses(k, seqlen, T, V, REVERSE)
     mask = ((t >= 0) & (t < seqlen) & (k < n_chunks))[None, :]
     dl = tl.load(delta_ptr + dl_row[:, None] + t[None, :], mask=mask, other=0.0)
     u = tl.load(u_ptr + u_row[:, None] + t[None, :], mask=mask, other=0.0)
@@ -93,11 +116,11 @@ def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k, n_chunks, T: t
 
 
 @triton.jit
-def _bf16_pairs(ptr, off, start, seqlen, ok, T: tl.constexpr):
-    """T bf16 values at element offset off + start + [0, T) as fp32, read as T/2 32-bit words (off and start
-    even, seqlen even: a word is wholly in or out of range). One integer op per value instead of the 1.5 that
-    a bf16 -> fp32 conversion of packed registers costs."""
-    w_off = start // 2 + tl.arange(0, T // 2)
+def _bf16_pairs(ptr, off, k, seqlen, ok, T: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr):
+    """The T bf16 values of chunk k of the row at element offset off, in load order (``_load_addresses``), as
+    fp32, read as T/2 32-bit words (off and seqlen even, V >= 2: a word is wholly in or out of range). One
+    integer op per value instead of the 1.5 that a bf16 -> fp32 conversion of packed registers costs."""
+    w_off = _load_addresses(k, seqlen // 2, T // 2, V // 2, REVERSE)
     words = tl.load(ptr.to(tl.pointer_type(tl.int32)) + off // 2 + w_off,
                     mask=ok & (w_off >= 0) & (w_off < seqlen // 2), other=0)
     lo = (words << 16).to(tl.float32, bitcast=True)
@@ -106,20 +129,20 @@ def _bf16_pairs(ptr, off, start, seqlen, ok, T: tl.constexpr):
 
 
 @triton.jit
-def _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t, start, seqlen, valid,
-                    n, nstate, T: tl.constexpr, PAIRS: tl.constexpr):
-    """State n's operands for a chunk: A[:, n] * log2(e) (BD,), the carried state (BD,), B and C rows (T,)
-    (all zero when n >= nstate)."""
+def _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t, k, seqlen, valid,
+                    n, nstate, T: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr, PAIRS: tl.constexpr):
+    """State n's operands for chunk k: A[:, n] * log2(e) (BD,), the carried state (BD,), B and C rows (1, T) in
+    scan order (all zero when n >= nstate). t, valid: the chunk's load-order addresses and their mask."""
     ok = n < nstate
     a2 = tl.load(A_ptr + d_off * nstate + n, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
     h_in = tl.load(hT_ptr + h_row + n, mask=ok, other=0.0)
     if PAIRS:
-        Bn = _bf16_pairs(B_ptr, B_row + n * sB_n, start, seqlen, ok, T)
-        Cn = _bf16_pairs(C_ptr, C_row + n * sC_n, start, seqlen, ok, T)
+        Bn = _bf16_pairs(B_ptr, B_row + n * sB_n, k, seqlen, ok, T, V, REVERSE)
+        Cn = _bf16_pairs(C_ptr, C_row + n * sC_n, k, seqlen, ok, T, V, REVERSE)
     else:
         Bn = tl.load(B_ptr + B_row + n * sB_n + t, mask=valid & ok, other=0.0).to(tl.float32)
         Cn = tl.load(C_ptr + C_row + n * sC_n + t, mask=valid & ok, other=0.0).to(tl.float32)
-    return a2, h_in, Bn, Cn
+    return a2, h_in, _scan_order(Bn[None, :], V, REVERSE), _scan_order(Cn[None, :], V, REVERSE)
 
 
 @triton.jit
@@ -140,7 +163,8 @@ def _blocked_fwd_kernel(
     A chunk's positions are viewed as (R, NT, V) = (repeats, threads, vector): the layout Triton gives a
     (BD, T) tile of 16-byte loads on NT threads, so the first and last positions of a thread's share are
     compile-time register indices: the carry is folded into the scan's first element and the state after the
-    scan's last element is picked out of one thread without any cross-thread reduction."""
+    scan's last element is picked out of one thread without any cross-thread reduction. Tiles are loaded and
+    stored in load order and computed on in scan order (``_scan_order``; the same for a forward scan)."""
     R: tl.constexpr = T // (NT * V)
     pid = tl.program_id(0)
     ndb = dim // BD
@@ -157,15 +181,10 @@ def _blocked_fwd_kernel(
     q4 = tl.arange(0, NT)[None, None, :, None]
     i4 = tl.arange(0, V)[None, None, None, :]
     q2 = tl.arange(0, NT)[None, :]
-    # the scan's first and last positions (tensor order)
-    if REVERSE:  # Triton's reverse scan: scan order runs from the highest index to the lowest
-        first = (r4 == R - 1) & (q4 == NT - 1) & (i4 == V - 1)
-        last_ri = (r4 == 0) & (i4 == 0)
-        last_q = q2 == 0
-    else:
-        first = (r4 == 0) & (q4 == 0) & (i4 == 0)
-        last_ri = (r4 == R - 1) & (i4 == V - 1)
-        last_q = q2 == NT - 1
+    # the scan's first and last positions (tiles in scan order)
+    first = (r4 == 0) & (q4 == 0) & (i4 == 0)
+    last_ri = (r4 == R - 1) & (i4 == V - 1)
+    last_q = q2 == NT - 1
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_off).to(tl.float32)
@@ -187,34 +206,39 @@ def _blocked_fwd_kernel(
     C_row = pb * sC_b + grp * sC_g
 
     # chunk 0's delta and u; with PREFETCH each chunk then loads the next chunk's while it computes
-    dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, 0, n_chunks, T, REVERSE)
+    dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, 0, n_chunks, T, V, REVERSE)
     for k in range(0, n_chunks):
         tl.debug_barrier()  # the previous chunk's carry writes (or the initial state) before this chunk's reads
         if SAVE_STATES:
             hs = tl.load(hT_ptr + dn_off, mask=dn_mask, other=0.0)
             tl.store(cs_ptr + (pb * n_chunks + k) * dim * nstate + d_off[:, None] * nstate + n_ar[None, :], hs,
                      mask=dn_mask)
-        start = _chunk_start(k, seqlen, T, REVERSE)
-        t = start + ar
+        t = _load_addresses(k, seqlen, T, V, REVERSE)      # load order
         valid = (t >= 0) & (t < seqlen)
         mask = valid[None, :]
+        if REVERSE:                                         # scan order
+            ts = seqlen - k * T - 1 - ar
+        else:
+            ts = t
+        mask_s = ((ts >= 0) & (ts < seqlen))[None, :]
         if PREFETCH:
             dl = dl_x.to(tl.float32)
             u = u_x.to(tl.float32)
-            dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k + 1, n_chunks, T, REVERSE)
+            dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, k + 1, n_chunks, T, V, REVERSE)
         else:
-            dl_k, u_k = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, ar, seqlen, k, n_chunks, T, REVERSE)
+            dl_k, u_k = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, k, n_chunks, T, V, REVERSE)
             dl = dl_k.to(tl.float32)
             u = u_k.to(tl.float32)
-        dl, dt = _common.delta_to_dt(dl, mask, bias, HAS_BIAS, SOFTPLUS)  # (BD, T); dt 0: an identity step
+        dl, u = _scan_order(dl, V, REVERSE), _scan_order(u, V, REVERSE)
+        dl, dt = _common.delta_to_dt(dl, mask_s, bias, HAS_BIAS, SOFTPLUS)  # (BD, T); dt 0: an identity step
         dtu = dt * u
         if HAS_SEQ:  # False where the scan predecessor belongs to another sequence (state reset)
             if REVERSE:
-                tp = t + 1
+                tp = ts + 1
             else:
-                tp = t - 1
-            ok = valid & (tp >= 0) & (tp < seqlen)
-            s_t = tl.load(seq_ptr + pb * ss_b + t, mask=ok, other=0)
+                tp = ts - 1
+            ok = (ts >= 0) & (ts < seqlen) & (tp >= 0) & (tp < seqlen)
+            s_t = tl.load(seq_ptr + pb * ss_b + ts, mask=ok, other=0)
             s_p = tl.load(seq_ptr + pb * ss_b + tp, mask=ok, other=0)
             keep = (s_t == s_p)[None, :]
         acc = tl.zeros([BD, T], dtype=tl.float32)
@@ -222,28 +246,30 @@ def _blocked_fwd_kernel(
         # L2 round trips that would otherwise stall every state; the carry slots read here were written in the
         # previous chunk, before the barrier above)
         a2, h_in, Bn, Cn = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t,
-                                           start, seqlen, valid, 0, nstate, T, PAIRS)
+                                           k, seqlen, valid, 0, nstate, T, V, REVERSE, PAIRS)
         for n in tl.range(0, nstate, loop_unroll_factor=UNROLL):
             a2_x, h_x, B_x, C_x = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n,
-                                                  sC_n, t, start, seqlen, valid, n + 1, nstate, T, PAIRS)
+                                                  sC_n, t, k, seqlen, valid, n + 1, nstate, T, V, REVERSE, PAIRS)
             dA = tl.exp2(dt * a2[:, None])
             if HAS_SEQ:
                 dA = tl.where(keep, dA, 0.0)
-            bx = dtu * Bn[None, :]
+            bx = dtu * Bn
             # carry in: h = dA * h_in + bx at the scan's first position
             bx4 = tl.reshape(bx, (BD, R, NT, V))
             bx4 = tl.where(first, bx4 + tl.reshape(dA, (BD, R, NT, V)) * h_in[:, None, None, None], bx4)
-            _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine, reverse=REVERSE)
+            _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine)
             # carry out: the state after the scan's last position (one thread holds it)
             hl = tl.max(tl.max(tl.where(last_ri, tl.reshape(h, (BD, R, NT, V)), float("-inf")), axis=3), axis=1)
             tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, hl, mask=last_q)
-            acc += h * Cn[None, :]
+            acc += h * Cn
             a2, h_in, Bn, Cn = a2_x, h_x, B_x, C_x
         if HAS_D:
             acc += Dv[:, None] * u
         if HAS_Z:
             zz = tl.load(z_ptr + z_row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+            zz = _scan_order(zz, V, REVERSE)
             acc = acc * zz * tl.sigmoid(zz)
+        acc = _scan_order(acc, V, REVERSE)                 # back to load order
         y_off = y_row[:, None] + t[None, :] * sy_l
         if ACCUM:  # add into what y holds (e.g. the other direction of a bidirectional layer)
             acc += tl.load(y_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
@@ -302,8 +328,10 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     vec = max(1, 16 // max(t.element_size() for t in (u, delta, z, B, C) if t is not None))
     nt = min(32 * warps, T)
     vec = max(1, min(vec, T // nt))
-    # bf16 B and C read as 32-bit pairs where every pair is aligned and wholly in or out of range
-    pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and T >= 2 and all(
+    # bf16 B and C read as 32-bit pairs where every pair is aligned and wholly in or out of range (a reverse
+    # scan's mirrored blocks must hold whole pairs: V >= 2)
+    pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and T >= 2 and (
+        vec >= 2 or not reverse) and all(
         s % 2 == 0 for s in (*B4.stride()[:3], *C4.stride()[:3], l, B4.storage_offset(), C4.storage_offset()))
     if b * d == 0:
         return y, final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
