@@ -33,8 +33,8 @@ n_chunks = cdiv(l, T) (0 when l = 0). For ``reverse``, scan-order chunk j covers
 
 H100, bf16, softplus + z (details and the sweep: the comment below): b8 d1536 l2048 0.41 ms, b1 d1536 l2^20
 27 ms, b1 d512 l2^20 10.6 ms (chunk.py's earlier l-contiguous path: 0.96 / 90 / 31 ms). About 17 SASS
-instructions per (position, state), issue-bound, in both directions; reverse takes 1.03-1.22x the forward's
-time (0.51 / 31.8 / 10.8 ms), Triton's reverse scan took 2.4x.
+instructions per (position, state), issue-bound, in both directions; reverse takes the forward's time
+(0.414 / 27.2 ms at the first two shapes, same run), Triton's reverse scan took 2.4x.
 """
 from __future__ import annotations
 
@@ -67,7 +67,10 @@ PAIRS = True        # bf16 B/C read as 32-bit pairs where aligned (-16 instructi
 # load the next chunk's delta and u during the current one: 2-6% faster with 16-bit inputs (+50 registers);
 # fp32 inputs would spill at 2 channels x 4 warps, so it is on for 16-bit inputs only
 PREFETCH_16BIT = True
-# Reverse scans: mirrored V-blocks + in-thread tl.flip + the forward scan (_load_order). Triton's reverse scan
+# ... but not for a reverse scan, which it slows at two channels a program (H100, session 4, same run: reverse
+# 0.507 / 32.2 ms with it, 0.414 / 27.2 without, the forward 0.414 / 27.2 either way at b8 l2048 / b1 l2^20)
+PREFETCH_REVERSE = False
+# Reverse scans: mirrored V-blocks + in-thread tl.flip + the forward scan (_scan_order). Triton's reverse scan
 # costs ~2.4x the forward's time on an H100 (b8 d1536 l2048 bf16: 0.98 vs 0.41 ms: butterfly shuffles of its
 # inputs and output); an earlier inline-PTX in-thread reversal assumed a register layout Triton does not always
 # pick (wrong results at unaligned lengths) and was removed. tl.flip is exact for any layout: where Triton cannot
@@ -281,15 +284,16 @@ def chunk_length(tuning: dict | None = None) -> int:
     return int((tuning or {}).get("chunk") or CHUNK)
 
 
-def _plan(b: int, d: int, cpg: int, elt_size: int, tuning: dict) -> tuple[int, int, bool]:
+def _plan(b: int, d: int, cpg: int, elt_size: int, reverse: bool, tuning: dict) -> tuple[int, int, bool]:
     """(channels per program, warps, prefetch) for this call: the tuning's values where given (None: default),
     else the module's measured defaults (see the table at the top)."""
     bd = tuning.get("bd") or (2 if b * d >= MIN_CHANNELS_BD2 else 1)
     bd = _common.pow2_divisor(cpg, int(bd))
     warps = int(tuning.get("num_warps") or (WARPS_BD2 if bd >= 2 else WARPS_BD1))
     prefetch = tuning.get("prefetch")
-    prefetch = bool(PREFETCH_16BIT and elt_size <= 2) if prefetch is None else bool(prefetch)
-    return bd, warps, prefetch
+    if prefetch is None:
+        prefetch = PREFETCH_16BIT and elt_size <= 2 and (PREFETCH_REVERSE or not reverse)
+    return bd, warps, bool(prefetch)
 
 
 def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False, initial_state=None,
@@ -314,7 +318,7 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     u, delta, z, B, C = (_common.unit_l(t) for t in (u, delta, z, B, C))
     B4, C4 = _grouped(B), _grouped(C)
     cpg = d // B4.shape[1]
-    bd, warps, prefetch = _plan(b, d, cpg, max(u.element_size(), delta.element_size()), tuning)
+    bd, warps, prefetch = _plan(b, d, cpg, max(u.element_size(), delta.element_size()), reverse, tuning)
     BN = max(triton.next_power_of_2(n), 2)
     n_chunks = triton.cdiv(l, T)
     f32 = dict(device=u.device, dtype=torch.float32)
