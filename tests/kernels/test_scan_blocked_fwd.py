@@ -198,7 +198,7 @@ def test_gpu_fp32_matches_reference(shape, groups, cuts, tuning, reverse):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gpu_bf16_default_tiles_match_reference(reverse):
     """bf16 at b2 d1536 (the default tiles for many channels: 2 channels, 4 warps, 8 positions a thread, chunk
-    prefetch, B/C pairs; reverse: Triton's reverse scan) vs the float64 reference."""
+    prefetch, B/C pairs; reverse: mirrored blocks flipped in-thread, no prefetch) vs the float64 reference."""
     b, d, n, l = 2, 1536, 16, 4000
     x = _cuda(inputs(b=b, d=d, n=n, l=l, groups=1, seed=11), torch.bfloat16)
     y, h, cs = _compiled().blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
