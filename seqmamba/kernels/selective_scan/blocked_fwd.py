@@ -67,10 +67,9 @@ PAIRS = True        # bf16 B/C read as 32-bit pairs where aligned (-16 instructi
 # load the next chunk's delta and u during the current one: 2-6% faster with 16-bit inputs (+50 registers);
 # fp32 inputs would spill at 2 channels x 4 warps, so it is on for 16-bit inputs only
 PREFETCH_16BIT = True
-# ... but not for a reverse scan at two channels a program, which it slows (H100, session 4, same run: reverse
+# ... except for a reverse scan at two channels a program, which it slows (H100, session 4, same run: reverse
 # 0.507 / 32.2 ms with it, 0.414 / 27.2 without, the forward 0.414 / 27.2 either way at b8 l2048 / b1 l2^20;
-# at one channel, b1 d512 l2^20, reverse 10.85 ms with it, 11.48 without)
-PREFETCH_REVERSE_BD2 = False
+# at one channel, b1 d512 l2^20, reverse 10.85 ms with it, 11.48 without). tuning["prefetch"] overrides.
 # Reverse scans: mirrored V-blocks + in-thread tl.flip + the forward scan (_scan_order). Triton's reverse scan
 # costs ~2.4x the forward's time on an H100 (b8 d1536 l2048 bf16: 0.98 vs 0.41 ms: butterfly shuffles of its
 # inputs and output); an earlier inline-PTX in-thread reversal assumed a register layout Triton does not always
@@ -293,7 +292,7 @@ def _plan(b: int, d: int, cpg: int, elt_size: int, reverse: bool, tuning: dict) 
     warps = int(tuning.get("num_warps") or (WARPS_BD2 if bd >= 2 else WARPS_BD1))
     prefetch = tuning.get("prefetch")
     if prefetch is None:
-        prefetch = PREFETCH_16BIT and elt_size <= 2 and (not reverse or bd == 1 or PREFETCH_REVERSE_BD2)
+        prefetch = PREFETCH_16BIT and elt_size <= 2 and (not reverse or bd == 1)
     return bd, warps, bool(prefetch)
 
 
