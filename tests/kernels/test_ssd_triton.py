@@ -94,6 +94,20 @@ def test_interpreted_chunk_first_grids(chunk, monkeypatch):
     compare(got, run_with_grads(ref_op(**flags), as64(inp), dy, dht), 2e-5)
 
 
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("name", ["all-Dhp-reverse", "packed", "heads-looped"])
+def test_interpreted_output_heads_per_program(chunk, heads, name, monkeypatch):
+    """The forward's output kernel at one head a program (``_chunk_out_kernel``) and at four (the default
+    takes two where the group has them): with packed rows, reverse, D per head and channel, and z."""
+    monkeypatch.setattr(chunk, "OUT_HEADS", heads)
+    l, opt, reverse, packed, tuning = CASES[name]
+    inp, dy, dht = make_inputs(2, l, 8, 3, n=5, seed=23, dtype=torch.float32, **opt)
+    seq_idx = None if packed is None else torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])
+    flags = dict(dt_softplus=opt.get("softplus", False), reverse=reverse, seq_idx=seq_idx)
+    got = run_with_grads(triton_op(chunk.ssd_scan_triton, tuning, **flags), inp, dy, dht)
+    compare(got, run_with_grads(ref_op(**flags), as64(inp), dy, dht), 2e-5)
+
+
 def test_interpreted_strong_decay_is_finite_and_accurate(chunk):
     """dt |A| up to ~55 a step at random positions: the decay over a chunk reaches thousands (exp of the
     cumulative sums themselves would overflow or underflow) while neighbouring positions stay O(1) apart."""

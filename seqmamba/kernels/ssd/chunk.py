@@ -66,6 +66,13 @@ STATE_HALF = os.environ.get("SEQMAMBA_SSD_STATE_HALF", "1") != "0"
 # so they read neighbouring bytes of the (b, l, h, p) rows and the same B/C tiles (H100, b1 l2^20: forward 20.0
 # -> 16.2 ms; SEQMAMBA_SSD_HEADS_FIRST=0: the chunks of one head first)
 HEADS_FIRST = os.environ.get("SEQMAMBA_SSD_HEADS_FIRST", "1") != "0"
+# Heads per program of the forward's output kernel (a power of two; the largest that divides h / g is used):
+# C B^T and the C, B tiles then serve that many heads. 1: one head a program (``_chunk_out_kernel``). H100, same
+# run, b1 l2^20 24x64 n128 forward: 1 head 15.9 ms; 2 heads 13.5 (4 warps, 2 stages), 17.8 (3 stages), 21.1
+# (8 warps); 4 heads (8 warps, spilling) 19.9. b8 l2048: 0.334 -> 0.249 ms.
+OUT_HEADS = 2
+OUT_WARPS = 4
+OUT_STAGES = 2
 
 
 @triton.jit
@@ -306,6 +313,107 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
         tl.store(ypre_ptr + out, acc.to(ypre_ptr.dtype.element_ty), mask=om)
     if HAS_Z:
         zt = _load_rows(z_ptr, bb * sz_b + hh * sz_h, tt, sz_l, p_off, sz_p, vt, hdim).to(tl.float32)
+        acc = acc * zt * tl.sigmoid(zt)
+    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=om)
+
+
+
+@triton.jit
+def _chunk_out_heads_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
+                            sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                            sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, ss_b, ss_l,
+                            nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bq,
+                            HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr,
+                            STORE_PRE: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr,
+                            BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
+                            PREC: tl.constexpr, UP: tl.constexpr, HPP: tl.constexpr):
+    """``_chunk_out_kernel`` for HPP heads of one group at once (columns (head, p) of a (BLK, HPP BP) tile), so
+    that C B^T is computed, and C and B are read, once for HPP heads. The state term and the blocks before the
+    diagonal accumulate in the frame of ref = the position before this block (every factor exp(<= 0)), then
+    one exp(cs[t] - cs[ref]) per (t, head) moves them to t; the diagonal block takes one product per head.
+    1-d grid, the n_bq (batch, head quad) pairs of one block consecutive."""
+    NB: tl.constexpr = Q // BLK
+    W: tl.constexpr = HPP * BP
+    pc = tl.program_id(0) // n_bq
+    pq = tl.program_id(0) % n_bq
+    c = pc // NB
+    m = pc % NB
+    nq = nheads // HPP
+    bb = (pq // nq).to(tl.int64)
+    h0 = (pq % nq) * HPP
+    gg = h0 // hpg
+    col = tl.arange(0, W)
+    ch = col // BP  # head of each column (within the HPP)
+    cp = col % BP  # channel of each column
+    cmask = cp < hdim
+    hq = tl.arange(0, HPP)
+    p_off = tl.arange(0, BP)
+    n_off = tl.arange(0, BN)
+    rows = (bb * nheads + h0 + hq).to(tl.int64) * Lp  # (HPP,) rows of dt' and cs
+    c0 = c.to(tl.int64) * Q
+    jt = c0 + m * BLK + tl.arange(0, BLK)
+    vt = jt < seqlen
+    tt = _pos(jt, seqlen, REVERSE)
+    Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, tt, sC_l, n_off, sC_n, vt, dstate).to(DT)
+    cst = tl.load(cs_ptr + rows[None, :] + jt[:, None])  # (BLK, HPP)
+    ref = c0 + m * BLK - 1
+    cr = tl.where(m > 0, tl.load(cs_ptr + rows + tl.maximum(ref, c0)), 0.0)  # (HPP,) cs at ref (0 before c0)
+    # state term, in the frame of ref: (C H^T) exp(cs[ref]) over the HPP heads' (p, n) states
+    slot = ((bb * n_chunks + c) * nheads + h0) * hdim * dstate
+    H = tl.load(st_ptr + slot + (ch * hdim * dstate + cp * dstate)[:, None] + n_off[None, :],
+                mask=cmask[:, None] & (n_off < dstate)[None, :], other=0.0)
+    sc = tl.where(m > 0, tl.load(cs_ptr + (bb * nheads + h0 + ch).to(tl.int64) * Lp + tl.maximum(ref, c0)), 0.0)
+    acc = _mm(Ct, tl.trans(H.to(DT)), PREC=PREC, UP=UP) * tl.exp(tl.minimum(sc, 0.0))[None, :]
+    if HAS_SEQ:
+        seq_t = _seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE)
+        keep_in = seq_t == _seq_at(seq_ptr, bb * ss_b, c0 - 1, seqlen, ss_l, REVERSE)
+        acc = tl.where(keep_in[:, None], acc, 0.0)
+    xbase = bb * sx_b + h0 * sx_h
+    for k in range(0, m):
+        js = c0 + k * BLK + tl.arange(0, BLK)
+        vs = js < seqlen
+        ts = _pos(js, seqlen, REVERSE)
+        Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
+        cb = _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
+        if HAS_SEQ:
+            keep = seq_t[:, None] == _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)[None, :]
+            cb = tl.where(keep, cb, 0.0)
+        css = tl.load(cs_ptr + rows[None, :] + js[:, None])  # (BLK, HPP)
+        f = tl.exp(tl.minimum(cr[None, :] - css, 0.0)) * tl.load(dtp_ptr + rows[None, :] + js[:, None])
+        xs = tl.load(x_ptr + xbase + ts[:, None, None] * sx_l + hq[None, :, None] * sx_h + p_off[None, None, :] * sx_p,
+                     mask=vs[:, None, None] & (p_off < hdim)[None, None, :], other=0.0).to(tl.float32)
+        xs = tl.reshape(xs * f[:, :, None], (BLK, W))
+        acc = _mm(cb.to(DT), xs.to(DT), acc, PREC=PREC, UP=UP)
+    # from the frame of ref to t
+    e = tl.exp(tl.minimum(cst - cr[None, :], 0.0))
+    acc = tl.reshape(tl.reshape(acc, (BLK, HPP, BP)) * e[:, :, None], (BLK, W))
+    # the diagonal block: per head, the (t, s) weights C B^T exp(cs[t] - cs[s]) dt[s], s <= t
+    Bt = _load_rows(B_ptr, bb * sB_b + gg * sB_g, tt, sB_l, n_off, sB_n, vt, dstate).to(DT)
+    cb = _mm(Ct, tl.trans(Bt), PREC=PREC, UP=UP)
+    keep = jt[:, None] >= jt[None, :]
+    if HAS_SEQ:
+        keep = keep & (seq_t[:, None] == seq_t[None, :])
+    cb = tl.where(keep, cb, 0.0)
+    xt = tl.load(x_ptr + xbase + tt[:, None] * sx_l + ch[None, :] * sx_h + cp[None, :] * sx_p,
+                 mask=vt[:, None] & cmask[None, :], other=0.0)
+    for i in tl.static_range(HPP):
+        cs_i = tl.load(cs_ptr + (bb * nheads + h0 + i) * Lp + jt)
+        dt_i = tl.load(dtp_ptr + (bb * nheads + h0 + i) * Lp + jt)
+        wgt = cb * tl.exp(tl.minimum(cs_i[:, None] - cs_i[None, :], 0.0)) * dt_i[None, :]
+        acc = _mm(wgt.to(DT), tl.where((ch == i)[None, :], xt, 0.0).to(DT), acc, PREC=PREC, UP=UP)
+    if HAS_D:
+        if D_HP:
+            Dv = tl.load(D_ptr + (h0 + ch) * hdim + cp, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            Dv = tl.load(D_ptr + h0 + ch).to(tl.float32)
+        acc += Dv[None, :] * xt.to(tl.float32)
+    om = vt[:, None] & cmask[None, :]
+    out = bb * so_b + (h0 + ch)[None, :] * so_h + tt[:, None] * so_l + cp[None, :]
+    if STORE_PRE:
+        tl.store(ypre_ptr + out, acc.to(ypre_ptr.dtype.element_ty), mask=om)
+    if HAS_Z:
+        zt = tl.load(z_ptr + bb * sz_b + (h0 + ch)[None, :] * sz_h + tt[:, None] * sz_l + cp[None, :] * sz_p,
+                     mask=om, other=0.0).to(tl.float32)
         acc = acc * zt * tl.sigmoid(zt)
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=om)
 
@@ -724,14 +832,28 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     del loc  # the fp32 local states are freed here when the states are kept in bf16
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     ypre = torch.empty_like(y) if (store_pre and z is not None) else None
-    grid = (nc * cfg.NB * b * h,) if HEADS_FIRST else (nc * cfg.NB, b * h)
-    _chunk_out_kernel[grid](
-        x, B, C, D if D is not None else dummy, z if z is not None else dummy, y,
-        ypre if ypre is not None else y, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *C.stride(),
-        *_strides4(z), *y.stride()[:3], *seq[1:], *dims, b * h, HAS_D=D is not None,
-        D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None, STORE_PRE=ypre is not None, **common, **blocks,
-        FACTOR=FACTOR, HEADS_FIRST=HEADS_FIRST, num_warps=warps, num_stages=STAGES)
+    args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy, y,
+            ypre if ypre is not None else y, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *C.stride(),
+            *_strides4(z), *y.stride()[:3], *seq[1:], *dims)
+    flags = dict(HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None,
+                 STORE_PRE=ypre is not None, **common, **blocks)
+    hpp = _out_heads(cfg)
+    if hpp > 1:
+        _chunk_out_heads_kernel[(nc * cfg.NB * b * h // hpp,)](*args, b * h // hpp, **flags, HPP=hpp,
+                                                               num_warps=OUT_WARPS, num_stages=OUT_STAGES)
+    else:
+        grid = (nc * cfg.NB * b * h,) if HEADS_FIRST else (nc * cfg.NB, b * h)
+        _chunk_out_kernel[grid](*args, b * h, **flags, FACTOR=FACTOR, HEADS_FIRST=HEADS_FIRST, num_warps=warps,
+                                num_stages=STAGES)
     return y, ht, ypre, dtp, cs, st
+
+
+def _out_heads(cfg):
+    """Heads per program of the forward's output kernel: the largest power of two <= OUT_HEADS dividing h / g."""
+    hpp = max(OUT_HEADS, 1)
+    while cfg.hpg % hpp:
+        hpp //= 2
+    return hpp
 
 
 def _splits(cfg, target=None):
