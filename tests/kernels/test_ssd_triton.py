@@ -96,14 +96,31 @@ def test_interpreted_chunk_first_grids(chunk, monkeypatch):
 
 @pytest.mark.parametrize("heads", [1, 4])
 @pytest.mark.parametrize("name", ["all-Dhp-reverse", "packed", "heads-looped"])
-def test_interpreted_output_heads_per_program(chunk, heads, name, monkeypatch):
+def test_interpreted_heads_per_program(chunk, heads, name, monkeypatch):
     """The forward's output kernel at one head a program (``_chunk_out_kernel``) and at four (the default
-    takes two where the group has them): with packed rows, reverse, D per head and channel, and z."""
+    takes two where the group has them): with packed rows, reverse, D per head and channel, and z; one
+    backward program per group walks all its heads."""
     monkeypatch.setattr(chunk, "OUT_HEADS", heads)
+    monkeypatch.setattr(chunk, "TARGET_PROGRAMS", 1)
     l, opt, reverse, packed, tuning = CASES[name]
     inp, dy, dht = make_inputs(2, l, 8, 3, n=5, seed=23, dtype=torch.float32, **opt)
     seq_idx = None if packed is None else torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])
     flags = dict(dt_softplus=opt.get("softplus", False), reverse=reverse, seq_idx=seq_idx)
+    got = run_with_grads(triton_op(chunk.ssd_scan_triton, tuning, **flags), inp, dy, dht)
+    compare(got, run_with_grads(ref_op(**flags), as64(inp), dy, dht), 2e-5)
+
+
+@pytest.mark.parametrize("unroll", [1, 2])
+@pytest.mark.parametrize("name", ["all-Dhp-reverse", "packed-reverse", "one-block-chunks"])
+def test_interpreted_state_pass_unroll(chunk, unroll, name, monkeypatch):
+    """The forward's pass over chunk states one chunk a load (``_state_pass_kernel``) and two (groups with
+    the next one prefetched, a partial last group): 2 to 3 chunks, sequence resets, reverse."""
+    monkeypatch.setattr(chunk, "STATE_UNROLL", unroll)
+    l, opt, reverse, packed, tuning = CASES[name]
+    inp, dy, dht = make_inputs(2, l, 4, 3, n=5, seed=31, dtype=torch.float32, **opt)
+    seq_idx = None if packed is None else torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])
+    flags = dict(dt_softplus=opt.get("softplus", False), reverse=reverse, seq_idx=seq_idx)
+    tuning = dict(tuning, chunk=16, blk=16)  # 3 or 4 chunks
     got = run_with_grads(triton_op(chunk.ssd_scan_triton, tuning, **flags), inp, dy, dht)
     compare(got, run_with_grads(ref_op(**flags), as64(inp), dy, dht), 2e-5)
 
