@@ -281,9 +281,11 @@ def resources(block=None, warps=None):
     kernels = {
         "_dt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
         "_chunk_state_kernel": dict(**flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
-        "_state_pass_kernel": dict(HAS_H0=True, **flags, BS=ours.STATE_BLOCK),
+        "_state_pass_kernel": dict(HAS_H0=True, **flags, BS=ours.STATE_BLOCK, U=ours.STATE_UNROLL),
         "_chunk_out_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
                                   FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST),
+        "_chunk_out_heads_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
+                                        HPP=ours.OUT_HEADS),
         "_bwd_gloc_kernel": dict(HAS_Z=True, **flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_state_pass_kernel": dict(HAS_DHT=True, **flags, BS=ours.STATE_BLOCK),
         "_bwd_dx_dB_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots, FACTOR=ours.FACTOR,
@@ -293,7 +295,12 @@ def resources(block=None, warps=None):
     }
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     def stages(name):
+        if name == "_chunk_out_heads_kernel":
+            return ours.OUT_STAGES
         return (ours.STAGES_BWD or ours.STAGES) if name.startswith("_bwd") else ours.STAGES
+
+    def warps_of(name):
+        return ours.OUT_WARPS if name == "_chunk_out_heads_kernel" else w
 
     print(f"sm_90, bf16, every option, block {blk}, {w} warps, {ours.STAGES} stages ({stages('_bwd')} in the "
           f"backward), triton {triton.__version__}")
@@ -312,7 +319,7 @@ def resources(block=None, warps=None):
                  if a not in consts and (a.endswith("_ptr") or a in aligned)}
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
         cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                               options=dict(num_warps=w, num_stages=stages(name))).asm["cubin"]
+                               options=dict(num_warps=warps_of(name), num_stages=stages(name))).asm["cubin"]
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()

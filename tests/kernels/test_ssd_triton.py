@@ -113,8 +113,8 @@ def test_interpreted_heads_per_program(chunk, heads, name, monkeypatch):
 @pytest.mark.parametrize("unroll", [1, 2])
 @pytest.mark.parametrize("name", ["all-Dhp-reverse", "packed-reverse", "one-block-chunks"])
 def test_interpreted_state_pass_unroll(chunk, unroll, name, monkeypatch):
-    """The forward's pass over chunk states one chunk a load (``_state_pass_kernel``) and two (groups with
-    the next one prefetched, a partial last group): 2 to 3 chunks, sequence resets, reverse."""
+    """The forward's pass over chunk states one chunk a load and two (groups with the next one prefetched, a
+    partial last group): 3 or 4 chunks, sequence resets, reverse."""
     monkeypatch.setattr(chunk, "STATE_UNROLL", unroll)
     l, opt, reverse, packed, tuning = CASES[name]
     inp, dy, dht = make_inputs(2, l, 4, 3, n=5, seed=31, dtype=torch.float32, **opt)

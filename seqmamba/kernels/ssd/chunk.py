@@ -73,7 +73,7 @@ HEADS_FIRST = os.environ.get("SEQMAMBA_SSD_HEADS_FIRST", "1") != "0"
 OUT_HEADS = 2
 OUT_WARPS = 4
 OUT_STAGES = 2
-# Chunks read per load by the forward's pass over chunk states (1: one at a time, ``_state_pass_kernel``).
+# Chunks read per load by the forward's pass over chunk states (1: one at a time, as before 2026-11-23 s6).
 # H100 same run, forward b1 l2^20 24x64 n128: 13.54 ms at 1, 12.52 at 4, 12.55 at 8, 12.67 at 16; b8 l2048:
 # 0.285, 0.222, 0.224, 0.312 ms
 STATE_UNROLL = 4
@@ -221,41 +221,6 @@ def _chunk_decay(cs_ptr, row, seq_ptr, seq_row, c0, seqlen, ss_l, HAS_SEQ: tl.co
 
 
 @triton.jit
-def _state_pass_kernel(loc_ptr, st_ptr, ht_ptr, cs_ptr, h0_ptr, seq_ptr, ss_b, ss_l, nheads, seqlen, Lp, n_chunks,
-                       size, HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr,
-                       BS: tl.constexpr):
-    """Over slots c = 0..chunks-1 of (b, chunks, h, p, n): local end states (fp32, ``loc``) -> the states
-    entering each chunk (``st``, in its dtype; it may be ``loc`` itself: each element is read before it is
-    written), carried in fp32; the final state (fp32) to ``ht``. A block of BS elements of one (batch, head)
-    state per program."""
-    pid = tl.program_id(0)
-    blk = tl.program_id(1)
-    bb = (pid // nheads).to(tl.int64)
-    hh = pid % nheads
-    e = blk * BS + tl.arange(0, BS)
-    em = e < size
-    if HAS_H0:
-        h = tl.load(h0_ptr + pid.to(tl.int64) * size + e, mask=em, other=0.0)
-    else:
-        h = tl.zeros([BS], dtype=tl.float32)
-    row = pid.to(tl.int64) * Lp
-    step = nheads * size  # from one chunk's slot to the next
-    base = (bb * n_chunks * nheads + hh) * size
-    s_n = tl.load(loc_ptr + base + e, mask=em, other=0.0)
-    d_n = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, 0, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
-    for c in range(0, n_chunks):
-        s = s_n
-        decay = d_n
-        if c + 1 < n_chunks:  # prefetch: nothing below depends on the carried state
-            s_n = tl.load(loc_ptr + base + step + e, mask=em, other=0.0)
-            d_n = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, (c + 1) * Q, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
-        tl.store(st_ptr + base + e, h.to(st_ptr.dtype.element_ty), mask=em)
-        h = decay * h + s
-        base += step
-    tl.store(ht_ptr + pid.to(tl.int64) * size + e, h, mask=em)
-
-
-@triton.jit
 def _state_group(loc_ptr, cs_ptr, seq_ptr, row, seq_row, base, step, e, em, c_first, n_chunks, seqlen, ss_l,
                  HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr, U: tl.constexpr):
     """Chunks c_first..c_first+U-1 as (U, BS) tiles: their local end states and their decays, each decay
@@ -276,11 +241,14 @@ def _state_group(loc_ptr, cs_ptr, seq_ptr, row, seq_row, base, step, e, em, c_fi
 
 
 @triton.jit
-def _state_pass_grouped_kernel(loc_ptr, st_ptr, ht_ptr, cs_ptr, h0_ptr, seq_ptr, ss_b, ss_l, nheads, seqlen, Lp,
-                               n_chunks, size, HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
-                               Q: tl.constexpr, BS: tl.constexpr, U: tl.constexpr):
-    """``_state_pass_kernel`` reading U chunks per load, the next U in flight while these are carried (the
-    pass is bound by load latency: one chunk's states at a time kept too few bytes in flight)."""
+def _state_pass_kernel(loc_ptr, st_ptr, ht_ptr, cs_ptr, h0_ptr, seq_ptr, ss_b, ss_l, nheads, seqlen, Lp, n_chunks,
+                       size, HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr,
+                       BS: tl.constexpr, U: tl.constexpr):
+    """Over slots c = 0..chunks-1 of (b, chunks, h, p, n): local end states (fp32, ``loc``) -> the states
+    entering each chunk (``st``, in its dtype; it may be ``loc`` itself: each element is read before it is
+    written), carried in fp32; the final state (fp32) to ``ht``. A block of BS elements of one (batch, head)
+    state per program. U chunks per load, the next U in flight while these are carried (the pass is bound
+    by load latency: one chunk at a time kept too few bytes in flight)."""
     pid = tl.program_id(0)
     blk = tl.program_id(1)
     bb = (pid // nheads).to(tl.int64)
@@ -886,13 +854,10 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     st = loc if sdt == torch.float32 else torch.empty(b, nc, h, p, n, device=dev, dtype=sdt)
     ht = torch.empty(b, h, p, n, **f32)
     h0c = h0.float().contiguous() if h0 is not None else None
-    pargs = (loc, st, ht, cs, h0c if h0c is not None else dummy, *seq, h, l, cfg.Lp, nc, cfg.size)
-    if STATE_UNROLL > 1:
-        _state_pass_grouped_kernel[(b * h, cfg.n_sblocks)](*pargs, HAS_H0=h0 is not None, **common, BS=cfg.BS,
-                                                           U=STATE_UNROLL, num_warps=4)
-    else:
-        _state_pass_kernel[(b * h, cfg.n_sblocks)](*pargs, HAS_H0=h0 is not None, **common, BS=cfg.BS, num_warps=4)
-    del loc, pargs  # the fp32 local states are freed here when the states are kept in bf16
+    _state_pass_kernel[(b * h, cfg.n_sblocks)](loc, st, ht, cs, h0c if h0c is not None else dummy, *seq, h, l,
+                                               cfg.Lp, nc, cfg.size, HAS_H0=h0 is not None, **common, BS=cfg.BS,
+                                               U=STATE_UNROLL, num_warps=4)
+    del loc  # the fp32 local states are freed here when the states are kept in bf16
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     ypre = torch.empty_like(y) if (store_pre and z is not None) else None
     args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy, y,
