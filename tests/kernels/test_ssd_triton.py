@@ -57,18 +57,26 @@ CASES = {
 }
 
 
+def check_case(chunk, name, h, seed, tuning=None):
+    """Runs CASES[name] (fp32, b 2, p 3, n 5, ``h`` heads; ``tuning`` overrides the case's) through the
+    interpreted kernels and compares y, the final state and every gradient with the float64 reference.
+    Returns the kernels' (y, final state, grads)."""
+    l, opt, reverse, packed, case_tuning = CASES[name]
+    inp, dy, dht = make_inputs(2, l, h, 3, n=5, seed=seed, dtype=torch.float32, **opt)
+    seq_idx = None if packed is None else torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])
+    flags = dict(dt_softplus=opt.get("softplus", False), reverse=reverse, seq_idx=seq_idx)
+    got = run_with_grads(triton_op(chunk.ssd_scan_triton, dict(case_tuning, **(tuning or {})), **flags), inp, dy,
+                         dht)
+    compare(got, run_with_grads(ref_op(**flags), as64(inp), dy, dht), 2e-5)
+    return got
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_interpreted_matches_float64(chunk, name):
     """y, final state and every gradient (initial_state and the path through the final state included) of
     fp32 inputs, against the float64 reference."""
-    l, opt, reverse, packed, tuning = CASES[name]
-    opt = dict(opt)
-    inp, dy, dht = make_inputs(2, l, 4, 3, n=5, seed=len(name), dtype=torch.float32, **opt)
-    seq_idx = None if packed is None else torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])
-    flags = dict(dt_softplus=opt.get("softplus", False), reverse=reverse, seq_idx=seq_idx)
-    got = run_with_grads(triton_op(chunk.ssd_scan_triton, tuning, **flags), inp, dy, dht)
+    got = check_case(chunk, name, h=4, seed=len(name))
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
-    compare(got, run_with_grads(ref_op(**flags), as64(inp), dy, dht), 2e-5)
 
 
 @pytest.mark.parametrize("factor", [True, False])
@@ -102,12 +110,7 @@ def test_interpreted_heads_per_program(chunk, heads, name, monkeypatch):
     backward program per group walks all its heads."""
     monkeypatch.setattr(chunk, "OUT_HEADS", heads)
     monkeypatch.setattr(chunk, "TARGET_PROGRAMS", 1)
-    l, opt, reverse, packed, tuning = CASES[name]
-    inp, dy, dht = make_inputs(2, l, 8, 3, n=5, seed=23, dtype=torch.float32, **opt)
-    seq_idx = None if packed is None else torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])
-    flags = dict(dt_softplus=opt.get("softplus", False), reverse=reverse, seq_idx=seq_idx)
-    got = run_with_grads(triton_op(chunk.ssd_scan_triton, tuning, **flags), inp, dy, dht)
-    compare(got, run_with_grads(ref_op(**flags), as64(inp), dy, dht), 2e-5)
+    check_case(chunk, name, h=8, seed=23)
 
 
 @pytest.mark.parametrize("unroll", [1, 2])
@@ -116,13 +119,7 @@ def test_interpreted_state_pass_unroll(chunk, unroll, name, monkeypatch):
     """The forward's pass over chunk states one chunk a load and two (groups with the next one prefetched, a
     partial last group): 3 or 4 chunks, sequence resets, reverse."""
     monkeypatch.setattr(chunk, "STATE_UNROLL", unroll)
-    l, opt, reverse, packed, tuning = CASES[name]
-    inp, dy, dht = make_inputs(2, l, 4, 3, n=5, seed=31, dtype=torch.float32, **opt)
-    seq_idx = None if packed is None else torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])
-    flags = dict(dt_softplus=opt.get("softplus", False), reverse=reverse, seq_idx=seq_idx)
-    tuning = dict(tuning, chunk=16, blk=16)  # 3 or 4 chunks
-    got = run_with_grads(triton_op(chunk.ssd_scan_triton, tuning, **flags), inp, dy, dht)
-    compare(got, run_with_grads(ref_op(**flags), as64(inp), dy, dht), 2e-5)
+    check_case(chunk, name, h=4, seed=31, tuning=dict(chunk=16, blk=16))  # 3 or 4 chunks
 
 
 def test_interpreted_strong_decay_is_finite_and_accurate(chunk):

@@ -230,12 +230,8 @@ def _state_group(loc_ptr, cs_ptr, seq_ptr, row, seq_row, base, step, e, em, c_fi
     valid = cc < n_chunks
     S = tl.load(loc_ptr + base + cc[:, None].to(tl.int64) * step + e[None, :], mask=valid[:, None] & em[None, :],
                 other=0.0)
-    last = cc.to(tl.int64) * Q + Q - 1
-    decay = tl.exp(tl.minimum(tl.load(cs_ptr + row + last, mask=valid, other=0.0), 0.0))
-    if HAS_SEQ:
-        keep = _seq_at(seq_ptr, seq_row, last, seqlen, ss_l, REVERSE) == \
-            _seq_at(seq_ptr, seq_row, last - Q, seqlen, ss_l, REVERSE)
-        decay = tl.where(keep | ~valid, decay, 0.0)
+    c0 = tl.minimum(cc, n_chunks - 1).to(tl.int64) * Q  # clamped: no reads past the last chunk
+    decay = tl.where(valid, _chunk_decay(cs_ptr, row, seq_ptr, seq_row, c0, seqlen, ss_l, HAS_SEQ, REVERSE, Q), 1.0)
     decay = decay[:, None] * tl.full(S.shape, 1.0, tl.float32)
     return S, decay
 
@@ -390,6 +386,7 @@ def _chunk_out_heads_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, 
     slot = ((bb * n_chunks + c) * nheads + h0) * hdim * dstate
     H = tl.load(st_ptr + slot + (ch * hdim * dstate + cp * dstate)[:, None] + n_off[None, :],
                 mask=cmask[:, None] & (n_off < dstate)[None, :], other=0.0)
+    # cr per column (W loads of HPP addresses): scaling the (W, BN) state tile in fp32 instead spilled
     sc = tl.where(m > 0, tl.load(cs_ptr + (bb * nheads + h0 + ch).to(tl.int64) * Lp + tl.maximum(ref, c0)), 0.0)
     acc = _mm(Ct, tl.trans(H.to(DT)), PREC=PREC, UP=UP) * tl.exp(tl.minimum(sc, 0.0))[None, :]
     if HAS_SEQ:
