@@ -221,16 +221,23 @@ def _chunk_decay(cs_ptr, row, seq_ptr, seq_row, c0, seqlen, ss_l, HAS_SEQ: tl.co
 
 
 @triton.jit
-def _state_group(loc_ptr, cs_ptr, seq_ptr, row, seq_row, base, step, e, em, c_first, n_chunks, seqlen, ss_l,
-                 HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr, U: tl.constexpr):
-    """Chunks c_first..c_first+U-1 as (U, BS) tiles: their local end states and their decays, each decay
-    repeated along the row (so that a row is taken out within each thread); decay 1 and state 0 past the
-    last chunk."""
-    cc = c_first + tl.arange(0, U)
-    valid = cc < n_chunks
-    S = tl.load(loc_ptr + base + cc[:, None].to(tl.int64) * step + e[None, :], mask=valid[:, None] & em[None, :],
-                other=0.0)
-    c0 = tl.minimum(cc, n_chunks - 1).to(tl.int64) * Q  # clamped: no reads past the last chunk
+def _slots(ptr, base, step, e, em, cc, n_chunks):
+    """(U, BS) fp32 tile of the elements e of chunks cc's slots (chunk c's at base + c step); 0 for the cc
+    outside [0, n_chunks)."""
+    valid = (cc >= 0) & (cc < n_chunks)
+    return tl.load(ptr + base + cc[:, None].to(tl.int64) * step + e[None, :], mask=valid[:, None] & em[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _state_group(ptr, cs_ptr, seq_ptr, row, seq_row, base, step, e, em, cc, n_chunks, seqlen, ss_l,
+                 HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr):
+    """Chunks cc (U of them) as (U, BS) tiles: the slots of ``ptr`` (fp32; chunk c's slot at base + c step)
+    and the chunks' decays, each decay repeated along the row (so that a row is taken out within each thread);
+    decay 1 and slot 0 for the cc outside [0, n_chunks)."""
+    valid = (cc >= 0) & (cc < n_chunks)
+    S = _slots(ptr, base, step, e, em, cc, n_chunks)
+    c0 = tl.minimum(tl.maximum(cc, 0), n_chunks - 1).to(tl.int64) * Q  # clamped: no reads outside the chunks
     decay = tl.where(valid, _chunk_decay(cs_ptr, row, seq_ptr, seq_row, c0, seqlen, ss_l, HAS_SEQ, REVERSE, Q), 1.0)
     decay = decay[:, None] * tl.full(S.shape, 1.0, tl.float32)
     return S, decay
@@ -259,15 +266,15 @@ def _state_pass_kernel(loc_ptr, st_ptr, ht_ptr, cs_ptr, h0_ptr, seq_ptr, ss_b, s
     step = nheads * size  # from one chunk's slot to the next
     base = (bb * n_chunks * nheads + hh) * size
     u = tl.arange(0, U)[:, None]
-    S_n, D_n = _state_group(loc_ptr, cs_ptr, seq_ptr, row, bb * ss_b, base, step, e, em, 0, n_chunks, seqlen, ss_l,
-                            HAS_SEQ, REVERSE, Q, U)
+    S_n, D_n = _state_group(loc_ptr, cs_ptr, seq_ptr, row, bb * ss_b, base, step, e, em, tl.arange(0, U), n_chunks,
+                            seqlen, ss_l, HAS_SEQ, REVERSE, Q)
     slot = base  # chunk c_first's slot
     for c_first in range(0, n_chunks, U):
         S = S_n
         D = D_n
         if c_first + U < n_chunks:  # prefetch: nothing below depends on the carried state
-            S_n, D_n = _state_group(loc_ptr, cs_ptr, seq_ptr, row, bb * ss_b, base, step, e, em, c_first + U,
-                                    n_chunks, seqlen, ss_l, HAS_SEQ, REVERSE, Q, U)
+            S_n, D_n = _state_group(loc_ptr, cs_ptr, seq_ptr, row, bb * ss_b, base, step, e, em,
+                                    c_first + U + tl.arange(0, U), n_chunks, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
         for i in tl.static_range(U):
             tl.store(st_ptr + slot + i * step + e, h.to(st_ptr.dtype.element_ty), mask=em & (c_first + i < n_chunks))
             h = tl.sum(tl.where(u == i, D, 0.0), axis=0) * h + tl.sum(tl.where(u == i, S, 0.0), axis=0)
@@ -489,11 +496,12 @@ def _bwd_gloc_kernel(dy_ptr, z_ptr, C_ptr, g_ptr, cs_ptr, gst_ptr, seq_ptr,
 def _bwd_state_pass_kernel(gl_ptr, gst_ptr, st_ptr, cs_ptr, dht_ptr, dh0_ptr, kp_ptr, seq_ptr, ss_b, ss_l,
                            nheads, seqlen, Lp, n_chunks, size, n_blocks,
                            HAS_DHT: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
-                           Q: tl.constexpr, BS: tl.constexpr):
+                           Q: tl.constexpr, BS: tl.constexpr, U: tl.constexpr):
     """Right to left over chunks: local dL/dH_in (fp32, ``gl``) -> G_out[c] = dL/dH_out[c] (``gst``, in its
-    dtype; it may be ``gl`` itself), carried in fp32; dinitial_state; and
-    this block's part of E_c <G_out[c], H_in[c]> (E_c = exp(cs[Q-1]) the chunk's decay: the gradient of the
-    loss with respect to log E_c through the carried state)."""
+    dtype; it may be ``gl`` itself: a group's slots are read before they are written), carried in fp32;
+    dinitial_state; and this block's part of E_c <G_out[c], H_in[c]> (E_c = exp(cs[Q-1]) the chunk's decay:
+    the gradient of the loss with respect to log E_c through the carried state). U chunks per load, the next
+    U in flight, as in ``_state_pass_kernel``; their U inner products are reduced once per group."""
     pid = tl.program_id(0)
     blk = tl.program_id(1)
     bb = (pid // nheads).to(tl.int64)
@@ -506,24 +514,33 @@ def _bwd_state_pass_kernel(gl_ptr, gst_ptr, st_ptr, cs_ptr, dht_ptr, dh0_ptr, kp
         G = tl.zeros([BS], dtype=tl.float32)
     row = pid.to(tl.int64) * Lp
     step = nheads * size
-    base = ((bb * n_chunks + n_chunks - 1) * nheads + hh) * size
+    base = (bb * n_chunks * nheads + hh) * size  # chunk 0's slot
     kp_row = (pid.to(tl.int64) * n_blocks + blk) * n_chunks
-    gl_n = tl.load(gl_ptr + base + e, mask=em, other=0.0)
-    h_n = tl.load(st_ptr + base + e, mask=em, other=0.0).to(tl.float32)
-    d_n = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, (n_chunks - 1) * Q, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
-    for cc in range(0, n_chunks):
-        c = n_chunks - 1 - cc
-        gl = gl_n
-        h_in = h_n
-        decay = d_n
-        if c > 0:  # prefetch the chunk to the left
-            gl_n = tl.load(gl_ptr + base - step + e, mask=em, other=0.0)
-            h_n = tl.load(st_ptr + base - step + e, mask=em, other=0.0).to(tl.float32)
-            d_n = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, (c - 1) * Q, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
-        tl.store(gst_ptr + base + e, G.to(gst_ptr.dtype.element_ty), mask=em)
-        tl.store(kp_ptr + kp_row + c, decay * tl.sum(G * h_in, axis=0))
-        G = decay * G + gl
-        base -= step
+    u = tl.arange(0, U)  # row i of a group: chunk c_top - i
+    L_n, D_n = _state_group(gl_ptr, cs_ptr, seq_ptr, row, bb * ss_b, base, step, e, em, n_chunks - 1 - u,
+                            n_chunks, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
+    # the half-precision states load 4 elements a thread like the fp32 tiles (8 would give them another layout,
+    # and taking a row out would cross warps through shared memory)
+    e4 = tl.max_contiguous(e, 4)
+    H_n = _slots(st_ptr, base, step, e4, em, n_chunks - 1 - u, n_chunks)
+    for done in range(0, n_chunks, U):
+        cc = n_chunks - 1 - done - u
+        L = L_n
+        D = D_n
+        H = H_n
+        if done + U < n_chunks:  # prefetch: nothing below depends on the carried gradient
+            L_n, D_n = _state_group(gl_ptr, cs_ptr, seq_ptr, row, bb * ss_b, base, step, e, em, cc - U, n_chunks,
+                                    seqlen, ss_l, HAS_SEQ, REVERSE, Q)
+            H_n = _slots(st_ptr, base, step, e4, em, cc - U, n_chunks)
+        Gs = tl.zeros([U, BS], dtype=tl.float32)  # G_out of the group's chunks
+        slot = base + (n_chunks - 1 - done).to(tl.int64) * step
+        for i in tl.static_range(U):
+            # stored row by row: a (U, BS) store of half-precision elements went through shared memory
+            tl.store(gst_ptr + slot - i * step + e, G.to(gst_ptr.dtype.element_ty), mask=em & (done + i < n_chunks))
+            Gs = tl.where(u[:, None] == i, G[None, :], Gs)
+            G = tl.sum(tl.where(u[:, None] == i, D, 0.0), axis=0) * G + tl.sum(tl.where(u[:, None] == i, L, 0.0),
+                                                                              axis=0)
+        tl.store(kp_ptr + kp_row + cc, tl.sum(D * Gs * H, axis=1), mask=cc >= 0)
     tl.store(dh0_ptr + pid.to(tl.int64) * size + e, G, mask=em)
 
 
@@ -918,7 +935,8 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     gst = gl if st.dtype == torch.float32 else torch.empty(b, nc, h, p, n, device=dev, dtype=st.dtype)
     _bwd_state_pass_kernel[(b * h, cfg.n_sblocks)](gl, gst, st, cs, dht_c if dht_c is not None else dummy, dh0,
                                                    kp, *seq, h, l, cfg.Lp, nc, cfg.size, cfg.n_sblocks,
-                                                   HAS_DHT=dht is not None, **common, BS=cfg.BS, num_warps=4)
+                                                   HAS_DHT=dht is not None, **common, BS=cfg.BS, U=STATE_UNROLL,
+                                                   num_warps=4)
     del gl  # freed here when G_out is kept in bf16
     if splits and cfg.hpg % splits:
         raise ValueError(f"ssd_scan (triton): splits={splits} must divide the {cfg.hpg} heads of a group")
