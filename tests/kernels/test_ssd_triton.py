@@ -116,8 +116,8 @@ def test_interpreted_heads_per_program(chunk, heads, name, monkeypatch):
 @pytest.mark.parametrize("unroll", [1, 2])
 @pytest.mark.parametrize("name", ["all-Dhp-reverse", "packed-reverse", "one-block-chunks"])
 def test_interpreted_state_pass_unroll(chunk, unroll, name, monkeypatch):
-    """The forward's pass over chunk states one chunk a load and two (groups with the next one prefetched, a
-    partial last group): 3 or 4 chunks, sequence resets, reverse."""
+    """The forward's and the backward's passes over chunk states one chunk a load and two (groups with the next
+    one prefetched, a partial last group): 3 or 4 chunks, sequence resets, reverse."""
     monkeypatch.setattr(chunk, "STATE_UNROLL", unroll)
     check_case(chunk, name, h=4, seed=31, tuning=dict(chunk=16, blk=16))  # 3 or 4 chunks
 

@@ -73,9 +73,10 @@ HEADS_FIRST = os.environ.get("SEQMAMBA_SSD_HEADS_FIRST", "1") != "0"
 OUT_HEADS = 2
 OUT_WARPS = 4
 OUT_STAGES = 2
-# Chunks read per load by the forward's pass over chunk states (1: one at a time, as before 2026-11-23 s6).
+# Chunks read per load by the forward's and the backward's passes over chunk states (1: one at a time).
 # H100 same run, forward b1 l2^20 24x64 n128: 13.54 ms at 1, 12.52 at 4, 12.55 at 8, 12.67 at 16; b8 l2048:
-# 0.285, 0.222, 0.224, 0.312 ms
+# 0.285, 0.222, 0.224, 0.312 ms. With the backward's pass grouped too, fwd+bwd at 1M: 68.3 at 1, 66.2 at 4,
+# 66.6 at 8
 STATE_UNROLL = 4
 
 
