@@ -517,7 +517,7 @@ def _bwd_state_pass_kernel(gl_ptr, gst_ptr, st_ptr, cs_ptr, dht_ptr, dh0_ptr, kp
     step = nheads * size
     base = (bb * n_chunks * nheads + hh) * size  # chunk 0's slot
     kp_row = (pid.to(tl.int64) * n_blocks + blk) * n_chunks
-    u = tl.arange(0, U)  # row i of a group: chunk c_top - i
+    u = tl.arange(0, U)  # row i of a group: chunk n_chunks - 1 - done - i
     L_n, D_n = _state_group(gl_ptr, cs_ptr, seq_ptr, row, bb * ss_b, base, step, e, em, n_chunks - 1 - u,
                             n_chunks, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
     # the half-precision states load 4 elements a thread like the fp32 tiles (8 would give them another layout,
@@ -536,7 +536,6 @@ def _bwd_state_pass_kernel(gl_ptr, gst_ptr, st_ptr, cs_ptr, dht_ptr, dh0_ptr, kp
         Gs = tl.zeros([U, BS], dtype=tl.float32)  # G_out of the group's chunks
         slot = base + (n_chunks - 1 - done).to(tl.int64) * step
         for i in tl.static_range(U):
-            # stored row by row: a (U, BS) store of half-precision elements went through shared memory
             tl.store(gst_ptr + slot - i * step + e, G.to(gst_ptr.dtype.element_ty), mask=em & (done + i < n_chunks))
             Gs = tl.where(u[:, None] == i, G[None, :], Gs)
             G = tl.sum(tl.where(u[:, None] == i, D, 0.0), axis=0) * G + tl.sum(tl.where(u[:, None] == i, L, 0.0),
