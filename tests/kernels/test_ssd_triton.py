@@ -94,12 +94,7 @@ def test_interpreted_chunk_first_grids(chunk, monkeypatch):
     """The path the default (HEADS_FIRST) does not take: the 2-d grids whose consecutive programs are the
     chunks (or blocks) of one head, or of one group of heads."""
     monkeypatch.setattr(chunk, "HEADS_FIRST", False)
-    l, opt, reverse, packed, tuning = CASES["packed"]
-    inp, dy, dht = make_inputs(2, l, 4, 3, n=5, seed=17, dtype=torch.float32, **opt)
-    seq_idx = torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])
-    flags = dict(dt_softplus=True, reverse=reverse, seq_idx=seq_idx)
-    got = run_with_grads(triton_op(chunk.ssd_scan_triton, tuning, **flags), inp, dy, dht)
-    compare(got, run_with_grads(ref_op(**flags), as64(inp), dy, dht), 2e-5)
+    check_case(chunk, "packed", h=4, seed=17)
 
 
 @pytest.mark.parametrize("heads", [1, 4])

@@ -222,6 +222,13 @@ def _chunk_decay(cs_ptr, row, seq_ptr, seq_row, c0, seqlen, ss_l, HAS_SEQ: tl.co
 
 
 @triton.jit
+def _row(tile, i):
+    """Row i of a (U, BS) tile, taken out within each thread (the tiles keep each column's U rows in one thread)."""
+    u = tl.arange(0, tile.shape[0])[:, None]
+    return tl.sum(tl.where(u == i, tile, 0.0), axis=0)
+
+
+@triton.jit
 def _slots(ptr, base, step, e, em, cc, n_chunks):
     """(U, BS) fp32 tile of the elements e of chunks cc's slots (chunk c's at base + c step); 0 for the cc
     outside [0, n_chunks)."""
@@ -234,7 +241,7 @@ def _slots(ptr, base, step, e, em, cc, n_chunks):
 def _state_group(ptr, cs_ptr, seq_ptr, row, seq_row, base, step, e, em, cc, n_chunks, seqlen, ss_l,
                  HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr):
     """Chunks cc (U of them) as (U, BS) tiles: the slots of ``ptr`` (fp32; chunk c's slot at base + c step)
-    and the chunks' decays, each decay repeated along the row (so that a row is taken out within each thread);
+    and the chunks' decays, each decay repeated along the row (so that ``_row`` stays within threads);
     decay 1 and slot 0 for the cc outside [0, n_chunks)."""
     valid = (cc >= 0) & (cc < n_chunks)
     S = _slots(ptr, base, step, e, em, cc, n_chunks)
@@ -266,19 +273,19 @@ def _state_pass_kernel(loc_ptr, st_ptr, ht_ptr, cs_ptr, h0_ptr, seq_ptr, ss_b, s
     row = pid.to(tl.int64) * Lp
     step = nheads * size  # from one chunk's slot to the next
     base = (bb * n_chunks * nheads + hh) * size
-    u = tl.arange(0, U)[:, None]
-    S_n, D_n = _state_group(loc_ptr, cs_ptr, seq_ptr, row, bb * ss_b, base, step, e, em, tl.arange(0, U), n_chunks,
-                            seqlen, ss_l, HAS_SEQ, REVERSE, Q)
+    u = tl.arange(0, U)
+    S_n, D_n = _state_group(loc_ptr, cs_ptr, seq_ptr, row, bb * ss_b, base, step, e, em, u, n_chunks, seqlen, ss_l,
+                            HAS_SEQ, REVERSE, Q)
     slot = base  # chunk c_first's slot
     for c_first in range(0, n_chunks, U):
         S = S_n
         D = D_n
         if c_first + U < n_chunks:  # prefetch: nothing below depends on the carried state
-            S_n, D_n = _state_group(loc_ptr, cs_ptr, seq_ptr, row, bb * ss_b, base, step, e, em,
-                                    c_first + U + tl.arange(0, U), n_chunks, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
+            S_n, D_n = _state_group(loc_ptr, cs_ptr, seq_ptr, row, bb * ss_b, base, step, e, em, c_first + U + u,
+                                    n_chunks, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
         for i in tl.static_range(U):
             tl.store(st_ptr + slot + i * step + e, h.to(st_ptr.dtype.element_ty), mask=em & (c_first + i < n_chunks))
-            h = tl.sum(tl.where(u == i, D, 0.0), axis=0) * h + tl.sum(tl.where(u == i, S, 0.0), axis=0)
+            h = _row(D, i) * h + _row(S, i)
         slot += U * step
     tl.store(ht_ptr + pid.to(tl.int64) * size + e, h, mask=em)
 
@@ -347,7 +354,6 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
         zt = _load_rows(z_ptr, bb * sz_b + hh * sz_h, tt, sz_l, p_off, sz_p, vt, hdim).to(tl.float32)
         acc = acc * zt * tl.sigmoid(zt)
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=om)
-
 
 
 @triton.jit
@@ -538,8 +544,7 @@ def _bwd_state_pass_kernel(gl_ptr, gst_ptr, st_ptr, cs_ptr, dht_ptr, dh0_ptr, kp
         for i in tl.static_range(U):
             tl.store(gst_ptr + slot - i * step + e, G.to(gst_ptr.dtype.element_ty), mask=em & (done + i < n_chunks))
             Gs = tl.where(u[:, None] == i, G[None, :], Gs)
-            G = tl.sum(tl.where(u[:, None] == i, D, 0.0), axis=0) * G + tl.sum(tl.where(u[:, None] == i, L, 0.0),
-                                                                              axis=0)
+            G = _row(D, i) * G + _row(L, i)
         tl.store(kp_ptr + kp_row + cc, tl.sum(D * Gs * H, axis=1), mask=cc >= 0)
     tl.store(dh0_ptr + pid.to(tl.int64) * size + e, G, mask=em)
 
