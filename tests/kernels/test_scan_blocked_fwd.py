@@ -62,7 +62,7 @@ def reference(x, softplus, reverse, seq_idx, T):
 
 
 def check(bf, x, softplus=True, reverse=False, seq_idx=None, rtol=2e-5, **tuning):
-    T = bf.chunk_length(tuning)
+    T = tuning.get("state_len") or bf.chunk_length(tuning)   # the spacing of the saved states
     y, h, cs = bf.blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
                               softplus=softplus, initial_state=x["initial_state"], reverse=reverse,
                               seq_idx=seq_idx, save_states=True, **tuning)
@@ -88,6 +88,10 @@ CASES = [
      dict(chunk=128, num_warps=1)),
     ("exact-chunks", dict(l=32, groups=1), True, True, None, dict(chunk=16)),
     ("length1", dict(l=1, groups=2), True, False, None, dict(chunk=4)),
+    # states saved every state_len positions, several per chunk
+    ("pieces", dict(l=37, groups=2), True, False, None, dict(chunk=16, state_len=4, bd=2)),
+    ("pieces-seq_idx-reverse", dict(l=45, groups=2), True, True, [5, 13, 29, 40], dict(chunk=16, state_len=8)),
+    ("pieces-of-one", dict(l=11), True, True, None, dict(chunk=4, state_len=1, num_warps=1)),
 ]
 
 
@@ -122,6 +126,16 @@ def test_interpreted_full_warp_tiles(bf, dtype, l, chunk, reverse):
     check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, chunk=chunk, num_warps=1)
 
 
+@pytest.mark.parametrize("dtype,reverse", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, True)])
+def test_interpreted_full_warp_pieces(bf, dtype, reverse):
+    """States every 64 positions of 256-position chunks on one warp (8 bf16 / 4 fp32 positions a thread, the
+    vector wider than 2: pieces end inside the tile, at thread boundaries), length not a multiple of either."""
+    x = inputs(b=1, d=2, n=3, l=600, groups=1, seed=5)
+    x.update({k: x[k].to(dtype) for k in L_ARGS})
+    check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, chunk=256, state_len=64,
+          num_warps=1)
+
+
 def test_interpreted_channel_last_inputs(bf):
     """(b, l, d) / (b, l, n) storage seen as (b, d, l) / (b, n, l) views gives the same result (the wrapper
     makes them l-contiguous)."""
@@ -151,6 +165,8 @@ def test_interpreted_bad_chunk(bf):
     x = inputs(b=1, d=4, n=2, l=5)
     with pytest.raises(ValueError, match="power of two"):
         bf.blocked_fwd(x["u"], x["delta"], x["A"], x["B"], x["C"], chunk=12)
+    with pytest.raises(ValueError, match="state_len must be a power of two <= chunk"):
+        bf.blocked_fwd(x["u"], x["delta"], x["A"], x["B"], x["C"], chunk=8, state_len=16, save_states=True)
 
 
 # ---------------------------------------------------------------------------------------------- GPU

@@ -142,12 +142,17 @@ def test_interpreted_no_grad_returns_y_only(chunk):
     assert (y - want).abs().max() < 1e-5 * want.abs().max()
 
 
+@pytest.mark.parametrize("pieces", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_interpreted_default_op_is_blocked(small_chunks, monkeypatch, reverse):
-    """The default path (custom ops) runs the blocked pair: several 4-position chunks, a ragged end, groups,
-    initial state, final-state cotangent; output, final state and every gradient against the float64
-    reference. The tile-state kernels are not called."""
+def test_interpreted_default_op_is_blocked(small_chunks, monkeypatch, reverse, pieces):
+    """The default path (custom ops) runs the blocked pair: several 4-position chunks (or 8-position forward
+    chunks saving the state every 2 positions, the backward's chunk), a ragged end, groups, initial state,
+    final-state cotangent; output, final state and every gradient against the float64 reference. The tile-state
+    kernels are not called."""
     chunk = small_chunks
+    if pieces:
+        monkeypatch.setattr(chunk, "GRAD_CHUNK", 8)
+        monkeypatch.setattr(chunk, "GRAD_STATE_LEN", 2)
     monkeypatch.setattr(chunk, "_fwd", None)
     monkeypatch.setattr(chunk, "_bwd", None)
     x = make_inputs(b=2, d=4, n=3, l=19, groups=2, dtype=torch.float32, seed=12)
@@ -404,11 +409,12 @@ def test_interpreted_custom_op_opcheck(chunk, blocked):
 
 @pytest.mark.parametrize("blocked", [True, False])
 @pytest.mark.parametrize("channel_last", [False, True])
-def test_interpreted_custom_op_opcheck_layouts(small_chunks, channel_last, blocked):
+def test_interpreted_custom_op_opcheck_layouts(small_chunks, channel_last, blocked, monkeypatch):
     """Fake and real agree on every output's layout, forward and backward op, in the mixer's layout too
     (channel-last delta/z; this file's kernels: state-first forward, sequential backward, channel-last
     y/du/ddelta/dz; the blocked pair: contiguous outputs)."""
     chunk = small_chunks
+    monkeypatch.setattr(chunk, "GRAD_STATE_LEN", 2)  # states every 2 positions of the 4-position chunks
     x = {k: v.detach() for k, v in make_inputs(b=1, d=2, n=2, l=70, groups=1, dtype=torch.float32, seed=8).items()}
     if channel_last:
         for k in ("delta", "z"):
@@ -427,7 +433,7 @@ def test_interpreted_custom_op_opcheck_layouts(small_chunks, channel_last, block
             fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
         assert [t.stride() for t in real] == [t.stride() for t in fake], (op, [t.stride() for t in real])
     if blocked:
-        assert ts.shape[1] == 18  # chunk states: cdiv(70, 4)
+        assert ts.shape[1] == 35  # chunk states: cdiv(70, 2)
         assert y.is_contiguous() and real[0].is_contiguous() and real[1].is_contiguous()
     elif channel_last:
         assert y.stride(1) == 1 and real[0].stride(1) == 1 and real[1].stride(1) == 1  # y, du, ddelta

@@ -18,14 +18,17 @@ g_j = dL/dh_j (all paths):
     dz_j     = dy_j y_pre_j silu'(z_j)              dh0 = a_0 g_0
 
 Input: the forward's ``chunk_states`` (b, n_chunks, d, n) fp32, the state ENTERING each chunk of ``T`` scan-order
-positions (chunk_states[:, 0] = initial state or 0; raw, before any seq_idx reset at the chunk's first position),
-the contract of ``blocked_fwd.py``.
+positions, T being the forward's ``state_len`` (chunk_states[:, 0] = initial state or 0; raw, before any seq_idx
+reset at the chunk's first position): the contract of ``blocked_fwd.py``.
 
 One program per (batch, block of ``BD`` channels) walks the chunks in reverse scan order and carries g at the
-first position of the chunk just done, (BD, n), in registers. Per chunk it loads u, delta, z, dy (BD, T) and
-delta one position later (a_{j+1}), and for each state index n: rescans h from the chunk state (a forward
-``tl.associative_scan``), scans g backward from the carry (a reverse one), and accumulates every gradient. Two
-exps per (position, channel, state). dA, dD and dbias stay in registers and are written once per program as
+first position of the chunk just done, (BD, n), in a slab of the dh0 buffer. Per chunk it loads u, delta, z, dy
+(BD, T) and delta one position later (a_{j+1}), and for each state index n (the next state's B, C and carries
+loading meanwhile): rescans h from the chunk state (a forward ``tl.associative_scan``), scans g backward from
+the carry (``_reverse_scan``: Triton's own reverse scan shuffles every element across lanes), and accumulates
+every gradient. Two exps per (position, channel, state). The chunk is short (``T`` = 128 by default, one warp,
+4 positions a thread): the forward saves the state entering every T positions for it, however long its own
+chunks are. dA, dD and dbias stay in registers and are written once per program as
 per-batch partials (summed by torch over the batch); dB and dC, sums over the channels of a group, are summed over
 the program's BD channels and added into fp32 (b, g, n, l) buffers with ``tl.atomic_add``: the order of those
 additions varies from run to run, so this backward is NOT bitwise deterministic (chunk.py keeps the
@@ -46,9 +49,11 @@ from seqmamba.kernels.selective_scan.ref import _grouped
 LOG2E = 1.4426950408889634
 
 # Channels per program and warps per chunk length T. H100 sweep (bf16, b1 d1536 l65536 and b8 d1536 l2048, bwd
-# ms): one channel a program won at every T (two: 5-25% slower, more spills); warps T128:1 (10.4 / 2.12),
-# T256:1 (13.8 / 2.39), T512:4 (11.4 / 2.31; 2 warps 12.4 / 2.61), T1024:4 (12.9 / 2.65; 8 warps 20.8 / 3.95),
-# T2048:8 (14.1 / 2.96).
+# ms, before _reverse_scan and the state prefetch): one channel a program won at every T (two: 5-25% slower, more
+# spills); warps T128:1 (10.4 / 2.12), T256:1 (13.8 / 2.39), T512:4 (11.4 / 2.31; 2 warps 12.4 / 2.61), T1024:4
+# (12.9 / 2.65; 8 warps 20.8 / 3.95), T2048:8 (14.1 / 2.96). With both (session 8, same run, l65536 / l2^20 bwd
+# ms): T128 one warp 6.7 / 105, two channels a program 8.7 / 139; T256 one warp 8.3 / 120, two warps 9.7 / 154;
+# T512 two warps 8.0 / 125, four 10.5 / 168; T64 one warp, two channels 13.1 / 209.
 BLOCK_D = 1
 WARPS = {128: 1, 256: 1, 512: 4, 1024: 4, 2048: 8}
 
@@ -63,8 +68,49 @@ _combine, _keep = _common.affine_combine, _common.continues_sequence
 
 
 @triton.jit
-def _add2(a1, b1, a2, b2):
-    return a1 + a2, b1 + b2
+def _suffix_combine(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
+    # (map of a run of threads, map of the run without its first thread), composed for a reverse scan: Triton
+    # passes the run nearer the scan's start (the right) first; dropping the left run's first thread leaves its
+    # own remainder followed by the whole right run
+    return a1 * a2, a2 * b1 + b2, a1 * ea2, ea2 * b1 + eb2
+
+
+@triton.jit
+def _reverse_scan(a, b, NT: tl.constexpr, V: tl.constexpr):
+    """Inclusive reverse affine scan along the positions (axis 1) of a (rows, T) tile: g_k = a_k g_{k+1} + b_k
+    (0 past the end), i.e. ``tl.associative_scan((a, b), 1, _combine, reverse=True)[1]``, for a tile whose layout holds V
+    consecutive positions in each of NT threads (any layout is exact; that one keeps the V axis in registers).
+
+    Triton lowers a reverse scan by flipping its operands and result across lanes (~120 SHFL per (1, 256) tile
+    on one warp at 8 positions a thread, even along an in-thread axis). Here each thread's V positions are
+    flipped in registers and scanned forward, and only one map per thread crosses lanes: a reverse scan of the
+    thread maps that carries, beside each suffix, the suffix without its first thread (``_suffix_combine``),
+    i.e. the map of the threads after it. sm_90, one warp, T = 256: 32 SHFL against 138."""
+    R: tl.constexpr = a.shape[0]
+    a3 = tl.flip(tl.reshape(a, (R, NT, V)), 2)
+    b3 = tl.flip(tl.reshape(b, (R, NT, V)), 2)
+    A_loc, G_loc = tl.associative_scan((a3, b3), 2, _combine)      # in-thread suffixes, flipped
+    A_loc = tl.flip(A_loc, 2)
+    G_loc = tl.flip(G_loc, 2)
+    k0 = tl.arange(0, V)[None, None, :] == 0
+    A0 = tl.sum(tl.where(k0, A_loc, 0.0), 2)                       # (R, NT): each thread's map over its V
+    G0 = tl.sum(tl.where(k0, G_loc, 0.0), 2)
+    _, _, _, carry = tl.associative_scan((A0, G0, tl.full(A0.shape, 1.0, tl.float32), tl.zeros_like(G0)), 1,
+                                         _suffix_combine, reverse=True)
+    return tl.reshape(G_loc + A_loc * carry[:, :, None], (R, NT * V))
+
+
+@triton.jit
+def _state_operands(A_ptr, B_base, C_base, cs_ptr, g_ptr, A_row, cs_row, gc_row, t, valid, sB_n, sC_n, n, nstate):
+    """State n's operands for one chunk (all zero when n >= nstate): A[:, n] (BD, 1), B and C rows (1, T), the
+    state entering the chunk and the g carry after it (BD, 1) fp32."""
+    ok = n < nstate
+    An = tl.load(A_ptr + A_row + n, mask=ok, other=0.0).to(tl.float32)[:, None]
+    Bn = tl.load(B_base + n * sB_n + t, mask=valid & ok, other=0.0).to(tl.float32)
+    Cn = tl.load(C_base + n * sC_n + t, mask=valid & ok, other=0.0).to(tl.float32)
+    h0 = tl.load(cs_ptr + cs_row + n, mask=ok, other=0.0)[:, None]
+    gc = tl.load(g_ptr + gc_row + n, mask=ok, other=0.0)[:, None]
+    return An, Bn, Cn, h0, gc
 
 
 @triton.jit
@@ -83,6 +129,7 @@ def _blocked_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
+    NT: tl.constexpr, V: tl.constexpr,
 ):
     """u, delta, z, dout, B, C have unit l-stride; du, ddelta, dz are contiguous (b, d, l). ``g_ptr`` (b, d, n)
     fp32 holds dht (or 0) on entry: it carries g at the first position of the chunk last done (read by all
@@ -167,13 +214,15 @@ def _blocked_bwd_kernel(
         cs_row = ((pb * n_chunks + c) * dim + d_off) * nstate
         bc_t = bc_row + t
         tl.debug_barrier()  # the previous chunk's g carries are written
+        An, Bn, Cn, h0, gc = _state_operands(A_ptr, B_base, C_base, cs_ptr, g_ptr, A_row, cs_row, gc_row, t, valid,
+                                             sB_n, sC_n, 0, nstate)
         for n in range(0, nstate):
-            An = tl.load(A_ptr + A_row + n).to(tl.float32)[:, None]                   # (BD, 1)
+            # the next state's operands load while this one computes: they are L2 round trips, which stalled every
+            # state (H100, b1 d1536 l2^20 fwd+bwd 196 ms without, 146 with); slot n + 1 of the g carry is
+            # rewritten only in the next iteration
+            An_x, Bn_x, Cn_x, h0_x, gc_x = _state_operands(A_ptr, B_base, C_base, cs_ptr, g_ptr, A_row, cs_row,
+                                                           gc_row, t, valid, sB_n, sC_n, n + 1, nstate)
             A2n = An * 1.4426950408889634
-            Bn = tl.load(B_base + n * sB_n + t, mask=valid, other=0.0).to(tl.float32)  # (1, T)
-            Cn = tl.load(C_base + n * sC_n + t, mask=valid, other=0.0).to(tl.float32)
-            h0 = tl.load(cs_ptr + cs_row + n)[:, None]                                 # (BD, 1) fp32
-            gc = tl.load(g_ptr + gc_row + n)[:, None]                                  # g after the chunk
             a = tl.exp2(dt * A2n)
             an = tl.exp2(dtn * A2n)                                                    # a_{j+1}
             if HAS_SEQ:
@@ -183,23 +232,23 @@ def _blocked_bwd_kernel(
             # the carried state folded into the chunk's first step (in scan order), the carried g into its last
             beta = dyp * Cn
             if REVERSE:
-                _, h = tl.associative_scan((a, tl.where(last, x + a * h0, x)), 1, _combine, reverse=True)
+                h = _reverse_scan(a, tl.where(last, x + a * h0, x), NT, V)
                 _, g = tl.associative_scan((an, tl.where(first, beta + an * gc, beta)), 1, _combine)
             else:
                 _, h = tl.associative_scan((a, tl.where(first, x + a * h0, x)), 1, _combine)
-                _, g = tl.associative_scan((an, tl.where(last, beta + an * gc, beta)), 1, _combine, reverse=True)
+                g = _reverse_scan(an, tl.where(last, beta + an * gc, beta), NT, V)
             xa = h - x
             gdt = g * dt
             sgB += g * Bn
             ddt += g * xa * An
-            # one reduction over the chunk for dA[n] and g at the chunk's first position (the next carry)
-            dA_n, g_first = tl.reduce((gdt * xa, tl.where(start, g, 0.0)), 1, _add2)
-            dA_acc += tl.where(n_off[None, :] == n, dA_n[:, None], 0.0)
+            dA_acc += tl.where(n_off[None, :] == n, tl.sum(gdt * xa, axis=1)[:, None], 0.0)
             tl.atomic_add(dB_ptr + bc_t, tl.sum(gdt * u, axis=0)[None, :], mask=valid, sem="relaxed")
             tl.atomic_add(dC_ptr + bc_t, tl.sum(h * dyp, axis=0)[None, :], mask=valid, sem="relaxed")
             ypre += h * Cn
-            tl.store(g_ptr + gc_row + n, g_first)
+            # g at the chunk's first position, the next chunk's carry: stored by the thread that holds it
+            tl.store(g_ptr + (gc_row + n)[:, None] + ar * 0, g, mask=start)
             bc_t += seqlen                                                             # next state's row
+            An, Bn, Cn, h0, gc = An_x, Bn_x, Cn_x, h0_x, gc_x
         ddt += u * sgB
         du = dt * sgB + Dv[:, None] * dyp
         out_off = g_row + t
@@ -278,6 +327,10 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
         cs = chunk_states if chunk_states.is_contiguous() else chunk_states.contiguous()
         seq = (seq_idx, seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (dA, 0, 0)
         zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+        warps = num_warps or default_warps(T)
+        # the (BD, T) tiles' layout, as Triton picks it for the 16-byte loads: V consecutive positions a thread
+        vec = 16 // max(t.element_size() for t in (u, delta, z, dout, B4, C4) if t is not None)
+        V = max(1, min(vec, T // (32 * warps)))
         _blocked_bwd_kernel[(b * (d // BD),)](
             u, delta, A.contiguous(), B4, C4, D if D is not None else dA, z if z is not None else dA,
             delta_bias if delta_bias is not None else dA, dout, cs, seq[0],
@@ -286,8 +339,8 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
             B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2), *zs, dout.stride(0), dout.stride(1),
             seq[1], seq[2], d, n, l, cpg, g, n_chunks,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-            REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, BD=BD, BN=BN, T=T,
-            num_warps=num_warps or default_warps(T))
+            REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, BD=BD, BN=BN, T=T, NT=T // V, V=V,
+            num_warps=warps)
     return (du, ddelta, dA.sum(0).to(A.dtype), dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, dh0)

@@ -24,12 +24,13 @@ forward's time on an H100, is not used). ``seq_idx`` (b, l) resets the state whe
 changes in scan order (dA = 0 at a new sequence's first position). Masked positions past either end are
 identity steps (dt = 0, B = 0). Math is fp32 for every input dtype; all offsets are 64-bit.
 
-Contract with the backward (``blocked_bwd.py``): with ``save_states``, ``chunk_states`` (b, n_chunks, d, n)
-fp32 holds the state ENTERING scan-order chunk j, i.e. after scan-order positions < j * T
-(``chunk_states[:, 0]`` = initial_state or 0), raw: before any seq_idx reset at the chunk's first position.
-T is :func:`chunk_length` ``(tuning)`` (``CHUNK`` unless the call's tuning says ``chunk=``), and
-n_chunks = cdiv(l, T) (0 when l = 0). For ``reverse``, scan-order chunk j covers addresses
-[max(l - (j+1) T, 0), l - j T).
+Contract with the backward (``blocked_bwd.py``, whose chunk length is S): with ``save_states``,
+``chunk_states`` (b, cdiv(l, S), d, n) fp32 holds the state ENTERING scan-order piece j of S positions, i.e.
+after scan-order positions < j * S (``chunk_states[:, 0]`` = initial_state or 0), raw: before any seq_idx reset
+at the piece's first position. S is the call's ``state_len`` (a power of two dividing T; default T, which is
+:func:`chunk_length` ``(tuning)``): the state after a piece's last position is stored from the thread holding
+it, so pieces shorter than the forward's chunk cost one masked store per state and thread. For ``reverse``,
+scan-order piece j covers addresses [max(l - (j+1) S, 0), l - j S).
 
 H100, bf16, softplus + z (details and the sweep: the comment below): b8 d1536 l2048 0.41 ms, b1 d1536 l2^20
 27 ms, b1 d512 l2^20 10.6 ms (chunk.py's earlier l-contiguous path: 0.96 / 90 / 31 ms). About 17 SASS
@@ -152,8 +153,8 @@ def _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_
 def _blocked_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, h0_ptr, hT_ptr, cs_ptr, seq_ptr,
     su_b, su_d, sdl_b, sdl_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sz_b, sz_d, sy_b, sy_d, sy_l, ss_b,
-    dim, nstate, seqlen, cpg, n_chunks,
-    HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    dim, nstate, seqlen, cpg, n_chunks, n_saved,
+    HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, S: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
     ACCUM: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, NT: tl.constexpr,
     V: tl.constexpr, UNROLL: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr,
@@ -186,8 +187,14 @@ def _blocked_fwd_kernel(
     q2 = tl.arange(0, NT)[None, :]
     # the scan's first and last positions (tiles in scan order)
     first = (r4 == 0) & (q4 == 0) & (i4 == 0)
-    last_ri = (r4 == R - 1) & (i4 == V - 1)
     last_q = q2 == NT - 1
+    # with SAVE_STATES, the state after a thread's last position is saved where that position ends one of the
+    # chunk's S-position pieces (all but the chunk's last piece: that state is the next chunk's, saved at its
+    # start); S is a multiple of V
+    r3 = tl.arange(0, R)[None, :, None]
+    q3 = tl.arange(0, NT)[None, None, :]
+    piece_end = r3 * (NT * V) + (q3 + 1) * V                                # (1, R, NT) scan positions
+    saves = (piece_end % S == 0) & (piece_end < T)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_off).to(tl.float32)
@@ -214,8 +221,8 @@ def _blocked_fwd_kernel(
         tl.debug_barrier()  # the previous chunk's carry writes (or the initial state) before this chunk's reads
         if SAVE_STATES:
             hs = tl.load(hT_ptr + dn_off, mask=dn_mask, other=0.0)
-            tl.store(cs_ptr + (pb * n_chunks + k) * dim * nstate + d_off[:, None] * nstate + n_ar[None, :], hs,
-                     mask=dn_mask)
+            tl.store(cs_ptr + (pb * n_saved + k * (T // S)) * dim * nstate + d_off[:, None] * nstate + n_ar[None, :],
+                     hs, mask=dn_mask)
         t = _load_addresses(k, seqlen, T, V, REVERSE)      # load order
         valid = (t >= 0) & (t < seqlen)
         mask = valid[None, :]
@@ -262,8 +269,13 @@ def _blocked_fwd_kernel(
             bx4 = tl.where(first, bx4 + tl.reshape(dA, (BD, R, NT, V)) * h_in[:, None, None, None], bx4)
             _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine)
             # carry out: the state after the scan's last position (one thread holds it)
-            hl = tl.max(tl.max(tl.where(last_ri, tl.reshape(h, (BD, R, NT, V)), float("-inf")), axis=3), axis=1)
+            h_end = tl.max(tl.where(i4 == V - 1, tl.reshape(h, (BD, R, NT, V)), float("-inf")), axis=3)
+            hl = tl.max(tl.where(r3 == R - 1, h_end, float("-inf")), axis=1)   # (BD, NT)
             tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, hl, mask=last_q)
+            if SAVE_STATES and S < T:
+                j = k * (T // S) + piece_end // S                                 # the piece it enters
+                tl.store(cs_ptr + ((pb * n_saved + j) * dim + d_off[:, None, None]) * nstate + n, h_end,
+                         mask=saves & (j < n_saved))
             acc += h * Cn
             a2, h_in, Bn, Cn = a2_x, h_x, B_x, C_x
         if HAS_D:
@@ -305,8 +317,9 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
 
     Returns ``(y, final_state, chunk_states)``: y (b, d, l) in u's dtype (l contiguous), or ``out`` itself
     with y added into it when ``out`` (a (b, d, l) tensor) is given; final_state (b, d, n) fp32; chunk_states
-    (b, cdiv(l, T), d, n) fp32 when ``save_states`` (module docstring: the state entering each chunk), else
-    None. ``tuning`` (each optional, None = default): ``chunk`` (T, a power of two), ``bd`` (channels per
+    (b, cdiv(l, S), d, n) fp32 when ``save_states`` (module docstring: the state entering each piece of S
+    positions), else None. ``tuning`` (each optional, None = default): ``chunk`` (T, a power of two),
+    ``state_len`` (S, a power of two <= T; default T), ``bd`` (channels per
     program, capped to a power of two dividing d // g), ``num_warps``, ``unroll`` (state loop), ``pairs``,
     ``prefetch`` (bools).
     """
@@ -324,14 +337,18 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     f32 = dict(device=u.device, dtype=torch.float32)
     y = torch.empty((b, d, l), device=u.device, dtype=u.dtype) if out is None else out
     final = torch.empty(b, d, n, **f32)
-    states = torch.empty(b, n_chunks, d, n, **f32) if save_states else final
+    S = int(tuning.get("state_len") or T)
+    if S < 1 or S & (S - 1) or S > T:
+        raise ValueError(f"blocked_fwd: state_len must be a power of two <= chunk ({T}), got {S}")
+    n_saved = triton.cdiv(l, S)
+    states = torch.empty(b, n_saved, d, n, **f32) if save_states else final
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     seq = seq_idx.contiguous() if seq_idx is not None else None
     dummy = final
     # the (BD, T) tile's layout: 16-byte vectors of the loaded dtype on 32 * warps threads, repeated over T
     vec = max(1, 16 // max(t.element_size() for t in (u, delta, z, B, C) if t is not None))
     nt = min(32 * warps, T)
-    vec = max(1, min(vec, T // nt))
+    vec = max(1, min(vec, T // nt, S))
     # bf16 B and C read as 32-bit pairs where every pair is aligned and wholly in or out of range (a reverse
     # scan's mirrored blocks must hold whole pairs: V >= 2)
     pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and T >= 2 and (
@@ -346,8 +363,8 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B4.stride(0), B4.stride(1), B4.stride(2),
         C4.stride(0), C4.stride(1), C4.stride(2), *((z.stride(0), z.stride(1)) if z is not None else (0, 0)),
         y.stride(0), y.stride(1), y.stride(2), seq.stride(0) if seq is not None else 0,
-        d, n, l, cpg, n_chunks,
-        HAS_H0=h0 is not None, SAVE_STATES=bool(save_states), HAS_D=D is not None, HAS_Z=z is not None,
+        d, n, l, cpg, n_chunks, n_saved,
+        HAS_H0=h0 is not None, SAVE_STATES=bool(save_states), S=S, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse),
         HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec,
         UNROLL=int(tuning.get("unroll") or UNROLL), PAIRS=pairs,

@@ -1093,38 +1093,52 @@ def blocked_default(delta=None, save_states=True) -> bool:
     return save_states or delta is None or not channel_last(delta)
 
 
-# Chunk length and forward warps when the forward saves chunk states for the backward (the no-grad forward keeps
-# blocked_fwd's own tuning). H100, bf16, fwd (saving states) + bwd ms by T (forward warps, backward warps):
-#   T      b8 d1536 l2048   b1 d1536 l65536   b1 d1536 l2^20
-#   128    2.65 (1, 1)      14.7              236
-#   256    2.85 (1, 1)      16.1              254
-#   512    2.74 (2, 4)      12.6              206
-#   1024   3.25 (2, 4)      15.7              260
-# (measured with one channel a forward program)
-GRAD_CHUNK = 512
-GRAD_FWD_WARPS = 2
+# Under autograd the forward runs chunks of GRAD_CHUNK positions (GRAD_FWD_WARPS warps, GRAD_FWD_BD channels a
+# program) and saves the state entering every GRAD_STATE_LEN positions, the backward's chunk (one warp, 4
+# positions a thread; blocked_bwd). The no-grad forward keeps blocked_fwd's own tuning. H100, bf16, session 8,
+# same run, fwd (saving states) + bwd ms:
+#   forward chunk / warps / channels, saved every   b8 d1536 l2048   b1 d1536 l65536   b1 d1536 l2^20
+#   512 / 2 / 1, every 512 (backward 4 warps; before) 2.80           13.1              221
+#   512 / 2 / 1, every 128                            2.18           9.17              144
+#   1024 / 4 / 1, every 128                           2.26           8.78              138
+#   1024 / 4 / 2, every 128                           2.35           8.97              141
+#   512 / 2 / 1, every 256 (backward 1 warp)          2.25           10.7              158
+#   512 / 2 / 1, every 64                             2.56           14.4              229
+# Saving states 4x as often costs the forward about 3% of its instructions (b1 d1536 l2^20: 0.8 GB of states).
+GRAD_CHUNK = 1024
+GRAD_FWD_WARPS = 4
 GRAD_FWD_BD = 1
+GRAD_STATE_LEN = 128
+
+
+def _grad_lengths(tuning):
+    """(forward chunk, saved-state spacing = backward chunk) of a call saving states with ``tuning``."""
+    chunk = tuning.get("chunk") or GRAD_CHUNK
+    return chunk, tuning.get("state_len") or min(GRAD_STATE_LEN, chunk)
 
 
 def _blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, save_states, seq_idx,
                  out=None, tuning=None):
-    """``blocked_fwd``: (y, final_state, chunk_states or None). ``tuning``: chunk, bd, warps (forward); by default
-    GRAD_CHUNK / GRAD_FWD_WARPS / GRAD_FWD_BD when states are saved."""
+    """``blocked_fwd``: (y, final_state, chunk_states or None). ``tuning``: chunk, state_len, bd, warps (forward);
+    by default GRAD_CHUNK / GRAD_STATE_LEN / GRAD_FWD_WARPS / GRAD_FWD_BD when states are saved."""
     tuning = tuning or {}
-    chunk, warps, bd = tuning.get("chunk"), tuning.get("warps"), tuning.get("bd")
-    if save_states and chunk is None:
-        chunk, warps, bd = GRAD_CHUNK, warps or GRAD_FWD_WARPS, bd or GRAD_FWD_BD
+    chunk, warps, bd, state_len = tuning.get("chunk"), tuning.get("warps"), tuning.get("bd"), None
+    if save_states:
+        if chunk is None:
+            warps, bd = warps or GRAD_FWD_WARPS, bd or GRAD_FWD_BD
+        chunk, state_len = _grad_lengths(tuning)
     return _blocked_fwd_mod.blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
-                                        seq_idx, save_states, out=out, chunk=chunk, bd=bd, num_warps=warps)
+                                        seq_idx, save_states, out=out, chunk=chunk, state_len=state_len, bd=bd,
+                                        num_warps=warps)
 
 
 def _blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dy, dht, seq_idx,
                  tuning=None):
-    """``blocked_bwd`` from the chunk states of ``_blocked_fwd`` called with the same ``tuning`` (its chunk, else
-    GRAD_CHUNK); tuning: also bd_bwd, warps_bwd."""
+    """``blocked_bwd`` from the chunk states of ``_blocked_fwd`` called with the same ``tuning`` (its state
+    spacing is the backward's chunk); tuning: also bd_bwd, warps_bwd."""
     tuning = tuning or {}
     return _blocked_bwd_mod.blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dy,
-                                        dht, seq_idx, chunk_len=tuning.get("chunk") or GRAD_CHUNK,
+                                        dht, seq_idx, chunk_len=_grad_lengths(tuning)[1],
                                         block_d=tuning.get("bd_bwd"), num_warps=tuning.get("warps_bwd"))
 
 
@@ -1133,7 +1147,7 @@ def _blocked_states_like(u, A, save_states):
     b, d, l = u.shape
     if not save_states:
         return _empty(u)
-    return u.new_empty(b, triton.cdiv(l, GRAD_CHUNK), d, A.shape[1], dtype=torch.float32)
+    return u.new_empty(b, triton.cdiv(l, _grad_lengths({})[1]), d, A.shape[1], dtype=torch.float32)
 
 
 class SelectiveScanFn(torch.autograd.Function):
