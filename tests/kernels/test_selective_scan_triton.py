@@ -134,6 +134,24 @@ def test_interpreted_y_only_and_state_only(chunk):
         assert_close(*grads, rtol=2e-5)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_interpreted_default_op_y_only_and_state_only(small_chunks, deterministic):
+    """The custom op's backward with one output unused (its cotangent arrives as None, not as zeros: the saved
+    states' never materialise), blocked pair and deterministic kernels: the reference's grads."""
+    chunk = small_chunks
+    x = make_inputs(b=1, d=4, n=2, l=13, groups=1, dtype=torch.float32, seed=6)
+    for use in ("y", "state"):
+        grads = []
+        with deterministic_mode() if deterministic else contextlib.nullcontext():
+            for fn, inp in ((triton_fn(chunk.selective_scan_triton, delta_softplus=True), detached(x)),
+                            (ref_fn(delta_softplus=True), detached(x, torch.float64))):
+                y, h = fn(**inp)
+                out = y.sum() if use == "y" else (h * torch.arange(h.numel()).view_as(h)).sum()
+                gs = torch.autograd.grad(out, list(inp.values()), allow_unused=True)
+                grads.append({k: torch.zeros_like(v) if gr is None else gr for (k, v), gr in zip(inp.items(), gs)})
+        assert_close(*grads, rtol=2e-5)
+
+
 def test_interpreted_no_grad_returns_y_only(chunk):
     x = {k: v.detach().float() for k, v in make_inputs(b=1, d=4, n=2, l=9, seed=2).items()}
     y = chunk.selective_scan_triton(**x, delta_softplus=True)
@@ -152,7 +170,7 @@ def test_interpreted_default_op_is_blocked(small_chunks, monkeypatch, reverse, p
     chunk = small_chunks
     if pieces:
         monkeypatch.setattr(chunk, "GRAD_CHUNK", 8)
-        monkeypatch.setattr(chunk, "GRAD_STATE_LEN", 2)
+        monkeypatch.setattr(chunk, "GRAD_STATE_LENS", ((0, 2),))
     monkeypatch.setattr(chunk, "_fwd", None)
     monkeypatch.setattr(chunk, "_bwd", None)
     x = make_inputs(b=2, d=4, n=3, l=19, groups=2, dtype=torch.float32, seed=12)
@@ -414,7 +432,8 @@ def test_interpreted_custom_op_opcheck_layouts(small_chunks, channel_last, block
     (channel-last delta/z; this file's kernels: state-first forward, sequential backward, channel-last
     y/du/ddelta/dz; the blocked pair: contiguous outputs)."""
     chunk = small_chunks
-    monkeypatch.setattr(chunk, "GRAD_STATE_LEN", 2)  # states every 2 positions of the 4-position chunks
+    # states every 2 positions of the 4-position chunks (the bucket of 1-2 rows; 4 from 3 rows up)
+    monkeypatch.setattr(chunk, "GRAD_STATE_LENS", ((3, 4), (0, 2)))
     x = {k: v.detach() for k, v in make_inputs(b=1, d=2, n=2, l=70, groups=1, dtype=torch.float32, seed=8).items()}
     if channel_last:
         for k in ("delta", "z"):

@@ -53,9 +53,9 @@ LOG2E = 1.4426950408889634
 # spills); warps T128:1 (10.4 / 2.12), T256:1 (13.8 / 2.39), T512:4 (11.4 / 2.31; 2 warps 12.4 / 2.61), T1024:4
 # (12.9 / 2.65; 8 warps 20.8 / 3.95), T2048:8 (14.1 / 2.96). With both (session 8, same run, l65536 / l2^20 bwd
 # ms): T128 one warp 6.7 / 105, two channels a program 8.7 / 139; T256 one warp 8.3 / 120, two warps 9.7 / 154;
-# T512 two warps 8.0 / 125, four 10.5 / 168; T64 one warp, two channels 13.1 / 209.
+# T512 two warps 8.0 / 125, four 10.5 / 168; T64 one warp, two channels 13.1 / 209. Which T a call gets: chunk.py.
 BLOCK_D = 1
-WARPS = {128: 1, 256: 1, 512: 4, 1024: 4, 2048: 8}
+WARPS = {128: 1, 256: 1, 512: 2, 1024: 4, 2048: 8}
 
 
 def default_warps(T: int) -> int:
@@ -78,8 +78,9 @@ def _suffix_combine(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
 @triton.jit
 def _reverse_scan(a, b, NT: tl.constexpr, V: tl.constexpr):
     """Inclusive reverse affine scan along the positions (axis 1) of a (rows, T) tile: g_k = a_k g_{k+1} + b_k
-    (0 past the end), i.e. ``tl.associative_scan((a, b), 1, _combine, reverse=True)[1]``, for a tile whose layout holds V
-    consecutive positions in each of NT threads (any layout is exact; that one keeps the V axis in registers).
+    (0 past the end), i.e. ``tl.associative_scan((a, b), 1, _combine, reverse=True)[1]``, for a tile whose
+    layout holds V consecutive positions in each of NT threads (any layout is exact; that one keeps the V axis
+    in registers).
 
     Triton lowers a reverse scan by flipping its operands and result across lanes (~120 SHFL per (1, 256) tile
     on one warp at 8 positions a thread, even along an in-thread axis). Here each thread's V positions are

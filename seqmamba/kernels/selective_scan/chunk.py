@@ -1094,9 +1094,9 @@ def blocked_default(delta=None, save_states=True) -> bool:
 
 
 # Under autograd the forward runs chunks of GRAD_CHUNK positions (GRAD_FWD_WARPS warps, GRAD_FWD_BD channels a
-# program) and saves the state entering every GRAD_STATE_LEN positions, the backward's chunk (one warp, 4
-# positions a thread; blocked_bwd). The no-grad forward keeps blocked_fwd's own tuning. H100, bf16, session 8,
-# same run, fwd (saving states) + bwd ms:
+# program) and saves the state entering every S positions, the backward's chunk (blocked_bwd; one program per
+# (batch, channel) row). The no-grad forward keeps blocked_fwd's own tuning. H100, bf16, session 8, same run,
+# fwd (saving states) + bwd ms:
 #   forward chunk / warps / channels, saved every   b8 d1536 l2048   b1 d1536 l65536   b1 d1536 l2^20
 #   512 / 2 / 1, every 512 (backward 4 warps; before) 2.80           13.1              221
 #   512 / 2 / 1, every 128                            2.18           9.17              144
@@ -1108,25 +1108,37 @@ def blocked_default(delta=None, save_states=True) -> bool:
 GRAD_CHUNK = 1024
 GRAD_FWD_WARPS = 4
 GRAD_FWD_BD = 1
-GRAD_STATE_LEN = 128
+# S by the number of rows b * d: short one-warp chunks need enough programs to hide their latency, and with few
+# rows longer chunks on more threads win. H100, same run, fwd+bwd ms (S / backward warps):
+#   rows                 128 / 1   256 / 1   512 / 2   1024 / 4
+#   b1 d512 l2^20        90.8      65.7      54.1      57.6
+#   b2 d512 l131072      14.1      11.1      13.6      14.4
+#   b1 d1024 l262144     28.2      22.0      27.0      28.8
+#   b1 d1536 l2^20       138       158 (forward chunk 512)
+#   b4 d512 l16384       2.71      2.83      3.39      3.63
+GRAD_STATE_LENS = ((1280, 128), (768, 256), (0, 512))   # (from this many rows, S)
 
 
-def _grad_lengths(tuning):
-    """(forward chunk, saved-state spacing = backward chunk) of a call saving states with ``tuning``."""
+def _grad_lengths(tuning, rows):
+    """(forward chunk, saved-state spacing S = the backward's chunk) of a call on ``rows`` = b * d (batch,
+    channel) rows that saves states with ``tuning``."""
     chunk = tuning.get("chunk") or GRAD_CHUNK
-    return chunk, tuning.get("state_len") or min(GRAD_STATE_LEN, chunk)
+    state_len = tuning.get("state_len")
+    if state_len is None:
+        state_len = min(next(s for min_rows, s in GRAD_STATE_LENS if rows >= min_rows), chunk)
+    return chunk, state_len
 
 
 def _blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, save_states, seq_idx,
                  out=None, tuning=None):
     """``blocked_fwd``: (y, final_state, chunk_states or None). ``tuning``: chunk, state_len, bd, warps (forward);
-    by default GRAD_CHUNK / GRAD_STATE_LEN / GRAD_FWD_WARPS / GRAD_FWD_BD when states are saved."""
+    by default GRAD_CHUNK / GRAD_STATE_LENS / GRAD_FWD_WARPS / GRAD_FWD_BD when states are saved."""
     tuning = tuning or {}
     chunk, warps, bd, state_len = tuning.get("chunk"), tuning.get("warps"), tuning.get("bd"), None
     if save_states:
         if chunk is None:
             warps, bd = warps or GRAD_FWD_WARPS, bd or GRAD_FWD_BD
-        chunk, state_len = _grad_lengths(tuning)
+        chunk, state_len = _grad_lengths(tuning, u.shape[0] * u.shape[1])
     return _blocked_fwd_mod.blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
                                         seq_idx, save_states, out=out, chunk=chunk, state_len=state_len, bd=bd,
                                         num_warps=warps)
@@ -1138,7 +1150,7 @@ def _blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_s
     spacing is the backward's chunk); tuning: also bd_bwd, warps_bwd."""
     tuning = tuning or {}
     return _blocked_bwd_mod.blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dy,
-                                        dht, seq_idx, chunk_len=_grad_lengths(tuning)[1],
+                                        dht, seq_idx, chunk_len=_grad_lengths(tuning, u.shape[0] * u.shape[1])[1],
                                         block_d=tuning.get("bd_bwd"), num_warps=tuning.get("warps_bwd"))
 
 
@@ -1147,7 +1159,7 @@ def _blocked_states_like(u, A, save_states):
     b, d, l = u.shape
     if not save_states:
         return _empty(u)
-    return u.new_empty(b, triton.cdiv(l, _grad_lengths({})[1]), d, A.shape[1], dtype=torch.float32)
+    return u.new_empty(b, triton.cdiv(l, _grad_lengths({}, b * d)[1]), d, A.shape[1], dtype=torch.float32)
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -1257,6 +1269,9 @@ def _scan_setup(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, _, seq_idx, blocked = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2], seq_idx)
     ctx.softplus, ctx.reverse, ctx.blocked = softplus, reverse, blocked
+    # the saved states' gradient (and an unused y's or final state's) arrives as None, not as zeros of its size
+    # (0.8 GB of chunk states at b1 d1536 l2^20)
+    ctx.set_materialize_grads(False)
 
 
 def _scan_backward(ctx, dy, dht, _dstates):
@@ -1356,10 +1371,13 @@ def _(u_f, u_r, delta_f, delta_r, A_f, A_r, B_f, B_r, C_f, C_r, D_f, D_r, z_f, z
 def _bi_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:16], output[1], output[2], inputs[18])
     ctx.softplus, ctx.blocked = inputs[16], inputs[19]
+    ctx.set_materialize_grads(False)  # no zero gradients the size of the saved states
 
 
 def _bi_backward(ctx, dy, _dts_f, _dts_r):
     saved = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(saved[0])
     grads = _bi_bwd_op(*saved[:18], dy, ctx.softplus, saved[18], ctx.blocked)
     grads = [g if t is not None else None for g, t in zip(grads, saved[:16])]
     return (*grads, None, None, None, None)
