@@ -219,10 +219,6 @@ def _blocked_fwd_kernel(
     dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, 0, n_chunks, T, V, REVERSE)
     for k in range(0, n_chunks):
         tl.debug_barrier()  # the previous chunk's carry writes (or the initial state) before this chunk's reads
-        if SAVE_STATES:
-            hs = tl.load(hT_ptr + dn_off, mask=dn_mask, other=0.0)
-            tl.store(cs_ptr + (pb * n_saved + k * (T // S)) * dim * nstate + d_off[:, None] * nstate + n_ar[None, :],
-                     hs, mask=dn_mask)
         t = _load_addresses(k, seqlen, T, V, REVERSE)      # load order
         valid = (t >= 0) & (t < seqlen)
         mask = valid[None, :]
@@ -258,6 +254,9 @@ def _blocked_fwd_kernel(
         a2, h_in, Bn, Cn = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t,
                                            k, seqlen, valid, 0, nstate, T, V, REVERSE, PAIRS)
         for n in tl.range(0, nstate, loop_unroll_factor=UNROLL):
+            if SAVE_STATES:  # the state entering the chunk: the carry in, already in registers (one thread stores)
+                tl.store(cs_ptr + (((pb * n_saved + k * (T // S)) * dim + d_off) * nstate + n)[:, None] + q2 * 0,
+                         h_in[:, None] + 0.0 * q2, mask=q2 == 0)
             a2_x, h_x, B_x, C_x = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n,
                                                   sC_n, t, k, seqlen, valid, n + 1, nstate, T, V, REVERSE, PAIRS)
             dA = tl.exp2(dt * a2[:, None])
