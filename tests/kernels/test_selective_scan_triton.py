@@ -119,37 +119,38 @@ def test_interpreted_low_precision(chunk, dtype):
     assert_close(got, want, rtol=2e-2 if dtype == torch.bfloat16 else 5e-3)
 
 
+def one_output_grads(scan, x):
+    """For a cotangent on y alone (no dht) and on the final state alone (no dy): ``scan``'s grads and the float64
+    reference's, absent ones as zeros."""
+    out = []
+    for use in ("y", "state"):
+        grads = []
+        for fn, inp in ((scan, detached(x)), (ref_fn(delta_softplus=True), detached(x, torch.float64))):
+            y, h = fn(**inp)
+            loss = y.sum() if use == "y" else (h * torch.arange(h.numel()).view_as(h)).sum()
+            gs = torch.autograd.grad(loss, list(inp.values()), allow_unused=True)
+            grads.append({k: torch.zeros_like(v) if gr is None else gr for (k, v), gr in zip(inp.items(), gs)})
+        out.append(grads)
+    return out
+
+
 def test_interpreted_y_only_and_state_only(chunk):
     """Cotangent on y alone (no dht) and on the final state alone (no dy) both give the reference's grads."""
     x = make_inputs(b=1, d=4, n=2, l=13, groups=1, dtype=torch.float32, seed=5)
     tuning = dict(tile=4, fwd_chunks=2, bwd_chunks=2)
-    for use in ("y", "state"):
-        grads = []
-        for fn, inp in ((triton_fn(chunk.selective_scan_triton, tuning, delta_softplus=True), detached(x)),
-                        (ref_fn(delta_softplus=True), detached(x, torch.float64))):
-            y, h = fn(**inp)
-            out = y.sum() if use == "y" else (h * torch.arange(h.numel()).view_as(h)).sum()
-            gs = torch.autograd.grad(out, list(inp.values()), allow_unused=True)
-            grads.append({k: torch.zeros_like(v) if gr is None else gr for (k, v), gr in zip(inp.items(), gs)})
-        assert_close(*grads, rtol=2e-5)
+    for got, want in one_output_grads(triton_fn(chunk.selective_scan_triton, tuning, delta_softplus=True), x):
+        assert_close(got, want, rtol=2e-5)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_interpreted_default_op_y_only_and_state_only(small_chunks, deterministic):
     """The custom op's backward with one output unused (its cotangent arrives as None, not as zeros: the saved
     states' never materialise), blocked pair and deterministic kernels: the reference's grads."""
-    chunk = small_chunks
     x = make_inputs(b=1, d=4, n=2, l=13, groups=1, dtype=torch.float32, seed=6)
-    for use in ("y", "state"):
-        grads = []
-        with deterministic_mode() if deterministic else contextlib.nullcontext():
-            for fn, inp in ((triton_fn(chunk.selective_scan_triton, delta_softplus=True), detached(x)),
-                            (ref_fn(delta_softplus=True), detached(x, torch.float64))):
-                y, h = fn(**inp)
-                out = y.sum() if use == "y" else (h * torch.arange(h.numel()).view_as(h)).sum()
-                gs = torch.autograd.grad(out, list(inp.values()), allow_unused=True)
-                grads.append({k: torch.zeros_like(v) if gr is None else gr for (k, v), gr in zip(inp.items(), gs)})
-        assert_close(*grads, rtol=2e-5)
+    with deterministic_mode() if deterministic else contextlib.nullcontext():
+        pairs = one_output_grads(triton_fn(small_chunks.selective_scan_triton, delta_softplus=True), x)
+    for got, want in pairs:
+        assert_close(got, want, rtol=2e-5)
 
 
 def test_interpreted_no_grad_returns_y_only(chunk):
