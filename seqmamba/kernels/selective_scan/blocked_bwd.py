@@ -26,13 +26,15 @@ first position of the chunk just done, (BD, n), in a slab of the dh0 buffer. Per
 (BD, T) and delta one position later (a_{j+1}), and for each state index n (the next state's B, C and carries
 loading meanwhile): rescans h from the chunk state (a forward ``tl.associative_scan``), scans g backward from
 the carry (``_reverse_scan``: Triton's own reverse scan shuffles every element across lanes), and accumulates
-every gradient. Two exps per (position, channel, state). The chunk is short (``T`` = 128 by default, one warp,
-4 positions a thread): the forward saves the state entering every T positions for it, however long its own
-chunks are. dA, dD and dbias stay in registers and are written once per program as
-per-batch partials (summed by torch over the batch); dB and dC, sums over the channels of a group, are summed over
-the program's BD channels and added into fp32 (b, g, n, l) buffers with ``tl.atomic_add``: the order of those
-additions varies from run to run, so this backward is NOT bitwise deterministic (chunk.py keeps the
-deterministic kernels for ``torch.use_deterministic_algorithms(True)``).
+every gradient. Two exps per (position, channel, state). The chunk is short (under autograd chunk.py picks
+``T`` = 128 on one warp, 4 positions a thread, unless there are few (batch, channel) rows): the forward saves
+the state entering every T positions for it, however long its own chunks are.
+
+dA, dD and dbias stay in registers and are written once per program as per-batch partials (summed by torch
+over the batch); dB and dC, sums over the channels of a group, are summed over the program's BD channels and
+added into fp32 (b, g, n, l) buffers with ``tl.atomic_add``: the order of those additions varies from run to
+run, so this backward is NOT bitwise deterministic (chunk.py keeps the deterministic kernels for
+``torch.use_deterministic_algorithms(True)``).
 
 Accumulation is fp32 for every input dtype; du, ddelta, dz are written in their inputs' dtypes (contiguous
 (b, d, l)); all offsets are 64-bit.
