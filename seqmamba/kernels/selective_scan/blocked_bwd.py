@@ -240,12 +240,11 @@ def _blocked_bwd_kernel(
             else:
                 _, h = tl.associative_scan((a, tl.where(first, x + a * h0, x)), 1, _combine)
                 g = _reverse_scan(an, tl.where(last, beta + an * gc, beta), NT, V)
-            xa = h - x
-            gdt = g * dt
+            gxa = g * (h - x)                                                          # g_j a_j h_{j-1}
             sgB += g * Bn
-            ddt += g * xa * An
-            dA_acc += tl.where(n_off[None, :] == n, tl.sum(gdt * xa, axis=1)[:, None], 0.0)
-            tl.atomic_add(dB_ptr + bc_t, tl.sum(gdt * u, axis=0)[None, :], mask=valid, sem="relaxed")
+            ddt += gxa * An
+            dA_acc += tl.where(n_off[None, :] == n, tl.sum(gxa * dt, axis=1)[:, None], 0.0)
+            tl.atomic_add(dB_ptr + bc_t, tl.sum(g * dtu, axis=0)[None, :], mask=valid, sem="relaxed")
             tl.atomic_add(dC_ptr + bc_t, tl.sum(h * dyp, axis=0)[None, :], mask=valid, sem="relaxed")
             ypre += h * Cn
             # g at the chunk's first position, the next chunk's carry: stored by the thread that holds it
