@@ -7,6 +7,7 @@ is importable in the same process, mamba_ssm's CUDA kernel; plus the floors from
     python benchmarks/kernels.py --e2e              # Caduceus-size backbone: tokens/s and peak memory
     python benchmarks/kernels.py --bidirectional    # fused bidirectional scan and layer vs two calls + flips
     python benchmarks/kernels.py --ssd [ARGS]       # the SSD (Mamba-2) table: benchmarks/kernels_ssd.py ARGS
+    python benchmarks/kernels.py --resources        # registers, spills, loop sizes for sm_90; no GPU needed
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events); inputs are random (never zeros), bf16 u, delta,
 B, C, z and fp32 A, D, delta_bias, softplus on, z gating on, one group of B/C (the FIELD_NOTES setting).
@@ -467,6 +468,45 @@ def print_e2e(rows):
                                 for c in cols) + " |")
 
 
+def resources():
+    """Registers, spill stack and the per-state loop's SASS instruction count of the blocked selective-scan
+    kernels compiled for sm_90 (no GPU needed), as launched for bf16 inputs at b1 d1536 (softplus, z, D,
+    delta_bias; one group), with the chunk/warps configurations chunk.py picks."""
+    import triton
+    from sm90 import compile_sm90, innermost_loop, resource_usage
+
+    from seqmamba.kernels.selective_scan import blocked_bwd, blocked_fwd, chunk
+
+    half = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr", "y_ptr"}
+    # the launch specialises these: l-strides of y and seq_idx are 1, one group; the rest are multiples of 16
+    unit = {"sy_l", "ss_l", "ngroups"}
+    aligned = {"su_b", "su_d", "sdl_b", "sdl_d", "sB_b", "sB_g", "sB_n", "sC_b", "sC_g", "sC_n", "sz_b", "sz_d",
+               "so_b", "so_d", "sy_b", "sy_d", "ss_b", "dim", "nstate", "seqlen", "cpg", "n_chunks", "n_saved"}
+    opts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, HAS_SEQ=False, BN=16)
+    fwd = dict(HAS_H0=False, ACCUM=False, UNROLL=blocked_fwd.UNROLL, PAIRS=True, PREFETCH=True, **opts)
+    T = chunk.GRAD_CHUNK
+    rows = [
+        ("forward, no grad (2 channels)", blocked_fwd._blocked_fwd_kernel, blocked_fwd.WARPS_BD2,
+         dict(fwd, SAVE_STATES=False, S=blocked_fwd.CHUNK, BD=2, T=blocked_fwd.CHUNK, NT=128, V=8)),
+        ("forward under autograd", blocked_fwd._blocked_fwd_kernel, chunk.GRAD_FWD_WARPS,
+         dict(fwd, SAVE_STATES=True, S=128, BD=chunk.GRAD_FWD_BD, T=T, NT=32 * chunk.GRAD_FWD_WARPS,
+              V=T // (32 * chunk.GRAD_FWD_WARPS))),
+    ]
+    for S in sorted({s for _, s in chunk.GRAD_STATE_LENS}):
+        w = blocked_bwd.default_warps(S)
+        V = min(8, S // (32 * w))
+        rows.append((f"backward, chunk {S}", blocked_bwd._blocked_bwd_kernel, w,
+                     dict(opts, BD=1, T=S, NT=S // V, V=V)))
+    print(f"sm_90, bf16, triton {triton.__version__}; loop = the per-state loop, SASS instructions (top opcodes)")
+    for name, fn, warps, consts in rows:
+        cubin = compile_sm90(fn, consts, half=half, i64={"seq_ptr"}, aligned=aligned, unit=unit, num_warps=warps)
+        regs, stack = resource_usage(cubin)
+        n, ops = innermost_loop(cubin)
+        positions = consts["T"] // (32 * warps) * consts["BD"]
+        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
+        print(f"  {name:30s} {warps} warps {regs:8s} {stack:10s} loop {n} for {positions} positions ({top})")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--ssd"]:  # the Mamba-2 SSD table lives in its own script; the rest of argv goes to it
@@ -490,9 +530,14 @@ def main(argv=None):
     p.add_argument("--compare-fwd", action="store_true", help="the two forward kernels side by side")
     p.add_argument("--sweep-seq", action="store_true", help="time the sequential forward kernel's tunings")
     p.add_argument("--sweep-programs", action="store_true", help="time grid-size targets instead")
+    p.add_argument("--resources", action="store_true",
+                   help="registers, spills and per-state loop size of the blocked kernels for sm_90 (no GPU needed)")
     p.add_argument("--deterministic", action="store_true",
                    help="torch deterministic mode: the scan runs the tile-state kernels instead of the blocked pair")
     args = p.parse_args(argv)
+    if args.resources:
+        resources()
+        return
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if args.e2e:

@@ -265,13 +265,9 @@ def ab_factor(shapes):
 def resources(block=None, warps=None):
     """Registers and spill stack of every kernel compiled for sm_90 (needs no GPU: Triton's ptxas and
     cuobjdump), for bf16 inputs with every option on."""
-    import os
-    import subprocess
-    import tempfile
-
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+    from sm90 import compile_sm90, resource_usage
 
     half = {"x_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "ypre_ptr", "dy_ptr", "g_ptr", "dx_ptr", "dz_ptr",
             "dt_ptr", "ddt_ptr", "st_ptr", "gst_ptr"}  # bf16 inputs keep the states and G_out in bf16
@@ -293,7 +289,7 @@ def resources(block=None, warps=None):
         "_bwd_dC_kernel": dict(**flags, **dots, FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_ddt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
     }
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
     def stages(name):
         if name == "_chunk_out_heads_kernel":
             return ours.OUT_STAGES
@@ -310,21 +306,9 @@ def resources(block=None, warps=None):
     aligned = {"sx_b", "sx_l", "sB_b", "sB_l", "sC_b", "sC_l", "sz_b", "sz_l", "so_b", "so_l", "hdim", "dstate",
                "Lp", "size", "sx_h", "sz_h", "so_h"}
     for name, consts in kernels.items():
-        fn = getattr(ours, name)
-        consts = {**{a: 1 for a in fn.arg_names if a in unit}, **consts}
-        sig = {a: "constexpr" if a in consts else
-               ("*bf16" if a in half else "*i64" if a == "seq_ptr" else "*fp32") if a.endswith("_ptr") else "i32"
-               for a in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                 if a not in consts and (a.endswith("_ptr") or a in aligned)}
-        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-        cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                               options=dict(num_warps=warps_of(name), num_stages=stages(name))).asm["cubin"]
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(cubin)
-            f.flush()
-            out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-        usage = next((line.split()[:2] for line in out.splitlines() if "REG:" in line), ["?", "?"])
+        cubin = compile_sm90(getattr(ours, name), consts, half=half, i64={"seq_ptr"}, aligned=aligned, unit=unit,
+                             num_warps=warps_of(name), num_stages=stages(name))
+        usage = resource_usage(cubin)
         print(f"  {name:24s} {usage[0]:8s} {usage[1]}")
 
 
