@@ -485,18 +485,18 @@ def resources():
     opts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, HAS_SEQ=False, BN=16)
     fwd = dict(HAS_H0=False, ACCUM=False, UNROLL=blocked_fwd.UNROLL, PAIRS=True, PREFETCH=True, **opts)
     T = chunk.GRAD_CHUNK
-    rows = [
-        ("forward, no grad (2 channels)", blocked_fwd._blocked_fwd_kernel, blocked_fwd.WARPS_BD2,
-         dict(fwd, SAVE_STATES=False, S=blocked_fwd.CHUNK, BD=2, T=blocked_fwd.CHUNK, NT=128, V=8)),
-        ("forward under autograd", blocked_fwd._blocked_fwd_kernel, chunk.GRAD_FWD_WARPS,
-         dict(fwd, SAVE_STATES=True, S=128, BD=chunk.GRAD_FWD_BD, T=T, NT=32 * chunk.GRAD_FWD_WARPS,
-              V=T // (32 * chunk.GRAD_FWD_WARPS))),
-    ]
+    S = chunk._grad_lengths({}, 1536)[1]
+    nt, v = blocked_fwd.tile_layout(blocked_fwd.CHUNK, blocked_fwd.WARPS_BD2, 2, blocked_fwd.CHUNK)
+    rows = [("forward, no grad (2 channels)", blocked_fwd._blocked_fwd_kernel, blocked_fwd.WARPS_BD2,
+             dict(fwd, SAVE_STATES=False, S=blocked_fwd.CHUNK, BD=2, T=blocked_fwd.CHUNK, NT=nt, V=v))]
+    nt, v = blocked_fwd.tile_layout(T, chunk.GRAD_FWD_WARPS, 2, S)
+    rows.append(("forward under autograd", blocked_fwd._blocked_fwd_kernel, chunk.GRAD_FWD_WARPS,
+                 dict(fwd, SAVE_STATES=True, S=S, BD=chunk.GRAD_FWD_BD, T=T, NT=nt, V=v)))
     for S in sorted({s for _, s in chunk.GRAD_STATE_LENS}):
         w = blocked_bwd.default_warps(S)
-        V = min(8, S // (32 * w))
+        v = blocked_bwd.positions_per_thread(S, w, 2)
         rows.append((f"backward, chunk {S}", blocked_bwd._blocked_bwd_kernel, w,
-                     dict(opts, BD=1, T=S, NT=S // V, V=V)))
+                     dict(opts, BD=1, T=S, NT=S // v, V=v)))
     print(f"sm_90, bf16, triton {triton.__version__}; loop = the per-state loop, SASS instructions (top opcodes)")
     for name, fn, warps, consts in rows:
         cubin = compile_sm90(fn, consts, half=half, i64={"seq_ptr"}, aligned=aligned, unit=unit, num_warps=warps)

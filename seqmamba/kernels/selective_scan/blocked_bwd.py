@@ -65,6 +65,12 @@ def default_warps(T: int) -> int:
     return WARPS.get(T, min(max(T // 128, 1), 8))
 
 
+def positions_per_thread(T: int, warps: int, elt_size: int) -> int:
+    """V: the consecutive positions each thread holds in the kernel's (BD, T) tiles, as Triton lays them out for
+    16-byte loads of ``elt_size``-byte inputs on 32 * warps threads."""
+    return max(1, min(16 // elt_size, T // (32 * warps)))
+
+
 _common = kernel_module("seqmamba.kernels._triton_common", __name__)
 _combine, _keep = _common.affine_combine, _common.continues_sequence
 
@@ -330,9 +336,7 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
         seq = (seq_idx, seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (dA, 0, 0)
         zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
         warps = num_warps or default_warps(T)
-        # the (BD, T) tiles' layout, as Triton picks it for the 16-byte loads: V consecutive positions a thread
-        vec = 16 // max(t.element_size() for t in (u, delta, z, dout, B4, C4) if t is not None)
-        V = max(1, min(vec, T // (32 * warps)))
+        V = positions_per_thread(T, warps, max(t.element_size() for t in (u, delta, z, dout, B4, C4) if t is not None))
         _blocked_bwd_kernel[(b * (d // BD),)](
             u, delta, A.contiguous(), B4, C4, D if D is not None else dA, z if z is not None else dA,
             delta_bias if delta_bias is not None else dA, dout, cs, seq[0],

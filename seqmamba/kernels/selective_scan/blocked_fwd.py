@@ -290,6 +290,14 @@ def _blocked_fwd_kernel(
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def tile_layout(T: int, warps: int, elt_size: int, S: int) -> tuple[int, int]:
+    """(NT, V) of the kernel's (BD, T) tile: 16-byte vectors of ``elt_size``-byte inputs on NT = 32 * warps
+    threads (at most T), repeated over T; V at most the saved-state spacing S, so that pieces end at thread
+    boundaries."""
+    nt = min(32 * warps, T)
+    return nt, max(1, min(16 // elt_size, T // nt, S))
+
+
 def chunk_length(tuning: dict | None = None) -> int:
     """T of a call made with ``tuning`` (the chunk_states contract): ``tuning["chunk"]`` or CHUNK."""
     return int((tuning or {}).get("chunk") or CHUNK)
@@ -344,10 +352,7 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     seq = seq_idx.contiguous() if seq_idx is not None else None
     dummy = final
-    # the (BD, T) tile's layout: 16-byte vectors of the loaded dtype on 32 * warps threads, repeated over T
-    vec = max(1, 16 // max(t.element_size() for t in (u, delta, z, B, C) if t is not None))
-    nt = min(32 * warps, T)
-    vec = max(1, min(vec, T // nt, S))
+    nt, vec = tile_layout(T, warps, max(t.element_size() for t in (u, delta, z, B, C) if t is not None), S)
     # bf16 B and C read as 32-bit pairs where every pair is aligned and wholly in or out of range (a reverse
     # scan's mirrored blocks must hold whole pairs: V >= 2)
     pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and T >= 2 and (

@@ -1377,8 +1377,6 @@ def _bi_setup(ctx, inputs, output):
 
 def _bi_backward(ctx, dy, _dts_f, _dts_r):
     saved = ctx.saved_tensors
-    if dy is None:
-        dy = torch.zeros_like(saved[0])
     grads = _bi_bwd_op(*saved[:18], dy, ctx.softplus, saved[18], ctx.blocked)
     grads = [g if t is not None else None for g, t in zip(grads, saved[:16])]
     return (*grads, None, None, None, None)
