@@ -471,7 +471,8 @@ def print_e2e(rows):
 def resources():
     """Registers, spill stack and the per-state loop's SASS instruction count of the blocked selective-scan
     kernels compiled for sm_90 (no GPU needed), as launched for bf16 inputs at b1 d1536 (softplus, z, D,
-    delta_bias; one group), with the chunk/warps configurations chunk.py picks."""
+    delta_bias; one group), with the chunk/warps configurations blocked_fwd and chunk.py pick (the forward's
+    registers capped as its launch caps them)."""
     import triton
     from sm90 import compile_sm90, innermost_loop, resource_usage
 
@@ -484,14 +485,14 @@ def resources():
                "so_b", "so_d", "sy_b", "sy_d", "ss_b", "dim", "nstate", "seqlen", "cpg", "n_chunks", "n_saved"}
     opts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, HAS_SEQ=False, BN=16)
     fwd = dict(HAS_H0=False, ACCUM=False, UNROLL=blocked_fwd.UNROLL, PAIRS=True, PREFETCH=True, **opts)
-    T = chunk.GRAD_CHUNK
-    S = chunk._grad_lengths({}, 1536)[1]
-    nt, v = blocked_fwd.tile_layout(blocked_fwd.CHUNK, blocked_fwd.WARPS_BD2, 2, blocked_fwd.CHUNK)
-    rows = [("forward, no grad (2 channels)", blocked_fwd._blocked_fwd_kernel, blocked_fwd.WARPS_BD2,
-             dict(fwd, SAVE_STATES=False, S=blocked_fwd.CHUNK, BD=2, T=blocked_fwd.CHUNK, NT=nt, V=v))]
-    nt, v = blocked_fwd.tile_layout(T, chunk.GRAD_FWD_WARPS, 2, S)
-    rows.append(("forward under autograd", blocked_fwd._blocked_fwd_kernel, chunk.GRAD_FWD_WARPS,
-                 dict(fwd, SAVE_STATES=True, S=S, BD=chunk.GRAD_FWD_BD, T=T, NT=nt, V=v)))
+    T, warps = blocked_fwd.default_plan(1536)
+    nt, v = blocked_fwd.tile_layout(T, warps, 2, T)
+    rows = [("forward, no grad", blocked_fwd._blocked_fwd_kernel, warps,
+             dict(fwd, SAVE_STATES=False, S=T, BD=1, T=T, NT=nt, V=v))]
+    T, S = chunk._grad_lengths({}, 1536)
+    nt, v = blocked_fwd.tile_layout(T, warps, 2, S)
+    rows.append(("forward under autograd", blocked_fwd._blocked_fwd_kernel, warps,
+                 dict(fwd, SAVE_STATES=True, S=S, BD=1, T=T, NT=nt, V=v)))
     for S in sorted({s for _, s in chunk.GRAD_STATE_LENS}):
         w = blocked_bwd.default_warps(S)
         v = blocked_bwd.positions_per_thread(S, w, 2)
@@ -499,7 +500,9 @@ def resources():
                      dict(opts, BD=1, T=S, NT=S // v, V=v)))
     print(f"sm_90, bf16, triton {triton.__version__}; loop = the per-state loop, SASS instructions (top opcodes)")
     for name, fn, warps, consts in rows:
-        cubin = compile_sm90(fn, consts, half=half, i64={"seq_ptr"}, aligned=aligned, unit=unit, num_warps=warps)
+        maxnreg = blocked_fwd.MAXNREG if fn is blocked_fwd._blocked_fwd_kernel else None
+        cubin = compile_sm90(fn, consts, half=half, i64={"seq_ptr"}, aligned=aligned, unit=unit, num_warps=warps,
+                             maxnreg=maxnreg)
         regs, stack = resource_usage(cubin)
         n, ops = innermost_loop(cubin)
         positions = consts["T"] // (32 * warps) * consts["BD"]

@@ -23,7 +23,8 @@ _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia"
 _INSTR = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*);")
 
 
-def compile_sm90(fn, consts: dict, *, half=(), i64=(), aligned=(), unit=(), num_warps=4, num_stages=1) -> bytes:
+def compile_sm90(fn, consts: dict, *, half=(), i64=(), aligned=(), unit=(), num_warps=4, num_stages=1,
+                 maxnreg=None) -> bytes:
     """The cubin of the ``@triton.jit`` function ``fn`` for sm_90: pointer arguments are ``*bf16`` when named
     in ``half``, ``*i64`` in ``i64``, else ``*fp32``; other non-constexpr arguments are i32."""
     consts = {**{a: 1 for a in fn.arg_names if a in unit}, **consts}
@@ -34,7 +35,8 @@ def compile_sm90(fn, consts: dict, *, half=(), i64=(), aligned=(), unit=(), num_
              if a not in consts and (a.endswith("_ptr") or a in aligned)}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages)).asm["cubin"]
+                          options=dict(num_warps=num_warps, num_stages=num_stages,
+                                       **({"maxnreg": maxnreg} if maxnreg else {}))).asm["cubin"]
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:

@@ -62,7 +62,7 @@ def reference(x, softplus, reverse, seq_idx, T):
 
 
 def check(bf, x, softplus=True, reverse=False, seq_idx=None, rtol=2e-5, **tuning):
-    T = tuning.get("state_len") or bf.chunk_length(tuning)   # the spacing of the saved states
+    T = bf.state_spacing(tuning)   # the spacing of the saved states
     y, h, cs = bf.blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
                               softplus=softplus, initial_state=x["initial_state"], reverse=reverse,
                               seq_idx=seq_idx, save_states=True, **tuning)
@@ -117,10 +117,12 @@ def test_interpreted_low_precision(bf, dtype, l, reverse):
 
 @pytest.mark.parametrize("dtype,l,chunk,reverse", [(torch.bfloat16, 144, 64, True), (torch.bfloat16, 304, 256, True),
                                                    (torch.float32, 208, 128, True), (torch.bfloat16, 304, 256, False),
-                                                   (torch.float32, 608, 256, True)])
+                                                   (torch.float32, 608, 256, True), (torch.bfloat16, 1100, 512, False),
+                                                   (torch.float32, 1100, 512, True)])
 def test_interpreted_full_warp_tiles(bf, dtype, l, chunk, reverse):
-    """Chunks of 2, 4 and 8 positions a thread (one warp), repeated twice at 608: the first/last scan positions
-    picked at every vector width, mostly reverse, bf16 B/C read as pairs."""
+    """Chunks of 2, 4 and 8 positions a thread (one warp) in one V-block, and 16 positions a thread in 2 (bf16,
+    the default plan's tile) and 4 (fp32) V-blocks: the passes over a thread's blocks at every vector width,
+    mostly reverse, bf16 B/C read as pairs, a partial last chunk."""
     x = inputs(b=1, d=2, n=3, l=l, groups=1, seed=l)
     x.update({k: x[k].to(dtype) for k in L_ARGS})
     check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, chunk=chunk, num_warps=1)
@@ -197,7 +199,7 @@ def test_gpu_fp32_matches_reference(shape, groups, cuts, tuning, reverse):
     x = _cuda(inputs(b=b, d=d, n=n, l=l, groups=groups, seed=sum(shape)))
     seq_idx = None if cuts is None else seq_ids(b, l, cuts, "cuda")
     mod = _compiled()
-    T = mod.chunk_length(tuning)
+    T = mod.state_spacing(tuning)
     y, h, cs = mod.blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
                                softplus=True, initial_state=x["initial_state"], reverse=reverse, seq_idx=seq_idx,
                                save_states=True, **tuning)
@@ -213,8 +215,9 @@ def test_gpu_fp32_matches_reference(shape, groups, cuts, tuning, reverse):
 @cuda
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gpu_bf16_default_tiles_match_reference(reverse):
-    """bf16 at b2 d1536 (the default tiles for many channels: 2 channels, 4 warps, 8 positions a thread, chunk
-    prefetch, B/C pairs; reverse: mirrored blocks flipped in-thread, no prefetch) vs the float64 reference."""
+    """bf16 at b2 d1536 (the default tiles for many channels: one channel and one warp a program, 16 positions a
+    thread in two V-blocks, chunk prefetch, B/C pairs, capped registers; reverse: mirrored blocks flipped
+    in-thread) vs the float64 reference."""
     b, d, n, l = 2, 1536, 16, 4000
     x = _cuda(inputs(b=b, d=d, n=n, l=l, groups=1, seed=11), torch.bfloat16)
     y, h, cs = _compiled().blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
@@ -252,14 +255,14 @@ def test_gpu_64bit_offsets_4m_tokens():
     started from the kernel's own chunk state just before them."""
     b, d, n, l, w = 1, 1536, 16, 1 << 22, 1 << 15
     mod = _compiled()
-    assert w % mod.chunk_length() == 0
+    assert w % mod.state_spacing() == 0
     g = torch.Generator(device="cuda").manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
     x = dict(u=r(b, d, l), delta=r(b, d, l), A=-torch.rand(d, n, device="cuda") - 0.1, B=r(b, n, l), C=r(b, n, l),
              D=torch.ones(d, device="cuda"), z=r(b, d, l), delta_bias=torch.full((d,), -3.0, device="cuda"))
     with torch.no_grad():
         y, h, cs = mod.blocked_fwd(**x, softplus=True, save_states=True)
-        h_before = cs[:, (l - w) // mod.chunk_length()]
+        h_before = cs[:, (l - w) // mod.state_spacing()]
         del cs
         tail = {k: (v[..., -w:] if k in L_ARGS else v) for k, v in x.items()}
         y_ref, h_ref = selective_scan_ref(**tail, delta_softplus=True, return_final_state=True,

@@ -9,14 +9,16 @@ Same math as :func:`seqmamba.kernels.selective_scan.ref.selective_scan_ref`:
 One program owns a block of ``BD`` channels of one batch row and walks the whole length in scan order, in
 chunks of ``T`` positions, carrying the (BD, n) state from chunk to chunk (in its own slab of the final-state
 buffer, see the kernel): ONE pass over the inputs, one exp per (channel, position, state), no chunk-summary
-pass. Inside a chunk the T positions are spread over the program's threads (each thread holds consecutive
-positions); for each state index the (dA, dt*B*u) pairs are scanned with ``tl.associative_scan`` along the
-positions (inside a thread first, then across lanes and warps), the carried state is applied, C*h is
-accumulated into y, and the state at the chunk's last scan position becomes the next carry. Parallelism comes
-from the b * d / BD programs.
+pass. Inside a chunk each thread holds R * V consecutive positions (R blocks of a 16-byte vector of V), and
+for each state index the recurrence is solved in two passes over the registers around one scan across threads:
+pass 1 runs each V-block's recurrence from 0 (one FMA a position; a block's decay is exp(A * sum dt), one exp a
+block); the blocks' and then the threads' maps are scanned (``tl.associative_scan`` with ``_prefix_combine``,
+which carries beside each prefix the prefix without its last element, so that every thread gets the state
+entering its positions with no lane shift); pass 2 reruns each block's recurrence from the state entering it
+(one FMA a position) and C * h is accumulated into y. Parallelism comes from the b * d / BD programs.
 
 ``reverse=True`` scans right to left by address (chunk j covers addresses [l - (j+1) T, l - j T)) with the
-same forward ``tl.associative_scan``: each chunk is loaded as V-position blocks in descending block order, each
+same forward scan: each chunk is loaded as V-position blocks in descending block order, each
 block ascending (still 16-byte loads), and every thread reverses its own V positions in registers
 (``tl.flip`` over an in-thread axis), so the tile holds descending addresses; outputs go back the same way.
 Nothing is flipped in memory, and no data crosses threads (Triton's reverse scan, which cost ~2.4x the
@@ -27,15 +29,14 @@ identity steps (dt = 0, B = 0). Math is fp32 for every input dtype; all offsets 
 Contract with the backward (``blocked_bwd.py``, whose chunk length is S): with ``save_states``,
 ``chunk_states`` (b, cdiv(l, S), d, n) fp32 holds the state ENTERING scan-order piece j of S positions, i.e.
 after scan-order positions < j * S (``chunk_states[:, 0]`` = initial_state or 0), raw: before any seq_idx reset
-at the piece's first position. S is the call's ``state_len`` (a power of two dividing T; default T, which is
-:func:`chunk_length` ``(tuning)``): the state after a piece's last position is stored from the thread holding
-it, so pieces shorter than the forward's chunk cost one masked store per state and thread. For ``reverse``,
-scan-order piece j covers addresses [max(l - (j+1) S, 0), l - j S).
+at the piece's first position. S is the call's ``state_len`` (a power of two dividing T; default :func:`state_spacing` ``(tuning)``): the state after a piece's last position is stored
+by the thread holding it, so pieces shorter than the forward's chunk cost one masked store per state and thread.
+For ``reverse``, scan-order piece j covers addresses [max(l - (j+1) S, 0), l - j S).
 
-H100, bf16, softplus + z (details and the sweep: the comment below): b8 d1536 l2048 0.41 ms, b1 d1536 l2^20
-27 ms, b1 d512 l2^20 10.6 ms (chunk.py's earlier l-contiguous path: 0.96 / 90 / 31 ms). About 17 SASS
-instructions per (position, state), issue-bound, in both directions; reverse takes the forward's time
-(0.414 / 27.2 ms at the first two shapes, same run), Triton's reverse scan took 2.4x.
+H100, bf16, softplus + z (details and the sweep: the comment below): b8 d1536 l2048 0.34 ms, b1 d1536 l2^20
+23 ms, b1 d512 l2^20 9.8 ms (session 8's 0.41 / 27.2 / 10.5; chunk.py's earlier l-contiguous path: 0.96 / 90 /
+31 ms). About 16 SASS instructions per (position, state) at 16 positions a thread (19 before), in both
+directions.
 """
 from __future__ import annotations
 
@@ -48,29 +49,26 @@ from seqmamba.kernels.selective_scan.ref import _grouped
 
 LOG2E = 1.4426950408889634
 
-# Tuning, from sweeps on one H100 (bf16 inputs, softplus + z, medians of do_bench; benchmarks in
-# /work/notes/results3_m1fwd.md), as (channels per program BD, chunk T, warps):
-#   b8 d1536 l2048:   2/256/1 0.380 ms, 2/512/2 0.393, 2/1024/4 0.415, 1/1024/2 0.49, 2/512/4 0.56
-#   b1 d1536 l2^20:   2/512/2 25.2 ms,  2/1024/4 27.2, 1/512/1 27.6, 1/1024/2 28-33, 1/2048/4 30-35, 4/*/* 70-85
-#   b1 d512  l2^20:   1/1024/2 10.5 ms, 1/1024/4 11.0, 2/1024/4 11.2, 1/2048/4 11.7, 2/512/2 18.7, 1/512/1 24
-# (unrolling the state loop by 2 and one-warp programs with 2 channels lost everywhere: registers). Each thread
-# should hold 16 positions of a row (fewer: the cross-thread scan dominates; more: registers spill) and the
-# grid should hold >= ~8 warps per SM. One chunk length for every shape keeps chunk_length() shape-free (the
-# backward and the fake implementations rely on it); T = 1024 costs ~5% at b1 d1536 against T = 512 and
-# saves 40% at b1 d512. Two channels a program (B and C rows shared, half the L2 reads) once there are
-# MIN_CHANNELS_BD2 channel rows, else one channel with 2 warps (twice the programs).
-CHUNK = 1024
-MIN_CHANNELS_BD2 = 1024
-WARPS_BD2 = 4
-WARPS_BD1 = 2
+# Tuning (H100, bf16 inputs, softplus + z, medians of do_bench, same run; session 9), as (channels per program,
+# chunk T, warps) with the registers capped at MAXNREG:
+#   b8 d1536 l2048:   1/512/1 0.341 ms, 1/1024/2 0.371; session 8's 2/1024/4 0.414
+#   b1 d1536 l2^20:   1/512/1 23.1 ms,  1/1024/2 25.4;  session 8's 27.2
+#   b1 d512  l2^20:   1/1024/2 9.8 ms,  1/512/1 17.6;   session 8's 1/1024/2 10.5
+# Each thread should hold 16 consecutive positions (R = 2 V-blocks of 8 bf16): the in-thread passes are then 3
+# FMA-pipe ops a (position, state) and the cross-lane scan is paid once per 16 positions; one-warp programs
+# need no barrier in the state loop. With few (batch, channel) rows there are too few one-warp programs to hide
+# the scan's latency, and 1024-position chunks on 2 warps win. (rows from, T, warps):
+PLANS = ((1024, 512, 1), (0, 1024, 2))
+# registers a thread: 168 lets 12 one-warp programs share an SM (b1 d1536: 1536 programs, one wave on 132 SMs);
+# uncapped, ptxas takes ~205 and b1 d1536 l2^20 takes 39.7 ms instead of 23.1 (b8 0.407 / 0.341 ms)
+MAXNREG = 168
+# the default spacing of saved states (state_len): divides every plan's chunk
+STATE_LEN = 512
 UNROLL = 1          # state-loop unroll factor (2 measured slower: register pressure)
 PAIRS = True        # bf16 B/C read as 32-bit pairs where aligned (-16 instructions a state, 3-6% faster)
-# load the next chunk's delta and u during the current one: 2-6% faster with 16-bit inputs (+50 registers);
-# fp32 inputs would spill at 2 channels x 4 warps, so it is on for 16-bit inputs only
+# load the next chunk's delta and u during the current one (16-bit inputs; fp32 ones would need the registers),
+# except for a reverse scan at two channels a program, which it slowed (session 4). tuning["prefetch"] overrides.
 PREFETCH_16BIT = True
-# ... except for a reverse scan at two channels a program, which it slows (H100, session 4, same run: reverse
-# 0.507 / 32.2 ms with it, 0.414 / 27.2 without, the forward 0.414 / 27.2 either way at b8 l2048 / b1 l2^20;
-# at one channel, b1 d512 l2^20, reverse 10.85 ms with it, 11.48 without). tuning["prefetch"] overrides.
 # Reverse scans: mirrored V-blocks + in-thread tl.flip + the forward scan (_scan_order). Triton's reverse scan
 # costs ~2.4x the forward's time on an H100 (b8 d1536 l2048 bf16: 0.98 vs 0.41 ms: butterfly shuffles of its
 # inputs and output); an earlier inline-PTX in-thread reversal assumed a register layout Triton does not always
@@ -84,15 +82,18 @@ _combine = _common.affine_combine
 
 
 @triton.jit
-def _load_addresses(k, seqlen, T: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr):
-    """(T,) addresses of scan-order chunk k in load order: ascending, or for a reverse scan the chunk's V-position
-    blocks from the highest down, each block ascending (negative past the start of a reverse scan's last chunk;
-    < 2^31: the rows they are added to are int64)."""
-    ar = tl.arange(0, T)
+def _load_addresses(k, seqlen, T: tl.constexpr, NT: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr):
+    """(T,) addresses of scan-order chunk k in load order. The tile is laid out as (R, NT, V) (repeats, threads,
+    vector): element (r, q, v) holds V-block q * R + r, so each thread holds R * V consecutive positions; a block
+    is ascending in memory (16-byte loads), and for a reverse scan the blocks run from the highest address down
+    (negative past the start of a reverse scan's last chunk; < 2^31: the rows they are added to are int64)."""
+    R: tl.constexpr = T // (NT * V)
+    e = tl.arange(0, T)
+    blk = (e // V) % NT * R + e // (NT * V)
     if REVERSE:
-        return seqlen - k * T - (ar // V + 1) * V + ar % V
+        return seqlen - k * T - (blk + 1) * V + e % V
     else:
-        return k * T + ar
+        return k * T + blk * V + e % V
 
 
 @triton.jit
@@ -108,11 +109,11 @@ def _scan_order(x, V: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, k, n_chunks, T: tl.constexpr, V: tl.constexpr,
-                  REVERSE: tl.constexpr):
+def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, k, n_chunks, T: tl.constexpr, NT: tl.constexpr,
+                  V: tl.constexpr, REVERSE: tl.constexpr):
     """Raw (BD, T) delta and u of scan-order chunk k in load order (zero past either end, or when
     k >= n_chunks)."""
-    t = _load_addresses(k, seqlen, T, V, REVERSE)
+    t = _load_addresses(k, seqlen, T, NT, V, REVERSE)
     mask = ((t >= 0) & (t < seqlen) & (k < n_chunks))[None, :]
     dl = tl.load(delta_ptr + dl_row[:, None] + t[None, :], mask=mask, other=0.0)
     u = tl.load(u_ptr + u_row[:, None] + t[None, :], mask=mask, other=0.0)
@@ -120,33 +121,49 @@ def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, k, n_chunks, T: tl.co
 
 
 @triton.jit
-def _bf16_pairs(ptr, off, k, seqlen, ok, T: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr):
-    """The T bf16 values of chunk k of the row at element offset off, in load order (``_load_addresses``), as
-    fp32, read as T/2 32-bit words (off and seqlen even, V >= 2: a word is wholly in or out of range). One
-    integer op per value instead of the 1.5 that a bf16 -> fp32 conversion of packed registers costs."""
-    w_off = _load_addresses(k, seqlen // 2, T // 2, V // 2, REVERSE)
-    words = tl.load(ptr.to(tl.pointer_type(tl.int32)) + off // 2 + w_off,
-                    mask=ok & (w_off >= 0) & (w_off < seqlen // 2), other=0)
-    lo = (words << 16).to(tl.float32, bitcast=True)
-    hi = (words & -65536).to(tl.float32, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), (T,))
+def _bc_words(B_base, C_base, sB_n, sC_n, k, n, nstate, n_chunks, seqlen, T: tl.constexpr, NT: tl.constexpr,
+              V: tl.constexpr, REVERSE: tl.constexpr, PAIRS: tl.constexpr):
+    """State n's B and C rows of chunk k as loaded (zero when n >= nstate or k >= n_chunks), for ``_bc_row``.
+    B_base, C_base: the rows' starts. With PAIRS (bf16 rows at even offsets, seqlen even, V >= 2) a row is read as
+    T/2 32-bit words (strides sB_n, sC_n in words): a word is then wholly in or out of range."""
+    ok = (n < nstate) & (k < n_chunks)
+    if PAIRS:
+        w = _load_addresses(k, seqlen // 2, T // 2, NT, V // 2, REVERSE)
+        m = ok & (w >= 0) & (w < seqlen // 2)
+        return tl.load(B_base + n * sB_n + w, mask=m, other=0), tl.load(C_base + n * sC_n + w, mask=m, other=0)
+    else:
+        t = _load_addresses(k, seqlen, T, NT, V, REVERSE)
+        m = ok & (t >= 0) & (t < seqlen)
+        return tl.load(B_base + n * sB_n + t, mask=m, other=0.0), tl.load(C_base + n * sC_n + t, mask=m, other=0.0)
 
 
 @triton.jit
-def _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t, k, seqlen, valid,
-                    n, nstate, T: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr, PAIRS: tl.constexpr):
-    """State n's operands for chunk k: A[:, n] * log2(e) (BD,), the carried state (BD,), B and C rows (1, T) in
-    scan order (all zero when n >= nstate). t, valid: the chunk's load-order addresses and their mask."""
-    ok = n < nstate
-    a2 = tl.load(A_ptr + d_off * nstate + n, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
-    h_in = tl.load(hT_ptr + h_row + n, mask=ok, other=0.0)
+def _bc_row(x, T: tl.constexpr, NT: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr, PAIRS: tl.constexpr):
+    """A row from ``_bc_words`` as (1, R, NT, V) fp32 in scan order. bf16 pairs unpack with one integer op per
+    value instead of the 1.5 that a bf16 -> fp32 conversion of packed registers costs."""
     if PAIRS:
-        Bn = _bf16_pairs(B_ptr, B_row + n * sB_n, k, seqlen, ok, T, V, REVERSE)
-        Cn = _bf16_pairs(C_ptr, C_row + n * sC_n, k, seqlen, ok, T, V, REVERSE)
+        lo = (x << 16).to(tl.float32, bitcast=True)
+        hi = (x & -65536).to(tl.float32, bitcast=True)
+        x = tl.reshape(tl.join(lo, hi), (T,))
     else:
-        Bn = tl.load(B_ptr + B_row + n * sB_n + t, mask=valid & ok, other=0.0).to(tl.float32)
-        Cn = tl.load(C_ptr + C_row + n * sC_n + t, mask=valid & ok, other=0.0).to(tl.float32)
-    return a2, h_in, _scan_order(Bn[None, :], V, REVERSE), _scan_order(Cn[None, :], V, REVERSE)
+        x = x.to(tl.float32)
+    R: tl.constexpr = T // (NT * V)
+    return tl.reshape(_scan_order(x[None, :], V, REVERSE), (1, R, NT, V))
+
+
+@triton.jit
+def _state_scalars(A_ptr, hT_ptr, d_off, h_row, n, nstate):
+    """State n's A[:, n] * log2(e) and carried state, (BD,) each (unmasked: past the last state, the last state's
+    values, never used)."""
+    nc = tl.minimum(n, nstate - 1)
+    return tl.load(A_ptr + d_off * nstate + nc).to(tl.float32) * 1.4426950408889634, tl.load(hT_ptr + h_row + nc)
+
+
+@triton.jit
+def _prefix_combine(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
+    # (map of a run of positions, map of the run without its last element), composed in scan order (run 1 first):
+    # the whole, and run 1 followed by run 2 without its last element
+    return a1 * a2, a2 * b1 + b2, a1 * ea2, ea2 * b1 + eb2
 
 
 @triton.jit
@@ -164,11 +181,11 @@ def _blocked_fwd_kernel(
 
     The carried state lives in the program's own slab of the final-state buffer hT (read and written by this
     program only; a barrier at each chunk start orders the writes of one chunk before the reads of the next).
-    A chunk's positions are viewed as (R, NT, V) = (repeats, threads, vector): the layout Triton gives a
-    (BD, T) tile of 16-byte loads on NT threads, so the first and last positions of a thread's share are
-    compile-time register indices: the carry is folded into the scan's first element and the state after the
-    scan's last element is picked out of one thread without any cross-thread reduction. Tiles are loaded and
-    stored in load order and computed on in scan order (``_scan_order``; the same for a forward scan)."""
+    A chunk's tiles are viewed as (BD, R, NT, V) = (channels, repeats, threads, vector), the layout Triton gives
+    a (BD, T) tile of 16-byte loads on NT threads; ``_load_addresses`` maps element (r, q, v) to position
+    (q R + r) V + v, so the V and R axes are a thread's own registers and the passes over them need no data from
+    other threads. Tiles are loaded and stored in load order and computed on in scan order (``_scan_order``; the
+    same for a forward scan). The launch caps registers (MAXNREG) so that enough programs share an SM."""
     R: tl.constexpr = T // (NT * V)
     pid = tl.program_id(0)
     ndb = dim // BD
@@ -181,20 +198,16 @@ def _blocked_fwd_kernel(
     dn_off = h_row[:, None] + n_ar[None, :]                        # (BD, BN)
     dn_mask = (n_ar < nstate)[None, :] & (d_off < dim)[:, None]
     ar = tl.arange(0, T)
-    r4 = tl.arange(0, R)[None, :, None, None]
-    q4 = tl.arange(0, NT)[None, None, :, None]
-    i4 = tl.arange(0, V)[None, None, None, :]
-    q2 = tl.arange(0, NT)[None, :]
-    # the scan's first and last positions (tiles in scan order)
-    first = (r4 == 0) & (q4 == 0) & (i4 == 0)
-    last_q = q2 == NT - 1
-    # with SAVE_STATES, the state after a thread's last position is saved where that position ends one of the
-    # chunk's S-position pieces (all but the chunk's last piece: that state is the next chunk's, saved at its
-    # start); S is a multiple of V
+    v4 = tl.arange(0, V)[None, None, None, :]
     r3 = tl.arange(0, R)[None, :, None]
     q3 = tl.arange(0, NT)[None, None, :]
-    piece_end = r3 * (NT * V) + (q3 + 1) * V                                # (1, R, NT) scan positions
-    saves = (piece_end % S == 0) & (piece_end < T)
+    q2 = tl.arange(0, NT)[None, :]
+    last_r = r3 == R - 1
+    # scan positions where each V-block ends (the thread's r-th block is block q * R + r); with SAVE_STATES the
+    # state after a block is saved where that position ends one of the chunk's S-position pieces (all but the
+    # chunk's last piece: that state is the next chunk's, saved at its start); S is a multiple of V
+    block_end = (q3 * R + r3 + 1) * V                                       # (1, R, NT)
+    saves = (block_end % S == 0) & (block_end < T)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_off).to(tl.float32)
@@ -212,32 +225,50 @@ def _blocked_fwd_kernel(
     dl_row = pb * sdl_b + d_off * sdl_d
     z_row = pb * sz_b + d_off * sz_d
     y_row = pb * sy_b + d_off * sy_d
-    B_row = pb * sB_b + grp * sB_g
-    C_row = pb * sC_b + grp * sC_g
+    if PAIRS:  # rows read as 32-bit words (even offsets and strides)
+        B_base = B_ptr.to(tl.pointer_type(tl.int32)) + (pb * sB_b + grp * sB_g) // 2
+        C_base = C_ptr.to(tl.pointer_type(tl.int32)) + (pb * sC_b + grp * sC_g) // 2
+        sBn = sB_n // 2
+        sCn = sC_n // 2
+    else:
+        B_base = B_ptr + pb * sB_b + grp * sB_g
+        C_base = C_ptr + pb * sC_b + grp * sC_g
+        sBn = sB_n
+        sCn = sC_n
+    ones_b = tl.full([BD, R, NT], 1.0, tl.float32)
+    ones_t = tl.full([BD, NT], 1.0, tl.float32)
 
+    B_w, C_w = _bc_words(B_base, C_base, sBn, sCn, 0, 0, nstate, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS)
+    a2_first = _state_scalars(A_ptr, hT_ptr, d_off, h_row, 0, nstate)[0]
     # chunk 0's delta and u; with PREFETCH each chunk then loads the next chunk's while it computes
-    dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, 0, n_chunks, T, V, REVERSE)
+    dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, 0, n_chunks, T, NT, V, REVERSE)
     for k in range(0, n_chunks):
         tl.debug_barrier()  # the previous chunk's carry writes (or the initial state) before this chunk's reads
-        t = _load_addresses(k, seqlen, T, V, REVERSE)      # load order
+        t = _load_addresses(k, seqlen, T, NT, V, REVERSE)  # load order
         valid = (t >= 0) & (t < seqlen)
         mask = valid[None, :]
-        if REVERSE:                                         # scan order
-            ts = seqlen - k * T - 1 - ar
+        s_pos = (ar // V) % NT * R + ar // (NT * V)          # scan order: element (r, q, v) is scan position
+        s_pos = s_pos * V + ar % V                          # (q R + r) V + v of the chunk
+        if REVERSE:
+            ts = seqlen - k * T - 1 - s_pos
         else:
-            ts = t
+            ts = k * T + s_pos
         mask_s = ((ts >= 0) & (ts < seqlen))[None, :]
         if PREFETCH:
             dl = dl_x.to(tl.float32)
             u = u_x.to(tl.float32)
-            dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, k + 1, n_chunks, T, V, REVERSE)
+            dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, k + 1, n_chunks, T, NT, V, REVERSE)
         else:
-            dl_k, u_k = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, k, n_chunks, T, V, REVERSE)
+            dl_k, u_k = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, k, n_chunks, T, NT, V, REVERSE)
             dl = dl_k.to(tl.float32)
             u = u_k.to(tl.float32)
+        if HAS_Z:  # loaded now, used after the state loop
+            z_k = tl.load(z_ptr + z_row[:, None] + t[None, :], mask=mask, other=0.0)
         dl, u = _scan_order(dl, V, REVERSE), _scan_order(u, V, REVERSE)
         dl, dt = _common.delta_to_dt(dl, mask_s, bias, HAS_BIAS, SOFTPLUS)  # (BD, T); dt 0: an identity step
-        dtu = dt * u
+        dt4 = tl.reshape(dt, (BD, R, NT, V))
+        dtu4 = tl.reshape(dt * u, (BD, R, NT, V))
+        dt_blk = tl.sum(dt4, 3)                             # (BD, R, NT): a block's decay is exp(A * dt_blk)
         if HAS_SEQ:  # False where the scan predecessor belongs to another sequence (state reset)
             if REVERSE:
                 tp = ts + 1
@@ -246,42 +277,59 @@ def _blocked_fwd_kernel(
             ok = (ts >= 0) & (ts < seqlen) & (tp >= 0) & (tp < seqlen)
             s_t = tl.load(seq_ptr + pb * ss_b + ts, mask=ok, other=0)
             s_p = tl.load(seq_ptr + pb * ss_b + tp, mask=ok, other=0)
-            keep = (s_t == s_p)[None, :]
-        acc = tl.zeros([BD, T], dtype=tl.float32)
-        # state 0's operands now; each iteration then loads the next state's while it computes (the loads are
-        # L2 round trips that would otherwise stall every state; the carry slots read here were written in the
-        # previous chunk, before the barrier above)
-        a2, h_in, Bn, Cn = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n, sC_n, t,
-                                           k, seqlen, valid, 0, nstate, T, V, REVERSE, PAIRS)
+            keep = tl.reshape((s_t == s_p)[None, :], (1, R, NT, V))
+            keep_blk = tl.min(keep.to(tl.int32), 3) != 0    # (1, R, NT): no reset inside the block
+        if HAS_D:  # the skip term first: u is then dead during the state loop
+            acc = tl.reshape(Dv[:, None] * u, (BD, R, NT, V))
+        else:
+            acc = tl.zeros([BD, R, NT, V], dtype=tl.float32)
+        # each state loads the next one's operands while it computes (B and C rows across the chunk boundary, A and
+        # the carry within the chunk: the carry slots read here were written in the previous chunk, before the
+        # barrier above): the loads are L2 round trips that would otherwise stall every state
+        h_in = _state_scalars(A_ptr, hT_ptr, d_off, h_row, 0, nstate)[1]
+        a2 = a2_first
         for n in tl.range(0, nstate, loop_unroll_factor=UNROLL):
             if SAVE_STATES:  # the state entering the chunk: the carry in, already in registers (one thread stores)
                 tl.store(cs_ptr + (((pb * n_saved + k * (T // S)) * dim + d_off) * nstate + n)[:, None] + q2 * 0,
                          h_in[:, None] + 0.0 * q2, mask=q2 == 0)
-            a2_x, h_x, B_x, C_x = _state_operands(A_ptr, hT_ptr, B_ptr, C_ptr, d_off, h_row, B_row, C_row, sB_n,
-                                                  sC_n, t, k, seqlen, valid, n + 1, nstate, T, V, REVERSE, PAIRS)
-            dA = tl.exp2(dt * a2[:, None])
+            Bn = _bc_row(B_w, T, NT, V, REVERSE, PAIRS)
+            Cn = _bc_row(C_w, T, NT, V, REVERSE, PAIRS)
+            wrap = (n + 1 == nstate).to(tl.int32)
+            B_w, C_w = _bc_words(B_base, C_base, sBn, sCn, k + wrap, n + 1 - wrap * nstate, nstate, n_chunks, seqlen, T,
+                                 NT, V, REVERSE, PAIRS)
+            a2_x, h_x = _state_scalars(A_ptr, hT_ptr, d_off, h_row, n + 1, nstate)
+            dA = tl.exp2(dt4 * a2[:, None, None, None])     # (BD, R, NT, V)
+            P_blk = tl.exp2(dt_blk * a2[:, None, None])     # (BD, R, NT)
             if HAS_SEQ:
                 dA = tl.where(keep, dA, 0.0)
-            bx = dtu * Bn
-            # carry in: h = dA * h_in + bx at the scan's first position
-            bx4 = tl.reshape(bx, (BD, R, NT, V))
-            bx4 = tl.where(first, bx4 + tl.reshape(dA, (BD, R, NT, V)) * h_in[:, None, None, None], bx4)
-            _, h = tl.associative_scan((dA, tl.reshape(bx4, (BD, T))), 1, _combine)
-            # carry out: the state after the scan's last position (one thread holds it)
-            h_end = tl.max(tl.where(i4 == V - 1, tl.reshape(h, (BD, R, NT, V)), float("-inf")), axis=3)
-            hl = tl.max(tl.where(r3 == R - 1, h_end, float("-inf")), axis=1)   # (BD, NT)
-            tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, hl, mask=last_q)
+                P_blk = tl.where(keep_blk, P_blk, 0.0)
+            bx = dtu4 * Bn
+            # pass 1, in registers: each V-block's scan from 0 (its end), then the blocks' prefixes in the thread
+            # (a scan, not tl.reduce: the reduction's combine order over a thread's registers is not the
+            # positions' order, and the affine combine does not commute)
+            _, h_loc = tl.associative_scan((dA, bx), 3, _combine)
+            h_blk = tl.max(tl.where(v4 == V - 1, h_loc, float("-inf")), 3)
+            P_in, H_in, Pe_in, He_in = tl.associative_scan((P_blk, h_blk, ones_b, 0.0 * h_blk), 1, _prefix_combine)
+            P_thr = tl.max(tl.where(last_r, P_in, float("-inf")), 1)        # (BD, NT): the thread's whole map
+            H_thr = tl.max(tl.where(last_r, H_in, float("-inf")), 1)
+            # across threads: the maps of the threads before each one, applied to the carry in
+            P_ex, H_ex, Pe, He = tl.associative_scan((P_thr, H_thr, ones_t, 0.0 * H_thr), 1, _prefix_combine)
+            h_enter = He + Pe * h_in[:, None]                               # (BD, NT)
+            h_exit = H_ex + P_ex * h_in[:, None]
+            tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, h_exit, mask=q2 == NT - 1)   # the next chunk's carry
+            h_blk_in = He_in + Pe_in * h_enter[:, None, :]                  # (BD, R, NT): state entering each block
             if SAVE_STATES and S < T:
-                j = k * (T // S) + piece_end // S                                 # the piece it enters
-                tl.store(cs_ptr + ((pb * n_saved + j) * dim + d_off[:, None, None]) * nstate + n, h_end,
-                         mask=saves & (j < n_saved))
+                j = k * (T // S) + block_end // S                               # the piece it enters
+                tl.store(cs_ptr + ((pb * n_saved + j) * dim + d_off[:, None, None]) * nstate + n,
+                         h_blk + P_blk * h_blk_in, mask=saves & (j < n_saved))
+            # pass 2: each block's scan from the state entering it
+            bx = tl.where(v4 == 0, bx + dA * h_blk_in[:, :, :, None], bx)
+            _, h = tl.associative_scan((dA, bx), 3, _combine)
             acc += h * Cn
-            a2, h_in, Bn, Cn = a2_x, h_x, B_x, C_x
-        if HAS_D:
-            acc += Dv[:, None] * u
+            a2, h_in = a2_x, h_x
+        acc = tl.reshape(acc, (BD, T))
         if HAS_Z:
-            zz = tl.load(z_ptr + z_row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
-            zz = _scan_order(zz, V, REVERSE)
+            zz = _scan_order(z_k.to(tl.float32), V, REVERSE)
             acc = acc * zz * tl.sigmoid(zz)
         acc = _scan_order(acc, V, REVERSE)                 # back to load order
         y_off = y_row[:, None] + t[None, :] * sy_l
@@ -298,21 +346,29 @@ def tile_layout(T: int, warps: int, elt_size: int, S: int) -> tuple[int, int]:
     return nt, max(1, min(16 // elt_size, T // nt, S))
 
 
-def chunk_length(tuning: dict | None = None) -> int:
-    """T of a call made with ``tuning`` (the chunk_states contract): ``tuning["chunk"]`` or CHUNK."""
-    return int((tuning or {}).get("chunk") or CHUNK)
+def state_spacing(tuning: dict | None = None) -> int:
+    """S of a call made with ``tuning`` (the chunk_states contract): ``tuning["state_len"]``, else its
+    ``chunk``, else STATE_LEN."""
+    tuning = tuning or {}
+    return int(tuning.get("state_len") or tuning.get("chunk") or STATE_LEN)
 
 
-def _plan(b: int, d: int, cpg: int, elt_size: int, reverse: bool, tuning: dict) -> tuple[int, int, bool]:
-    """(channels per program, warps, prefetch) for this call: the tuning's values where given (None: default),
-    else the module's measured defaults (see the table at the top)."""
-    bd = tuning.get("bd") or (2 if b * d >= MIN_CHANNELS_BD2 else 1)
-    bd = _common.pow2_divisor(cpg, int(bd))
-    warps = int(tuning.get("num_warps") or (WARPS_BD2 if bd >= 2 else WARPS_BD1))
+def default_plan(rows: int) -> tuple[int, int]:
+    """(chunk T, warps) of a call on ``rows`` = b * d (batch, channel) rows without tuning (PLANS)."""
+    return next((T, w) for min_rows, T, w in PLANS if rows >= min_rows)
+
+
+def _plan(rows: int, cpg: int, elt_size: int, reverse: bool, tuning: dict) -> tuple[int, int, int, bool]:
+    """(chunk T, channels per program, warps, prefetch) for a call on ``rows`` = b * d rows: the tuning's values
+    where given (None: default), else the module's measured defaults (see the table at the top)."""
+    plan_T, plan_warps = default_plan(rows)
+    T = int(tuning.get("chunk") or plan_T)
+    bd = _common.pow2_divisor(cpg, int(tuning.get("bd") or 1))
+    warps = int(tuning.get("num_warps") or plan_warps)
     prefetch = tuning.get("prefetch")
     if prefetch is None:
         prefetch = PREFETCH_16BIT and elt_size <= 2 and (not reverse or bd == 1)
-    return bd, warps, bool(prefetch)
+    return T, bd, warps, bool(prefetch)
 
 
 def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False, initial_state=None,
@@ -325,26 +381,25 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     Returns ``(y, final_state, chunk_states)``: y (b, d, l) in u's dtype (l contiguous), or ``out`` itself
     with y added into it when ``out`` (a (b, d, l) tensor) is given; final_state (b, d, n) fp32; chunk_states
     (b, cdiv(l, S), d, n) fp32 when ``save_states`` (module docstring: the state entering each piece of S
-    positions), else None. ``tuning`` (each optional, None = default): ``chunk`` (T, a power of two),
-    ``state_len`` (S, a power of two <= T; default T), ``bd`` (channels per
-    program, capped to a power of two dividing d // g), ``num_warps``, ``unroll`` (state loop), ``pairs``,
-    ``prefetch`` (bools).
+    positions), else None. ``tuning`` (each optional, None = default): ``chunk`` (T, a power of two; default by
+    the row count b * d, see PLANS), ``state_len`` (S, a power of two <= T; default :func:`state_spacing`), ``bd`` (channels per program, capped to a power of two dividing
+    d // g), ``num_warps``, ``unroll`` (state loop), ``pairs``, ``prefetch`` (bools), ``maxnreg`` (registers a
+    thread, 0: uncapped; default MAXNREG).
     """
     b, d, l = u.shape
     n = A.shape[1]
-    T = chunk_length(tuning)
-    if T < 1 or T & (T - 1):
-        raise ValueError(f"blocked_fwd: chunk must be a power of two, got {T}")
     u, delta, z, B, C = (_common.unit_l(t) for t in (u, delta, z, B, C))
     B4, C4 = _grouped(B), _grouped(C)
     cpg = d // B4.shape[1]
-    bd, warps, prefetch = _plan(b, d, cpg, max(u.element_size(), delta.element_size()), reverse, tuning)
+    T, bd, warps, prefetch = _plan(b * d, cpg, max(u.element_size(), delta.element_size()), reverse, tuning)
+    if T < 1 or T & (T - 1):
+        raise ValueError(f"blocked_fwd: chunk must be a power of two, got {T}")
     BN = max(triton.next_power_of_2(n), 2)
     n_chunks = triton.cdiv(l, T)
     f32 = dict(device=u.device, dtype=torch.float32)
     y = torch.empty((b, d, l), device=u.device, dtype=u.dtype) if out is None else out
     final = torch.empty(b, d, n, **f32)
-    S = int(tuning.get("state_len") or T)
+    S = state_spacing(tuning)
     if S < 1 or S & (S - 1) or S > T:
         raise ValueError(f"blocked_fwd: state_len must be a power of two <= chunk ({T}), got {S}")
     n_saved = triton.cdiv(l, S)
@@ -353,13 +408,13 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     seq = seq_idx.contiguous() if seq_idx is not None else None
     dummy = final
     nt, vec = tile_layout(T, warps, max(t.element_size() for t in (u, delta, z, B, C) if t is not None), S)
-    # bf16 B and C read as 32-bit pairs where every pair is aligned and wholly in or out of range (a reverse
-    # scan's mirrored blocks must hold whole pairs: V >= 2)
-    pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and T >= 2 and (
-        vec >= 2 or not reverse) and all(
+    # bf16 B and C read as 32-bit pairs where every pair is aligned and wholly in or out of range (the V-blocks
+    # must hold whole pairs: V >= 2)
+    pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and vec >= 2 and all(
         s % 2 == 0 for s in (*B4.stride()[:3], *C4.stride()[:3], l, B4.storage_offset(), C4.storage_offset()))
     if b * d == 0:
         return y, final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
+    maxnreg = tuning.get("maxnreg", MAXNREG)
     _blocked_fwd_kernel[(b * (d // bd),)](
         u, delta, A.contiguous(), B4, C4, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, y, h0 if h0 is not None else dummy, final, states,
@@ -372,5 +427,5 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse),
         HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec,
         UNROLL=int(tuning.get("unroll") or UNROLL), PAIRS=pairs,
-        PREFETCH=prefetch, num_warps=warps)
+        PREFETCH=prefetch, num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))
     return y, final, (states if save_states else None)

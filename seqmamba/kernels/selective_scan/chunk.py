@@ -1093,10 +1093,10 @@ def blocked_default(delta=None, save_states=True) -> bool:
     return save_states or delta is None or not channel_last(delta)
 
 
-# Under autograd the forward runs chunks of GRAD_CHUNK positions (GRAD_FWD_WARPS warps, GRAD_FWD_BD channels a
-# program) and saves the state entering every S positions, the backward's chunk (blocked_bwd; one program per
-# (batch, channel) row). The no-grad forward keeps blocked_fwd's own tuning. H100, bf16, session 8, same run,
-# fwd (saving states) + bwd ms:
+# Under autograd the forward runs blocked_fwd's plan for the row count (GRAD_CHUNK, when set, is its chunk: the
+# tests' short chunks) and saves the state entering every S positions, the backward's chunk (blocked_bwd; one
+# program per (batch, channel) row). H100, bf16, session 8, same run, fwd (saving states) + bwd ms, with
+# session 8's forward (2 channels of 4 warps, threads holding 8 V-strided positions):
 #   forward chunk / warps / channels, saved every   b8 d1536 l2048   b1 d1536 l65536   b1 d1536 l2^20
 #   512 / 2 / 1, every 512 (backward 4 warps; before) 2.80           13.1              221
 #   512 / 2 / 1, every 128                            2.18           9.17              144
@@ -1104,11 +1104,9 @@ def blocked_default(delta=None, save_states=True) -> bool:
 #   1024 / 4 / 2, every 128                           2.35           8.97              141
 #   512 / 2 / 1, every 256 (backward 1 warp)          2.25           10.7              158
 #   512 / 2 / 1, every 64                             2.56           14.4              229
-# Saving states every 128 positions costs the forward 3% of its instructions and 7% of its time (b1 d1536 l2^20:
-# 32.1 -> 34.3 ms against one state a chunk; 0.8 GB of states).
-GRAD_CHUNK = 1024
-GRAD_FWD_WARPS = 4
-GRAD_FWD_BD = 1
+# Session 9's forward (16 consecutive positions a thread, see blocked_fwd): saving states every 128 positions,
+# b1 d1536 l2^20 25.8 ms (session 8's 34.1), b8 d1536 l2048 0.379 ms (0.504).
+GRAD_CHUNK = None
 # S by the number of rows b * d: short one-warp chunks need enough programs to hide their latency, and with few
 # rows longer chunks on more threads win. H100, same run, fwd+bwd ms (S / backward warps):
 #   rows                 128 / 1   256 / 1   512 / 2   1024 / 4
@@ -1123,7 +1121,7 @@ GRAD_STATE_LENS = ((1280, 128), (768, 256), (0, 512))   # (from this many rows, 
 def _grad_lengths(tuning, rows):
     """(forward chunk, saved-state spacing S = the backward's chunk) of a call on ``rows`` = b * d (batch,
     channel) rows that saves states with ``tuning``."""
-    chunk = tuning.get("chunk") or GRAD_CHUNK
+    chunk = tuning.get("chunk") or GRAD_CHUNK or _blocked_fwd_mod.default_plan(rows)[0]
     state_len = tuning.get("state_len")
     if state_len is None:
         state_len = min(next(s for min_rows, s in GRAD_STATE_LENS if rows >= min_rows), chunk)
@@ -1133,12 +1131,10 @@ def _grad_lengths(tuning, rows):
 def _blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse, save_states, seq_idx,
                  out=None, tuning=None):
     """``blocked_fwd``: (y, final_state, chunk_states or None). ``tuning``: chunk, state_len, bd, warps (forward);
-    by default GRAD_CHUNK / GRAD_STATE_LENS / GRAD_FWD_WARPS / GRAD_FWD_BD when states are saved."""
+    when states are saved, by default the chunk of GRAD_CHUNK or blocked_fwd's plan, S from GRAD_STATE_LENS."""
     tuning = tuning or {}
     chunk, warps, bd, state_len = tuning.get("chunk"), tuning.get("warps"), tuning.get("bd"), None
     if save_states:
-        if chunk is None:
-            warps, bd = warps or GRAD_FWD_WARPS, bd or GRAD_FWD_BD
         chunk, state_len = _grad_lengths(tuning, u.shape[0] * u.shape[1])
     return _blocked_fwd_mod.blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
                                         seq_idx, save_states, out=out, chunk=chunk, state_len=state_len, bd=bd,
