@@ -197,7 +197,6 @@ def _blocked_fwd_kernel(
     h_row = pb * dim * nstate + d_off * nstate                     # (BD,) this program's rows of hT
     dn_off = h_row[:, None] + n_ar[None, :]                        # (BD, BN)
     dn_mask = (n_ar < nstate)[None, :] & (d_off < dim)[:, None]
-    ar = tl.arange(0, T)
     v4 = tl.arange(0, V)[None, None, None, :]
     r3 = tl.arange(0, R)[None, :, None]
     q3 = tl.arange(0, NT)[None, None, :]
@@ -247,12 +246,10 @@ def _blocked_fwd_kernel(
         t = _load_addresses(k, seqlen, T, NT, V, REVERSE)  # load order
         valid = (t >= 0) & (t < seqlen)
         mask = valid[None, :]
-        s_pos = (ar // V) % NT * R + ar // (NT * V)          # scan order: element (r, q, v) is scan position
-        s_pos = s_pos * V + ar % V                          # (q R + r) V + v of the chunk
-        if REVERSE:
-            ts = seqlen - k * T - 1 - s_pos
+        if REVERSE:  # scan order: element (r, q, v) is the chunk's scan position (q R + r) V + v
+            ts = seqlen - k * T - 1 - _load_addresses(0, seqlen, T, NT, V, False)
         else:
-            ts = k * T + s_pos
+            ts = t
         mask_s = ((ts >= 0) & (ts < seqlen))[None, :]
         if PREFETCH:
             dl = dl_x.to(tl.float32)
