@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqmamba import Mamba, Mamba2
-from seqmamba.mamba import channels_first_linear
+from seqmamba.mamba import channels_first_linear, scan_layout_l_major
 from tests.utils import assert_close
 
 D_MODEL = 16
@@ -224,3 +224,28 @@ def test_mamba_projection_under_autograd_makes_no_copies():
         xz = m.project(x)
     assert "aten::clone" not in ops.names and "aten::copy_" not in ops.names, ops.names
     assert xz.transpose(1, 2).is_contiguous()
+
+
+def test_scan_layout_follows_device_and_grad_mode():
+    """(b, channels, l) scan inputs on CUDA always and under autograd on CPU; channel-last for CPU inference."""
+    x = torch.zeros(1, 2, 3)
+    with torch.no_grad():
+        assert not scan_layout_l_major(x)
+    with torch.enable_grad():
+        assert scan_layout_l_major(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_inference_scan_inputs_run_along_l():
+    """Without autograd on CUDA the mixer hands the scan l-contiguous u, delta, z, B, C (the blocked forward's
+    layout), with the same values as under autograd."""
+    torch.manual_seed(0)
+    m = Mamba(32, d_state=4).cuda()
+    x = torch.randn(2, 40, 32, device="cuda")
+    with torch.no_grad():
+        scan, _ = m.scan_inputs(m.project(x), None, None)
+        y = m(x)
+    for name in ("u", "delta", "z", "B", "C"):
+        assert scan[name].stride(-1) == 1, f"{name} has l-stride {scan[name].stride(-1)}"
+    assert_close("no-grad output", y, m(x).detach(), 1e-5)
