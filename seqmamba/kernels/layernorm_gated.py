@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqmamba.kernels._dispatch import compute_dtype, resolve_backend
+from seqmamba.kernels._dispatch import compute_dtype, resolve_backend, triton_available
 
 
 def _check(x, weight, z, group_size) -> int:
@@ -51,8 +51,27 @@ def rms_norm_gated_ref(x, weight, z=None, eps=1e-5, group_size=None, norm_before
 
 
 def rms_norm_gated(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=False, *, backend="auto"):
-    """Gated RMSNorm; see the module docstring. x, z (..., d), weight (d) -> y (..., d)."""
+    """Gated RMSNorm; see the module docstring. x, z (..., d), weight (d) -> y (..., d). CUDA fp32/bf16/fp16
+    inputs run the Triton kernels (``layernorm_gated_triton.py``); float64 and CPU inputs the reference."""
     _check(x, weight, z, group_size)
-    if resolve_backend("rms_norm_gated", backend, x, has_triton_impl=False) == "triton":
-        raise NotImplementedError("rms_norm_gated: Triton kernel not written yet")  # the seam for it
+    impl = _triton_impl()
+    which = resolve_backend("rms_norm_gated", backend, x, has_triton_impl=impl is not None, inputs=(x, weight, z))
+    if which == "triton":
+        return impl(x, weight, z, eps, group_size, norm_before_gate)
     return rms_norm_gated_ref(x, weight, z, eps, group_size, norm_before_gate)
+
+
+def _triton_impl():
+    """The Triton rms_norm_gated (imported on first use), or None where Triton is missing."""
+    global _TRITON_IMPL
+    if _TRITON_IMPL is False:
+        _TRITON_IMPL = None
+        if triton_available():
+            try:
+                from seqmamba.kernels.layernorm_gated_triton import rms_norm_gated_triton as _TRITON_IMPL
+            except Exception:  # a broken Triton install: the reference still works  # pragma: no cover
+                _TRITON_IMPL = None
+    return _TRITON_IMPL
+
+
+_TRITON_IMPL = False
