@@ -94,3 +94,15 @@ def test_gpu_fp32_tight():
     got = _grads(lambda *a, **k: rms_norm_gated(*a, **k, backend="triton"), x, w, z, dy, **kw)
     want = _reference(x, w, z, dy, **kw)
     assert_all_close({k: (got[k], want[k]) for k in want}, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_torch_compile_fullgraph():
+    """A function using rms_norm_gated compiles with fullgraph=True (the kernels are torch.library ops) and
+    matches eager, forward and backward."""
+    x, w, z, dy = _inputs((2, 300, 256), torch.bfloat16, z_slice=True, device="cuda", seed=5)
+    f = lambda x, w, z: rms_norm_gated(x, w, z, group_size=64) * 2.0  # noqa: E731
+    eager = _grads(f, x, w, z, dy)
+    compiled = _grads(torch.compile(f, fullgraph=True), x, w, z, dy)
+    assert_all_close({k: (compiled[k], eager[k]) for k in eager}, rtol=1e-2)
