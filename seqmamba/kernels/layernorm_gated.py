@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqmamba.kernels._dispatch import compute_dtype, resolve_backend, triton_available
+from seqmamba.kernels._dispatch import compute_dtype, load_triton_impl, resolve_backend
 
 
 def _check(x, weight, z, group_size) -> int:
@@ -50,28 +50,15 @@ def rms_norm_gated_ref(x, weight, z=None, eps=1e-5, group_size=None, norm_before
     return y.to(x.dtype)
 
 
+_rms_norm_gated_triton = load_triton_impl("seqmamba.kernels.layernorm_gated_triton", "rms_norm_gated_triton")
+
+
 def rms_norm_gated(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=False, *, backend="auto"):
     """Gated RMSNorm; see the module docstring. x, z (..., d), weight (d) -> y (..., d). CUDA fp32/bf16/fp16
     inputs run the Triton kernels (``layernorm_gated_triton.py``); float64 and CPU inputs the reference."""
     _check(x, weight, z, group_size)
-    impl = _triton_impl()
-    which = resolve_backend("rms_norm_gated", backend, x, has_triton_impl=impl is not None, inputs=(x, weight, z))
+    which = resolve_backend("rms_norm_gated", backend, x, has_triton_impl=_rms_norm_gated_triton is not None,
+                            inputs=(x, weight, z))
     if which == "triton":
-        return impl(x, weight, z, eps, group_size, norm_before_gate)
+        return _rms_norm_gated_triton(x, weight, z, eps, group_size, norm_before_gate)
     return rms_norm_gated_ref(x, weight, z, eps, group_size, norm_before_gate)
-
-
-def _triton_impl():
-    """The Triton rms_norm_gated (imported on first use), or None where Triton is missing."""
-    global _TRITON_IMPL
-    if _TRITON_IMPL is False:
-        _TRITON_IMPL = None
-        if triton_available():
-            try:
-                from seqmamba.kernels.layernorm_gated_triton import rms_norm_gated_triton as _TRITON_IMPL
-            except Exception:  # a broken Triton install: the reference still works  # pragma: no cover
-                _TRITON_IMPL = None
-    return _TRITON_IMPL
-
-
-_TRITON_IMPL = False
