@@ -5,10 +5,11 @@ Same math as :func:`seqmamba.kernels.layernorm_gated.rms_norm_gated_ref`, per ro
     norm_before_gate=False:  v = x * silu(z)    y = v * rstd * w              rstd = 1 / sqrt(mean(v^2) + eps)
     norm_before_gate=True:   v = x              y = v * rstd * w * silu(z)
 
-Backward, with n = v * rstd and dn = dL/dn (dy * w, times silu(z) before the gate):
+Backward, with n = v * rstd and dn = dL/dn (dy * w, times silu(z) with norm_before_gate):
 
-    dv = rstd * (dn - n * mean(dn * n))       dx = dv (* silu(z) when gated after the norm)
-    dz = dv * x * silu'(z)  or  dy * w * n * silu'(z)      dw = sum over rows of dy * n (* silu(z))
+    dv = rstd * (dn - n * mean(dn * n))       dx = dv, times silu(z) without norm_before_gate
+    dz = dv * x * silu'(z), or dy * w * n * silu'(z) with norm_before_gate
+    dw = sum over rows of dy * n, times silu(z) with norm_before_gate
 
 Rows are the flattened leading dims of (..., d); x, z and dy may have any row stride (z is usually a slice of
 the in_proj output) but unit stride along d. The reference runs this as about ten fp32 elementwise passes and
