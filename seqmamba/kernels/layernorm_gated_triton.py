@@ -180,10 +180,7 @@ def _norm_setup(ctx, inputs, output):
 
 def _norm_backward(ctx, grads):
     x, weight, z, rstd = ctx.saved_tensors
-    dy = grads[0]
-    if dy.stride(-1) != 1:
-        dy = dy.contiguous()
-    dx, dw, dz = _norm_bwd_op(x, weight, z, rstd, dy, ctx.group_size, ctx.before)
+    dx, dw, dz = _norm_bwd_op(x, weight, z, rstd, _rows2d(grads[0]), ctx.group_size, ctx.before)
     return dx, dw, (dz if z is not None else None), None, None, None
 
 
