@@ -21,8 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
+from seqmamba.kernels._dispatch import kernel_module
+
 BLOCK_D = 16
 BLOCK_T = 256
+
+_common = kernel_module("seqmamba.kernels._triton_common", __name__)
 
 
 @triton.jit
@@ -73,7 +77,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, h0_ptr, y_ptr, sx_b, sx_d, sx_l, di
         acc += wk[:, None] * _load_xpad(x_ptr, h0_ptr, x_row, h0_row, _tap(t, k, W, REVERSE), dmask, seqlen, sx_l,
                                         W, HAS_H0, REVERSE)
     if SILU:
-        acc = acc * tl.sigmoid(acc)
+        acc = acc * _common.sigmoid(acc)
     tl.store(y_ptr + (pb * dim + d_off)[:, None] * seqlen + t[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=dmask[:, None] & (t < seqlen)[None, :])
 
@@ -104,7 +108,7 @@ def _conv_bwd_dpre_kernel(x_ptr, w_ptr, bias_ptr, h0_ptr, dy_ptr, dpre_ptr, dw_p
             wk = tl.load(w_ptr + d_off * W + k, mask=dmask, other=0.0).to(tl.float32)
             pre += wk[:, None] * _load_xpad(x_ptr, h0_ptr, x_row, h0_row, _tap(t, k, W, REVERSE), dmask, seqlen,
                                             sx_l, W, HAS_H0, REVERSE)
-        sg = tl.sigmoid(pre)
+        sg = _common.sigmoid(pre)
         dpre = dy * sg * (1.0 + pre * (1.0 - sg))
     else:
         dpre = dy

@@ -23,10 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
+from seqmamba.kernels._dispatch import kernel_module
+
 # rows per program: the forward holds BLOCK_M rows of a group; the backward spreads the rows over at most
 # BWD_PROGRAMS programs per group, each walking its share in blocks of BLOCK_M and keeping one dw partial
 BLOCK_M = 4
 BWD_PROGRAMS = 1024
+
+_common = kernel_module("seqmamba.kernels._triton_common", __name__)
 
 
 @triton.jit
@@ -46,7 +50,7 @@ def _fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, sx, sz, M, D, G, NG, eps,
     v = _rows(x_ptr, rows, sx, cols, m)
     if HAS_Z:
         z = _rows(z_ptr, rows, sz, cols, m)
-        gate = z * tl.sigmoid(z)
+        gate = z * _common.sigmoid(z)
         if not BEFORE:
             v = v * gate
     rstd = 1.0 / tl.sqrt_rn(tl.sum(v * v, 1) / G + eps)
@@ -78,7 +82,7 @@ def _bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dz_ptr, dwp_ptr, 
         rstd = tl.load(rstd_ptr + rows.to(tl.int64) * NG + grp, mask=rm, other=0.0)[:, None]
         if HAS_Z:
             z = _rows(z_ptr, rows, sz, cols, m)
-            sg = tl.sigmoid(z)
+            sg = _common.sigmoid(z)
             gate = z * sg
             dgate = sg * (1.0 + z * (1.0 - sg))                  # silu'(z)
             if BEFORE:

@@ -205,7 +205,7 @@ def _blocked_bwd_kernel(
         dy = tl.load(dout_ptr + o_row + t, mask=valid, other=0.0).to(tl.float32)
         if HAS_Z:
             zz = tl.load(z_ptr + z_row + t, mask=valid, other=0.0).to(tl.float32)
-            sz = tl.sigmoid(zz)
+            sz = _common.sigmoid(zz)
             dyp = dy * zz * sz
         else:
             dyp = dy
@@ -266,7 +266,7 @@ def _blocked_bwd_kernel(
             dz = dy * ypre * sz * (1.0 + zz * (1.0 - sz))
             tl.store(dz_ptr + out_off, dz.to(dz_ptr.dtype.element_ty), mask=valid)
         if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(dl)
+            ddt = ddt * _common.sigmoid(dl)
         ddt = tl.where(valid, ddt, 0.0)
         tl.store(ddelta_ptr + out_off, ddt.to(ddelta_ptr.dtype.element_ty), mask=valid)
         db_acc += tl.sum(ddt, axis=1)

@@ -185,7 +185,7 @@ def _fwd_kernel(
             if HAS_Z:
                 zz = tl.load(z_ptr + (pb * sz_b + d_off * sz_d)[:, None] + t[None, :] * sz_l, mask=mask,
                              other=0.0).to(tl.float32)
-                y = y * zz * tl.sigmoid(zz)
+                y = y * zz * _common.sigmoid(zz)
             y_off = (pb * sy_b + d_off * sy_d)[:, None] + t[None, :] * sy_l
             if ACCUM:  # add to what y holds (the other direction of a bidirectional call)
                 y += tl.load(y_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
@@ -340,7 +340,7 @@ def _fwd_seq_kernel(
             if HAS_D:
                 y += Dv * u
             if HAS_Z:
-                y = y * zz * tl.sigmoid(zz)
+                y = y * zz * _common.sigmoid(zz)
             if REVERSE:
                 t = seqlen - 1 - j
             else:
@@ -437,7 +437,7 @@ def _bwd_sum_kernel(
         if HAS_Z:
             zz = tl.load(z_ptr + (pb * sz_b + d_off * sz_d)[:, None] + t[None, :] * sz_l, mask=mask,
                          other=0.0).to(tl.float32)
-            dy = dy * zz * tl.sigmoid(zz)
+            dy = dy * zz * _common.sigmoid(zz)
         Ct = tl.load(C_ptr + C_row[:, None] + t[None, :] * sC_l, mask=n_mask[:, None] & valid[None, :],
                      other=0.0).to(tl.float32)
         a_n = tl.exp2(dt_n[:, None, :] * A2[:, :, None])
@@ -575,7 +575,7 @@ def _bwd_kernel(
             if HAS_Z:
                 z_off = (pb * sz_b + d_off * sz_d)[:, None] + t[None, :] * sz_l
                 zz = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
-                sg = tl.sigmoid(zz)
+                sg = _common.sigmoid(zz)
                 ypre = tl.sum(h * Ct[None, :, :], axis=1)
                 if HAS_D:
                     Dv = tl.load(D_ptr + d_off, mask=dmask, other=0.0).to(tl.float32)
@@ -613,7 +613,7 @@ def _bwd_kernel(
                 tl.store(dD_ptr + slot_c * dim + d_off, tl.load(dD_ptr + slot_c * dim + d_off, mask=dmask, other=0.0)
                          + tl.sum(dy * u, axis=1), mask=dmask)
             if SOFTPLUS:
-                ddt = ddt * tl.sigmoid(dl)
+                ddt = ddt * _common.sigmoid(dl)
             ddt = tl.where(mask, ddt, 0.0)
             tl.store(du_ptr + (pb * dim + d_off)[:, None] * seqlen + t[None, :], du.to(du_ptr.dtype.element_ty),
                      mask=mask)
@@ -777,7 +777,7 @@ def _bwd_seq_block(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
             h = tl.load(hs_ptr + hs_base + (s + 1) * BN * BD + loc)
             h_prev = tl.load(hs_ptr + hs_base + s * BN * BD + loc)
             if HAS_Z:
-                sg = tl.sigmoid(zz)
+                sg = _common.sigmoid(zz)
                 ypre = tl.sum(h * Cv[:, None], axis=0) + Dv * u
                 dz = dout * ypre * sg * (1.0 + zz * (1.0 - sg))
                 tl.store(dz_ptr + g_row + t * sg_l, dz.to(dz_ptr.dtype.element_ty), mask=m)
@@ -798,7 +798,7 @@ def _bwd_seq_block(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
             du = gB * dt + dy * Dv
             ddt = gB * u + tl.sum(gah * A, axis=0)
             if SOFTPLUS:
-                ddt = ddt * tl.sigmoid(dl)
+                ddt = ddt * _common.sigmoid(dl)
             ddt = tl.where(m, ddt, 0.0)
             tl.store(du_ptr + g_row + t * sg_l, du.to(du_ptr.dtype.element_ty), mask=m)
             tl.store(ddelta_ptr + g_row + t * sg_l, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)

@@ -42,7 +42,8 @@ import triton.language as tl
 from seqmamba.kernels._dispatch import kernel_module
 from seqmamba.kernels.ssd.ref import ssd_scan_ref
 
-_softplus = kernel_module("seqmamba.kernels._triton_common", __name__).softplus
+_common = kernel_module("seqmamba.kernels._triton_common", __name__)
+_softplus, _sigmoid = _common.softplus, _common.sigmoid
 
 # Defaults: chunk length (mamba_ssm's), block of positions, warps. Swept on an H100 (benchmarks/kernels_ssd.py
 # --sweep, b1 l2^20 24x64 n128, 2026-11-23): chunk 128, block 128 + 8 warps (forward), 8 warps or block 32
@@ -352,7 +353,7 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
         tl.store(ypre_ptr + out, acc.to(ypre_ptr.dtype.element_ty), mask=om)
     if HAS_Z:
         zt = _load_rows(z_ptr, bb * sz_b + hh * sz_h, tt, sz_l, p_off, sz_p, vt, hdim).to(tl.float32)
-        acc = acc * zt * tl.sigmoid(zt)
+        acc = acc * zt * _sigmoid(zt)
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=om)
 
 
@@ -453,7 +454,7 @@ def _chunk_out_heads_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, 
     if HAS_Z:
         zt = tl.load(z_ptr + bb * sz_b + (h0 + ch)[None, :] * sz_h + tt[:, None] * sz_l + cp[None, :] * sz_p,
                      mask=om, other=0.0).to(tl.float32)
-        acc = acc * zt * tl.sigmoid(zt)
+        acc = acc * zt * _sigmoid(zt)
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=om)
 
 
@@ -486,7 +487,7 @@ def _bwd_gloc_kernel(dy_ptr, z_ptr, C_ptr, g_ptr, cs_ptr, gst_ptr, seq_ptr,
         gt = _load_rows(dy_ptr, bb * so_b + hh * so_h, tt, so_l, p_off, 1, vt, hdim).to(tl.float32)
         if HAS_Z:
             zt = _load_rows(z_ptr, bb * sz_b + hh * sz_h, tt, sz_l, p_off, sz_p, vt, hdim).to(tl.float32)
-            gt = gt * zt * tl.sigmoid(zt)
+            gt = gt * zt * _sigmoid(zt)
             tl.store(g_ptr + bb * so_b + hh * so_h + tt[:, None] * so_l + p_off[None, :],
                      gt.to(g_ptr.dtype.element_ty), mask=vt[:, None] & (p_off < hdim)[None, :])
         ein = tl.exp(tl.minimum(tl.load(cs_ptr + row + jt), 0.0))
@@ -654,7 +655,7 @@ def _dx_epilogue(D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr, dx_ptr, dz_ptr, q_ptr, z
         zs = _load_rows(z_ptr, bb * sz_b + hh * sz_h, ts, sz_l, p_off, sz_p, vs, hdim).to(tl.float32)
         dys = _load_rows(dy_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim).to(tl.float32)
         yp = _load_rows(ypre_ptr, bb * so_b + hh * so_h, ts, so_l, p_off, 1, vs, hdim).to(tl.float32)
-        sg = tl.sigmoid(zs)
+        sg = _sigmoid(zs)
         tl.store(dz_ptr + out, (dys * yp * sg * (1.0 + zs * (1.0 - sg))).to(dz_ptr.dtype.element_ty), mask=om)
 
 
@@ -788,7 +789,7 @@ def _bwd_ddt_kernel(dt_ptr, bias_ptr, A_ptr, dtp_ptr, q_ptr, zs_ptr, rin_ptr, da
         raw = tl.load(dt_ptr + bb * sdt_b + hh * sdt_h + t * sdt_l, mask=valid, other=0.0).to(tl.float32)
         if HAS_BIAS:
             raw += tl.load(bias_ptr + hh).to(tl.float32)
-        ddt = ddt * tl.sigmoid(raw)
+        ddt = ddt * _sigmoid(raw)
     ddt = tl.where(valid, ddt, 0.0)
     if HAS_BIAS:
         tl.store(dbp_ptr + pid.to(tl.int64) * n_chunks + c, tl.sum(ddt, axis=0))

@@ -1,0 +1,62 @@
+"""The kernels' shared fp32 softplus and sigmoid against float64 torch over their whole range: interpreted on
+CPU (the formulas: series truncation, range split, edge values), and on a GPU (``-m gpu``: the MUFU
+approximations of exp2 and rsqrt that the compiled kernels use)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.kernels.interpret import load_interpreted
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+EDGES = [0.0, -0.0, 1e-30, -1e-30, 1e-7, -1e-7, 0.8813736, -0.8813736, 20.0, -20.0, 87.0, -87.0, 88.8, -88.8,
+         103.0, -103.0, 1e4, -1e4, 3e38, -3e38]
+
+
+def _points(device):
+    dense = torch.linspace(-110.0, 110.0, 400_001, dtype=torch.float64)
+    # around the range split (e = sqrt(2) - 1 at |x| = ln(1 + sqrt(2)) = 0.88137...) and around 0, finely
+    fine = torch.cat([0.8813736 + torch.linspace(-1e-4, 1e-4, 20_001, dtype=torch.float64),
+                      -0.8813736 + torch.linspace(-1e-4, 1e-4, 20_001, dtype=torch.float64),
+                      torch.linspace(-1e-3, 1e-3, 20_001, dtype=torch.float64)])
+    x = torch.cat([dense, fine, torch.tensor(EDGES, dtype=torch.float64)]).to(torch.float32)
+    return x.to(device)
+
+
+def _check(apply, device, bound):
+    """Relative error under ``bound`` * max(1, |x|) wherever the true value is a normal fp32 number (exp2 of the
+    rounded fp32 product x log2(e) is off by up to |x| ulp of the argument: the growth of any fp32 exp); below
+    that (the far left tails, where a GPU flushes subnormal results to zero) the result must be below the
+    smallest normal."""
+    x = _points(device)
+    x64 = x.double().cpu()
+    for name, want in (("softplus", F.softplus(x64)), ("sigmoid", torch.sigmoid(x64))):
+        got = apply(name, x).double().cpu()
+        assert torch.isfinite(got).all(), name
+        normal = want.abs() >= torch.finfo(torch.float32).tiny
+        rel = ((got - want).abs() / want.abs() / x64.abs().clamp_min(1.0))[normal]
+        worst = rel.argmax()
+        assert rel.max() < bound, f"{name}: relative error / max(1, |x|) {rel.max():.2e} at x = {x64[normal][worst].item()!r}"
+        assert (got[~normal].abs() < torch.finfo(torch.float32).tiny).all(), name
+        assert (got >= 0).all(), name
+
+
+def test_interpreted_softplus_and_sigmoid_match_float64():
+    mod = load_interpreted("tests.kernels._math_kernels")
+    _check(mod.apply, "cpu", 5e-7)
+
+
+def test_softplus_nan_propagates_interpreted():
+    mod = load_interpreted("tests.kernels._math_kernels")
+    got = mod.apply("softplus", torch.tensor([float("nan"), 1.0]))
+    assert torch.isnan(got[0]) and torch.isfinite(got[1])
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_softplus_and_sigmoid_match_float64():
+    from tests.kernels import _math_kernels
+
+    _check(_math_kernels.apply, "cuda", 1e-6)
