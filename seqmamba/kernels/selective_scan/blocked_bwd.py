@@ -30,11 +30,14 @@ every gradient. Two exps per (position, channel, state). The chunk is short (und
 ``T`` = 128 on one warp, 4 positions a thread, unless there are few (batch, channel) rows): the forward saves
 the state entering every T positions for it, however long its own chunks are.
 
-dA, dD and dbias stay in registers and are written once per program as per-batch partials (summed by torch
-over the batch); dB and dC, sums over the channels of a group, are summed over the program's BD channels and
-added into fp32 (b, g, n, l) buffers with ``tl.atomic_add``: the order of those additions varies from run to
-run, so this backward is NOT bitwise deterministic (chunk.py keeps the deterministic kernels for
-``torch.use_deterministic_algorithms(True)``).
+dA, dD and dbias stay in registers and are written once per program as per-batch partials (summed by torch over
+the batch). On more than one warp, the sum over a chunk's positions that dA takes per state would cross warps
+through shared memory and a barrier; there each thread instead keeps its own running sums, one slot per
+(channel, state, thread) of a buffer that torch sums (H100, b1 d512 l2^20, 2 warps: fwd+bwd 49.7 -> 45.7 ms; on
+one warp, where the sum is 5 shuffles, the slots were 0-10% slower). dB and dC, sums over the channels of a
+group, are summed over the program's BD channels and added into fp32 (b, g, n, l) buffers with
+``tl.atomic_add``: the order of those additions varies from run to run, so this backward is NOT bitwise
+deterministic (chunk.py keeps the deterministic kernels for ``torch.use_deterministic_algorithms(True)``).
 
 Accumulation is fp32 for every input dtype; du, ddelta, dz are written in their inputs' dtypes (contiguous
 (b, d, l)); all offsets are 64-bit.
@@ -136,7 +139,7 @@ def _blocked_bwd_kernel(
     su_b, su_d, sdl_b, sdl_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sz_b, sz_d, so_b, so_d, ss_b, ss_l,
     dim, nstate, seqlen, cpg, ngroups, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, DA_PARTIALS: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     NT: tl.constexpr, V: tl.constexpr,
 ):
@@ -167,7 +170,11 @@ def _blocked_bwd_kernel(
     Dv = tl.zeros([BD], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d_off).to(tl.float32)
-    dA_acc = tl.zeros([BD, BN], dtype=tl.float32)
+    if DA_PARTIALS:  # each thread's running sums, one slot per (channel, state, thread) of the (b, d, n, NT) buffer
+        lane = tl.max(tl.reshape(tl.arange(0, T)[None, :], (1, NT, V)), 2) // V      # (1, NT), as the partials
+        dA_row = ((pb * dim + d_off) * nstate)[:, None] * NT + lane
+    else:
+        dA_acc = tl.zeros([BD, BN], dtype=tl.float32)
     dD_acc = tl.zeros([BD], dtype=tl.float32)
     db_acc = tl.zeros([BD], dtype=tl.float32)
 
@@ -249,7 +256,11 @@ def _blocked_bwd_kernel(
             gxa = g * (h - x)                                                          # g_j a_j h_{j-1}
             sgB += g * Bn
             ddt += gxa * An
-            dA_acc += tl.where(n_off[None, :] == n, tl.sum(gxa * dt, axis=1)[:, None], 0.0)
+            if DA_PARTIALS:
+                dA_slot = dA_ptr + dA_row + n * NT
+                tl.store(dA_slot, tl.load(dA_slot) + tl.sum(tl.reshape(gxa * dt, (BD, NT, V)), 2))
+            else:
+                dA_acc += tl.where(n_off[None, :] == n, tl.sum(gxa * dt, axis=1)[:, None], 0.0)
             tl.atomic_add(dB_ptr + bc_t, tl.sum(g * dtu, axis=0)[None, :], mask=valid, sem="relaxed")
             tl.atomic_add(dC_ptr + bc_t, tl.sum(h * dyp, axis=0)[None, :], mask=valid, sem="relaxed")
             ypre += h * Cn
@@ -284,7 +295,8 @@ def _blocked_bwd_kernel(
     g0 = tl.load(g_ptr + dn_off, mask=dn_mask, other=0.0)
     tl.debug_barrier()  # every thread has read g_0 before it is overwritten
     tl.store(g_ptr + dn_off, g0 * tl.exp2(dt0 * A2), mask=dn_mask)
-    tl.store(dA_ptr + dn_off, dA_acc, mask=dn_mask)
+    if not DA_PARTIALS:
+        tl.store(dA_ptr + dn_off, dA_acc, mask=dn_mask)
     tl.store(dD_ptr + pb * dim + d_off, dD_acc)
     tl.store(dbias_ptr + pb * dim + d_off, db_acc)
 
@@ -324,19 +336,20 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
     dz = torch.empty(b, d, l, device=dev, dtype=z.dtype) if z is not None else None
     dB = torch.zeros(b, g, n, l, **f32)
     dC = torch.zeros(b, g, n, l, **f32)
-    dA = torch.empty(b, d, n, **f32)
+    warps = num_warps or default_warps(T)
+    V = positions_per_thread(T, warps, max(t.element_size() for t in (u, delta, z, dout, B4, C4) if t is not None))
+    partials = warps > 1
+    dA = torch.zeros(b, d, n, T // V if partials else 1, **f32)  # summed over its last dim below
     dD = torch.empty(b, d, **f32)
     dbias = torch.empty(b, d, **f32)
     # g carry slab: dht (or 0) in, dh0 out
     dh0 = dht.to(torch.float32, copy=True).contiguous() if dht is not None else torch.zeros(b, d, n, **f32)
     if l == 0:
-        dA.zero_(), dD.zero_(), dbias.zero_()
+        dD.zero_(), dbias.zero_()
     else:
         cs = chunk_states if chunk_states.is_contiguous() else chunk_states.contiguous()
         seq = (seq_idx, seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (dA, 0, 0)
         zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
-        warps = num_warps or default_warps(T)
-        V = positions_per_thread(T, warps, max(t.element_size() for t in (u, delta, z, dout, B4, C4) if t is not None))
         _blocked_bwd_kernel[(b * (d // BD),)](
             u, delta, A.contiguous(), B4, C4, D if D is not None else dA, z if z is not None else dA,
             delta_bias if delta_bias is not None else dA, dout, cs, seq[0],
@@ -345,8 +358,8 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
             B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2), *zs, dout.stride(0), dout.stride(1),
             seq[1], seq[2], d, n, l, cpg, g, n_chunks,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-            REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, BD=BD, BN=BN, T=T, NT=T // V, V=V,
+            REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, DA_PARTIALS=partials, BD=BD, BN=BN, T=T, NT=T // V, V=V,
             num_warps=warps)
-    return (du, ddelta, dA.sum(0).to(A.dtype), dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
+    return (du, ddelta, dA.sum((0, 3)).to(A.dtype), dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, dh0)
