@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -63,3 +64,22 @@ def outputs_and_grads(fn, x: dict, seed: int = 1) -> dict:
     names = [k for k, v in x.items() if v is not None]
     grads = torch.autograd.grad((y * dy).sum() + (h * dh).sum(), [x[k] for k in names])
     return {"y": y.detach(), "final_state": h.detach(), **{f"d{k}": gr for k, gr in zip(names, grads)}}
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every aten op that runs under it: ``names`` (their schema names, in order), ``largest`` (the most
+    elements of any tensor an op returned) and ``total`` (the elements all ops returned)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+        self.largest = self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.names.append(func._schema.name)
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+                self.total += t.numel()
+        return out

@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqmamba import Mamba, Mamba2
 from seqmamba.mamba import channels_first_linear, scan_layout_l_major
-from tests.utils import assert_close
+from tests.utils import OpRecorder, assert_close
 
 D_MODEL = 16
 MIXERS = {
@@ -182,18 +181,6 @@ def test_mamba_scan_input_layout(bias, grad):
             assert scan[name].stride(1) == 1, f"{name} is not channel-last: strides {scan[name].stride()}"
 
 
-class _Ops(TorchDispatchMode):
-    """Records the names of the aten ops that run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func._schema.name)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("batch", [1, 3])
 def test_channels_first_linear_is_one_gemm_without_copies(batch):
     """weight @ x along the channels of (b, i, l) equals torch.matmul's product, comes out contiguous along l, and
@@ -203,7 +190,7 @@ def test_channels_first_linear_is_one_gemm_without_copies(batch):
     torch.manual_seed(0)
     w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     x = torch.randn(batch, 9, 4, dtype=torch.float64, requires_grad=True).transpose(1, 2)   # (b, i, l) view
-    with _Ops() as ops:
+    with OpRecorder() as ops:
         y = channels_first_linear(w, x)
     assert not {"aten::clone", "aten::copy_", "aten::contiguous"} & set(ops.names), ops.names
     assert y.shape == (batch, 6, 9) and y.is_contiguous()
@@ -220,7 +207,7 @@ def test_mamba_projection_under_autograd_makes_no_copies():
     """in_proj in the scan's layout (under autograd) is one GEMM: no transposing copy of the activations."""
     m = Mamba(16, d_state=4)
     x = torch.randn(2, 9, 16, requires_grad=True)
-    with _Ops() as ops:
+    with OpRecorder() as ops:
         xz = m.project(x)
     assert "aten::clone" not in ops.names and "aten::copy_" not in ops.names, ops.names
     assert xz.transpose(1, 2).is_contiguous()

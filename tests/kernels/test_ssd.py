@@ -2,10 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqmamba.kernels.ssd import ssd_scan, ssd_scan_ref
-from tests.utils import assert_all_close as assert_close
+from tests.utils import OpRecorder, assert_all_close as assert_close
 
 GRAD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
@@ -263,21 +262,6 @@ def test_two_carried_halves_equal_one_shot(reverse):
     compare(run_with_grads(halves, inp, dy, dht), one_shot, 1e-12)
 
 
-class _CountElements(TorchDispatchMode):
-    """Records the largest tensor any op returns and the elements all ops return, in numbers of elements."""
-    def __init__(self):
-        super().__init__()
-        self.largest = self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-                self.total += t.numel()
-        return out
-
-
 @pytest.mark.parametrize("reverse", [False, True])
 def test_memory_and_work_are_chunked(reverse):
     """Forward and backward: no tensor larger than the inputs, and work linear in the length."""
@@ -285,7 +269,7 @@ def test_memory_and_work_are_chunked(reverse):
     for l in (128, 256):
         b, h, p, n = 1, 2, 4, 16
         inp, dy, dht = make_inputs(b, l, h, p, g=1, n=n, seed=81, D="h", z=True, dtype=torch.float32)
-        counts[l] = mode = _CountElements()
+        counts[l] = mode = OpRecorder()
         with mode:
             run_with_grads(op(chunk_size=16, reverse=reverse), inp, dy, dht)
         biggest_input = max(b * l * h * p, b * l * n)  # x, B; the whole-length state would be b l h p n
