@@ -256,11 +256,14 @@ def _blocked_bwd_kernel(
             gxa = g * (h - x)                                                          # g_j a_j h_{j-1}
             sgB += g * Bn
             ddt += gxa * An
+            # each thread's own positions first, in registers (a plain tl.sum over the tile cost ~14 more SASS
+            # instructions a state on one warp)
+            dA_part = tl.sum(tl.reshape(gxa * dt, (BD, NT, V)), 2)                    # (BD, NT)
             if DA_PARTIALS:
                 dA_slot = dA_ptr + dA_row + n * NT
-                tl.store(dA_slot, tl.load(dA_slot) + tl.sum(tl.reshape(gxa * dt, (BD, NT, V)), 2))
+                tl.store(dA_slot, tl.load(dA_slot) + dA_part)
             else:
-                dA_acc += tl.where(n_off[None, :] == n, tl.sum(gxa * dt, axis=1)[:, None], 0.0)
+                dA_acc += tl.where(n_off[None, :] == n, tl.sum(dA_part, axis=1)[:, None], 0.0)
             tl.atomic_add(dB_ptr + bc_t, tl.sum(g * dtu, axis=0)[None, :], mask=valid, sem="relaxed")
             tl.atomic_add(dC_ptr + bc_t, tl.sum(h * dyp, axis=0)[None, :], mask=valid, sem="relaxed")
             ypre += h * Cn
