@@ -38,7 +38,8 @@ def _check(apply, device, bound):
         normal = want.abs() >= torch.finfo(torch.float32).tiny
         rel = ((got - want).abs() / want.abs() / x64.abs().clamp_min(1.0))[normal]
         worst = rel.argmax()
-        assert rel.max() < bound, f"{name}: relative error / max(1, |x|) {rel.max():.2e} at x = {x64[normal][worst].item()!r}"
+        at = x64[normal][worst].item()
+        assert rel.max() < bound, f"{name}: relative error / max(1, |x|) {rel.max():.2e} at x = {at!r}"
         assert (got[~normal].abs() < torch.finfo(torch.float32).tiny).all(), name
         assert (got >= 0).all(), name
 
