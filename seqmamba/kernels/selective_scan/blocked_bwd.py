@@ -159,10 +159,6 @@ def _blocked_bwd_kernel(
     ar = tl.arange(0, T)[None, :]                                    # (1, T): positions of the chunk
     first = ar == 0
     last = ar == T - 1
-    if REVERSE:
-        start = last   # the tile element holding the chunk's first position in scan order
-    else:
-        start = first
 
     bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_BIAS:
@@ -170,8 +166,15 @@ def _blocked_bwd_kernel(
     Dv = tl.zeros([BD], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d_off).to(tl.float32)
+    lane = tl.max(tl.reshape(tl.arange(0, T)[None, :], (1, NT, V)), 2) // V          # (1, NT): a thread's index
+    v_ar = tl.arange(0, V)[None, None, :]
+    if REVERSE:  # the thread and register holding the chunk's first position in scan order
+        start_lane = lane == NT - 1
+        start_v = v_ar == V - 1
+    else:
+        start_lane = lane == 0
+        start_v = v_ar == 0
     if DA_PARTIALS:  # each thread's running sums, one slot per (channel, state, thread) of the (b, d, n, NT) buffer
-        lane = tl.max(tl.reshape(tl.arange(0, T)[None, :], (1, NT, V)), 2) // V      # (1, NT), as the partials
         dA_row = ((pb * dim + d_off) * nstate)[:, None] * NT + lane
     else:
         dA_acc = tl.zeros([BD, BN], dtype=tl.float32)
@@ -267,8 +270,10 @@ def _blocked_bwd_kernel(
             tl.atomic_add(dB_ptr + bc_t, tl.sum(g * dtu, axis=0)[None, :], mask=valid, sem="relaxed")
             tl.atomic_add(dC_ptr + bc_t, tl.sum(h * dyp, axis=0)[None, :], mask=valid, sem="relaxed")
             ypre += h * Cn
-            # g at the chunk's first position, the next chunk's carry: stored by the thread that holds it
-            tl.store(g_ptr + (gc_row + n)[:, None] + ar * 0, g, mask=start)
+            # g at the chunk's first position, the next chunk's carry: stored by the thread that holds it, from its
+            # own register (a masked store of the tile went through a shared-memory layout conversion every state)
+            g_start = tl.sum(tl.where(start_v, tl.reshape(g, (BD, NT, V)), 0.0), 2)     # (BD, NT), in-thread
+            tl.store(g_ptr + (gc_row + n)[:, None] + lane * 0, g_start, mask=start_lane)
             bc_t += seqlen                                                             # next state's row
             An, Bn, Cn, h0, gc = An_x, Bn_x, Cn_x, h0_x, gc_x
         ddt += u * sgB
