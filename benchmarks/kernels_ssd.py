@@ -286,7 +286,7 @@ def resources(block=None, warps=None):
         "_bwd_state_pass_kernel": dict(HAS_DHT=True, **flags, BS=ours.STATE_BLOCK, U=ours.STATE_UNROLL),
         "_bwd_dx_dB_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots, FACTOR=ours.FACTOR,
                                   HEADS_FIRST=ours.HEADS_FIRST),
-        "_bwd_dC_kernel": dict(**flags, **dots, FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST),
+        "_bwd_dC_kernel": dict(**flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_ddt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
     }
 
