@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqmamba.kernels._dispatch import kernel_module
+from seqmamba.kernels._dispatch import EagerCustomOp, kernel_module
 
 BLOCK_D = 16
 BLOCK_T = 256
@@ -198,9 +198,11 @@ _OPS = "seqmamba::causal_conv1d" + ("_interp" if __name__.endswith("__interprete
 _T = torch.Tensor
 
 
-@torch.library.custom_op(_OPS + "_fwd", mutates_args=())
-def _conv_fwd_op(x: _T, weight: _T, bias: _T | None, h0: _T | None, silu: bool, reverse: bool) -> _T:
+def _conv_fwd_impl(x: _T, weight: _T, bias: _T | None, h0: _T | None, silu: bool, reverse: bool) -> _T:
     return _conv_fwd(x, weight, bias, h0, silu, reverse)
+
+
+_conv_fwd_op = torch.library.custom_op(_OPS + "_fwd", _conv_fwd_impl, mutates_args=())
 
 
 @_conv_fwd_op.register_fake
@@ -208,11 +210,13 @@ def _(x, weight, bias, h0, silu, reverse):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op(_OPS + "_bwd", mutates_args=())
-def _conv_bwd_op(x: _T, weight: _T, bias: _T | None, h0: _T | None, dy: _T, silu: bool,
+def _conv_bwd_impl(x: _T, weight: _T, bias: _T | None, h0: _T | None, dy: _T, silu: bool,
                  reverse: bool) -> list[_T]:
     grads = _conv_bwd(x, weight, bias, h0, dy, silu, reverse)
     return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+_conv_bwd_op = torch.library.custom_op(_OPS + "_bwd", _conv_bwd_impl, mutates_args=())
 
 
 @_conv_bwd_op.register_fake
@@ -229,11 +233,13 @@ def _conv_setup(ctx, inputs, output):
 
 def _conv_backward(ctx, dy):
     x, weight, bias, h0 = ctx.saved_tensors
-    grads = _conv_bwd_op(x, weight, bias, h0, dy, ctx.silu, ctx.reverse)
+    grads = _conv_bwd_call(x, weight, bias, h0, dy, ctx.silu, ctx.reverse)
     return (*[g if t is not None else None for g, t in zip(grads, (x, weight, bias, h0))], None, None)
 
 
 _conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+_conv_fwd_call = EagerCustomOp(_conv_fwd_op, _conv_fwd_impl, _conv_setup, _conv_backward)
+_conv_bwd_call = EagerCustomOp(_conv_bwd_op, _conv_bwd_impl)
 
 
 def causal_conv1d_triton(x, weight, bias=None, initial_state=None, return_final_state=False, activation=None,
@@ -244,7 +250,7 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, return_final_
     b, d, l = x.shape
     w = weight.shape[1]
     h0 = initial_state.contiguous() if (initial_state is not None and w > 1) else None
-    y = _conv_fwd_op(x, weight.contiguous(), bias, h0, activation in ("silu", "swish"), bool(reverse))
+    y = _conv_fwd_call(x, weight.contiguous(), bias, h0, activation in ("silu", "swish"), bool(reverse))
     if not return_final_state:
         return y
     # the last w-1 columns of cat(h0, x in scan order), in fp32, through autograd

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqmamba.kernels._dispatch import kernel_module
+from seqmamba.kernels._dispatch import EagerCustomOp, kernel_module
 
 # rows per program: the forward holds BLOCK_M rows of a group; the backward spreads the rows over at most
 # BWD_PROGRAMS programs per group, each walking its share in blocks of BLOCK_M and keeping one dw partial
@@ -154,9 +154,11 @@ _OPS = "seqmamba::rms_norm_gated" + ("_interp" if __name__.endswith("__interpret
 _T = torch.Tensor
 
 
-@torch.library.custom_op(_OPS + "_fwd", mutates_args=())
-def _norm_fwd_op(x: _T, weight: _T, z: _T | None, eps: float, group_size: int, before: bool) -> list[_T]:
+def _norm_fwd_impl(x: _T, weight: _T, z: _T | None, eps: float, group_size: int, before: bool) -> list[_T]:
     return list(_fwd(x, weight, z, eps, group_size, before))
+
+
+_norm_fwd_op = torch.library.custom_op(_OPS + "_fwd", _norm_fwd_impl, mutates_args=())
 
 
 @_norm_fwd_op.register_fake
@@ -164,10 +166,12 @@ def _(x, weight, z, eps, group_size, before):
     return [x.new_empty(x.shape), x.new_empty(x.shape[0], x.shape[1] // group_size, dtype=torch.float32)]
 
 
-@torch.library.custom_op(_OPS + "_bwd", mutates_args=())
-def _norm_bwd_op(x: _T, weight: _T, z: _T | None, rstd: _T, dy: _T, group_size: int, before: bool) -> list[_T]:
+def _norm_bwd_impl(x: _T, weight: _T, z: _T | None, rstd: _T, dy: _T, group_size: int, before: bool) -> list[_T]:
     dx, dw, dz = _bwd(x, weight, z, rstd, dy, group_size, before)
     return [dx, dw, dz if dz is not None else x.new_empty(0)]
+
+
+_norm_bwd_op = torch.library.custom_op(_OPS + "_bwd", _norm_bwd_impl, mutates_args=())
 
 
 @_norm_bwd_op.register_fake
@@ -184,11 +188,13 @@ def _norm_setup(ctx, inputs, output):
 
 def _norm_backward(ctx, grads):
     x, weight, z, rstd = ctx.saved_tensors
-    dx, dw, dz = _norm_bwd_op(x, weight, z, rstd, _rows2d(grads[0]), ctx.group_size, ctx.before)
+    dx, dw, dz = _norm_bwd_call(x, weight, z, rstd, _rows2d(grads[0]), ctx.group_size, ctx.before)
     return dx, dw, (dz if z is not None else None), None, None, None
 
 
 _norm_fwd_op.register_autograd(_norm_backward, setup_context=_norm_setup)
+_norm_fwd_call = EagerCustomOp(_norm_fwd_op, _norm_fwd_impl, _norm_setup, _norm_backward, returns_list=True)
+_norm_bwd_call = EagerCustomOp(_norm_bwd_op, _norm_bwd_impl)
 
 
 def _rows2d(t):
@@ -200,6 +206,6 @@ def _rows2d(t):
 def rms_norm_gated_triton(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=False):
     """Triton :func:`rms_norm_gated_ref` (same signature; inputs validated by the caller, fp32/bf16/fp16)."""
     d = x.shape[-1]
-    y, _ = _norm_fwd_op(_rows2d(x), weight.contiguous(), _rows2d(z) if z is not None else None, float(eps),
+    y, _ = _norm_fwd_call(_rows2d(x), weight.contiguous(), _rows2d(z) if z is not None else None, float(eps),
                         int(group_size or d), bool(norm_before_gate))
     return y.reshape(x.shape)

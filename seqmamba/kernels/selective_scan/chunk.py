@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqmamba.kernels._dispatch import kernel_module
+from seqmamba.kernels._dispatch import EagerCustomOp, kernel_module
 from seqmamba.kernels.selective_scan.ref import _grouped
 
 
@@ -1213,13 +1213,15 @@ def _empty(ref):
     return ref.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.custom_op(_OPS + "_fwd", mutates_args=())
-def _scan_fwd_op(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
+def _scan_fwd_impl(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
                  initial_state: _T | None, softplus: bool, reverse: bool, save_states: bool,
                  seq_idx: _T | None, blocked: bool = True) -> tuple[_T, _T, _T]:
     y, ht, states = (_blocked_fwd if blocked else _fwd)(u, delta, A, B, C, D, z, delta_bias, softplus,
                                                         initial_state, reverse, save_states, seq_idx=seq_idx)
     return y, ht.clone(memory_format=torch.contiguous_format), states if states is not None else _empty(u)
+
+
+_scan_fwd_op = torch.library.custom_op(_OPS + "_fwd", _scan_fwd_impl, mutates_args=())
 
 
 @_scan_fwd_op.register_fake
@@ -1234,14 +1236,16 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, sav
     return new_output(u, delta), u.new_empty(b, d, n, dtype=torch.float32), ts
 
 
-@torch.library.custom_op(_OPS + "_bwd", mutates_args=())
-def _scan_bwd_op(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
+def _scan_bwd_impl(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
                  initial_state: _T | None, states: _T, dy: _T, dht: _T | None, softplus: bool,
                  reverse: bool, seq_idx: _T | None, blocked: bool = True) -> list[_T]:
     grads = list((_blocked_bwd if blocked else _bwd)(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, states,
                                                      dy, dht, seq_idx=seq_idx))
     grads[-1] = grads[-1].to(initial_state.dtype) if initial_state is not None else None
     return [g if g is not None else _empty(u) for g in grads]
+
+
+_scan_bwd_op = torch.library.custom_op(_OPS + "_bwd", _scan_bwd_impl, mutates_args=())
 
 
 def _grads_like(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, blocked=False):
@@ -1275,7 +1279,7 @@ def _scan_backward(ctx, dy, dht, _dstates):
     u, delta, A, B, C, D, z, delta_bias, initial_state, states, seq_idx = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(u)
-    grads = _scan_bwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dy, dht, ctx.softplus,
+    grads = _scan_bwd_call(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dy, dht, ctx.softplus,
                          ctx.reverse, seq_idx, ctx.blocked)
     present = [u, delta, A, B, C, D, z, delta_bias, initial_state]
     grads = [g if t is not None else None for g, t in zip(grads, present)]
@@ -1283,6 +1287,8 @@ def _scan_backward(ctx, dy, dht, _dstates):
 
 
 _scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup)
+_scan_fwd_call = EagerCustomOp(_scan_fwd_op, _scan_fwd_impl, _scan_setup, _scan_backward)
+_scan_bwd_call = EagerCustomOp(_scan_bwd_op, _scan_bwd_impl)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -1300,7 +1306,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     if _tuning is None:
         tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        y, ht, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
+        y, ht, _ = _scan_fwd_call(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
                                 bool(reverse), save, seq_idx, blocked_default(delta, save))
     else:
         y, ht = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
@@ -1318,8 +1324,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 _BI_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-@torch.library.custom_op(_OPS + "_bi_fwd", mutates_args=())
-def _bi_fwd_op(u_f: _T, u_r: _T, delta_f: _T, delta_r: _T, A_f: _T, A_r: _T, B_f: _T, B_r: _T, C_f: _T, C_r: _T,
+def _bi_fwd_impl(u_f: _T, u_r: _T, delta_f: _T, delta_r: _T, A_f: _T, A_r: _T, B_f: _T, B_r: _T, C_f: _T, C_r: _T,
                D_f: _T | None, D_r: _T | None, z_f: _T | None, z_r: _T | None, bias_f: _T | None,
                bias_r: _T | None, softplus: bool, save_states: bool, seq_idx: _T | None,
                blocked: bool = True) -> tuple[_T, _T, _T]:
@@ -1329,6 +1334,9 @@ def _bi_fwd_op(u_f: _T, u_r: _T, delta_f: _T, delta_r: _T, A_f: _T, A_r: _T, B_f
     y, _, ts_r = fwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, None, True, save_states,
                      seq_idx=seq_idx, out=y)
     return y, (ts_f if ts_f is not None else _empty(u_f)), (ts_r if ts_r is not None else _empty(u_f))
+
+
+_bi_fwd_op = torch.library.custom_op(_OPS + "_bi_fwd", _bi_fwd_impl, mutates_args=())
 
 
 @_bi_fwd_op.register_fake
@@ -1344,8 +1352,7 @@ def _(u_f, u_r, delta_f, delta_r, A_f, A_r, B_f, B_r, C_f, C_r, D_f, D_r, z_f, z
     return new_output(u_f, delta_f), ts(), ts()
 
 
-@torch.library.custom_op(_OPS + "_bi_bwd", mutates_args=())
-def _bi_bwd_op(u_f: _T, u_r: _T, delta_f: _T, delta_r: _T, A_f: _T, A_r: _T, B_f: _T, B_r: _T, C_f: _T, C_r: _T,
+def _bi_bwd_impl(u_f: _T, u_r: _T, delta_f: _T, delta_r: _T, A_f: _T, A_r: _T, B_f: _T, B_r: _T, C_f: _T, C_r: _T,
                D_f: _T | None, D_r: _T | None, z_f: _T | None, z_r: _T | None, bias_f: _T | None,
                bias_r: _T | None, ts_f: _T, ts_r: _T, dy: _T, softplus: bool, seq_idx: _T | None,
                blocked: bool = True) -> list[_T]:
@@ -1355,6 +1362,9 @@ def _bi_bwd_op(u_f: _T, u_r: _T, delta_f: _T, delta_r: _T, A_f: _T, A_r: _T, B_f
     g_r = bwd(u_r, delta_r, A_r, B_r, C_r, D_r, z_r, bias_r, softplus, True, ts_r, dy, None, seq_idx=seq_idx)
     # interleaved like the inputs: du_f, du_r, ddelta_f, ... (dh0 dropped: no initial state)
     return [g if g is not None else _empty(u_f) for pair in zip(g_f[:-1], g_r[:-1]) for g in pair]
+
+
+_bi_bwd_op = torch.library.custom_op(_OPS + "_bi_bwd", _bi_bwd_impl, mutates_args=())
 
 
 @_bi_bwd_op.register_fake
@@ -1373,12 +1383,14 @@ def _bi_setup(ctx, inputs, output):
 
 def _bi_backward(ctx, dy, _dts_f, _dts_r):
     saved = ctx.saved_tensors
-    grads = _bi_bwd_op(*saved[:18], dy, ctx.softplus, saved[18], ctx.blocked)
+    grads = _bi_bwd_call(*saved[:18], dy, ctx.softplus, saved[18], ctx.blocked)
     grads = [g if t is not None else None for g, t in zip(grads, saved[:16])]
     return (*grads, None, None, None, None)
 
 
 _bi_fwd_op.register_autograd(_bi_backward, setup_context=_bi_setup)
+_bi_fwd_call = EagerCustomOp(_bi_fwd_op, _bi_fwd_impl, _bi_setup, _bi_backward)
+_bi_bwd_call = EagerCustomOp(_bi_bwd_op, _bi_bwd_impl)
 
 
 def selective_scan_bidirectional_triton(fwd: dict, rev: dict, delta_softplus=False, seq_idx=None):
@@ -1388,5 +1400,5 @@ def selective_scan_bidirectional_triton(fwd: dict, rev: dict, delta_softplus=Fal
     shapes in both directions)."""
     args = [d.get(k) for k in _BI_NAMES for d in (fwd, rev)]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-    y, _, _ = _bi_fwd_op(*args, bool(delta_softplus), save, seq_idx, blocked_default(fwd["delta"], save))
+    y, _, _ = _bi_fwd_call(*args, bool(delta_softplus), save, seq_idx, blocked_default(fwd["delta"], save))
     return y

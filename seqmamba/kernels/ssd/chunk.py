@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqmamba.kernels._dispatch import kernel_module
+from seqmamba.kernels._dispatch import EagerCustomOp, kernel_module
 from seqmamba.kernels.ssd.ref import ssd_scan_ref
 
 _common = kernel_module("seqmamba.kernels._triton_common", __name__)
@@ -1011,8 +1011,7 @@ def _empty(ref):
     return ref.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.custom_op(_OPS + "_fwd", mutates_args=())
-def _ssd_fwd_op(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, dt_bias: _T | None,
+def _ssd_fwd_impl(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, dt_bias: _T | None,
                 initial_state: _T | None, seq_idx: _T | None, softplus: bool, reverse: bool, save: bool,
                 chunk: int, blk: int, warps: int, blk_bwd: int, warps_bwd: int,
                 splits: int) -> tuple[_T, _T, _T, _T, _T, _T]:
@@ -1023,6 +1022,9 @@ def _ssd_fwd_op(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, 
     if not save:
         return y, ht, _empty(x), _empty(x), _empty(x), _empty(x)
     return y, ht, ypre if ypre is not None else _empty(x), dtp, cs, st
+
+
+_ssd_fwd_op = torch.library.custom_op(_OPS + "_fwd", _ssd_fwd_impl, mutates_args=())
 
 
 @_ssd_fwd_op.register_fake
@@ -1039,8 +1041,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, 
             x.new_empty(b * h, nc * chunk, **f32), x.new_empty(b, nc, h, p, n, dtype=_state_dtype(x, B, C)))
 
 
-@torch.library.custom_op(_OPS + "_bwd", mutates_args=())
-def _ssd_bwd_op(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, dt_bias: _T | None,
+def _ssd_bwd_impl(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, dt_bias: _T | None,
                 initial_state: _T | None, seq_idx: _T | None, ypre: _T | None, dtp: _T, cs: _T, st: _T, dy: _T,
                 dht: _T | None, softplus: bool, reverse: bool, chunk: int, blk: int, warps: int,
                 splits: int) -> list[_T]:
@@ -1048,6 +1049,9 @@ def _ssd_bwd_op(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, 
                       chunk, blk, warps, splits))
     grads[-1] = grads[-1].to(initial_state.dtype) if initial_state is not None else None
     return [gr if gr is not None else _empty(x) for gr in grads]
+
+
+_ssd_bwd_op = torch.library.custom_op(_OPS + "_bwd", _ssd_bwd_impl, mutates_args=())
 
 
 @_ssd_bwd_op.register_fake
@@ -1074,7 +1078,7 @@ def _ssd_backward(ctx, dy, dht, *_):
     softplus, reverse, chunk, blk, warps, splits = ctx.flags
     if dy is None:
         dy = torch.zeros_like(x)
-    grads = _ssd_bwd_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre, dtp, cs, st, dy, dht,
+    grads = _ssd_bwd_call(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre, dtp, cs, st, dy, dht,
                         softplus, reverse, chunk, blk, warps, splits)
     present = [x, dt, A, B, C, D, z, dt_bias, initial_state]
     grads = [gr if t is not None else None for gr, t in zip(grads, present)]
@@ -1082,6 +1086,8 @@ def _ssd_backward(ctx, dy, dht, *_):
 
 
 _ssd_fwd_op.register_autograd(_ssd_backward, setup_context=_ssd_setup)
+_ssd_fwd_call = EagerCustomOp(_ssd_fwd_op, _ssd_fwd_impl, _ssd_setup, _ssd_backward)
+_ssd_bwd_call = EagerCustomOp(_ssd_bwd_op, _ssd_bwd_impl)
 
 
 def ssd_scan_triton(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -1101,7 +1107,7 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
     save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
     blk, warps = int(t.get("blk", BLOCK)), int(t.get("warps", WARPS))
-    y, ht, *_ = _ssd_fwd_op(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, bool(dt_softplus),
+    y, ht, *_ = _ssd_fwd_call(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, bool(dt_softplus),
                             bool(reverse), save, int(t.get("chunk", CHUNK)), blk, warps,
                             int(t.get("blk_bwd", BLOCK_BWD or blk)), int(t.get("warps_bwd", WARPS_BWD or warps)),
                             int(t.get("splits", 0)))
