@@ -14,6 +14,7 @@ import sys
 from typing import Literal
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 Backend = Literal["auto", "triton", "ref"]
 BACKENDS = ("auto", "triton", "ref")
@@ -97,15 +98,17 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 
 class EagerCustomOp:
-    """A ``torch.library`` custom op that skips the custom-op dispatcher in eager mode.
+    """A ``torch.library`` custom op that skips the custom-op dispatcher in plain eager calls.
 
     ``op`` was registered from ``impl`` (and, for a forward op, ``op.register_autograd(backward,
-    setup_context=setup_context)``). Under torch.compile or export the call goes to ``op``, one opaque node for
-    the graph. Otherwise ``impl`` runs directly, through an ``autograd.Function`` built from the same
-    ``setup_context`` and ``backward`` when an input requires grad: the same functions, so the same results, for
-    about a fifth of the host time (H100 host, Mamba-1 scan at a tiny shape: the custom-op call took 150 us, 67 of
-    them in the dispatcher; in a 4M-token inference of the Caduceus-size backbone the GPU waited on the host).
-    ``returns_list``: ``op`` returns a list (its backward then takes the output gradients as one list)."""
+    setup_context=setup_context)``). In plain eager mode ``impl`` runs directly, through an ``autograd.Function``
+    built from the same ``setup_context`` and ``backward`` when an input requires grad: the same functions, so the
+    same results. Anything that traces (torch.compile, export, AOT autograd's trace of the backward, fake
+    tensors, a dispatch mode, torch.func) gets ``op``, one opaque node with its fake implementation.
+    Why: on the H100 host a Mamba-1 scan call at a tiny shape took 150 us through the op, 67 of them in the
+    dispatcher, and long-sequence inference, which runs the kernels once per segment, left the GPU waiting on
+    the host. ``returns_list``: ``op`` returns a list (its backward then takes the output gradients as one
+    list)."""
 
     def __init__(self, op, impl, setup_context=None, backward=None, returns_list=False):
         self.op, self.impl, self.returns_list = op, impl, returns_list
@@ -120,13 +123,21 @@ class EagerCustomOp:
             })
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling():
+        if not _plain_eager(args):
             return self.op(*args)
         if self.fn is not None and torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             out = self.fn.apply(*args)
             return list(out) if self.returns_list else out
         return self.impl(*args)
+
+
+def _plain_eager(args) -> bool:
+    """Not traced: no torch.compile/export, no dispatch mode (fake tensors, make_fx: AOT autograd traces the
+    registered backward outside dynamo; test recorders), no torch.func transform, and only plain tensors."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(a) is torch.Tensor or type(a) is torch.nn.Parameter for a in args if isinstance(a, torch.Tensor))
 
 
 def _as_tuple(out):
