@@ -111,13 +111,16 @@ class Mamba(SegmentedMixer):
     Args mirror mamba_ssm (``d_state``, ``d_conv``, ``expand``, ``dt_rank``, dt init range, ``conv_bias``,
     ``bias``). ``reverse`` makes it anti-causal. ``segment_len``: without autograd, inputs longer than this
     are processed in segments carrying the state, which bounds the activation memory (the output is the same).
+    The default 131072 halves the per-segment host work of 65536 (H100, same run, Caduceus-size backbone:
+    inference at 4M tokens 779k -> 840k tokens/s and at 1M 810k -> 844k at the same peak memory; 8 x 131072
+    tokens run unsegmented, 777k -> 977k tokens/s, peak 17.8 -> 19.1 GB).
     ``backend`` is passed to every kernel (``"auto"``, ``"triton"``, ``"ref"``).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 1e-1,
                  dt_init_floor: float = 1e-4, dt_scale: float = 1.0, conv_bias: bool = True, bias: bool = False,
-                 reverse: bool = False, segment_len: int = 65536, backend: str = "auto",
+                 reverse: bool = False, segment_len: int = 131072, backend: str = "auto",
                  device=None, dtype=None):
         super().__init__()
         cfg = MambaConfig(d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init_floor, dt_scale, conv_bias, bias)
