@@ -81,5 +81,7 @@ class BiMamba(nn.Module):
             bias = self.mamba_fwd.out_proj.bias
             return out if bias is None else out + bias  # out_proj(a) + out_proj(b) carries the bias twice
         out_fwd = self.mamba_fwd(hidden_states, mask=mask)
+        if long_inference and self.strategy == "add":  # the reverse segments add into the forward output
+            return self.mamba_rev._forward_segments(hidden_states, mask, None, add_to=out_fwd)[0]
         out_rev = self.mamba_rev(hidden_states, mask=mask)
         return out_fwd + out_rev if self.strategy == "add" else out_fwd * out_rev

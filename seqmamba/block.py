@@ -40,6 +40,15 @@ def add_residual(hidden: torch.Tensor, residual: torch.Tensor | None, residual_i
     return hidden if residual is None else residual + hidden
 
 
+def add_residual_(hidden: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool) -> torch.Tensor:
+    """``add_residual`` without autograd, in place: one full-length residual instead of two at a time (a
+    block's residual is its own tensor: the first one is copied when it would be the caller's ``hidden``)."""
+    if residual is None:
+        first = add_residual(hidden, None, residual_in_fp32)
+        return first.clone() if first is hidden else first
+    return residual.add_(hidden)
+
+
 def apply_norm(norm: nn.Module, residual: torch.Tensor) -> torch.Tensor:
     if isinstance(norm, RCPSAddNormWrapper):
         return norm(residual)[0]

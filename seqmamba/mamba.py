@@ -87,13 +87,21 @@ class SegmentedMixer(nn.Module):
             out, new_state = self._forward_segments(hidden_states, mask, state)
         return (out, new_state) if return_state else out
 
-    def _forward_segments(self, hidden_states, mask, state):
-        out = torch.empty_like(hidden_states)
+    def _forward_segments(self, hidden_states, mask, state, add_to=None):
+        """The segments' outputs into one tensor of their dtype (bf16 under autocast, as the unsegmented
+        path returns), or added into ``add_to`` (BiMamba's other direction, same shape)."""
+        out = add_to
         starts = list(range(0, hidden_states.shape[1], self.segment_len))
         for start in reversed(starts) if self.reverse else starts:
             window = slice(start, start + self.segment_len)
             seg_mask = None if mask is None else mask[:, window]
-            out[:, window], state = self._forward(hidden_states[:, window], seg_mask, state)
+            y, state = self._forward(hidden_states[:, window], seg_mask, state)
+            if out is None:
+                out = y.new_empty(*hidden_states.shape[:2], y.shape[-1])
+            if add_to is None:
+                out[:, window] = y
+            else:
+                out[:, window] += y
         return out, state
 
     def _forward(self, hidden_states, mask, state):
