@@ -174,9 +174,9 @@ def score_record(model: nn.Module, ids: np.ndarray, mode: Literal["whole", "wind
     return out
 
 
-BYTES_PER_BASE_AND_CHANNEL = 32
-"""Peak GPU memory of a whole-record pass, per base and hidden channel (measured: 40.4 GiB for 2.81 Mb at
-hidden width 512, bf16 autocast, i.e. ~30 bytes), rounded up."""
+BYTES_PER_BASE_AND_CHANNEL = 20
+"""Peak GPU memory of a whole-record pass, per base and hidden channel (measured on an H100: 24.25 GiB for 2.81 Mb
+and 48.99 GiB for 5.69 Mb at hidden width 512, bf16 autocast, i.e. ~18 bytes), rounded up."""
 
 
 def resolve_mode(model: nn.Module, length: int, mode: str, window: int) -> tuple[str, int]:
