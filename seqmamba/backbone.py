@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seqmamba.bimamba import MIXERS, BiMamba
-from seqmamba.block import Block, add_norm, add_residual, add_residual_, apply_norm
+from seqmamba.block import Block, add_norm, add_residual, add_residual_
 from seqmamba.config import BackboneConfig
 from seqmamba.hub import PretrainedMixin
 from seqmamba.norm import make_norm
@@ -82,10 +82,7 @@ class MambaBackbone(PretrainedMixin, nn.Module):
                 hidden = layer.mix(residual, mask)
             else:
                 hidden, residual = layer(hidden, residual, mask)
-        if torch.is_grad_enabled():
-            hidden, _ = add_norm(self.norm_f, hidden, residual, self.config.residual_in_fp32)
-        else:
-            hidden = apply_norm(self.norm_f, add_residual_(hidden, residual, self.config.residual_in_fp32))
+        hidden, _ = add_norm(self.norm_f, hidden, residual, self.config.residual_in_fp32)
         return (hidden, new_states) if return_states else hidden
 
     def allocate_states(self, batch: int, device=None, dtype=torch.float32) -> list[MixerState]:

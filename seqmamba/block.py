@@ -56,6 +56,7 @@ def apply_norm(norm: nn.Module, residual: torch.Tensor) -> torch.Tensor:
 
 
 def add_norm(norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool):
-    """residual += hidden; return (norm(residual), residual)."""
-    residual = add_residual(hidden, residual, residual_in_fp32)
+    """residual += hidden (in place without autograd); return (norm(residual), residual)."""
+    add = add_residual if torch.is_grad_enabled() else add_residual_
+    residual = add(hidden, residual, residual_in_fp32)
     return apply_norm(norm, residual), residual
