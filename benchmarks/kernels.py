@@ -497,7 +497,7 @@ def resources():
         w = blocked_bwd.default_warps(S)
         v = blocked_bwd.positions_per_thread(S, w, 2)
         rows.append((f"backward, chunk {S}", blocked_bwd._blocked_bwd_kernel, w,
-                     dict(opts, BD=1, T=S, NT=S // v, V=v)))
+                     dict(opts, BD=1, T=S, NT=S // v, V=v, DA_PARTIALS=w > 1)))
     print(f"sm_90, bf16, triton {triton.__version__}; loop = the per-state loop, SASS instructions (top opcodes)")
     for name, fn, warps, consts in rows:
         maxnreg = blocked_fwd.MAXNREG if fn is blocked_fwd._blocked_fwd_kernel else None

@@ -12,10 +12,13 @@ buffer, see the kernel): ONE pass over the inputs, one exp per (channel, positio
 pass. Inside a chunk each thread holds R * V consecutive positions (R blocks of a 16-byte vector of V), and
 for each state index the recurrence is solved in two passes over the registers around one scan across threads:
 pass 1 runs each V-block's recurrence from 0 (one FMA a position; a block's decay is exp(A * sum dt), one exp a
-block); the blocks' and then the threads' maps are scanned (``tl.associative_scan`` with ``_prefix_combine``,
-which carries beside each prefix the prefix without its last element, so that every thread gets the state
-entering its positions with no lane shift); pass 2 reruns each block's recurrence from the state entering it
-(one FMA a position) and C * h is accumulated into y. Parallelism comes from the b * d / BD programs.
+block); the blocks' maps are scanned in the thread (``_prefix_combine``, which carries beside each prefix the
+prefix without its last element), then the threads' maps across the warp with the carry folded into thread 0,
+which gives the state after each thread, and one lane shift gives the state entering it (on more than one warp
+the shift would cross warps, and the threads' scan carries the exclusive prefix too); pass 2 reruns each block's
+recurrence from the state entering it (one FMA a position) and C * h is accumulated into y. Parallelism comes
+from the b * d / BD programs. The state loop's last iteration is peeled off: it prefetches the next chunk's
+first B and C rows, so the others load at chunk-constant offsets.
 
 ``reverse=True`` scans right to left by address (chunk j covers addresses [l - (j+1) T, l - j T)) with the
 same forward scan: each chunk is loaded as V-position blocks in descending block order, each
@@ -33,10 +36,10 @@ at the piece's first position. S is the call's ``state_len`` (a power of two div
 by the thread holding it, so pieces shorter than the forward's chunk cost one masked store per state and thread.
 For ``reverse``, scan-order piece j covers addresses [max(l - (j+1) S, 0), l - j S).
 
-H100, bf16, softplus + z (details and the sweep: the comment below): b8 d1536 l2048 0.34 ms, b1 d1536 l2^20
-23 ms, b1 d512 l2^20 9.8 ms (session 8's 0.41 / 27.2 / 10.5; chunk.py's earlier l-contiguous path: 0.96 / 90 /
-31 ms). About 16 SASS instructions per (position, state) at 16 positions a thread (19 before), in both
-directions.
+H100, bf16, softplus + z (details and the sweep: the comment below): b8 d1536 l2048 0.31 ms, b1 d1536 l2^20
+20.8 ms, b1 d512 l2^20 10 ms (session 11: 0.35 / 22.9 / 10.3; session 8: 0.41 / 27.2 / 10.5; chunk.py's
+l-contiguous path: 0.96 / 90 / 31 ms). About 14 SASS instructions per (position, state) at 16 positions a
+thread on one warp (229 a state, sm_90; 16 in session 9, 19 before), in both directions.
 """
 from __future__ import annotations
 
@@ -128,22 +131,25 @@ def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, k, n_chunks, T: tl.co
 
 
 @triton.jit
-def _bc_words(B_base, C_base, sB_n, sC_n, k, n, nstate, n_chunks, seqlen, T: tl.constexpr, NT: tl.constexpr,
-              V: tl.constexpr, REVERSE: tl.constexpr, PAIRS: tl.constexpr):
-    """State n's B and C rows of chunk k as loaded (zero when n >= nstate or k >= n_chunks), for ``_bc_row``.
-    B_base, C_base: the rows' starts. With PAIRS (bf16 rows at even offsets, seqlen even, V >= 2) a row is read as
-    T/2 32-bit words (strides sB_n, sC_n in words): a word is then wholly in or out of range."""
-    ok = (n < nstate) & (k < n_chunks)
+def _bc_offsets(k, n_chunks, seqlen, T: tl.constexpr, NT: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr,
+                PAIRS: tl.constexpr):
+    """Offsets in a B or C row of scan-order chunk k, in load order, and their mask (none when k >= n_chunks),
+    for ``_bc_load``. With PAIRS (bf16 rows at even offsets, seqlen even, V >= 2) a row is read as T/2 32-bit
+    words (offsets in words): a word is then wholly in or out of range."""
     if PAIRS:
         w = _load_addresses(k, seqlen // 2, T // 2, NT, V // 2, REVERSE)
-        m = ok & (w >= 0) & (w < seqlen // 2)
-        return (tl.load(B_base + n * sB_n + w, mask=m, other=0, eviction_policy="evict_last"),
-                tl.load(C_base + n * sC_n + w, mask=m, other=0, eviction_policy="evict_last"))
+        return w, (k < n_chunks) & (w >= 0) & (w < seqlen // 2)
     else:
         t = _load_addresses(k, seqlen, T, NT, V, REVERSE)
-        m = ok & (t >= 0) & (t < seqlen)
-        return (tl.load(B_base + n * sB_n + t, mask=m, other=0.0, eviction_policy="evict_last"),
-                tl.load(C_base + n * sC_n + t, mask=m, other=0.0, eviction_policy="evict_last"))
+        return t, (k < n_chunks) & (t >= 0) & (t < seqlen)
+
+
+@triton.jit
+def _bc_load(B_row, C_row, w, m):
+    """A state's B and C rows of one chunk as loaded (zero where masked), for ``_bc_row``: B_row, C_row point
+    at the rows' starts (bf16, or int32 words with PAIRS), w and m from ``_bc_offsets``."""
+    return (tl.load(B_row + w, mask=m, other=0, eviction_policy="evict_last"),
+            tl.load(C_row + w, mask=m, other=0, eviction_policy="evict_last"))
 
 
 @triton.jit
@@ -169,10 +175,87 @@ def _state_scalars(A_ptr, hT_ptr, d_off, h_row, n, nstate):
 
 
 @triton.jit
+def _neg_zeros(shape: tl.constexpr):
+    """-0.0 everywhere: x + (-0.0) folds to x at compile time, x + 0.0 does not (tl.full turns -0.0 into 0.0)."""
+    return tl.full(shape, -2147483648, tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pick(x, sel, axis: tl.constexpr):
+    """The element of ``x`` where ``sel`` (one along ``axis``, an in-thread axis) holds: a sum with -0.0
+    elsewhere, which folds away at compile time (a max with -inf does not)."""
+    return tl.sum(tl.where(sel, x, _neg_zeros(x.shape)), axis)
+
+
+@triton.jit
 def _prefix_combine(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
     # (map of a run of positions, map of the run without its last element), composed in scan order (run 1 first):
     # the whole, and run 1 followed by run 2 without its last element
     return a1 * a2, a2 * b1 + b2, a1 * ea2, ea2 * b1 + eb2
+
+
+@triton.jit
+def _state_step(acc, n, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk, pb, d_off, h_row, hT_ptr, cs_ptr,
+                dim, nstate, n_saved, HAS_SEQ: tl.constexpr, SAVE_STATES: tl.constexpr, S: tl.constexpr,
+                T: tl.constexpr, NT: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr, PAIRS: tl.constexpr):
+    """State n of chunk k: solves the recurrence over the chunk's (BD, R, NT, V) tile from the carry ``h_in``
+    (BD,), stores the state after the chunk (the next chunk's carry) and, with SAVE_STATES, the states entering
+    its S-position pieces; returns ``acc`` + C h."""
+    R: tl.constexpr = T // (NT * V)
+    v4 = tl.arange(0, V)[None, None, None, :]
+    r3 = tl.arange(0, R)[None, :, None]
+    q3 = tl.arange(0, NT)[None, None, :]
+    q2 = tl.arange(0, NT)[None, :]
+    last_r = r3 == R - 1
+    # scan positions where each V-block ends (the thread's r-th block is block q * R + r); with SAVE_STATES the
+    # state after a block is saved where that position ends one of the chunk's S-position pieces (all but the
+    # chunk's last piece: that state is the next chunk's, saved at its start); S is a multiple of V
+    block_end = (q3 * R + r3 + 1) * V                                       # (1, R, NT)
+    saves = (block_end % S == 0) & (block_end < T)
+    if SAVE_STATES:  # the state entering the chunk: the carry in, already in registers (one thread stores)
+        tl.store(cs_ptr + (((pb * n_saved + k * (T // S)) * dim + d_off) * nstate + n)[:, None] + q2 * 0,
+                 h_in[:, None] + 0.0 * q2, mask=q2 == 0)
+    Bn = _bc_row(B_w, T, NT, V, REVERSE, PAIRS)
+    Cn = _bc_row(C_w, T, NT, V, REVERSE, PAIRS)
+    dA = tl.exp2(dt4 * a2[:, None, None, None])     # (BD, R, NT, V)
+    P_blk = tl.exp2(dt_blk * a2[:, None, None])     # (BD, R, NT)
+    if HAS_SEQ:
+        dA = tl.where(keep, dA, 0.0)
+        P_blk = tl.where(keep_blk, P_blk, 0.0)
+    bx = dtu4 * Bn
+    # pass 1, in registers: each V-block's scan from 0 (its end), then the blocks' prefixes in the thread
+    # (a scan, not tl.reduce: the reduction's combine order over a thread's registers is not the
+    # positions' order, and the affine combine does not commute)
+    _, h_loc = tl.associative_scan((dA, bx), 3, _combine)
+    h_blk = _pick(h_loc, v4 == V - 1, 3)
+    P_in, H_in, Pe_in, He_in = tl.associative_scan((P_blk, h_blk, tl.full(P_blk.shape, 1.0, tl.float32),
+                                                    _neg_zeros(P_blk.shape)), 1, _prefix_combine)
+    P_thr = _pick(P_in, last_r, 1)                                  # (BD, NT): the thread's whole map
+    H_thr = _pick(H_in, last_r, 1)
+    if NT <= 32:
+        # across the warp's threads: the carry in folded into thread 0, scanned (the state after each thread),
+        # then shifted by one lane (the state entering each thread): one shuffle
+        H_thr = tl.where(q2 == 0, H_thr + P_thr * h_in[:, None], H_thr)
+        _, h_exit = tl.associative_scan((P_thr, H_thr), 1, _combine)    # (BD, NT)
+        h_enter = tl.gather(h_exit, tl.broadcast_to(tl.maximum(q2 - 1, 0), h_exit.shape), 1)
+        h_enter = tl.where(q2 == 0, h_in[:, None], h_enter)
+    else:
+        # across warps the shift would be a shared-memory round trip: the scan carries each thread's exclusive
+        # prefix beside the inclusive one instead
+        P_ex, H_ex, Pe, He = tl.associative_scan((P_thr, H_thr, tl.full(P_thr.shape, 1.0, tl.float32),
+                                                  _neg_zeros(P_thr.shape)), 1, _prefix_combine)
+        h_enter = He + Pe * h_in[:, None]                               # (BD, NT)
+        h_exit = H_ex + P_ex * h_in[:, None]
+    tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, h_exit, mask=q2 == NT - 1)   # the next chunk's carry
+    h_blk_in = He_in + Pe_in * h_enter[:, None, :]                  # (BD, R, NT): state entering each block
+    if SAVE_STATES and S < T:
+        j = k * (T // S) + block_end // S                               # the piece it enters
+        tl.store(cs_ptr + ((pb * n_saved + j) * dim + d_off[:, None, None]) * nstate + n,
+                 h_blk + P_blk * h_blk_in, mask=saves & (j < n_saved))
+    # pass 2: each block's scan from the state entering it
+    bx = tl.where(v4 == 0, bx + dA * h_blk_in[:, :, :, None], bx)
+    _, h = tl.associative_scan((dA, bx), 3, _combine)
+    return acc + h * Cn
 
 
 @triton.jit
@@ -206,16 +289,6 @@ def _blocked_fwd_kernel(
     h_row = pb * dim * nstate + d_off * nstate                     # (BD,) this program's rows of hT
     dn_off = h_row[:, None] + n_ar[None, :]                        # (BD, BN)
     dn_mask = (n_ar < nstate)[None, :] & (d_off < dim)[:, None]
-    v4 = tl.arange(0, V)[None, None, None, :]
-    r3 = tl.arange(0, R)[None, :, None]
-    q3 = tl.arange(0, NT)[None, None, :]
-    q2 = tl.arange(0, NT)[None, :]
-    last_r = r3 == R - 1
-    # scan positions where each V-block ends (the thread's r-th block is block q * R + r); with SAVE_STATES the
-    # state after a block is saved where that position ends one of the chunk's S-position pieces (all but the
-    # chunk's last piece: that state is the next chunk's, saved at its start); S is a multiple of V
-    block_end = (q3 * R + r3 + 1) * V                                       # (1, R, NT)
-    saves = (block_end % S == 0) & (block_end < T)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d_off).to(tl.float32)
@@ -243,10 +316,9 @@ def _blocked_fwd_kernel(
         C_base = C_ptr + pb * sC_b + grp * sC_g
         sBn = sB_n
         sCn = sC_n
-    ones_b = tl.full([BD, R, NT], 1.0, tl.float32)
-    ones_t = tl.full([BD, NT], 1.0, tl.float32)
 
-    B_w, C_w = _bc_words(B_base, C_base, sBn, sCn, 0, 0, nstate, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS)
+    w0, m0 = _bc_offsets(0, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS)
+    B_w, C_w = _bc_load(B_base, C_base, w0, m0)
     a2_first = _state_scalars(A_ptr, hT_ptr, d_off, h_row, 0, nstate)[0]
     # chunk 0's delta and u; with PREFETCH each chunk then loads the next chunk's while it computes
     dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, 0, n_chunks, T, NT, V, REVERSE)
@@ -275,6 +347,8 @@ def _blocked_fwd_kernel(
         dt4 = tl.reshape(dt, (BD, R, NT, V))
         dtu4 = tl.reshape(dt * u, (BD, R, NT, V))
         dt_blk = tl.sum(dt4, 3)                             # (BD, R, NT): a block's decay is exp(A * dt_blk)
+        keep = 0  # placeholders without HAS_SEQ
+        keep_blk = 0
         if HAS_SEQ:  # False where the scan predecessor belongs to another sequence (state reset)
             if REVERSE:
                 tp = ts + 1
@@ -294,45 +368,22 @@ def _blocked_fwd_kernel(
         # barrier above): the loads are L2 round trips that would otherwise stall every state
         h_in = _state_scalars(A_ptr, hT_ptr, d_off, h_row, 0, nstate)[1]
         a2 = a2_first
-        for n in tl.range(0, nstate, loop_unroll_factor=UNROLL):
-            if SAVE_STATES:  # the state entering the chunk: the carry in, already in registers (one thread stores)
-                tl.store(cs_ptr + (((pb * n_saved + k * (T // S)) * dim + d_off) * nstate + n)[:, None] + q2 * 0,
-                         h_in[:, None] + 0.0 * q2, mask=q2 == 0)
-            Bn = _bc_row(B_w, T, NT, V, REVERSE, PAIRS)
-            Cn = _bc_row(C_w, T, NT, V, REVERSE, PAIRS)
-            wrap = (n + 1 == nstate).to(tl.int32)
-            B_w, C_w = _bc_words(B_base, C_base, sBn, sCn, k + wrap, n + 1 - wrap * nstate, nstate, n_chunks, seqlen, T,
-                                 NT, V, REVERSE, PAIRS)
+        # the offsets in this chunk's B and C rows (chunk-constant: no per-state address arithmetic)
+        w_cur, m_cur = _bc_offsets(k, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS)
+        for n in tl.range(0, nstate - 1, loop_unroll_factor=UNROLL):
+            B_x, C_x = _bc_load(B_base + (n + 1) * sBn, C_base + (n + 1) * sCn, w_cur, m_cur)
             a2_x, h_x = _state_scalars(A_ptr, hT_ptr, d_off, h_row, n + 1, nstate)
-            dA = tl.exp2(dt4 * a2[:, None, None, None])     # (BD, R, NT, V)
-            P_blk = tl.exp2(dt_blk * a2[:, None, None])     # (BD, R, NT)
-            if HAS_SEQ:
-                dA = tl.where(keep, dA, 0.0)
-                P_blk = tl.where(keep_blk, P_blk, 0.0)
-            bx = dtu4 * Bn
-            # pass 1, in registers: each V-block's scan from 0 (its end), then the blocks' prefixes in the thread
-            # (a scan, not tl.reduce: the reduction's combine order over a thread's registers is not the
-            # positions' order, and the affine combine does not commute)
-            _, h_loc = tl.associative_scan((dA, bx), 3, _combine)
-            h_blk = tl.max(tl.where(v4 == V - 1, h_loc, float("-inf")), 3)
-            P_in, H_in, Pe_in, He_in = tl.associative_scan((P_blk, h_blk, ones_b, 0.0 * h_blk), 1, _prefix_combine)
-            P_thr = tl.max(tl.where(last_r, P_in, float("-inf")), 1)        # (BD, NT): the thread's whole map
-            H_thr = tl.max(tl.where(last_r, H_in, float("-inf")), 1)
-            # across threads: the maps of the threads before each one, applied to the carry in
-            P_ex, H_ex, Pe, He = tl.associative_scan((P_thr, H_thr, ones_t, 0.0 * H_thr), 1, _prefix_combine)
-            h_enter = He + Pe * h_in[:, None]                               # (BD, NT)
-            h_exit = H_ex + P_ex * h_in[:, None]
-            tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, h_exit, mask=q2 == NT - 1)   # the next chunk's carry
-            h_blk_in = He_in + Pe_in * h_enter[:, None, :]                  # (BD, R, NT): state entering each block
-            if SAVE_STATES and S < T:
-                j = k * (T // S) + block_end // S                               # the piece it enters
-                tl.store(cs_ptr + ((pb * n_saved + j) * dim + d_off[:, None, None]) * nstate + n,
-                         h_blk + P_blk * h_blk_in, mask=saves & (j < n_saved))
-            # pass 2: each block's scan from the state entering it
-            bx = tl.where(v4 == 0, bx + dA * h_blk_in[:, :, :, None], bx)
-            _, h = tl.associative_scan((dA, bx), 3, _combine)
-            acc += h * Cn
-            a2, h_in = a2_x, h_x
+            acc = _state_step(acc, n, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk, pb, d_off, h_row,
+                              hT_ptr, cs_ptr, dim, nstate, n_saved, HAS_SEQ, SAVE_STATES, S, T, NT, V, REVERSE,
+                              PAIRS)
+            B_w, C_w, a2, h_in = B_x, C_x, a2_x, h_x
+        # the last state loads the next chunk's first B and C rows
+        w_nxt, m_nxt = _bc_offsets(k + 1, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS)
+        B_x, C_x = _bc_load(B_base, C_base, w_nxt, m_nxt)
+        acc = _state_step(acc, nstate - 1, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk, pb, d_off,
+                          h_row, hT_ptr, cs_ptr, dim, nstate, n_saved, HAS_SEQ, SAVE_STATES, S, T, NT, V, REVERSE,
+                          PAIRS)
+        B_w, C_w = B_x, C_x
         acc = tl.reshape(acc, (BD, T))
         if HAS_Z:
             zz = _scan_order(z_k.to(tl.float32), V, REVERSE)
