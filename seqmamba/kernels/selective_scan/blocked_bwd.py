@@ -30,6 +30,11 @@ every gradient. Two exps per (position, channel, state). The chunk is short (und
 ``T`` = 128 on one warp, 4 positions a thread, unless there are few (batch, channel) rows): the forward saves
 the state entering every T positions for it, however long its own chunks are.
 
+Loads carry eviction hints on one-warp plans, as in the forward: B and C rows (the same for every channel of a
+group, read through L1 by the programs an SM holds) evict_last, the per-channel streams evict_first (H100, same
+run, with the reverse-direction gather below: b1 d1536 l2^20 kernel 93.4 -> 89.1 ms forward, 105.8 -> 90.8
+reverse; on two warps they cost 1-3%, so those plans load without them).
+
 dA, dD and dbias stay in registers and are written once per program as per-batch partials (summed by torch over
 the batch). On more than one warp, the sum over a chunk's positions that dA takes per state would cross warps
 through shared memory and a barrier; there each thread instead keeps its own running sums, one slot per
@@ -79,6 +84,18 @@ _combine, _keep = _common.affine_combine, _common.continues_sequence
 
 
 @triton.jit
+def _neg_zeros(shape: tl.constexpr):
+    """-0.0 everywhere: x + (-0.0) folds to x at compile time, x + 0.0 does not (tl.full turns -0.0 into 0.0)."""
+    return tl.full(shape, -2147483648, tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pick(x, sel, axis: tl.constexpr):
+    """The element of ``x`` where ``sel`` (one along ``axis``, an in-thread axis) holds (folds to a register pick)."""
+    return tl.sum(tl.where(sel, x, _neg_zeros(x.shape)), axis)
+
+
+@triton.jit
 def _suffix_combine(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
     # (map of a run of threads, map of the run without its first thread), composed for a reverse scan: Triton
     # passes the run nearer the scan's start (the right) first; dropping the left run's first thread leaves its
@@ -87,7 +104,7 @@ def _suffix_combine(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
 
 
 @triton.jit
-def _reverse_scan(a, b, NT: tl.constexpr, V: tl.constexpr):
+def _reverse_scan(a, b, NT: tl.constexpr, V: tl.constexpr, GATHER: tl.constexpr):
     """Inclusive reverse affine scan along the positions (axis 1) of a (rows, T) tile: g_k = a_k g_{k+1} + b_k
     (0 past the end), i.e. ``tl.associative_scan((a, b), 1, _combine, reverse=True)[1]``, for a tile whose
     layout holds V consecutive positions in each of NT threads (any layout is exact; that one keeps the V axis
@@ -97,7 +114,11 @@ def _reverse_scan(a, b, NT: tl.constexpr, V: tl.constexpr):
     on one warp at 8 positions a thread, even along an in-thread axis). Here each thread's V positions are
     flipped in registers and scanned forward, and only one map per thread crosses lanes: a reverse scan of the
     thread maps that carries, beside each suffix, the suffix without its first thread (``_suffix_combine``),
-    i.e. the map of the threads after it. sm_90, one warp, T = 256: 32 SHFL against 138."""
+    i.e. the map of the threads after it. sm_90, one warp, T = 256: 32 SHFL against 138.
+
+    With GATHER (one warp), the threads' maps are instead mirrored across the lanes by a gather (one shuffle a
+    value; tl.flip takes five), scanned forward, and the scan is gathered back shifted by one thread: 27 SHFL
+    against 39 in the backward's state loop at T = 128."""
     R: tl.constexpr = a.shape[0]
     a3 = tl.flip(tl.reshape(a, (R, NT, V)), 2)
     b3 = tl.flip(tl.reshape(b, (R, NT, V)), 2)
@@ -105,30 +126,37 @@ def _reverse_scan(a, b, NT: tl.constexpr, V: tl.constexpr):
     A_loc = tl.flip(A_loc, 2)
     G_loc = tl.flip(G_loc, 2)
     k0 = tl.arange(0, V)[None, None, :] == 0
-    A0 = tl.sum(tl.where(k0, A_loc, 0.0), 2)                       # (R, NT): each thread's map over its V
-    G0 = tl.sum(tl.where(k0, G_loc, 0.0), 2)
-    _, _, _, carry = tl.associative_scan((A0, G0, tl.full(A0.shape, 1.0, tl.float32), tl.zeros_like(G0)), 1,
-                                         _suffix_combine, reverse=True)
+    A0 = _pick(A_loc, k0, 2)                                       # (R, NT): each thread's map over its V
+    G0 = _pick(G_loc, k0, 2)
+    if GATHER and NT <= 32:
+        q = tl.broadcast_to(tl.arange(0, NT)[None, :], A0.shape)
+        _, G_in = tl.associative_scan((tl.gather(A0, NT - 1 - q, 1), tl.gather(G0, NT - 1 - q, 1)), 1, _combine)
+        # G_in[p]: g entering thread NT-1-p; thread q's carry is what enters thread q + 1 (none after the last)
+        carry = tl.where(q == NT - 1, 0.0, tl.gather(G_in, tl.maximum(NT - 2 - q, 0), 1))
+    else:  # across warps: the suffix scan carries the map of the threads after each one
+        _, _, _, carry = tl.associative_scan((A0, G0, tl.full(A0.shape, 1.0, tl.float32), _neg_zeros(G0.shape)), 1,
+                                             _suffix_combine, reverse=True)
     return tl.reshape(G_loc + A_loc * carry[:, :, None], (R, NT * V))
 
 
 @triton.jit
-def _state_operands(A_ptr, B_base, C_base, cs_ptr, g_ptr, A_row, cs_row, gc_row, t, valid, sB_n, sC_n, n, nstate):
+def _state_operands(A_ptr, B_base, C_base, cs_ptr, g_ptr, A_row, cs_row, gc_row, t, valid, sB_n, sC_n, n, nstate,
+                    EV_LAST: tl.constexpr):
     """State n's operands for one chunk (all zero when n >= nstate): A[:, n] (BD, 1), B and C rows (1, T), the
     state entering the chunk and the g carry after it (BD, 1) fp32."""
     ok = n < nstate
     An = tl.load(A_ptr + A_row + n, mask=ok, other=0.0).to(tl.float32)[:, None]
-    Bn = tl.load(B_base + n * sB_n + t, mask=valid & ok, other=0.0).to(tl.float32)
-    Cn = tl.load(C_base + n * sC_n + t, mask=valid & ok, other=0.0).to(tl.float32)
+    Bn = tl.load(B_base + n * sB_n + t, mask=valid & ok, other=0.0, eviction_policy=EV_LAST).to(tl.float32)
+    Cn = tl.load(C_base + n * sC_n + t, mask=valid & ok, other=0.0, eviction_policy=EV_LAST).to(tl.float32)
     h0 = tl.load(cs_ptr + cs_row + n, mask=ok, other=0.0)[:, None]
     gc = tl.load(g_ptr + gc_row + n, mask=ok, other=0.0)[:, None]
     return An, Bn, Cn, h0, gc
 
 
 @triton.jit
-def _dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, EV_FIRST: tl.constexpr):
     """(BD, T) delta -> (delta + bias, dt); dt is 0 where masked (an identity step: a = 1, x = 0)."""
-    dl = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dl = tl.load(delta_ptr + offs, mask=mask, other=0.0, eviction_policy=EV_FIRST).to(tl.float32)
     return _common.delta_to_dt(dl, mask, bias, HAS_BIAS, SOFTPLUS)
 
 
@@ -141,11 +169,14 @@ def _blocked_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, DA_PARTIALS: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
-    NT: tl.constexpr, V: tl.constexpr,
+    NT: tl.constexpr, V: tl.constexpr, HINTS: tl.constexpr,
 ):
     """u, delta, z, dout, B, C have unit l-stride; du, ddelta, dz are contiguous (b, d, l). ``g_ptr`` (b, d, n)
     fp32 holds dht (or 0) on entry: it carries g at the first position of the chunk last done (read by all
     threads in the next chunk, after a barrier) and is dh0 on exit."""
+    # eviction hints on one-warp plans (module docstring)
+    EV_LAST: tl.constexpr = "evict_last" if HINTS else ""
+    EV_FIRST: tl.constexpr = "evict_first" if HINTS else ""
     pid = tl.program_id(0)
     ndb = dim // BD
     pb = (pid // ndb).to(tl.int64)
@@ -209,12 +240,12 @@ def _blocked_bwd_kernel(
             tn = t + 1
             valid_n = tn < seqlen
             not_start = t > 0
-        dl, dt = _dt(delta_ptr, dl_row + t, valid, bias, HAS_BIAS, SOFTPLUS)
-        _, dtn = _dt(delta_ptr, dl_row + tn, valid_n, bias, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + u_row + t, mask=valid, other=0.0).to(tl.float32)
-        dy = tl.load(dout_ptr + o_row + t, mask=valid, other=0.0).to(tl.float32)
+        dl, dt = _dt(delta_ptr, dl_row + t, valid, bias, HAS_BIAS, SOFTPLUS, EV_FIRST)
+        _, dtn = _dt(delta_ptr, dl_row + tn, valid_n, bias, HAS_BIAS, SOFTPLUS, EV_FIRST)
+        u = tl.load(u_ptr + u_row + t, mask=valid, other=0.0, eviction_policy=EV_FIRST).to(tl.float32)
+        dy = tl.load(dout_ptr + o_row + t, mask=valid, other=0.0, eviction_policy=EV_FIRST).to(tl.float32)
         if HAS_Z:
-            zz = tl.load(z_ptr + z_row + t, mask=valid, other=0.0).to(tl.float32)
+            zz = tl.load(z_ptr + z_row + t, mask=valid, other=0.0, eviction_policy=EV_FIRST).to(tl.float32)
             sz = _common.sigmoid(zz)
             dyp = dy * zz * sz
         else:
@@ -234,13 +265,13 @@ def _blocked_bwd_kernel(
         bc_t = bc_row + t
         tl.debug_barrier()  # the previous chunk's g carries are written
         An, Bn, Cn, h0, gc = _state_operands(A_ptr, B_base, C_base, cs_ptr, g_ptr, A_row, cs_row, gc_row, t, valid,
-                                             sB_n, sC_n, 0, nstate)
+                                             sB_n, sC_n, 0, nstate, EV_LAST)
         for n in range(0, nstate):
             # the next state's operands load while this one computes: they are L2 round trips, which stalled every
             # state (H100, b1 d1536 l2^20 fwd+bwd 196 ms without, 146 with); slot n + 1 of the g carry is
             # rewritten only in the next iteration
             An_x, Bn_x, Cn_x, h0_x, gc_x = _state_operands(A_ptr, B_base, C_base, cs_ptr, g_ptr, A_row, cs_row,
-                                                           gc_row, t, valid, sB_n, sC_n, n + 1, nstate)
+                                                           gc_row, t, valid, sB_n, sC_n, n + 1, nstate, EV_LAST)
             A2n = An * 1.4426950408889634
             a = tl.exp2(dt * A2n)
             an = tl.exp2(dtn * A2n)                                                    # a_{j+1}
@@ -251,11 +282,14 @@ def _blocked_bwd_kernel(
             # the carried state folded into the chunk's first step (in scan order), the carried g into its last
             beta = dyp * Cn
             if REVERSE:
-                h = _reverse_scan(a, tl.where(last, x + a * h0, x), NT, V)
+                # by gather at 4 positions a thread (H100, b1 d1536 l2^20, kernel 105.8 -> 90.8 ms; at 8 positions
+                # it was 5% slower). The forward direction's g keeps the suffix scan: by gather its kernel took
+                # 100.6 ms against 93.2 at full clocks, though ncu (base clocks, l2^18) had it 10% faster.
+                h = _reverse_scan(a, tl.where(last, x + a * h0, x), NT, V, V <= 4)
                 _, g = tl.associative_scan((an, tl.where(first, beta + an * gc, beta)), 1, _combine)
             else:
                 _, h = tl.associative_scan((a, tl.where(first, x + a * h0, x)), 1, _combine)
-                g = _reverse_scan(an, tl.where(last, beta + an * gc, beta), NT, V)
+                g = _reverse_scan(an, tl.where(last, beta + an * gc, beta), NT, V, False)
             gxa = g * (h - x)                                                          # g_j a_j h_{j-1}
             sgB += g * Bn
             ddt += gxa * An
@@ -272,7 +306,7 @@ def _blocked_bwd_kernel(
             ypre += h * Cn
             # g at the chunk's first position, the next chunk's carry: stored by the thread that holds it, from its
             # own register (a masked store of the tile went through a shared-memory layout conversion every state)
-            g_start = tl.sum(tl.where(start_v, tl.reshape(g, (BD, NT, V)), 0.0), 2)     # (BD, NT), in-thread
+            g_start = _pick(tl.reshape(g, (BD, NT, V)), start_v, 2)                    # (BD, NT), in-thread
             tl.store(g_ptr + (gc_row + n)[:, None] + lane * 0, g_start, mask=start_lane)
             bc_t += seqlen                                                             # next state's row
             An, Bn, Cn, h0, gc = An_x, Bn_x, Cn_x, h0_x, gc_x
@@ -297,7 +331,7 @@ def _blocked_bwd_kernel(
     else:
         t0 = 0
     _, dt0 = _dt(delta_ptr, dl_row + t0 + tl.zeros([1, 1], dtype=tl.int64), d_off[:, None] < dim, bias, HAS_BIAS,
-                 SOFTPLUS)
+                 SOFTPLUS, EV_FIRST)
     A2 = tl.load(A_ptr + A_row[:, None] + n_off[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
     tl.debug_barrier()
     g0 = tl.load(g_ptr + dn_off, mask=dn_mask, other=0.0)
@@ -367,6 +401,7 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
             seq[1], seq[2], d, n, l, cpg, g, n_chunks,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
             REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, DA_PARTIALS=partials, BD=BD, BN=BN, T=T, NT=T // V, V=V,
+            HINTS=warps == 1,
             num_warps=warps)
     return (du, ddelta, dA.sum((0, 3)).to(A.dtype), dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz,
