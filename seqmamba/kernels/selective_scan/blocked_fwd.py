@@ -17,8 +17,8 @@ prefix without its last element), then the threads' maps across the warp with th
 which gives the state after each thread, and one lane shift gives the state entering it (on more than one warp
 the shift would cross warps, and the threads' scan carries the exclusive prefix too); pass 2 reruns each block's
 recurrence from the state entering it (one FMA a position) and C * h is accumulated into y. Parallelism comes
-from the b * d / BD programs. The state loop's last iteration is peeled off: it prefetches the next chunk's
-first B and C rows, so the others load at chunk-constant offsets.
+from the b * d / BD programs. The state loop's last iteration is peeled off (where that does not spill): it
+prefetches the next chunk's first B and C rows, so the others load at chunk-constant offsets.
 
 ``reverse=True`` scans right to left by address (chunk j covers addresses [l - (j+1) T, l - j T)) with the
 same forward scan: each chunk is loaded as V-position blocks in descending block order, each
@@ -317,8 +317,13 @@ def _blocked_fwd_kernel(
         sBn = sB_n
         sCn = sC_n
 
-    w0, m0 = _bc_offsets(0, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS)
-    B_w, C_w = _bc_load(B_base, C_base, w0, m0)
+    # the state loop's last iteration is peeled off to prefetch the next chunk's first B and C rows, except where
+    # that spills at the register cap (sm_90: saving states in reverse scans or on two warps); there each chunk
+    # loads its first rows itself
+    PEEL: tl.constexpr = 0 if SAVE_STATES and (REVERSE or NT > 32) else 1
+    if PEEL:
+        w0, m0 = _bc_offsets(0, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS)
+        B_w, C_w = _bc_load(B_base, C_base, w0, m0)
     a2_first = _state_scalars(A_ptr, hT_ptr, d_off, h_row, 0, nstate)[0]
     # chunk 0's delta and u; with PREFETCH each chunk then loads the next chunk's while it computes
     dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, 0, n_chunks, T, NT, V, REVERSE)
@@ -370,20 +375,25 @@ def _blocked_fwd_kernel(
         a2 = a2_first
         # the offsets in this chunk's B and C rows (chunk-constant: no per-state address arithmetic)
         w_cur, m_cur = _bc_offsets(k, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS)
-        for n in tl.range(0, nstate - 1, loop_unroll_factor=UNROLL):
-            B_x, C_x = _bc_load(B_base + (n + 1) * sBn, C_base + (n + 1) * sCn, w_cur, m_cur)
+        if not PEEL:  # this chunk's first B and C rows
+            B_w, C_w = _bc_load(B_base, C_base, w_cur, m_cur)
+        for n in tl.range(0, nstate - PEEL, loop_unroll_factor=UNROLL):
+            if PEEL:
+                B_x, C_x = _bc_load(B_base + (n + 1) * sBn, C_base + (n + 1) * sCn, w_cur, m_cur)
+            else:
+                B_x, C_x = _bc_load(B_base + (n + 1) * sBn, C_base + (n + 1) * sCn, w_cur, m_cur & (n + 1 < nstate))
             a2_x, h_x = _state_scalars(A_ptr, hT_ptr, d_off, h_row, n + 1, nstate)
             acc = _state_step(acc, n, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk, pb, d_off, h_row,
                               hT_ptr, cs_ptr, dim, nstate, n_saved, HAS_SEQ, SAVE_STATES, S, T, NT, V, REVERSE,
                               PAIRS)
             B_w, C_w, a2, h_in = B_x, C_x, a2_x, h_x
-        # the last state loads the next chunk's first B and C rows
-        w_nxt, m_nxt = _bc_offsets(k + 1, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS)
-        B_x, C_x = _bc_load(B_base, C_base, w_nxt, m_nxt)
-        acc = _state_step(acc, nstate - 1, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk, pb, d_off,
-                          h_row, hT_ptr, cs_ptr, dim, nstate, n_saved, HAS_SEQ, SAVE_STATES, S, T, NT, V, REVERSE,
-                          PAIRS)
-        B_w, C_w = B_x, C_x
+        if PEEL:  # the last state loads the next chunk's first B and C rows
+            w_nxt, m_nxt = _bc_offsets(k + 1, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS)
+            B_x, C_x = _bc_load(B_base, C_base, w_nxt, m_nxt)
+            acc = _state_step(acc, nstate - 1, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk, pb, d_off,
+                              h_row, hT_ptr, cs_ptr, dim, nstate, n_saved, HAS_SEQ, SAVE_STATES, S, T, NT, V,
+                              REVERSE, PAIRS)
+            B_w, C_w = B_x, C_x
         acc = tl.reshape(acc, (BD, T))
         if HAS_Z:
             zz = _scan_order(z_k.to(tl.float32), V, REVERSE)
