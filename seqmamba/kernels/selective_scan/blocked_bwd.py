@@ -83,16 +83,6 @@ _common = kernel_module("seqmamba.kernels._triton_common", __name__)
 _combine, _keep = _common.affine_combine, _common.continues_sequence
 
 
-@triton.jit
-def _neg_zeros(shape: tl.constexpr):
-    """-0.0 everywhere: x + (-0.0) folds to x at compile time, x + 0.0 does not (tl.full turns -0.0 into 0.0)."""
-    return tl.full(shape, -2147483648, tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _pick(x, sel, axis: tl.constexpr):
-    """The element of ``x`` where ``sel`` (one along ``axis``, an in-thread axis) holds (folds to a register pick)."""
-    return tl.sum(tl.where(sel, x, _neg_zeros(x.shape)), axis)
 
 
 @triton.jit
@@ -126,16 +116,17 @@ def _reverse_scan(a, b, NT: tl.constexpr, V: tl.constexpr, GATHER: tl.constexpr)
     A_loc = tl.flip(A_loc, 2)
     G_loc = tl.flip(G_loc, 2)
     k0 = tl.arange(0, V)[None, None, :] == 0
-    A0 = _pick(A_loc, k0, 2)                                       # (R, NT): each thread's map over its V
-    G0 = _pick(G_loc, k0, 2)
+    A0 = _common.pick(A_loc, k0, 2)                                # (R, NT): each thread's map over its V
+    G0 = _common.pick(G_loc, k0, 2)
     if GATHER and NT <= 32:
         q = tl.broadcast_to(tl.arange(0, NT)[None, :], A0.shape)
         _, G_in = tl.associative_scan((tl.gather(A0, NT - 1 - q, 1), tl.gather(G0, NT - 1 - q, 1)), 1, _combine)
         # G_in[p]: g entering thread NT-1-p; thread q's carry is what enters thread q + 1 (none after the last)
         carry = tl.where(q == NT - 1, 0.0, tl.gather(G_in, tl.maximum(NT - 2 - q, 0), 1))
-    else:  # across warps: the suffix scan carries the map of the threads after each one
-        _, _, _, carry = tl.associative_scan((A0, G0, tl.full(A0.shape, 1.0, tl.float32), _neg_zeros(G0.shape)), 1,
-                                             _suffix_combine, reverse=True)
+    else:  # the suffix scan carries the map of the threads after each one
+        ones = tl.full(A0.shape, 1.0, tl.float32)
+        _, _, _, carry = tl.associative_scan((A0, G0, ones, _common.neg_zeros(G0.shape)), 1, _suffix_combine,
+                                             reverse=True)
     return tl.reshape(G_loc + A_loc * carry[:, :, None], (R, NT * V))
 
 
@@ -306,7 +297,7 @@ def _blocked_bwd_kernel(
             ypre += h * Cn
             # g at the chunk's first position, the next chunk's carry: stored by the thread that holds it, from its
             # own register (a masked store of the tile went through a shared-memory layout conversion every state)
-            g_start = _pick(tl.reshape(g, (BD, NT, V)), start_v, 2)                    # (BD, NT), in-thread
+            g_start = _common.pick(tl.reshape(g, (BD, NT, V)), start_v, 2)             # (BD, NT), in-thread
             tl.store(g_ptr + (gc_row + n)[:, None] + lane * 0, g_start, mask=start_lane)
             bc_t += seqlen                                                             # next state's row
             An, Bn, Cn, h0, gc = An_x, Bn_x, Cn_x, h0_x, gc_x

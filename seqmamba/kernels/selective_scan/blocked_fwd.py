@@ -174,17 +174,6 @@ def _state_scalars(A_ptr, hT_ptr, d_off, h_row, n, nstate):
     return tl.load(A_ptr + d_off * nstate + nc).to(tl.float32) * 1.4426950408889634, tl.load(hT_ptr + h_row + nc)
 
 
-@triton.jit
-def _neg_zeros(shape: tl.constexpr):
-    """-0.0 everywhere: x + (-0.0) folds to x at compile time, x + 0.0 does not (tl.full turns -0.0 into 0.0)."""
-    return tl.full(shape, -2147483648, tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _pick(x, sel, axis: tl.constexpr):
-    """The element of ``x`` where ``sel`` (one along ``axis``, an in-thread axis) holds: a sum with -0.0
-    elsewhere, which folds away at compile time (a max with -inf does not)."""
-    return tl.sum(tl.where(sel, x, _neg_zeros(x.shape)), axis)
 
 
 @triton.jit
@@ -227,11 +216,11 @@ def _state_step(acc, n, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk
     # (a scan, not tl.reduce: the reduction's combine order over a thread's registers is not the
     # positions' order, and the affine combine does not commute)
     _, h_loc = tl.associative_scan((dA, bx), 3, _combine)
-    h_blk = _pick(h_loc, v4 == V - 1, 3)
+    h_blk = _common.pick(h_loc, v4 == V - 1, 3)
     P_in, H_in, Pe_in, He_in = tl.associative_scan((P_blk, h_blk, tl.full(P_blk.shape, 1.0, tl.float32),
-                                                    _neg_zeros(P_blk.shape)), 1, _prefix_combine)
-    P_thr = _pick(P_in, last_r, 1)                                  # (BD, NT): the thread's whole map
-    H_thr = _pick(H_in, last_r, 1)
+                                                    _common.neg_zeros(P_blk.shape)), 1, _prefix_combine)
+    P_thr = _common.pick(P_in, last_r, 1)                           # (BD, NT): the thread's whole map
+    H_thr = _common.pick(H_in, last_r, 1)
     if NT <= 32:
         # across the warp's threads: the carry in folded into thread 0, scanned (the state after each thread),
         # then shifted by one lane (the state entering each thread): one shuffle
@@ -243,7 +232,7 @@ def _state_step(acc, n, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk
         # across warps the shift would be a shared-memory round trip: the scan carries each thread's exclusive
         # prefix beside the inclusive one instead
         P_ex, H_ex, Pe, He = tl.associative_scan((P_thr, H_thr, tl.full(P_thr.shape, 1.0, tl.float32),
-                                                  _neg_zeros(P_thr.shape)), 1, _prefix_combine)
+                                                  _common.neg_zeros(P_thr.shape)), 1, _prefix_combine)
         h_enter = He + Pe * h_in[:, None]                               # (BD, NT)
         h_exit = H_ex + P_ex * h_in[:, None]
     tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, h_exit, mask=q2 == NT - 1)   # the next chunk's carry
