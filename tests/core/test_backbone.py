@@ -177,3 +177,25 @@ def test_segmented_output_takes_the_segments_dtype():
         seg = m(x)
     assert seg.dtype == whole.dtype == torch.bfloat16
     assert seg.shape == (2, 11, 16)
+
+
+@pytest.mark.parametrize("kw", [{"bidirectional": True, "rcps": True}, {"mixer": "mamba2"}, {}])
+def test_no_grad_mixers_get_the_normed_input_in_the_autocast_dtype(kw):
+    """Without autograd under autocast, each block hands its mixer the normed input in the autocast dtype (half
+    the memory of the fp32 norm output, at full length); with autograd the mixer gets the norm's fp32 output.
+    Exact either way: the mixer's in_proj casts its input so itself."""
+    model = build(dtype=torch.float32, **kw)
+    seen = []
+    for layer in model.layers:
+        layer.mixer.register_forward_pre_hook(lambda _, args, kwargs: seen.append(args[0].dtype), with_kwargs=True)
+    x = torch.randn(2, 11, model.config.d_model * (2 if kw.get("rcps") else 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        grad_dtypes, seen[:] = list(seen), []
+        with torch.no_grad():
+            model(x)
+            for layer in model.layers:
+                h = torch.randn(2, 11, x.shape[-1])
+                assert torch.equal(layer.mixer(h), layer.mixer(h.to(torch.bfloat16))), "in_proj does not cast"
+    assert grad_dtypes == [torch.float32] * len(model.layers)
+    assert seen[:len(model.layers)] == [torch.bfloat16] * len(model.layers)
