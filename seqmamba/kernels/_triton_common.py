@@ -70,7 +70,6 @@ def continues_sequence(seq_ptr, row, t, tp, ok, ss_l):
     return s_t == s_p
 
 
-
 @triton.jit
 def neg_zeros(shape: tl.constexpr):
     """-0.0 everywhere: x + (-0.0) folds to x at compile time, x + 0.0 does not (tl.full turns -0.0 into +0.0,
@@ -83,6 +82,7 @@ def pick(x, sel, axis: tl.constexpr):
     """The element of ``x`` where ``sel`` holds along ``axis`` (one per slice), for an axis within each thread's
     registers: a sum with -0.0 elsewhere, which folds to a register pick (a max with -inf leaves an FMNMX)."""
     return tl.sum(tl.where(sel, x, neg_zeros(x.shape)), axis)
+
 
 def pow2_divisor(x: int, cap: int) -> int:
     """Largest power of two dividing x, at most cap (a channel block that tiles a group exactly)."""

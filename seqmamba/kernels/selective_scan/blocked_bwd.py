@@ -83,8 +83,6 @@ _common = kernel_module("seqmamba.kernels._triton_common", __name__)
 _combine, _keep = _common.affine_combine, _common.continues_sequence
 
 
-
-
 @triton.jit
 def _suffix_combine(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
     # (map of a run of threads, map of the run without its first thread), composed for a reverse scan: Triton

@@ -174,8 +174,6 @@ def _state_scalars(A_ptr, hT_ptr, d_off, h_row, n, nstate):
     return tl.load(A_ptr + d_off * nstate + nc).to(tl.float32) * 1.4426950408889634, tl.load(hT_ptr + h_row + nc)
 
 
-
-
 @triton.jit
 def _prefix_combine(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
     # (map of a run of positions, map of the run without its last element), composed in scan order (run 1 first):
