@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqmamba.mamba import fp32
+from seqmamba.mamba import autocast_dtype, fp32
 from seqmamba.rcps import RCPSAddNormWrapper
 
 
@@ -32,17 +32,10 @@ class Block(nn.Module):
             mixer_kwargs["mask"] = mask
         hidden = apply_norm(self.norm, residual)
         if not torch.is_grad_enabled():
-            hidden = to_autocast_dtype(hidden)
+            # in the dtype the mixer's in_proj casts it to anyway: without autograd the full-length normed
+            # input then takes half the memory under autocast while the mixer runs
+            hidden = hidden.to(autocast_dtype(hidden))
         return self.mixer(hidden, **mixer_kwargs)
-
-
-def to_autocast_dtype(hidden: torch.Tensor) -> torch.Tensor:
-    """``hidden`` in the autocast dtype where autocast is on (the mixer's in_proj casts its input so anyway):
-    without autograd the full-length normed input then takes half the memory while the mixer runs."""
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device) and hidden.is_floating_point():
-        return hidden.to(torch.get_autocast_dtype(device))
-    return hidden
 
 
 def add_residual(hidden: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool) -> torch.Tensor:
