@@ -211,7 +211,7 @@ def _(x, weight, bias, h0, silu, reverse):
 
 
 def _conv_bwd_impl(x: _T, weight: _T, bias: _T | None, h0: _T | None, dy: _T, silu: bool,
-                 reverse: bool) -> list[_T]:
+                   reverse: bool) -> list[_T]:
     grads = _conv_bwd(x, weight, bias, h0, dy, silu, reverse)
     return [g if g is not None else x.new_empty(0) for g in grads]
 

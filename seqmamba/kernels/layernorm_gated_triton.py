@@ -207,5 +207,5 @@ def rms_norm_gated_triton(x, weight, z=None, eps=1e-5, group_size=None, norm_bef
     """Triton :func:`rms_norm_gated_ref` (same signature; inputs validated by the caller, fp32/bf16/fp16)."""
     d = x.shape[-1]
     y, _ = _norm_fwd_call(_rows2d(x), weight.contiguous(), _rows2d(z) if z is not None else None, float(eps),
-                        int(group_size or d), bool(norm_before_gate))
+                          int(group_size or d), bool(norm_before_gate))
     return y.reshape(x.shape)

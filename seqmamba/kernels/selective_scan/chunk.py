@@ -1214,8 +1214,8 @@ def _empty(ref):
 
 
 def _scan_fwd_impl(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
-                 initial_state: _T | None, softplus: bool, reverse: bool, save_states: bool,
-                 seq_idx: _T | None, blocked: bool = True) -> tuple[_T, _T, _T]:
+                   initial_state: _T | None, softplus: bool, reverse: bool, save_states: bool,
+                   seq_idx: _T | None, blocked: bool = True) -> tuple[_T, _T, _T]:
     y, ht, states = (_blocked_fwd if blocked else _fwd)(u, delta, A, B, C, D, z, delta_bias, softplus,
                                                         initial_state, reverse, save_states, seq_idx=seq_idx)
     return y, ht.clone(memory_format=torch.contiguous_format), states if states is not None else _empty(u)
@@ -1230,15 +1230,15 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, sav
     n = A.shape[1]
     if blocked:
         return u.new_empty(b, d, l), u.new_empty(b, d, n, dtype=torch.float32), _blocked_states_like(u, A,
-                                                                                                   save_states)
+                                                                                                     save_states)
     n_tiles = max(triton.cdiv(l, TILE), 1)
     ts = u.new_empty(b, n_tiles, d, n, dtype=torch.float32) if save_states else _empty(u)
     return new_output(u, delta), u.new_empty(b, d, n, dtype=torch.float32), ts
 
 
 def _scan_bwd_impl(u: _T, delta: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, delta_bias: _T | None,
-                 initial_state: _T | None, states: _T, dy: _T, dht: _T | None, softplus: bool,
-                 reverse: bool, seq_idx: _T | None, blocked: bool = True) -> list[_T]:
+                   initial_state: _T | None, states: _T, dy: _T, dht: _T | None, softplus: bool,
+                   reverse: bool, seq_idx: _T | None, blocked: bool = True) -> list[_T]:
     grads = list((_blocked_bwd if blocked else _bwd)(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, states,
                                                      dy, dht, seq_idx=seq_idx))
     grads[-1] = grads[-1].to(initial_state.dtype) if initial_state is not None else None
@@ -1280,7 +1280,7 @@ def _scan_backward(ctx, dy, dht, _dstates):
     if dy is None:
         dy = torch.zeros_like(u)
     grads = _scan_bwd_call(u, delta, A, B, C, D, z, delta_bias, initial_state, states, dy, dht, ctx.softplus,
-                         ctx.reverse, seq_idx, ctx.blocked)
+                           ctx.reverse, seq_idx, ctx.blocked)
     present = [u, delta, A, B, C, D, z, delta_bias, initial_state]
     grads = [g if t is not None else None for g, t in zip(grads, present)]
     return (*grads, None, None, None, None, None)
@@ -1307,7 +1307,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         y, ht, _ = _scan_fwd_call(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
-                                bool(reverse), save, seq_idx, blocked_default(delta, save))
+                                  bool(reverse), save, seq_idx, blocked_default(delta, save))
     else:
         y, ht = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
                                       bool(reverse), _tuning, seq_idx)
@@ -1325,9 +1325,9 @@ _BI_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def _bi_fwd_impl(u_f: _T, u_r: _T, delta_f: _T, delta_r: _T, A_f: _T, A_r: _T, B_f: _T, B_r: _T, C_f: _T, C_r: _T,
-               D_f: _T | None, D_r: _T | None, z_f: _T | None, z_r: _T | None, bias_f: _T | None,
-               bias_r: _T | None, softplus: bool, save_states: bool, seq_idx: _T | None,
-               blocked: bool = True) -> tuple[_T, _T, _T]:
+                 D_f: _T | None, D_r: _T | None, z_f: _T | None, z_r: _T | None, bias_f: _T | None,
+                 bias_r: _T | None, softplus: bool, save_states: bool, seq_idx: _T | None,
+                 blocked: bool = True) -> tuple[_T, _T, _T]:
     fwd = _blocked_fwd if blocked else _fwd
     y, _, ts_f = fwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, None, False, save_states,
                      seq_idx=seq_idx)
@@ -1353,9 +1353,9 @@ def _(u_f, u_r, delta_f, delta_r, A_f, A_r, B_f, B_r, C_f, C_r, D_f, D_r, z_f, z
 
 
 def _bi_bwd_impl(u_f: _T, u_r: _T, delta_f: _T, delta_r: _T, A_f: _T, A_r: _T, B_f: _T, B_r: _T, C_f: _T, C_r: _T,
-               D_f: _T | None, D_r: _T | None, z_f: _T | None, z_r: _T | None, bias_f: _T | None,
-               bias_r: _T | None, ts_f: _T, ts_r: _T, dy: _T, softplus: bool, seq_idx: _T | None,
-               blocked: bool = True) -> list[_T]:
+                 D_f: _T | None, D_r: _T | None, z_f: _T | None, z_r: _T | None, bias_f: _T | None,
+                 bias_r: _T | None, ts_f: _T, ts_r: _T, dy: _T, softplus: bool, seq_idx: _T | None,
+                 blocked: bool = True) -> list[_T]:
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()  # once for both directions
     bwd = _blocked_bwd if blocked else _bwd
     g_f = bwd(u_f, delta_f, A_f, B_f, C_f, D_f, z_f, bias_f, softplus, False, ts_f, dy, None, seq_idx=seq_idx)

@@ -1012,9 +1012,9 @@ def _empty(ref):
 
 
 def _ssd_fwd_impl(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, dt_bias: _T | None,
-                initial_state: _T | None, seq_idx: _T | None, softplus: bool, reverse: bool, save: bool,
-                chunk: int, blk: int, warps: int, blk_bwd: int, warps_bwd: int,
-                splits: int) -> tuple[_T, _T, _T, _T, _T, _T]:
+                  initial_state: _T | None, seq_idx: _T | None, softplus: bool, reverse: bool, save: bool,
+                  chunk: int, blk: int, warps: int, blk_bwd: int, warps_bwd: int,
+                  splits: int) -> tuple[_T, _T, _T, _T, _T, _T]:
     """Forward. ``blk_bwd``, ``warps_bwd`` and ``splits`` (the number of programs per group of heads; 0:
     automatic) are the backward's launch parameters, kept for it."""
     y, ht, ypre, dtp, cs, st = _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, initial_state, reverse, seq_idx,
@@ -1042,9 +1042,9 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, softplus, reverse, 
 
 
 def _ssd_bwd_impl(x: _T, dt: _T, A: _T, B: _T, C: _T, D: _T | None, z: _T | None, dt_bias: _T | None,
-                initial_state: _T | None, seq_idx: _T | None, ypre: _T | None, dtp: _T, cs: _T, st: _T, dy: _T,
-                dht: _T | None, softplus: bool, reverse: bool, chunk: int, blk: int, warps: int,
-                splits: int) -> list[_T]:
+                  initial_state: _T | None, seq_idx: _T | None, ypre: _T | None, dtp: _T, cs: _T, st: _T, dy: _T,
+                  dht: _T | None, softplus: bool, reverse: bool, chunk: int, blk: int, warps: int,
+                  splits: int) -> list[_T]:
     grads = list(_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, cs, st, dy, dht,
                       chunk, blk, warps, splits))
     grads[-1] = grads[-1].to(initial_state.dtype) if initial_state is not None else None
@@ -1079,7 +1079,7 @@ def _ssd_backward(ctx, dy, dht, *_):
     if dy is None:
         dy = torch.zeros_like(x)
     grads = _ssd_bwd_call(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ypre, dtp, cs, st, dy, dht,
-                        softplus, reverse, chunk, blk, warps, splits)
+                          softplus, reverse, chunk, blk, warps, splits)
     present = [x, dt, A, B, C, D, z, dt_bias, initial_state]
     grads = [gr if t is not None else None for gr, t in zip(grads, present)]
     return (*grads, None, None, None, None, None, None, None, None, None, None)
@@ -1108,8 +1108,8 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None
     save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
     blk, warps = int(t.get("blk", BLOCK)), int(t.get("warps", WARPS))
     y, ht, *_ = _ssd_fwd_call(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, bool(dt_softplus),
-                            bool(reverse), save, int(t.get("chunk", CHUNK)), blk, warps,
-                            int(t.get("blk_bwd", BLOCK_BWD or blk)), int(t.get("warps_bwd", WARPS_BWD or warps)),
-                            int(t.get("splits", 0)))
+                              bool(reverse), save, int(t.get("chunk", CHUNK)), blk, warps,
+                              int(t.get("blk_bwd", BLOCK_BWD or blk)), int(t.get("warps_bwd", WARPS_BWD or warps)),
+                              int(t.get("splits", 0)))
     return (y, ht) if return_final_state else y
 
