@@ -96,3 +96,54 @@ def unit_l(t: torch.Tensor | None) -> torch.Tensor | None:
     """t with unit stride along its last (length) dim, a copy only when it has not: a program reading one
     channel's positions from channel-last storage would touch one sector per element."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+# Rows of a (..., l) tensor start 16-byte aligned, and Triton knows it, only where the row stride is a multiple
+# of 16 elements (it specialises integer arguments divisible by 16). Otherwise every row load and store is
+# scalar: the Mamba-1 scan ran ~6x slower at l = 1,000,003 than at 2^20 (H100, session 13).
+ALIGN = 16
+
+
+def padded_len(l: int) -> int:
+    """The row length of aligned storage for l positions: l rounded up to a multiple of ALIGN."""
+    return -(-l // ALIGN) * ALIGN
+
+
+def aligned_rows(t: torch.Tensor | None, lp: int) -> torch.Tensor | None:
+    """t (..., l) in storage of rows ``lp`` >= l long: t itself (l-contiguous) when lp == l, else a copy whose
+    positions [l, lp) are zeros, returned whole, (..., lp)."""
+    if t is None or t.shape[-1] == lp:
+        return unit_l(t)
+    l = t.shape[-1]
+    out = t.new_empty(*t.shape[:-1], lp)
+    if t.dim() == 3 and t.stride(-1) == 1 and t.numel() > 0:
+        rows = t.shape[0] * t.shape[1]
+        _pad_rows_kernel[(rows * triton.cdiv(lp, PAD_BLOCK),)](t, out, t.shape[1], t.stride(0), t.stride(1), l, lp,
+                                                               BLOCK=PAD_BLOCK)
+    else:
+        out[..., l:].zero_()
+        out[..., :l].copy_(t)
+    return out
+
+
+# positions a program of _pad_rows_kernel copies
+PAD_BLOCK = 4096
+
+
+@triton.jit
+def _pad_rows_kernel(src_ptr, dst_ptr, m, s_b, s_m, l, lp, BLOCK: tl.constexpr):
+    """dst (b, m, lp) contiguous <- src (b, m, l) with unit l-stride, zeros past l. torch's copy into the strided
+    view dst[..., :l] runs its general (index-computing) loop; here the stores are whole aligned vectors and only
+    the source loads are scalar."""
+    n_blk = tl.cdiv(lp, BLOCK)
+    pid = tl.program_id(0)
+    row = (pid // n_blk).to(tl.int64)
+    c = (pid % n_blk) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(src_ptr + (row // m) * s_b + (row % m) * s_m + c, mask=c < l, other=0)
+    tl.store(dst_ptr + row * lp + c, x, mask=c < lp)
+
+
+def new_rows(shape, lp: int, **factory) -> torch.Tensor:
+    """An empty (..., lp) tensor for outputs of ``shape`` (..., l): the kernel writes whole aligned rows, the
+    caller returns ``[..., :l]`` of it (row stride lp)."""
+    return torch.empty(*shape[:-1], lp, **factory)

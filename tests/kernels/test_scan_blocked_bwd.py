@@ -12,6 +12,7 @@ import torch
 
 from seqmamba.kernels.selective_scan import selective_scan_ref
 from tests.kernels.interpret import load_interpreted
+from tests.kernels.test_scan_blocked_fwd import piece_states
 from tests.kernels.test_selective_scan import assert_close, make_inputs
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -23,28 +24,10 @@ def blocked():
 
 
 def chunk_states(x, T, softplus, reverse, seq_idx):
-    """(b, cdiv(l, T), d, n) fp32: the state entering each chunk of T scan-order positions (from the reference on
-    the prefix in scan order; chunk 0 gets the initial state or 0)."""
-    u = x["u"]
-    b, d, l = u.shape
-    n = x["A"].shape[1]
-    out = []
-    for c in range(-(-l // T)):
-        if c == 0:
-            h = x["initial_state"] if x["initial_state"] is not None else u.new_zeros(b, d, n)
-            out.append(h.detach().double())
-            continue
-        k = c * T
-        sl = slice(l - k, l) if reverse else slice(0, k)
-        part = {name: (v[..., sl] if name in ("u", "delta", "z", "B", "C") and v is not None else v)
-                for name, v in x.items()}
-        seq = seq_idx[:, sl] if seq_idx is not None else None
-        with torch.no_grad():
-            _, h = selective_scan_ref(**{k_: (v.double() if v is not None else None) for k_, v in part.items()},
-                                      delta_softplus=softplus, reverse=reverse, return_final_state=True,
-                                      seq_idx=seq)
-        out.append(h)
-    return torch.stack(out, 1).float().contiguous()
+    """(b, cdiv(padded_len(l), T), d, n) fp32: the forward's contract, from the reference
+    (``test_scan_blocked_fwd.piece_states``)."""
+    L = -(-x["u"].shape[-1] // 16) * 16
+    return piece_states(x, T, softplus, reverse, seq_idx, L).float().contiguous()
 
 
 def reference_grads(x, dy, dht, softplus, reverse, seq_idx):
@@ -90,6 +73,9 @@ CASES = [
     ("one-chunk-length-1", dict(l=1, groups=2), True, False, False, True, 4, {}),
     ("exact-chunks", dict(l=16, groups=1, d=8), True, True, False, True, 4, dict(block_d=8, num_warps=2)),
     ("one-channel-seq-idx-reverse-n5", dict(l=19, groups=2, n=5), True, True, True, True, 4, dict(block_d=1)),
+    # lengths that are multiples of 16 run unpadded (the others on rows padded to one, pad = identity steps)
+    ("unpadded-seq-idx-reverse", dict(l=32, groups=2), True, True, True, True, 8, {}),
+    ("unpadded-seq-idx", dict(l=48, groups=1), True, False, True, True, 8, {}),
 ]
 
 
@@ -110,6 +96,7 @@ def test_interpreted_matches_reference_autograd(blocked, name, over, softplus, r
     got = kernel_grads(blocked.blocked_bwd, x, dy, dh, softplus, reverse, seq_idx, T, **tuning)
     want = reference_grads(x, dy, dh, softplus, reverse, seq_idx)
     assert_close(got, want, rtol=2e-5)
+    assert got["du"].stride(1) == -(-l // 16) * 16  # rows of aligned storage
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -43,22 +43,35 @@ def prefix(x, seq_idx, m, l, reverse):
     return x, (None if seq_idx is None else seq_idx[:, sl])
 
 
-def reference(x, softplus, reverse, seq_idx, T):
-    """float64 reference: y, final state and the state entering each scan-order chunk of T positions."""
+def piece_states(x, T, softplus, reverse, seq_idx, L=None):
+    """(b, cdiv(L, T), d, n) float64: the state entering each scan-order piece of T positions, from the
+    reference on scan-order prefixes (piece 0 gets the initial state or 0). ``L``: the kernels' padded row length
+    (``_common.padded_len``; default l): its L - l pad positions are identity steps at the end of a forward scan
+    and at the start of a reverse one."""
+    x64 = {k: (None if v is None else v.detach().double()) for k, v in x.items()}
+    b, d, l = x64["u"].shape
+    L = l if L is None else L
+    lead = L - l if reverse else 0  # pad positions before the data in scan order
+    states = []
+    for j in range(-(-L // T)):
+        m = min(max(j * T - lead, 0), l)  # data positions before piece j in scan order
+        if m == 0:
+            h0 = x64["initial_state"]
+            states.append(h0 if h0 is not None else x64["u"].new_zeros(b, d, x64["A"].shape[1]))
+            continue
+        xp, sp = prefix(x64, seq_idx, m, l, reverse)
+        with torch.no_grad():
+            states.append(selective_scan_ref(**xp, delta_softplus=softplus, reverse=reverse, seq_idx=sp,
+                                             return_final_state=True)[1])
+    return torch.stack(states, 1) if states else x64["u"].new_zeros(b, 0, d, x64["A"].shape[1])
+
+
+def reference(x, softplus, reverse, seq_idx, T, L=None):
+    """float64 reference: y, final state and :func:`piece_states`."""
     x64 = {k: (None if v is None else v.double()) for k, v in x.items()}
     y, h = selective_scan_ref(**x64, delta_softplus=softplus, reverse=reverse, seq_idx=seq_idx,
                               return_final_state=True)
-    l = x["u"].shape[-1]
-    states = []
-    for j in range(-(-l // T)):
-        if j == 0:
-            h0 = x64["initial_state"]
-            states.append(h0 if h0 is not None else torch.zeros_like(h))
-            continue
-        xp, sp = prefix(x64, seq_idx, j * T, l, reverse)
-        states.append(selective_scan_ref(**xp, delta_softplus=softplus, reverse=reverse, seq_idx=sp,
-                                         return_final_state=True)[1])
-    return y, h, torch.stack(states, 1) if states else h.new_zeros(h.shape[0], 0, *h.shape[1:])
+    return y, h, piece_states(x, T, softplus, reverse, seq_idx, L)
 
 
 def check(bf, x, softplus=True, reverse=False, seq_idx=None, rtol=2e-5, **tuning):
@@ -66,9 +79,11 @@ def check(bf, x, softplus=True, reverse=False, seq_idx=None, rtol=2e-5, **tuning
     y, h, cs = bf.blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
                               softplus=softplus, initial_state=x["initial_state"], reverse=reverse,
                               seq_idx=seq_idx, save_states=True, **tuning)
-    y_ref, h_ref, cs_ref = reference(x, softplus, reverse, seq_idx, T)
+    y_ref, h_ref, cs_ref = reference(x, softplus, reverse, seq_idx, T, bf._common.padded_len(x["u"].shape[-1]))
     assert y.dtype == x["u"].dtype and h.dtype == cs.dtype == torch.float32
     assert y.stride(-1) == 1 and cs.shape == cs_ref.shape
+    # rows of aligned storage: l rounded up to a multiple of 16
+    assert y.stride(1) == -(-x["u"].shape[-1] // 16) * 16
     assert_all_close({"y": (y, y_ref), "final_state": (h, h_ref), "chunk_states": (cs, cs_ref)}, rtol)
 
 
@@ -92,6 +107,10 @@ CASES = [
     ("pieces", dict(l=37, groups=2), True, False, None, dict(chunk=16, state_len=4, bd=2)),
     ("pieces-seq_idx-reverse", dict(l=45, groups=2), True, True, [5, 13, 29, 40], dict(chunk=16, state_len=8)),
     ("pieces-of-one", dict(l=11), True, True, None, dict(chunk=4, state_len=1, num_warps=1)),
+    # lengths that are multiples of 16 run unpadded (the others on rows padded to one: see check)
+    ("unpadded-pieces", dict(l=48, groups=2), True, False, None, dict(chunk=16, state_len=4, bd=2)),
+    ("unpadded-pieces-seq_idx-reverse", dict(l=48, groups=2), True, True, [5, 13, 29, 40],
+     dict(chunk=16, state_len=8)),
 ]
 
 
@@ -206,19 +225,21 @@ def test_gpu_fp32_matches_reference(shape, groups, cuts, tuning, reverse):
     y_ref, h_ref = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True,
                                       reverse=reverse, seq_idx=seq_idx, return_final_state=True)
     j = cs.shape[1] // 2
-    xp, sp = prefix({k: v.double() for k, v in x.items()}, seq_idx, j * T, l, reverse)
+    lead = mod._common.padded_len(l) - l if reverse else 0  # a reverse scan starts with the pad (blocked_fwd)
+    xp, sp = prefix({k: v.double() for k, v in x.items()}, seq_idx, j * T - lead, l, reverse)
     _, h_mid = selective_scan_ref(**xp, delta_softplus=True, reverse=reverse, seq_idx=sp, return_final_state=True)
     assert_all_close({"y": (y, y_ref), "final_state": (h, h_ref), "chunk_state_mid": (cs[:, j], h_mid)}, 1e-4)
 
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("l", [4000, 4001])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_gpu_bf16_default_tiles_match_reference(reverse):
+def test_gpu_bf16_default_tiles_match_reference(reverse, l):
     """bf16 at b2 d1536 (the default tiles for many channels: one channel and one warp a program, 16 positions a
     thread in two V-blocks, chunk prefetch, B/C pairs, capped registers; reverse: mirrored blocks flipped
-    in-thread) vs the float64 reference."""
-    b, d, n, l = 2, 1536, 16, 4000
+    in-thread; an odd length: rows padded to 4016) vs the float64 reference."""
+    b, d, n = 2, 1536, 16
     x = _cuda(inputs(b=b, d=d, n=n, l=l, groups=1, seed=11), torch.bfloat16)
     y, h, cs = _compiled().blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
                                        softplus=True, initial_state=x["initial_state"], reverse=reverse,

@@ -61,3 +61,24 @@ def test_gpu_softplus_and_sigmoid_match_float64():
     from tests.kernels import _math_kernels
 
     _check(_math_kernels.apply, "cuda", 1e-6)
+
+
+@pytest.mark.parametrize("shape,transpose", [((2, 3, 37), False), ((2, 3, 37), True), ((1, 2, 3, 21), False)])
+def test_aligned_rows_pads_with_zeros(shape, transpose):
+    """The scan kernels' padded copies: the values, then zeros up to the next multiple of 16, from a contiguous,
+    a channel-last (copied by torch) and a 4-d input; the pad must be zeros (a NaN there would reach the scan)."""
+    common = load_interpreted("seqmamba.kernels._triton_common")
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(*shape, generator=g).to(torch.bfloat16)
+    if transpose:
+        t = t.transpose(1, 2).contiguous().transpose(1, 2)
+    l = t.shape[-1]
+    lp = common.padded_len(l)
+    assert lp % 16 == 0 and l <= lp < l + 16 and common.padded_len(32) == 32
+    # a view with unit l-stride whose rows are not l apart (e.g. z, half of the in_proj output)
+    if len(shape) == 3 and not transpose:
+        t = torch.cat([t, torch.randn(*shape, generator=g).to(t.dtype)], 1)[:, shape[1]:]
+    out = common.aligned_rows(t, lp)
+    assert out.shape == (*t.shape[:-1], lp) and out.is_contiguous()
+    assert torch.equal(out[..., :l], t) and not out[..., l:].any()
+    assert common.aligned_rows(out, lp) is out  # already aligned: no copy

@@ -44,8 +44,9 @@ group, are summed over the program's BD channels and added into fp32 (b, g, n, l
 ``tl.atomic_add``: the order of those additions varies from run to run, so this backward is NOT bitwise
 deterministic (chunk.py keeps the deterministic kernels for ``torch.use_deterministic_algorithms(True)``).
 
-Accumulation is fp32 for every input dtype; du, ddelta, dz are written in their inputs' dtypes (contiguous
-(b, d, l)); all offsets are 64-bit.
+Accumulation is fp32 for every input dtype; du, ddelta, dz are written in their inputs' dtypes (rows of
+padded_len(l): lengths not a multiple of 16 run on zero-padded copies, as in ``blocked_fwd.py``, the pad being
+identity steps); all offsets are 64-bit.
 """
 from __future__ import annotations
 
@@ -154,18 +155,24 @@ def _blocked_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, cs_ptr, seq_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, g_ptr,
     su_b, su_d, sdl_b, sdl_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sz_b, sz_d, so_b, so_d, ss_b, ss_l,
-    dim, nstate, seqlen, cpg, ngroups, n_chunks,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    dim, nstate, seqlen, live_len, cpg, ngroups, n_chunks,
+    PADDED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, DA_PARTIALS: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
     NT: tl.constexpr, V: tl.constexpr, HINTS: tl.constexpr,
 ):
-    """u, delta, z, dout, B, C have unit l-stride; du, ddelta, dz are contiguous (b, d, l). ``g_ptr`` (b, d, n)
+    """u, delta, z, dout, B, C have unit l-stride; du, ddelta, dz are contiguous (b, d, seqlen). ``g_ptr`` (b, d, n)
     fp32 holds dht (or 0) on entry: it carries g at the first position of the chunk last done (read by all
-    threads in the next chunk, after a barrier) and is dh0 on exit."""
+    threads in the next chunk, after a barrier) and is dh0 on exit. With PADDED the rows are ``seqlen`` long and
+    hold ``live_len`` positions, then zeros (blocked_fwd's padding): identity steps (dt = 0) whose ddelta is not
+    summed; seq_idx (b, live_len) is read unpadded."""
     # eviction hints on one-warp plans (module docstring)
     EV_LAST: tl.constexpr = "evict_last" if HINTS else ""
     EV_FIRST: tl.constexpr = "evict_first" if HINTS else ""
+    if PADDED:
+        n_live = live_len
+    else:
+        n_live = seqlen
     pid = tl.program_id(0)
     ndb = dim // BD
     pb = (pid // ndb).to(tl.int64)
@@ -205,7 +212,7 @@ def _blocked_bwd_kernel(
     dl_row = (pb * sdl_b + d_off * sdl_d)[:, None]
     z_row = (pb * sz_b + d_off * sz_d)[:, None]
     o_row = (pb * so_b + d_off * so_d)[:, None]
-    g_row = ((pb * dim + d_off) * seqlen)[:, None]           # du, ddelta, dz: contiguous (b, d, l)
+    g_row = ((pb * dim + d_off) * seqlen)[:, None]           # du, ddelta, dz: contiguous (b, d, seqlen)
     B_base = B_ptr + pb * sB_b + grp * sB_g
     C_base = C_ptr + pb * sC_b + grp * sC_g
     bc_row = (pb * ngroups + grp) * nstate * seqlen         # dB, dC accumulators: contiguous (b, g, n, l)
@@ -222,7 +229,7 @@ def _blocked_bwd_kernel(
             valid = t >= 0
             tn = t - 1
             valid_n = tn >= 0
-            not_start = t < seqlen - 1
+            not_start = t < n_live - 1
         else:
             t = c.to(tl.int64) * T + ar
             valid = t < seqlen
@@ -231,6 +238,13 @@ def _blocked_bwd_kernel(
             not_start = t > 0
         dl, dt = _dt(delta_ptr, dl_row + t, valid, bias, HAS_BIAS, SOFTPLUS, EV_FIRST)
         _, dtn = _dt(delta_ptr, dl_row + tn, valid_n, bias, HAS_BIAS, SOFTPLUS, EV_FIRST)
+        live = valid
+        live_n = valid_n
+        if PADDED:  # the pad: loaded (aligned loads), but identity steps
+            live = valid & (t < n_live)
+            live_n = valid_n & (tn < n_live)
+            dt = tl.where(live, dt, 0.0)
+            dtn = tl.where(live_n, dtn, 0.0)
         u = tl.load(u_ptr + u_row + t, mask=valid, other=0.0, eviction_policy=EV_FIRST).to(tl.float32)
         dy = tl.load(dout_ptr + o_row + t, mask=valid, other=0.0, eviction_policy=EV_FIRST).to(tl.float32)
         if HAS_Z:
@@ -244,8 +258,8 @@ def _blocked_bwd_kernel(
                 tp = t + 1
             else:
                 tp = t - 1
-            keep = _keep(seq_ptr, seq_row, t, tp, valid & not_start, ss_l)
-            keep_n = _keep(seq_ptr, seq_row, tn, t, valid_n, ss_l)
+            keep = _keep(seq_ptr, seq_row, t, tp, live & not_start, ss_l)
+            keep_n = _keep(seq_ptr, seq_row, tn, t, live_n & live, ss_l)
         dtu = dt * u
         ddt = tl.zeros([BD, T], dtype=tl.float32)
         sgB = tl.zeros([BD, T], dtype=tl.float32)
@@ -309,7 +323,7 @@ def _blocked_bwd_kernel(
             tl.store(dz_ptr + out_off, dz.to(dz_ptr.dtype.element_ty), mask=valid)
         if SOFTPLUS:
             ddt = ddt * _common.sigmoid(dl)
-        ddt = tl.where(valid, ddt, 0.0)
+        ddt = tl.where(live, ddt, 0.0)
         tl.store(ddelta_ptr + out_off, ddt.to(ddelta_ptr.dtype.element_ty), mask=valid)
         db_acc += tl.sum(ddt, axis=1)
         dD_acc += tl.sum(u * dyp, axis=1)
@@ -319,8 +333,8 @@ def _blocked_bwd_kernel(
         t0 = seqlen - 1
     else:
         t0 = 0
-    _, dt0 = _dt(delta_ptr, dl_row + t0 + tl.zeros([1, 1], dtype=tl.int64), d_off[:, None] < dim, bias, HAS_BIAS,
-                 SOFTPLUS, EV_FIRST)
+    _, dt0 = _dt(delta_ptr, dl_row + t0 + tl.zeros([1, 1], dtype=tl.int64), (d_off[:, None] < dim) & (t0 < n_live),
+                 bias, HAS_BIAS, SOFTPLUS, EV_FIRST)
     A2 = tl.load(A_ptr + A_row[:, None] + n_off[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
     tl.debug_barrier()
     g0 = tl.load(g_ptr + dn_off, mask=dn_mask, other=0.0)
@@ -336,37 +350,40 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
                 seq_idx=None, *, chunk_len, block_d=None, num_warps=None):
     """Gradients of the selective scan from the forward's ``chunk_states``.
 
-    u, delta, z, dout: (b, d, l) (any strides; copied l-contiguous when not); A: (d, n); B, C: (b, n, l) or
-    (b, g, n, l); D, delta_bias: (d,) or None; chunk_states: (b, n_chunks, d, n) fp32 with
-    n_chunks = cdiv(l, chunk_len) (see the module docstring); dht: (b, d, n) or None; seq_idx: (b, l) ints or
-    None. ``chunk_len`` (a power of two) is the forward's chunk length T; ``block_d`` channels per program
-    (a power of two dividing d // g; default ``BLOCK_D``), ``num_warps`` (default :func:`default_warps`).
+    u, delta, z, dout: (b, d, l) (any strides; copied into aligned rows when not l-contiguous or l is not a
+    multiple of 16); A: (d, n); B, C: (b, n, l) or (b, g, n, l); D, delta_bias: (d,) or None; chunk_states:
+    (b, n_chunks, d, n) fp32 with n_chunks = cdiv(padded_len(l), chunk_len) (see the module docstring); dht:
+    (b, d, n) or None; seq_idx: (b, l) ints or None. ``chunk_len`` (a power of two) is the forward's chunk length
+    T; ``block_d`` channels per program (a power of two dividing d // g; default ``BLOCK_D``), ``num_warps``
+    (default :func:`default_warps`).
 
-    Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0): du, ddelta, dz contiguous in u's, delta's, z's
-    dtypes; dA, dB, dC, dD, ddelta_bias in their inputs' dtypes; dh0 (b, d, n) fp32; None for absent inputs.
+    Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0): du, ddelta, dz in u's, delta's, z's dtypes,
+    l-contiguous in rows of ``padded_len(l)`` (views of aligned storage where l is not a multiple of 16); dA, dB,
+    dC, dD, ddelta_bias in their inputs' dtypes, contiguous; dh0 (b, d, n) fp32; None for absent inputs.
     """
     b, d, l = u.shape
     n = A.shape[1]
     T = chunk_len
     if T < 1 or T & (T - 1):
         raise ValueError(f"blocked_bwd: chunk_len must be a power of two, got {T}")
-    n_chunks = triton.cdiv(l, T)
+    lp = _common.padded_len(l)  # blocked_fwd's row length
+    n_chunks = triton.cdiv(lp, T)
     if chunk_states.shape != (b, n_chunks, d, n):
-        raise ValueError(f"blocked_bwd: chunk_states must have shape (b, cdiv(l, chunk_len), d, n) = "
+        raise ValueError(f"blocked_bwd: chunk_states must have shape (b, cdiv(padded_len(l), chunk_len), d, n) = "
                          f"{(b, n_chunks, d, n)}, got {tuple(chunk_states.shape)}")
     B4, C4 = _grouped(B), _grouped(C)
     g = B4.shape[1]
     cpg = d // g
     BD = _common.pow2_divisor(cpg, block_d or BLOCK_D)
     BN = max(triton.next_power_of_2(n), 2)
-    u, delta, z, dout, B4, C4 = (_common.unit_l(t) for t in (u, delta, z, dout, B4, C4))
+    u, delta, z, dout, B4, C4 = (_common.aligned_rows(t, lp) for t in (u, delta, z, dout, B4, C4))
     dev = u.device
     f32 = dict(device=dev, dtype=torch.float32)
-    du = torch.empty(b, d, l, device=dev, dtype=u.dtype)
-    ddelta = torch.empty(b, d, l, device=dev, dtype=delta.dtype)
-    dz = torch.empty(b, d, l, device=dev, dtype=z.dtype) if z is not None else None
-    dB = torch.zeros(b, g, n, l, **f32)
-    dC = torch.zeros(b, g, n, l, **f32)
+    du = _common.new_rows((b, d, l), lp, device=dev, dtype=u.dtype)
+    ddelta = _common.new_rows((b, d, l), lp, device=dev, dtype=delta.dtype)
+    dz = _common.new_rows((b, d, l), lp, device=dev, dtype=z.dtype) if z is not None else None
+    dB = torch.zeros(b, g, n, lp, **f32)
+    dC = torch.zeros(b, g, n, lp, **f32)
     warps = num_warps or default_warps(T)
     V = positions_per_thread(T, warps, max(t.element_size() for t in (u, delta, z, dout, B4, C4) if t is not None))
     partials = warps > 1
@@ -387,11 +404,13 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
             du, ddelta, dz if dz is not None else dA, dB, dC, dA, dD, dbias, dh0,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B4.stride(0), B4.stride(1),
             B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2), *zs, dout.stride(0), dout.stride(1),
-            seq[1], seq[2], d, n, l, cpg, g, n_chunks,
+            seq[1], seq[2], d, n, lp, l, cpg, g, n_chunks, PADDED=lp != l,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
             REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, DA_PARTIALS=partials, BD=BD, BN=BN, T=T, NT=T // V, V=V,
             HINTS=warps == 1,
             num_warps=warps)
-    return (du, ddelta, dA.sum((0, 3)).to(A.dtype), dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
+    du, ddelta, dz = (t[..., :l] if t is not None else None for t in (du, ddelta, dz))
+    dB, dC = (t[..., :l].to(x.dtype).contiguous().reshape(x.shape) for t, x in ((dB, B), (dC, C)))
+    return (du, ddelta, dA.sum((0, 3)).to(A.dtype), dB, dC,
             dD.sum(0).to(D.dtype) if D is not None else None, dz,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, dh0)

@@ -34,7 +34,12 @@ Contract with the backward (``blocked_bwd.py``, whose chunk length is S): with `
 after scan-order positions < j * S (``chunk_states[:, 0]`` = initial_state or 0), raw: before any seq_idx reset
 at the piece's first position. S is the call's ``state_len`` (a power of two dividing T; default :func:`state_spacing` ``(tuning)``): the state after a piece's last position is stored
 by the thread holding it, so pieces shorter than the forward's chunk cost one masked store per state and thread.
-For ``reverse``, scan-order piece j covers addresses [max(l - (j+1) S, 0), l - j S).
+For ``reverse``, scan-order piece j covers addresses [max(L - (j+1) S, 0), L - j S), L = padded_len(l) below.
+
+Lengths that are not a multiple of 16 run on copies of u, delta, z, B, C whose rows are padded with zeros to
+L = ``padded_len(l)`` positions: rows that start unaligned would make every load scalar (~6x slower). The kernel
+walks all L positions and treats the pad as identity steps (dt = 0), so a reverse scan starts with L - l of them
+(its pieces count from L) and a forward one ends with them; y is written in rows of L and returned as a view.
 
 H100, bf16, softplus + z (details and the sweep: the comment below): b8 d1536 l2048 0.31 ms, b1 d1536 l2^20
 20.8 ms, b1 d512 l2^20 10 ms (session 11: 0.35 / 22.9 / 10.3; session 8: 0.41 / 27.2 / 10.5; chunk.py's
@@ -249,14 +254,16 @@ def _state_step(acc, n, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk
 def _blocked_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, h0_ptr, hT_ptr, cs_ptr, seq_ptr,
     su_b, su_d, sdl_b, sdl_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sz_b, sz_d, sy_b, sy_d, sy_l, ss_b,
-    dim, nstate, seqlen, cpg, n_chunks, n_saved,
-    HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, S: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    dim, nstate, seqlen, live_len, cpg, n_chunks, n_saved,
+    HAS_H0: tl.constexpr, PADDED: tl.constexpr, SAVE_STATES: tl.constexpr, S: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
     ACCUM: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, NT: tl.constexpr,
     V: tl.constexpr, UNROLL: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One program: batch row pid // (d / BD), channels [BD * (pid % (d / BD)), + BD). u, delta, z, B, C have
-    l-stride 1 (the launcher makes sure). States (b, [n_chunks,] d, n) fp32 contiguous.
+    l-stride 1 (the launcher makes sure). States (b, [n_chunks,] d, n) fp32 contiguous. With PADDED the rows are
+    ``seqlen`` long but hold ``live_len`` positions, then zeros: the pad is a run of identity steps (dt = 0), at
+    the end of a forward scan and at the start of a reverse one, and seq_idx (b, live_len) is read unpadded.
 
     The carried state lives in the program's own slab of the final-state buffer hT (read and written by this
     program only; a barrier at each chunk start orders the writes of one chunk before the reads of the next).
@@ -266,6 +273,10 @@ def _blocked_fwd_kernel(
     other threads. Tiles are loaded and stored in load order and computed on in scan order (``_scan_order``; the
     same for a forward scan). The launch caps registers (MAXNREG) so that enough programs share an SM."""
     R: tl.constexpr = T // (NT * V)
+    if PADDED:
+        n_live = live_len
+    else:
+        n_live = seqlen
     pid = tl.program_id(0)
     ndb = dim // BD
     pb = (pid // ndb).to(tl.int64)
@@ -323,7 +334,7 @@ def _blocked_fwd_kernel(
             ts = seqlen - k * T - 1 - _load_addresses(0, seqlen, T, NT, V, False)
         else:
             ts = t
-        mask_s = ((ts >= 0) & (ts < seqlen))[None, :]
+        mask_s = ((ts >= 0) & (ts < n_live))[None, :]
         if PREFETCH:
             dl = dl_x.to(tl.float32)
             u = u_x.to(tl.float32)
@@ -346,7 +357,7 @@ def _blocked_fwd_kernel(
                 tp = ts + 1
             else:
                 tp = ts - 1
-            ok = (ts >= 0) & (ts < seqlen) & (tp >= 0) & (tp < seqlen)
+            ok = (ts >= 0) & (ts < n_live) & (tp >= 0) & (tp < n_live)
             s_t = tl.load(seq_ptr + pb * ss_b + ts, mask=ok, other=0)
             s_p = tl.load(seq_ptr + pb * ss_b + tp, mask=ok, other=0)
             keep = tl.reshape((s_t == s_p)[None, :], (1, R, NT, V))
@@ -432,31 +443,36 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     :func:`seqmamba.kernels.selective_scan.selective_scan`). Inputs fp32/bf16/fp16 (A, D, delta_bias any float),
     on a CUDA device or under TRITON_INTERPRET=1; arguments are assumed validated by the caller.
 
-    Returns ``(y, final_state, chunk_states)``: y (b, d, l) in u's dtype (l contiguous), or ``out`` itself
-    with y added into it when ``out`` (a (b, d, l) tensor) is given; final_state (b, d, n) fp32; chunk_states
-    (b, cdiv(l, S), d, n) fp32 when ``save_states`` (module docstring: the state entering each piece of S
-    positions), else None. ``tuning`` (each optional, None = default): ``chunk`` (T, a power of two; default by
+    Returns ``(y, final_state, chunk_states)``: y (b, d, l) in u's dtype, l-contiguous, in rows of
+    ``padded_len(l)`` (a view of aligned storage where l is not a multiple of 16: ``_common.aligned_rows``), or
+    ``out`` with y added into it when ``out`` (a (b, d, l) tensor laid out like y) is given; final_state
+    (b, d, n) fp32; chunk_states (b, cdiv(padded_len(l), S), d, n) fp32 when ``save_states`` (module docstring:
+    the state entering each piece of S positions), else None. ``tuning`` (each optional, None = default): ``chunk`` (T, a power of two; default by
     the row count b * d, see PLANS), ``state_len`` (S, a power of two <= T; default :func:`state_spacing`), ``bd`` (channels per program, capped to a power of two dividing
     d // g), ``num_warps``, ``unroll`` (state loop), ``pairs``, ``prefetch`` (bools), ``maxnreg`` (registers a
     thread, 0: uncapped; default MAXNREG).
     """
     b, d, l = u.shape
     n = A.shape[1]
-    u, delta, z, B, C = (_common.unit_l(t) for t in (u, delta, z, B, C))
+    lp = _common.padded_len(l)  # the kernel's row length (aligned_rows)
+    u, delta, z, B, C = (_common.aligned_rows(t, lp) for t in (u, delta, z, B, C))
     B4, C4 = _grouped(B), _grouped(C)
     cpg = d // B4.shape[1]
     T, bd, warps, prefetch = _plan(b * d, cpg, max(u.element_size(), delta.element_size()), reverse, tuning)
     if T < 1 or T & (T - 1):
         raise ValueError(f"blocked_fwd: chunk must be a power of two, got {T}")
     BN = max(triton.next_power_of_2(n), 2)
-    n_chunks = triton.cdiv(l, T)
+    n_chunks = triton.cdiv(lp, T)
     f32 = dict(device=u.device, dtype=torch.float32)
-    y = torch.empty((b, d, l), device=u.device, dtype=u.dtype) if out is None else out
+    accum = out
+    if out is not None and lp != l and out.stride() != (d * lp, lp, 1):
+        out = None  # not rows of aligned storage: y is added into it afterwards
+    y = _common.new_rows((b, d, l), lp, device=u.device, dtype=u.dtype) if out is None else out
     final = torch.empty(b, d, n, **f32)
     S = state_spacing(tuning)
     if S < 1 or S & (S - 1) or S > T:
         raise ValueError(f"blocked_fwd: state_len must be a power of two <= chunk ({T}), got {S}")
-    n_saved = triton.cdiv(l, S)
+    n_saved = triton.cdiv(lp, S)
     states = torch.empty(b, n_saved, d, n, **f32) if save_states else final
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     seq = seq_idx.contiguous() if seq_idx is not None else None
@@ -465,9 +481,9 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     # bf16 B and C read as 32-bit pairs where every pair is aligned and wholly in or out of range (the V-blocks
     # must hold whole pairs: V >= 2)
     pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and vec >= 2 and all(
-        s % 2 == 0 for s in (*B4.stride()[:3], *C4.stride()[:3], l, B4.storage_offset(), C4.storage_offset()))
+        s % 2 == 0 for s in (*B4.stride()[:3], *C4.stride()[:3], lp, B4.storage_offset(), C4.storage_offset()))
     if b * d == 0:
-        return y, final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
+        return y[..., :l], final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
     maxnreg = tuning.get("maxnreg", MAXNREG)
     _blocked_fwd_kernel[(b * (d // bd),)](
         u, delta, A.contiguous(), B4, C4, D if D is not None else dummy, z if z is not None else dummy,
@@ -476,10 +492,13 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B4.stride(0), B4.stride(1), B4.stride(2),
         C4.stride(0), C4.stride(1), C4.stride(2), *((z.stride(0), z.stride(1)) if z is not None else (0, 0)),
         y.stride(0), y.stride(1), y.stride(2), seq.stride(0) if seq is not None else 0,
-        d, n, l, cpg, n_chunks, n_saved,
-        HAS_H0=h0 is not None, SAVE_STATES=bool(save_states), S=S, HAS_D=D is not None, HAS_Z=z is not None,
+        d, n, lp, l, cpg, n_chunks, n_saved,
+        HAS_H0=h0 is not None, PADDED=lp != l, SAVE_STATES=bool(save_states), S=S, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse),
         HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec,
         UNROLL=int(tuning.get("unroll") or UNROLL), PAIRS=pairs,
         PREFETCH=prefetch, num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+    y = y[..., :l]
+    if accum is not None and out is None:
+        y = accum.add_(y)
     return y, final, (states if save_states else None)

@@ -1156,7 +1156,14 @@ def _blocked_states_like(u, A, save_states):
     b, d, l = u.shape
     if not save_states:
         return _empty(u)
-    return u.new_empty(b, triton.cdiv(l, _grad_lengths({}, b * d)[1]), d, A.shape[1], dtype=torch.float32)
+    n_saved = triton.cdiv(_common.padded_len(l), _grad_lengths({}, b * d)[1])
+    return u.new_empty(b, n_saved, d, A.shape[1], dtype=torch.float32)
+
+
+def _blocked_rows_like(t):
+    """Empty (b, d, l) like t with the blocked kernels' output layout: rows of padded_len(l) (fakes)."""
+    l = t.shape[-1]
+    return t.new_empty(*t.shape[:-1], _common.padded_len(l))[..., :l]
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -1229,8 +1236,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, sav
     b, d, l = u.shape
     n = A.shape[1]
     if blocked:
-        return u.new_empty(b, d, l), u.new_empty(b, d, n, dtype=torch.float32), _blocked_states_like(u, A,
-                                                                                                     save_states)
+        return _blocked_rows_like(u), u.new_empty(b, d, n, dtype=torch.float32), _blocked_states_like(u, A,
+                                                                                                      save_states)
     n_tiles = max(triton.cdiv(l, TILE), 1)
     ts = u.new_empty(b, n_tiles, d, n, dtype=torch.float32) if save_states else _empty(u)
     return new_output(u, delta), u.new_empty(b, d, n, dtype=torch.float32), ts
@@ -1250,10 +1257,15 @@ _scan_bwd_op = torch.library.custom_op(_OPS + "_bwd", _scan_bwd_impl, mutates_ar
 
 def _grads_like(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, blocked=False):
     """Empty gradients with the layouts the backward gives them (what the fake implementations must return):
-    contiguous, except du, ddelta, dz from the sequential backward, which follow delta's layout."""
+    contiguous, except du, ddelta, dz: from the blocked backward in rows of padded_len(l), from the sequential
+    one in delta's layout."""
     out = [t.new_empty(t.shape) if t is not None else _empty(u)
            for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
-    if not blocked and _bwd_plan(u, delta, A, B, seq_idx, None, None, TILE):
+    if blocked:
+        out[0], out[1] = _blocked_rows_like(u), _blocked_rows_like(delta)
+        if z is not None:
+            out[6] = _blocked_rows_like(z)
+    elif _bwd_plan(u, delta, A, B, seq_idx, None, None, TILE):
         out[0], out[1] = new_output(u, delta), new_output(delta, delta)
         if z is not None:
             out[6] = new_output(z, delta)
@@ -1345,7 +1357,7 @@ def _(u_f, u_r, delta_f, delta_r, A_f, A_r, B_f, B_r, C_f, C_r, D_f, D_r, z_f, z
     b, d, l = u_f.shape
     n = A_f.shape[1]
     if blocked:
-        return (u_f.new_empty(b, d, l), _blocked_states_like(u_f, A_f, save_states),
+        return (_blocked_rows_like(u_f), _blocked_states_like(u_f, A_f, save_states),
                 _blocked_states_like(u_f, A_f, save_states))
     n_tiles = max(triton.cdiv(l, TILE), 1)
     ts = (lambda: u_f.new_empty(b, n_tiles, d, n, dtype=torch.float32)) if save_states else (lambda: _empty(u_f))
