@@ -236,3 +236,39 @@ def test_cuda_inference_scan_inputs_run_along_l():
     for name in ("u", "delta", "z", "B", "C"):
         assert scan[name].stride(-1) == 1, f"{name} has l-stride {scan[name].stride(-1)}"
     assert_close("no-grad output", y, m(x).detach(), 1e-5)
+
+
+def test_segment_bounds_end_at_multiples_of_16():
+    """Segments of segment_len, the last cut at its longest multiple of 16 (the scan's rows then start aligned);
+    short or aligned ones are left whole."""
+    mixer = make("mamba")
+    mixer.segment_len = 64
+    assert mixer.segment_bounds(150) == [(0, 64), (64, 128), (128, 144), (144, 150)]
+    assert mixer.segment_bounds(128) == [(0, 64), (64, 128)]
+    assert mixer.segment_bounds(7) == [(0, 7)]
+    mixer.segment_len = 10**9
+    assert mixer.segment_bounds(1_000_003) == [(0, 1_000_000), (1_000_000, 1_000_003)]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_unaligned_split_equals_one_shot(reverse, monkeypatch):
+    """Without autograd, a Mamba input whose length is not a multiple of 16 runs as two segments where the
+    split applies (CUDA, enough tokens; forced here): same output and state as one shot, mask included."""
+    mixer = make("mamba", reverse=reverse)
+    x = torch.randn(2, 37, D_MODEL, dtype=torch.float64)
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[1, 30:] = False
+    with torch.no_grad():
+        whole, whole_state = mixer(x, mask=mask, return_state=True)
+        assert not mixer.runs_segmented(x)  # CPU: not split
+        monkeypatch.setattr(mixer, "SPLIT_DEVICES", ("cpu",))
+        monkeypatch.setattr(mixer, "SPLIT_MIN_TOKENS", 1)
+        assert mixer.runs_segmented(x)
+        calls = []
+        forward = mixer._forward
+        monkeypatch.setattr(mixer, "_forward", lambda h, m, s: calls.append(h.shape[1]) or forward(h, m, s))
+        split, split_state = mixer(x, mask=mask, return_state=True)
+    assert sorted(calls) == [5, 32]
+    assert_close("split output", split, whole, 1e-10)
+    assert_close("split ssm state", split_state.ssm, whole_state.ssm, 1e-10)
+    assert_close("split conv state", split_state.conv, whole_state.conv, 1e-10)
