@@ -85,49 +85,47 @@ class SegmentedMixer(nn.Module):
         this segment is returned too: ``(out, state)``. Padded positions never change the state or the outputs
         of real positions; their own outputs are unspecified.
         """
-        if self.runs_segmented(hidden_states):
+        if len(self.segment_bounds(hidden_states)) > 1:
             out, new_state = self._forward_segments(hidden_states, mask, state)
         else:
             out, new_state = self._forward(hidden_states, mask, state)
         return (out, new_state) if return_state else out
 
-    # Without autograd, segments end at multiples of ROW_ALIGN positions, except a last one of fewer: at other
-    # lengths the rows of the (b, d, l) scan inputs start unaligned, and the Triton scan copies them into padded
-    # rows (H100, b1 x 1536 channels at 1,000,003 tokens: forward 26.6 ms against 20.0 at 2^20) and the conv runs
-    # 2.4x slower. A mixer class with ``split_unaligned`` also splits such a length below segment_len, on the
-    # SPLIT_DEVICES (those of the Triton kernels), from SPLIT_MIN_TOKENS (b * l) tokens, where the copies cost
-    # more than the tail's own call.
+    # Segments end at multiples of ROW_ALIGN positions, except a last one of fewer: at other lengths the rows of
+    # the (b, d, l) scan and conv inputs start unaligned, and the Triton scan copies them into padded rows while
+    # the conv runs 2.4x slower. H100, Mamba d_model 768 under bf16 autocast, l131071 against l131072: inference
+    # 13.8 ms whole, 5.1 split, 4.7 aligned; training 48.4, 28.0, 24.8. A mixer class with ``split_unaligned``
+    # splits such a length even when it would run whole (with autograd too: the states between the two segments
+    # carry gradients), on the SPLIT_DEVICES (those of the Triton kernels) from SPLIT_MIN_TOKENS (b * l) tokens.
     ROW_ALIGN = 16
     SPLIT_MIN_TOKENS = 1 << 16
     SPLIT_DEVICES = ("cuda",)
     split_unaligned = False
 
-    def runs_segmented(self, hidden_states: torch.Tensor) -> bool:
-        """Whether ``forward`` runs ``hidden_states`` ``(b, l, d_model)`` in segments (see ``segment_len``)."""
+    def segment_bounds(self, hidden_states: torch.Tensor) -> list[tuple[int, int]]:
+        """(start, stop) of the segments ``forward`` runs ``hidden_states`` ``(b, l, d_model)`` in, in address
+        order: without autograd, pieces of ``segment_len`` when l is longer; each cut at its last multiple of
+        ROW_ALIGN where it is longer than that and not one itself (below segment_len, and with autograd, only
+        with ``split_unaligned`` on the SPLIT_DEVICES from SPLIT_MIN_TOKENS tokens). One (0, l): run whole."""
         b, length = hidden_states.shape[:2]
-        if torch.is_grad_enabled():
-            return False
-        if length > self.segment_len:
-            return True
-        return (self.split_unaligned and hidden_states.device.type in self.SPLIT_DEVICES
-                and length % self.ROW_ALIGN != 0
-                and length > self.ROW_ALIGN and b * length >= self.SPLIT_MIN_TOKENS)
-
-    def segment_bounds(self, length: int) -> list[tuple[int, int]]:
-        """(start, stop) of the segments of a ``length``-position input, in address order: segment_len long,
-        each cut at its last multiple of ROW_ALIGN when it is longer than that and not one itself."""
+        if not torch.is_grad_enabled() and length > self.segment_len:
+            seg, cut_ok = self.segment_len, True
+        else:
+            seg = max(length, 1)
+            cut_ok = (self.split_unaligned and hidden_states.device.type in self.SPLIT_DEVICES
+                      and b * length >= self.SPLIT_MIN_TOKENS)
         bounds = []
-        for start in range(0, length, self.segment_len):
-            stop = min(start + self.segment_len, length)
+        for start in range(0, length, seg):
+            stop = min(start + seg, length)
             cut = start + (stop - start) // self.ROW_ALIGN * self.ROW_ALIGN
-            bounds += [(start, cut), (cut, stop)] if start < cut < stop else [(start, stop)]
-        return bounds
+            bounds += [(start, cut), (cut, stop)] if cut_ok and start < cut < stop else [(start, stop)]
+        return bounds or [(0, 0)]
 
     def _forward_segments(self, hidden_states, mask, state, add_to=None):
         """The segments' outputs into one tensor of their dtype (bf16 under autocast, as the unsegmented
         path returns), or added into ``add_to`` (BiMamba's other direction, same shape)."""
         out = add_to
-        bounds = self.segment_bounds(hidden_states.shape[1])
+        bounds = self.segment_bounds(hidden_states)
         for start, stop in reversed(bounds) if self.reverse else bounds:
             window = slice(start, stop)
             seg_mask = None if mask is None else mask[:, window]
@@ -157,9 +155,9 @@ class Mamba(SegmentedMixer):
     are processed in segments carrying the state, which bounds the activation memory (the output is the same).
     The default 131072 halves the per-segment host work of 65536 (H100, same run, Caduceus-size backbone:
     inference at 4M tokens 779k -> 840k tokens/s and at 1M 810k -> 844k at the same peak memory; 8 x 131072
-    tokens run unsegmented, 777k -> 977k tokens/s, peak 17.8 -> 19.1 GB). Without autograd on CUDA, a length
-    that is not a multiple of 16 also runs as two segments, its longest multiple of 16 and the rest
-    (``SegmentedMixer.runs_segmented``).
+    tokens run unsegmented, 777k -> 977k tokens/s, peak 17.8 -> 19.1 GB). On CUDA, a length that is not a
+    multiple of 16 also runs as two segments, its longest multiple of 16 and the rest
+    (``SegmentedMixer.segment_bounds``), with autograd too.
     ``backend`` is passed to every kernel (``"auto"``, ``"triton"``, ``"ref"``).
     """
 

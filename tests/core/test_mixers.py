@@ -238,37 +238,55 @@ def test_cuda_inference_scan_inputs_run_along_l():
     assert_close("no-grad output", y, m(x).detach(), 1e-5)
 
 
-def test_segment_bounds_end_at_multiples_of_16():
-    """Segments of segment_len, the last cut at its longest multiple of 16 (the scan's rows then start aligned);
-    short or aligned ones are left whole."""
+def test_segment_bounds_end_at_multiples_of_16(monkeypatch):
+    """Long inference: segments of segment_len, the last cut at its longest multiple of 16 (the scan's rows then
+    start aligned); short or aligned ones are left whole. Below segment_len, and with autograd, the cut applies
+    only on the split devices (CUDA) from SPLIT_MIN_TOKENS tokens."""
     mixer = make("mamba")
     mixer.segment_len = 64
-    assert mixer.segment_bounds(150) == [(0, 64), (64, 128), (128, 144), (144, 150)]
-    assert mixer.segment_bounds(128) == [(0, 64), (64, 128)]
-    assert mixer.segment_bounds(7) == [(0, 7)]
-    mixer.segment_len = 10**9
-    assert mixer.segment_bounds(1_000_003) == [(0, 1_000_000), (1_000_000, 1_000_003)]
+    h = lambda b, l: torch.empty(b, l, 0)  # noqa: E731  (shape and device are all that count)
+    with torch.no_grad():
+        assert mixer.segment_bounds(h(1, 150)) == [(0, 64), (64, 128), (128, 144), (144, 150)]
+        assert mixer.segment_bounds(h(1, 128)) == [(0, 64), (64, 128)]
+        assert mixer.segment_bounds(h(1, 7)) == [(0, 7)]
+        assert mixer.segment_bounds(h(1, 37)) == [(0, 37)]  # CPU: whole
+        monkeypatch.setattr(mixer, "SPLIT_DEVICES", ("cpu",))
+        assert mixer.segment_bounds(h(1, 37)) == [(0, 37)]  # too few tokens
+        assert mixer.segment_bounds(h(4096, 37)) == [(0, 32), (32, 37)]
+    assert mixer.segment_bounds(h(1, 150)) == [(0, 150)]  # autograd: not by segment_len
+    assert mixer.segment_bounds(h(1 << 16, 150)) == [(0, 144), (144, 150)]
+    assert make("mamba2").segment_bounds(h(1 << 16, 150)) == [(0, 150)]  # no split_unaligned
 
 
+@pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_unaligned_split_equals_one_shot(reverse, monkeypatch):
-    """Without autograd, a Mamba input whose length is not a multiple of 16 runs as two segments where the
-    split applies (CUDA, enough tokens; forced here): same output and state as one shot, mask included."""
+def test_unaligned_split_equals_one_shot(reverse, grad, monkeypatch):
+    """A Mamba input whose length is not a multiple of 16 runs as two segments where the split applies (CUDA,
+    enough tokens; forced here): the same output, ssm and conv state as one shot, mask included, and with
+    autograd the same gradients (through the states handed between the segments)."""
     mixer = make("mamba", reverse=reverse)
-    x = torch.randn(2, 37, D_MODEL, dtype=torch.float64)
+    x = torch.randn(2, 37, D_MODEL, dtype=torch.float64, requires_grad=grad)
     mask = torch.ones(2, 37, dtype=torch.bool)
     mask[1, 30:] = False
-    with torch.no_grad():
-        whole, whole_state = mixer(x, mask=mask, return_state=True)
-        assert not mixer.runs_segmented(x)  # CPU: not split
-        monkeypatch.setattr(mixer, "SPLIT_DEVICES", ("cpu",))
-        monkeypatch.setattr(mixer, "SPLIT_MIN_TOKENS", 1)
-        assert mixer.runs_segmented(x)
-        calls = []
-        forward = mixer._forward
-        monkeypatch.setattr(mixer, "_forward", lambda h, m, s: calls.append(h.shape[1]) or forward(h, m, s))
-        split, split_state = mixer(x, mask=mask, return_state=True)
+
+    def run():
+        with torch.set_grad_enabled(grad):
+            out, state = mixer(x, mask=mask, return_state=True)
+        if not grad:
+            return out, state, ()
+        loss = out.square().sum() + state.ssm.square().sum() + state.conv.square().sum()
+        return out, state, torch.autograd.grad(loss, [x, mixer.in_proj.weight, mixer.A_log, mixer.conv1d.weight])
+
+    whole, whole_state, whole_grads = run()
+    monkeypatch.setattr(mixer, "SPLIT_DEVICES", ("cpu",))
+    monkeypatch.setattr(mixer, "SPLIT_MIN_TOKENS", 1)
+    calls = []
+    forward = mixer._forward
+    monkeypatch.setattr(mixer, "_forward", lambda h, m, s: calls.append(h.shape[1]) or forward(h, m, s))
+    split, split_state, split_grads = run()
     assert sorted(calls) == [5, 32]
     assert_close("split output", split, whole, 1e-10)
     assert_close("split ssm state", split_state.ssm, whole_state.ssm, 1e-10)
     assert_close("split conv state", split_state.conv, whole_state.conv, 1e-10)
+    for name, got, want in zip(("dx", "din_proj", "dA_log", "dconv"), split_grads, whole_grads):
+        assert_close(name, got, want, 1e-10)

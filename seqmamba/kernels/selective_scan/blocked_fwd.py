@@ -255,7 +255,8 @@ def _blocked_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, h0_ptr, hT_ptr, cs_ptr, seq_ptr,
     su_b, su_d, sdl_b, sdl_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sz_b, sz_d, sy_b, sy_d, sy_l, ss_b,
     dim, nstate, seqlen, live_len, cpg, n_chunks, n_saved,
-    HAS_H0: tl.constexpr, PADDED: tl.constexpr, SAVE_STATES: tl.constexpr, S: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_H0: tl.constexpr, PADDED: tl.constexpr, SAVE_STATES: tl.constexpr, S: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
     ACCUM: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, NT: tl.constexpr,
     V: tl.constexpr, UNROLL: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr,
@@ -447,8 +448,9 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     ``padded_len(l)`` (a view of aligned storage where l is not a multiple of 16: ``_common.aligned_rows``), or
     ``out`` with y added into it when ``out`` (a (b, d, l) tensor laid out like y) is given; final_state
     (b, d, n) fp32; chunk_states (b, cdiv(padded_len(l), S), d, n) fp32 when ``save_states`` (module docstring:
-    the state entering each piece of S positions), else None. ``tuning`` (each optional, None = default): ``chunk`` (T, a power of two; default by
-    the row count b * d, see PLANS), ``state_len`` (S, a power of two <= T; default :func:`state_spacing`), ``bd`` (channels per program, capped to a power of two dividing
+    the state entering each piece of S positions), else None. ``tuning`` (each optional, None = default):
+    ``chunk`` (T, a power of two; default by the row count b * d, see PLANS), ``state_len`` (S, a power of two
+    <= T; default :func:`state_spacing`), ``bd`` (channels per program, capped to a power of two dividing
     d // g), ``num_warps``, ``unroll`` (state loop), ``pairs``, ``prefetch`` (bools), ``maxnreg`` (registers a
     thread, 0: uncapped; default MAXNREG).
     """
@@ -493,7 +495,8 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         C4.stride(0), C4.stride(1), C4.stride(2), *((z.stride(0), z.stride(1)) if z is not None else (0, 0)),
         y.stride(0), y.stride(1), y.stride(2), seq.stride(0) if seq is not None else 0,
         d, n, lp, l, cpg, n_chunks, n_saved,
-        HAS_H0=h0 is not None, PADDED=lp != l, SAVE_STATES=bool(save_states), S=S, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_H0=h0 is not None, PADDED=lp != l, SAVE_STATES=bool(save_states), S=S, HAS_D=D is not None,
+        HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse),
         HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec,
         UNROLL=int(tuning.get("unroll") or UNROLL), PAIRS=pairs,
