@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seqmamba.kernels.bidirectional import selective_scan_bidirectional
@@ -49,10 +50,11 @@ class BiMamba(nn.Module):
                 if shared.bias is not None:
                     other.bias = shared.bias
 
-    def _fused_mix(self, projected: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Both directions' scans in one selective_scan_bidirectional call: (b, l, 2*d_inner) -> (b, l, d_inner)."""
-        fwd, _ = self.mamba_fwd.scan_inputs(projected, mask, None)
-        rev, _ = self.mamba_rev.scan_inputs(projected, mask, None)
+    def _fused_mix(self, projected: torch.Tensor, mask: torch.Tensor | None, **pad) -> torch.Tensor:
+        """Both directions' scans in one selective_scan_bidirectional call: (b, l, 2*d_inner) -> (b, l, d_inner).
+        ``pad``: ``valid_len`` (``Mamba.scan_inputs``) or nothing."""
+        fwd, _ = self.mamba_fwd.scan_inputs(projected, mask, None, **pad)
+        rev, _ = self.mamba_rev.scan_inputs(projected, mask, None, **pad)
         softplus = fwd.pop("delta_softplus")
         rev.pop("delta_softplus")
         y = selective_scan_bidirectional(**{k: (fwd[k], rev[k]) for k in fwd}, delta_softplus=softplus,
@@ -66,18 +68,42 @@ class BiMamba(nn.Module):
         return self.strategy == "add" and fwd.in_proj.weight is rev.in_proj.weight and \
             fwd.out_proj.weight is rev.out_proj.weight and fwd.in_proj.bias is rev.in_proj.bias
 
+    def alignment_pad(self, hidden_states: torch.Tensor) -> int:
+        """Zero positions the shared-projection path appends to ``hidden_states`` ``(b, l, d_model)``, so that
+        l becomes a multiple of 16: at other lengths the scan and conv rows start unaligned (the Triton scan
+        copies them into padded rows, the conv runs 2.4x slower). Under the conditions of the mixers' own split
+        (``Mamba.segment_bounds``), which two directions sharing one pass cannot take; 0 elsewhere."""
+        mixer = self.mamba_fwd
+        b, length = hidden_states.shape[:2]
+        if not (mixer.split_unaligned and hidden_states.device.type in mixer.SPLIT_DEVICES
+                and b * length >= mixer.SPLIT_MIN_TOKENS):
+            return 0
+        return -length % mixer.ROW_ALIGN
+
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         long_inference = not torch.is_grad_enabled() and hidden_states.shape[1] > self.mamba_fwd.segment_len
         if self.shares_projections and not long_inference:  # long inference runs in segments below instead
+            length = hidden_states.shape[1]
+            pad = self.alignment_pad(hidden_states)
+            valid = {}
+            if pad:  # zero rows at the end, which change no real position: identity steps, or masked
+                hidden_states = F.pad(hidden_states, (0, 0, 0, pad))
+                if mask is None and self.mamba_fwd.in_proj.bias is None:
+                    valid = {"valid_len": length}
+                else:  # a bias makes x nonzero there: the mask zeroes it
+                    if mask is None:
+                        mask = torch.ones(hidden_states.shape[0], length, dtype=torch.bool,
+                                          device=hidden_states.device)
+                    mask = F.pad(mask, (0, pad), value=0)
             projected = self.mamba_fwd.project(hidden_states)
             fused = self.fused_scan is True or (self.fused_scan == "no_grad" and not torch.is_grad_enabled())
             if fused and isinstance(self.mamba_fwd, Mamba):
-                y = self._fused_mix(projected, mask)
+                y = self._fused_mix(projected, mask, **valid)
             else:
-                y_fwd, _ = self.mamba_fwd._mix(projected, mask, None)
-                y_rev, _ = self.mamba_rev._mix(projected, mask, None)
+                y_fwd, _ = self.mamba_fwd._mix(projected, mask, None, **valid)
+                y_rev, _ = self.mamba_rev._mix(projected, mask, None, **valid)
                 y = y_fwd + y_rev
-            out = self.mamba_fwd.out_proj(y)
+            out = self.mamba_fwd.out_proj(y)[:, :length]
             bias = self.mamba_fwd.out_proj.bias
             return out if bias is None else out + bias  # out_proj(a) + out_proj(b) carries the bias twice
         out_fwd = self.mamba_fwd(hidden_states, mask=mask)

@@ -211,17 +211,20 @@ class Mamba(SegmentedMixer):
             xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
         return xz.transpose(1, 2)
 
-    def _mix(self, xz, mask, state):
-        """xz ``(b, l, 2*d_inner)`` (in_proj output) -> y ``(b, l, d_inner)`` and the new state."""
-        scan, conv_state = self.scan_inputs(xz, mask, state)
+    def _mix(self, xz, mask, state, valid_len=None):
+        """xz ``(b, l, 2*d_inner)`` (in_proj output) -> y ``(b, l, d_inner)`` and the new state
+        (``valid_len``: see :meth:`scan_inputs`)."""
+        scan, conv_state = self.scan_inputs(xz, mask, state, valid_len)
         y, ssm_state = selective_scan(**scan, initial_state=None if state is None else state.ssm,
                                       return_final_state=True, reverse=self.reverse, backend=self.backend)
         return y.transpose(1, 2), MixerState(conv_state, ssm_state)
 
-    def scan_inputs(self, xz, mask, state):
+    def scan_inputs(self, xz, mask, state, valid_len=None):
         """Everything before the scan: xz ``(b, l, 2*d_inner)`` -> (the selective_scan keyword arguments u,
         delta, A, B, C, D, z, delta_bias, delta_softplus; the conv state). BiMamba feeds two mixers' arguments
-        to one bidirectional scan."""
+        to one bidirectional scan. ``valid_len`` (without a mask): positions from it on are zero padding of the
+        input (in_proj without bias: x is 0 there), made identity steps by delta = -inf (softplus 0), so that
+        they change no real position in either direction; their outputs and the states are unspecified."""
         xz = xz.transpose(1, 2)  # (b, 2*d_inner, l)
         x, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
         if mask is not None:
@@ -240,6 +243,8 @@ class Mamba(SegmentedMixer):
             B, C = B.transpose(1, 2), C.transpose(1, 2)  # (b, n, l)
         A = -torch.exp(fp32(self.A_log))  # (d_inner, n)
         dt_bias, softplus = fp32(self.dt_proj.bias), True
+        if valid_len is not None and mask is None and valid_len < dt.shape[-1]:
+            dt[..., valid_len:] = float("-inf")
         if mask is not None:
             dt, dt_bias, softplus = masked_dt(dt, dt_bias[:, None], mask), None, False
         scan = dict(u=x, delta=dt, A=A, B=B, C=C, D=fp32(self.D), z=z, delta_bias=dt_bias, delta_softplus=softplus)

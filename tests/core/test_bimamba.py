@@ -86,3 +86,41 @@ def test_shared_projections_run_once_and_match_two_mixers(mixer, bias):
 def test_untied_or_multiplied_directions_do_not_share():
     assert not make(weight_tie=False).shares_projections
     assert not make(strategy="ew_multiply").shares_projections
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("bias,masked", [(False, False), (False, True), (True, False)])
+def test_alignment_pad_changes_nothing(grad, bias, masked, monkeypatch):
+    """Where a length that is not a multiple of 16 is padded to one (CUDA, enough tokens; forced here), the
+    shared-projection path gives the same output and gradients as unpadded: zero rows made identity steps by
+    delta = -inf, or masked (a caller's mask, or an in_proj bias that makes x nonzero there); fused without
+    autograd, two scans with it."""
+    model = make(bias=bias)
+    x = torch.randn(2, 37, D, dtype=torch.float64, requires_grad=grad)
+    mask, real = None, 1.0
+    if masked:
+        mask = torch.ones(2, 37, dtype=torch.bool)
+        mask[0, :5] = False
+        real = mask[..., None]  # masked positions' outputs are unspecified
+
+    def run():
+        with torch.set_grad_enabled(grad):
+            out = model(x, mask=mask)
+        if not grad:
+            return out, ()
+        params = [model.mamba_fwd.in_proj.weight, model.mamba_rev.A_log, model.mamba_fwd.dt_proj.bias]
+        return out, torch.autograd.grad((out * real).square().sum(), [x, *params])
+
+    assert model.alignment_pad(x) == 0  # CPU
+    want, want_grads = run()
+    monkeypatch.setattr(model.mamba_fwd, "SPLIT_DEVICES", ("cpu",))
+    monkeypatch.setattr(model.mamba_fwd, "SPLIT_MIN_TOKENS", 1)
+    assert model.alignment_pad(x) == 11
+    seen = []
+    project = model.mamba_fwd.project
+    monkeypatch.setattr(model.mamba_fwd, "project", lambda h: seen.append(h.shape[1]) or project(h))
+    got, got_grads = run()
+    assert seen == [48] and got.shape == want.shape
+    assert_close("padded output", got * real, want * real, 1e-10)
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        assert_close(f"padded grad {i}", g, w, 1e-10)
