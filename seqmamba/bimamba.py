@@ -72,10 +72,11 @@ class BiMamba(nn.Module):
         """Zero positions the shared-projection path appends to ``hidden_states`` ``(b, l, d_model)``, so that
         l becomes a multiple of 16: at other lengths the scan and conv rows start unaligned (the Triton scan
         copies them into padded rows, the conv runs 2.4x slower). Under the conditions of the mixers' own split
-        (``Mamba.segment_bounds``), which two directions sharing one pass cannot take; 0 elsewhere."""
+        (``Mamba.segment_bounds``), which two directions sharing one pass cannot take; 0 elsewhere, and for
+        Mamba2 mixers (not measured there)."""
         mixer = self.mamba_fwd
         b, length = hidden_states.shape[:2]
-        if not (mixer.split_unaligned and hidden_states.device.type in mixer.SPLIT_DEVICES
+        if not (isinstance(mixer, Mamba) and mixer.split_unaligned and hidden_states.device.type in mixer.SPLIT_DEVICES
                 and b * length >= mixer.SPLIT_MIN_TOKENS):
             return 0
         return -length % mixer.ROW_ALIGN

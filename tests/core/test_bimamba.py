@@ -121,6 +121,10 @@ def test_alignment_pad_changes_nothing(grad, bias, masked, monkeypatch):
     monkeypatch.setattr(model.mamba_fwd, "project", lambda h: seen.append(h.shape[1]) or project(h))
     got, got_grads = run()
     assert seen == [48] and got.shape == want.shape
+    other = make("mamba2")
+    monkeypatch.setattr(other.mamba_fwd, "SPLIT_DEVICES", ("cpu",))
+    monkeypatch.setattr(other.mamba_fwd, "SPLIT_MIN_TOKENS", 1)
+    assert other.alignment_pad(x) == 0  # Mamba2 mixers take no valid_len (not measured with a mask)
     assert_close("padded output", got * real, want * real, 1e-10)
     for i, (g, w) in enumerate(zip(got_grads, want_grads)):
         assert_close(f"padded grad {i}", g, w, 1e-10)

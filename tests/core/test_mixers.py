@@ -255,16 +255,17 @@ def test_segment_bounds_end_at_multiples_of_16(monkeypatch):
         assert mixer.segment_bounds(h(4096, 37)) == [(0, 32), (32, 37)]
     assert mixer.segment_bounds(h(1, 150)) == [(0, 150)]  # autograd: not by segment_len
     assert mixer.segment_bounds(h(1 << 16, 150)) == [(0, 144), (144, 150)]
-    assert make("mamba2").segment_bounds(h(1 << 16, 150)) == [(0, 150)]  # no split_unaligned
+    assert make("mamba2").segment_bounds(h(1 << 16, 150)) == [(0, 150)]  # CPU
 
 
+@pytest.mark.parametrize("kind", MIXERS)
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_unaligned_split_equals_one_shot(reverse, grad, monkeypatch):
-    """A Mamba input whose length is not a multiple of 16 runs as two segments where the split applies (CUDA,
-    enough tokens; forced here): the same output, ssm and conv state as one shot, mask included, and with
+def test_unaligned_split_equals_one_shot(kind, reverse, grad, monkeypatch):
+    """A Mamba or Mamba2 input whose length is not a multiple of 16 runs as two segments where the split applies
+    (CUDA, enough tokens; forced here): the same output, ssm and conv state as one shot, mask included, and with
     autograd the same gradients (through the states handed between the segments)."""
-    mixer = make("mamba", reverse=reverse)
+    mixer = make(kind, reverse=reverse)
     x = torch.randn(2, 37, D_MODEL, dtype=torch.float64, requires_grad=grad)
     mask = torch.ones(2, 37, dtype=torch.bool)
     mask[1, 30:] = False
