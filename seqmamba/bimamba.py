@@ -71,15 +71,13 @@ class BiMamba(nn.Module):
     def alignment_pad(self, hidden_states: torch.Tensor) -> int:
         """Zero positions the shared-projection path appends to ``hidden_states`` ``(b, l, d_model)``, so that
         l becomes a multiple of 16: at other lengths the scan and conv rows start unaligned (the Triton scan
-        copies them into padded rows, the conv runs 2.4x slower). Under the conditions of the mixers' own split
-        (``Mamba.segment_bounds``), which two directions sharing one pass cannot take; 0 elsewhere, and for
+        copies them into padded rows, the conv runs 2.4x slower). Where the mixers would split instead
+        (``SegmentedMixer.aligns_lengths``), which two directions sharing one pass cannot; 0 elsewhere, and for
         Mamba2 mixers (not measured there)."""
         mixer = self.mamba_fwd
-        b, length = hidden_states.shape[:2]
-        if not (isinstance(mixer, Mamba) and mixer.split_unaligned and hidden_states.device.type in mixer.SPLIT_DEVICES
-                and b * length >= mixer.SPLIT_MIN_TOKENS):
+        if not (isinstance(mixer, Mamba) and mixer.aligns_lengths(hidden_states)):
             return 0
-        return -length % mixer.ROW_ALIGN
+        return -hidden_states.shape[1] % mixer.ROW_ALIGN
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         long_inference = not torch.is_grad_enabled() and hidden_states.shape[1] > self.mamba_fwd.segment_len

@@ -102,18 +102,23 @@ class SegmentedMixer(nn.Module):
     SPLIT_DEVICES = ("cuda",)
     split_unaligned = False
 
+    def aligns_lengths(self, hidden_states: torch.Tensor) -> bool:
+        """Whether an unaligned length of ``hidden_states`` ``(b, l, d_model)`` is worth avoiding when it would
+        otherwise run whole: ``split_unaligned``, a SPLIT_DEVICES tensor, at least SPLIT_MIN_TOKENS tokens."""
+        b, length = hidden_states.shape[:2]
+        return (self.split_unaligned and hidden_states.device.type in self.SPLIT_DEVICES
+                and b * length >= self.SPLIT_MIN_TOKENS)
+
     def segment_bounds(self, hidden_states: torch.Tensor) -> list[tuple[int, int]]:
         """(start, stop) of the segments ``forward`` runs ``hidden_states`` ``(b, l, d_model)`` in, in address
         order: without autograd, pieces of ``segment_len`` when l is longer; each cut at its last multiple of
         ROW_ALIGN where it is longer than that and not one itself (below segment_len, and with autograd, only
-        with ``split_unaligned`` on the SPLIT_DEVICES from SPLIT_MIN_TOKENS tokens). One (0, l): run whole."""
-        b, length = hidden_states.shape[:2]
+        where :meth:`aligns_lengths`). One (0, l): run whole."""
+        length = hidden_states.shape[1]
         if not torch.is_grad_enabled() and length > self.segment_len:
             seg, cut_ok = self.segment_len, True
         else:
-            seg = max(length, 1)
-            cut_ok = (self.split_unaligned and hidden_states.device.type in self.SPLIT_DEVICES
-                      and b * length >= self.SPLIT_MIN_TOKENS)
+            seg, cut_ok = max(length, 1), self.aligns_lengths(hidden_states)
         bounds = []
         for start in range(0, length, seg):
             stop = min(start + seg, length)

@@ -6,8 +6,6 @@ Parameter names and shapes are those of mamba_ssm's ``Mamba2`` and transformers'
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 

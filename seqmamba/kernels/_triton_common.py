@@ -143,7 +143,8 @@ def _pad_rows_kernel(src_ptr, dst_ptr, m, s_b, s_m, l, lp, BLOCK: tl.constexpr):
     tl.store(dst_ptr + row * lp + c, x, mask=c < lp)
 
 
-def new_rows(shape, lp: int, **factory) -> torch.Tensor:
-    """An empty (..., lp) tensor for outputs of ``shape`` (..., l): the kernel writes whole aligned rows, the
-    caller returns ``[..., :l]`` of it (row stride lp)."""
-    return torch.empty(*shape[:-1], lp, **factory)
+def new_rows(shape, **factory) -> torch.Tensor:
+    """An empty output of ``shape`` (..., l): a view of rows ``padded_len(l)`` long (contiguous when l is a
+    multiple of ALIGN), which a kernel may write whole. Also the fake implementations' layout."""
+    l = shape[-1]
+    return torch.empty(*shape[:-1], padded_len(l), **factory)[..., :l]

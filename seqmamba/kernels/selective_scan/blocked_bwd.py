@@ -379,9 +379,9 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
     u, delta, z, dout, B4, C4 = (_common.aligned_rows(t, lp) for t in (u, delta, z, dout, B4, C4))
     dev = u.device
     f32 = dict(device=dev, dtype=torch.float32)
-    du = _common.new_rows((b, d, l), lp, device=dev, dtype=u.dtype)
-    ddelta = _common.new_rows((b, d, l), lp, device=dev, dtype=delta.dtype)
-    dz = _common.new_rows((b, d, l), lp, device=dev, dtype=z.dtype) if z is not None else None
+    du = _common.new_rows((b, d, l), device=dev, dtype=u.dtype)
+    ddelta = _common.new_rows((b, d, l), device=dev, dtype=delta.dtype)
+    dz = _common.new_rows((b, d, l), device=dev, dtype=z.dtype) if z is not None else None
     dB = torch.zeros(b, g, n, lp, **f32)
     dC = torch.zeros(b, g, n, lp, **f32)
     warps = num_warps or default_warps(T)
@@ -409,7 +409,6 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
             REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, DA_PARTIALS=partials, BD=BD, BN=BN, T=T, NT=T // V, V=V,
             HINTS=warps == 1,
             num_warps=warps)
-    du, ddelta, dz = (t[..., :l] if t is not None else None for t in (du, ddelta, dz))
     dB, dC = (t[..., :l].to(x.dtype).contiguous().reshape(x.shape) for t, x in ((dB, B), (dC, C)))
     return (du, ddelta, dA.sum((0, 3)).to(A.dtype), dB, dC,
             dD.sum(0).to(D.dtype) if D is not None else None, dz,

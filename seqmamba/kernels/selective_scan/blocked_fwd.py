@@ -469,7 +469,7 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     accum = out
     if out is not None and lp != l and out.stride() != (d * lp, lp, 1):
         out = None  # not rows of aligned storage: y is added into it afterwards
-    y = _common.new_rows((b, d, l), lp, device=u.device, dtype=u.dtype) if out is None else out
+    y = _common.new_rows((b, d, l), device=u.device, dtype=u.dtype) if out is None else out
     final = torch.empty(b, d, n, **f32)
     S = state_spacing(tuning)
     if S < 1 or S & (S - 1) or S > T:
@@ -485,7 +485,7 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     pairs = bool(tuning.get("pairs", PAIRS)) and B.dtype == C.dtype == torch.bfloat16 and vec >= 2 and all(
         s % 2 == 0 for s in (*B4.stride()[:3], *C4.stride()[:3], lp, B4.storage_offset(), C4.storage_offset()))
     if b * d == 0:
-        return y[..., :l], final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
+        return y, final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
     maxnreg = tuning.get("maxnreg", MAXNREG)
     _blocked_fwd_kernel[(b * (d // bd),)](
         u, delta, A.contiguous(), B4, C4, D if D is not None else dummy, z if z is not None else dummy,
@@ -501,7 +501,6 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec,
         UNROLL=int(tuning.get("unroll") or UNROLL), PAIRS=pairs,
         PREFETCH=prefetch, num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))
-    y = y[..., :l]
     if accum is not None and out is None:
         y = accum.add_(y)
     return y, final, (states if save_states else None)

@@ -1161,9 +1161,8 @@ def _blocked_states_like(u, A, save_states):
 
 
 def _blocked_rows_like(t):
-    """Empty (b, d, l) like t with the blocked kernels' output layout: rows of padded_len(l) (fakes)."""
-    l = t.shape[-1]
-    return t.new_empty(*t.shape[:-1], _common.padded_len(l))[..., :l]
+    """Empty (b, d, l) like t with the blocked kernels' output layout (fakes): ``_common.new_rows``."""
+    return _common.new_rows(t.shape, device=t.device, dtype=t.dtype)
 
 
 class SelectiveScanFn(torch.autograd.Function):
