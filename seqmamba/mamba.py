@@ -96,18 +96,22 @@ class SegmentedMixer(nn.Module):
     # the conv runs 2.4x slower. H100, Mamba d_model 768 under bf16 autocast, l131071 against l131072: inference
     # 13.8 ms whole, 5.1 split, 4.7 aligned; training 48.4, 28.0, 24.8. A mixer class with ``split_unaligned``
     # splits such a length even when it would run whole (with autograd too: the states between the two segments
-    # carry gradients), on the SPLIT_DEVICES (those of the Triton kernels) from SPLIT_MIN_TOKENS (b * l) tokens.
+    # carry gradients), on the SPLIT_DEVICES (those of the Triton kernels), from SPLIT_MIN_ELEMENTS (b * d_inner * l):
+    # below that the tail's own call costs more host time than the misalignment costs the GPU (H100, d_model 768,
+    # whole / split ms: b8 l2047 inference 1.76 / 2.71, training 6.55 / 10.14; b1 l32767 3.57 / 1.89 and
+    # 12.76 / 10.24; d_model 64 b256 l199 1.76 / 2.71, 5.39 / 10.23).
     ROW_ALIGN = 16
-    SPLIT_MIN_TOKENS = 1 << 16
+    SPLIT_MIN_ELEMENTS = 5 << 23
     SPLIT_DEVICES = ("cuda",)
     split_unaligned = False
 
     def aligns_lengths(self, hidden_states: torch.Tensor) -> bool:
         """Whether an unaligned length of ``hidden_states`` ``(b, l, d_model)`` is worth avoiding when it would
-        otherwise run whole: ``split_unaligned``, a SPLIT_DEVICES tensor, at least SPLIT_MIN_TOKENS tokens."""
+        otherwise run whole: ``split_unaligned``, a SPLIT_DEVICES tensor, at least SPLIT_MIN_ELEMENTS
+        activations (b, d_inner, l)."""
         b, length = hidden_states.shape[:2]
         return (self.split_unaligned and hidden_states.device.type in self.SPLIT_DEVICES
-                and b * length >= self.SPLIT_MIN_TOKENS)
+                and b * length * self.d_inner >= self.SPLIT_MIN_ELEMENTS)
 
     def segment_bounds(self, hidden_states: torch.Tensor) -> list[tuple[int, int]]:
         """(start, stop) of the segments ``forward`` runs ``hidden_states`` ``(b, l, d_model)`` in, in address

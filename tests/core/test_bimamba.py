@@ -114,7 +114,7 @@ def test_alignment_pad_changes_nothing(grad, bias, masked, monkeypatch):
     assert model.alignment_pad(x) == 0  # CPU
     want, want_grads = run()
     monkeypatch.setattr(model.mamba_fwd, "SPLIT_DEVICES", ("cpu",))
-    monkeypatch.setattr(model.mamba_fwd, "SPLIT_MIN_TOKENS", 1)
+    monkeypatch.setattr(model.mamba_fwd, "SPLIT_MIN_ELEMENTS", 1)
     assert model.alignment_pad(x) == 11
     seen = []
     project = model.mamba_fwd.project
@@ -123,7 +123,7 @@ def test_alignment_pad_changes_nothing(grad, bias, masked, monkeypatch):
     assert seen == [48] and got.shape == want.shape
     other = make("mamba2")
     monkeypatch.setattr(other.mamba_fwd, "SPLIT_DEVICES", ("cpu",))
-    monkeypatch.setattr(other.mamba_fwd, "SPLIT_MIN_TOKENS", 1)
+    monkeypatch.setattr(other.mamba_fwd, "SPLIT_MIN_ELEMENTS", 1)
     assert other.alignment_pad(x) == 0  # Mamba2 mixers take no valid_len (not measured with a mask)
     assert_close("padded output", got * real, want * real, 1e-10)
     for i, (g, w) in enumerate(zip(got_grads, want_grads)):

@@ -241,7 +241,7 @@ def test_cuda_inference_scan_inputs_run_along_l():
 def test_segment_bounds_end_at_multiples_of_16(monkeypatch):
     """Long inference: segments of segment_len, the last cut at its longest multiple of 16 (the scan's rows then
     start aligned); short or aligned ones are left whole. Below segment_len, and with autograd, the cut applies
-    only on the split devices (CUDA) from SPLIT_MIN_TOKENS tokens."""
+    only on the split devices (CUDA) from SPLIT_MIN_ELEMENTS activations."""
     mixer = make("mamba")
     mixer.segment_len = 64
     h = lambda b, l: torch.empty(b, l, 0)  # noqa: E731  (shape and device are all that count)
@@ -251,8 +251,8 @@ def test_segment_bounds_end_at_multiples_of_16(monkeypatch):
         assert mixer.segment_bounds(h(1, 7)) == [(0, 7)]
         assert mixer.segment_bounds(h(1, 37)) == [(0, 37)]  # CPU: whole
         monkeypatch.setattr(mixer, "SPLIT_DEVICES", ("cpu",))
-        assert mixer.segment_bounds(h(1, 37)) == [(0, 37)]  # too few tokens
-        assert mixer.segment_bounds(h(4096, 37)) == [(0, 32), (32, 37)]
+        assert mixer.segment_bounds(h(4096, 37)) == [(0, 37)]  # 4.8M activations (b, d_inner, l): too few
+        assert mixer.segment_bounds(h(1 << 16, 37)) == [(0, 32), (32, 37)]
     assert mixer.segment_bounds(h(1, 150)) == [(0, 150)]  # autograd: not by segment_len
     assert mixer.segment_bounds(h(1 << 16, 150)) == [(0, 144), (144, 150)]
     assert make("mamba2").segment_bounds(h(1 << 16, 150)) == [(0, 150)]  # CPU
@@ -280,7 +280,7 @@ def test_unaligned_split_equals_one_shot(kind, reverse, grad, monkeypatch):
 
     whole, whole_state, whole_grads = run()
     monkeypatch.setattr(mixer, "SPLIT_DEVICES", ("cpu",))
-    monkeypatch.setattr(mixer, "SPLIT_MIN_TOKENS", 1)
+    monkeypatch.setattr(mixer, "SPLIT_MIN_ELEMENTS", 1)
     calls = []
     forward = mixer._forward
     monkeypatch.setattr(mixer, "_forward", lambda h, m, s: calls.append(h.shape[1]) or forward(h, m, s))
