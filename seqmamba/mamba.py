@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmamba.config import MambaConfig
-from seqmamba.kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from seqmamba.kernels import ROW_ALIGN, causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from seqmamba.state import MixerState
 
 
@@ -100,7 +100,7 @@ class SegmentedMixer(nn.Module):
     # below that the tail's own call costs more host time than the misalignment costs the GPU (H100, d_model 768,
     # whole / split ms: b8 l2047 inference 1.76 / 2.71, training 6.55 / 10.14; b1 l32767 3.57 / 1.89 and
     # 12.76 / 10.24; d_model 64 b256 l199 1.76 / 2.71, 5.39 / 10.23).
-    ROW_ALIGN = 16
+    ROW_ALIGN = ROW_ALIGN  # the kernels' (seqmamba.kernels.ROW_ALIGN)
     SPLIT_MIN_ELEMENTS = 5 << 23
     SPLIT_DEVICES = ("cuda",)
     split_unaligned = False

@@ -23,6 +23,11 @@ ENV_VAR = "SEQMAMBA_BACKEND"
 
 _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels take; float64 -> reference
+# Rows of a (..., l) tensor start 16-byte aligned, and Triton knows it, only where the row stride is a multiple
+# of ROW_ALIGN elements (it specialises integer arguments divisible by 16). Otherwise every row load and store
+# of the length-major kernels is scalar: the Mamba-1 scan ran ~6x slower at l = 1,000,003 than at 2^20 (H100,
+# session 13). The scan pads such rows (_triton_common.aligned_rows); the modules avoid such lengths.
+ROW_ALIGN = 16
 
 
 def triton_available() -> bool:

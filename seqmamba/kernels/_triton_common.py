@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from seqmamba.kernels._dispatch import ROW_ALIGN
+
 
 @triton.jit
 def softplus(x):
@@ -98,15 +100,10 @@ def unit_l(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-# Rows of a (..., l) tensor start 16-byte aligned, and Triton knows it, only where the row stride is a multiple
-# of 16 elements (it specialises integer arguments divisible by 16). Otherwise every row load and store is
-# scalar: the Mamba-1 scan ran ~6x slower at l = 1,000,003 than at 2^20 (H100, session 13).
-ALIGN = 16
-
-
 def padded_len(l: int) -> int:
-    """The row length of aligned storage for l positions: l rounded up to a multiple of ALIGN."""
-    return -(-l // ALIGN) * ALIGN
+    """The row length of aligned storage for l positions: l rounded up to a multiple of ROW_ALIGN (see
+    ``_dispatch.ROW_ALIGN``)."""
+    return -(-l // ROW_ALIGN) * ROW_ALIGN
 
 
 def aligned_rows(t: torch.Tensor | None, lp: int) -> torch.Tensor | None:
@@ -145,6 +142,6 @@ def _pad_rows_kernel(src_ptr, dst_ptr, m, s_b, s_m, l, lp, BLOCK: tl.constexpr):
 
 def new_rows(shape, **factory) -> torch.Tensor:
     """An empty output of ``shape`` (..., l): a view of rows ``padded_len(l)`` long (contiguous when l is a
-    multiple of ALIGN), which a kernel may write whole. Also the fake implementations' layout."""
+    multiple of ROW_ALIGN), which a kernel may write whole. Also the fake implementations' layout."""
     l = shape[-1]
     return torch.empty(*shape[:-1], padded_len(l), **factory)[..., :l]
