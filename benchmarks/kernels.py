@@ -483,7 +483,8 @@ def resources():
     unit = {"sy_l", "ss_l", "ngroups"}
     aligned = {"su_b", "su_d", "sdl_b", "sdl_d", "sB_b", "sB_g", "sB_n", "sC_b", "sC_g", "sC_n", "sz_b", "sz_d",
                "so_b", "so_d", "sy_b", "sy_d", "ss_b", "dim", "nstate", "seqlen", "cpg", "n_chunks", "n_saved"}
-    opts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, HAS_SEQ=False, BN=16)
+    opts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, HAS_SEQ=False, PADDED=False,
+                BN=16)
     fwd = dict(HAS_H0=False, ACCUM=False, UNROLL=blocked_fwd.UNROLL, PAIRS=True, PREFETCH=True, **opts)
     T, warps = blocked_fwd.default_plan(1536)
     nt, v = blocked_fwd.tile_layout(T, warps, 2, T)
@@ -497,7 +498,7 @@ def resources():
         w = blocked_bwd.default_warps(S)
         v = blocked_bwd.positions_per_thread(S, w, 2)
         rows.append((f"backward, chunk {S}", blocked_bwd._blocked_bwd_kernel, w,
-                     dict(opts, BD=1, T=S, NT=S // v, V=v, DA_PARTIALS=w > 1)))
+                     dict(opts, BD=1, T=S, NT=S // v, V=v, DA_PARTIALS=w > 1, HINTS=w == 1)))
     print(f"sm_90, bf16, triton {triton.__version__}; loop = the per-state loop, SASS instructions (top opcodes)")
     for name, fn, warps, consts in rows:
         maxnreg = blocked_fwd.MAXNREG if fn is blocked_fwd._blocked_fwd_kernel else None
