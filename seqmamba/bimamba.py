@@ -72,12 +72,10 @@ class BiMamba(nn.Module):
         """Zero positions the shared-projection path appends to ``hidden_states`` ``(b, l, d_model)``, so that
         l becomes a multiple of 16: at other lengths the scan and conv rows start unaligned (the Triton scan
         copies them into padded rows, the conv runs 2.4x slower). Where the mixers would split instead
-        (``SegmentedMixer.aligns_lengths``), which two directions sharing one pass cannot; 0 elsewhere, and for
-        Mamba2 mixers (not measured there)."""
-        mixer = self.mamba_fwd
-        if not (isinstance(mixer, Mamba) and mixer.aligns_lengths(hidden_states)):
+        (``SegmentedMixer.aligns_lengths``), which two directions sharing one pass cannot; 0 elsewhere."""
+        if not self.mamba_fwd.aligns_lengths(hidden_states):
             return 0
-        return -hidden_states.shape[1] % mixer.ROW_ALIGN
+        return -hidden_states.shape[1] % self.mamba_fwd.ROW_ALIGN
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         long_inference = not torch.is_grad_enabled() and hidden_states.shape[1] > self.mamba_fwd.segment_len

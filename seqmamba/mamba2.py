@@ -81,10 +81,17 @@ class Mamba2(SegmentedMixer):
         return (x.reshape(*lead, self.nheads, self.headdim), B.reshape(*lead, self.ngroups, self.d_state),
                 C.reshape(*lead, self.ngroups, self.d_state))
 
-    def _mix(self, zxbcdt, mask, state):
-        """zxbcdt ``(b, l, 2*d_inner + 2*g*n + nheads)`` (in_proj output) -> normed y ``(b, l, d_inner)``."""
+    def _mix(self, zxbcdt, mask, state, valid_len=None):
+        """zxbcdt ``(b, l, 2*d_inner + 2*g*n + nheads)`` (in_proj output) -> normed y ``(b, l, d_inner)``.
+        ``valid_len`` (without a mask): positions from it on are zero padding of the input (in_proj without
+        bias), made identity steps by dt = -inf (softplus 0), so that they change no real position in either
+        direction (a reverse conv reads zeros there, as past the end); their outputs and the states are
+        unspecified."""
         b, l, _ = zxbcdt.shape
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        if valid_len is not None and mask is None and valid_len < l:
+            pad = torch.arange(l, device=dt.device) >= valid_len
+            dt = dt.masked_fill(pad[:, None], float("-inf"))
         xBC = xBC.transpose(1, 2)  # (b, conv_dim, l)
         if mask is not None:
             xBC = xBC * mask.to(xBC.dtype)[:, None, :]

@@ -88,14 +88,15 @@ def test_untied_or_multiplied_directions_do_not_share():
     assert not make(strategy="ew_multiply").shares_projections
 
 
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("bias,masked", [(False, False), (False, True), (True, False)])
-def test_alignment_pad_changes_nothing(grad, bias, masked, monkeypatch):
+def test_alignment_pad_changes_nothing(mixer, grad, bias, masked, monkeypatch):
     """Where a length that is not a multiple of 16 is padded to one (CUDA, enough tokens; forced here), the
     shared-projection path gives the same output and gradients as unpadded: zero rows made identity steps by
-    delta = -inf, or masked (a caller's mask, or an in_proj bias that makes x nonzero there); fused without
-    autograd, two scans with it."""
-    model = make(bias=bias)
+    delta (Mamba2: dt) = -inf, or masked (a caller's mask, or an in_proj bias that makes x nonzero there); Mamba
+    mixers fused without autograd, two scans with it."""
+    model = make(mixer, bias=bias)
     x = torch.randn(2, 37, D, dtype=torch.float64, requires_grad=grad)
     mask, real = None, 1.0
     if masked:
@@ -108,7 +109,8 @@ def test_alignment_pad_changes_nothing(grad, bias, masked, monkeypatch):
             out = model(x, mask=mask)
         if not grad:
             return out, ()
-        params = [model.mamba_fwd.in_proj.weight, model.mamba_rev.A_log, model.mamba_fwd.dt_proj.bias]
+        dt_bias = model.mamba_fwd.dt_proj.bias if mixer == "mamba" else model.mamba_fwd.dt_bias
+        params = [model.mamba_fwd.in_proj.weight, model.mamba_rev.A_log, dt_bias, model.mamba_rev.conv1d.weight]
         return out, torch.autograd.grad((out * real).square().sum(), [x, *params])
 
     assert model.alignment_pad(x) == 0  # CPU
@@ -121,10 +123,6 @@ def test_alignment_pad_changes_nothing(grad, bias, masked, monkeypatch):
     monkeypatch.setattr(model.mamba_fwd, "project", lambda h: seen.append(h.shape[1]) or project(h))
     got, got_grads = run()
     assert seen == [48] and got.shape == want.shape
-    other = make("mamba2")
-    monkeypatch.setattr(other.mamba_fwd, "SPLIT_DEVICES", ("cpu",))
-    monkeypatch.setattr(other.mamba_fwd, "SPLIT_MIN_ELEMENTS", 1)
-    assert other.alignment_pad(x) == 0  # Mamba2 mixers take no valid_len (not measured with a mask)
     assert_close("padded output", got * real, want * real, 1e-10)
     for i, (g, w) in enumerate(zip(got_grads, want_grads)):
         assert_close(f"padded grad {i}", g, w, 1e-10)

@@ -287,3 +287,28 @@ def test_gpu_bimamba_fused_matches_reference_backend(masked):
         outs.append({"y": y.detach() * (1.0 if mask is None else mask[..., None]), "dx": xi.grad,
                      **{n: p.grad for n, p in m.named_parameters()}})
     assert_close(outs[0], outs[1], rtol=1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
+def test_gpu_bimamba_alignment_pad_matches_unpadded(mixer, monkeypatch):
+    """BiMamba on the Triton kernels at a length that is not a multiple of 16, padded to one (forced at this
+    size) against unpadded: output, input gradient and every parameter gradient (fp32, rtol 1e-5). The pad rows
+    are identity steps through dt = -inf, which the kernels' softplus must take to exactly 0 (and its
+    derivative too) in both directions."""
+    from seqmamba.bimamba import BiMamba
+    torch.manual_seed(0)
+    m = BiMamba(64, mixer=mixer).cuda()
+    x = torch.randn(2, 1495, 64, device="cuda")
+    outs = []
+    for forced in (False, True):
+        if forced:
+            monkeypatch.setattr(m.mamba_fwd, "SPLIT_MIN_ELEMENTS", 1)
+        assert m.alignment_pad(x) == (9 if forced else 0)
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.square().sum().backward()
+        outs.append({"y": y.detach(), "dx": xi.grad, **{n: p.grad.clone() for n, p in m.named_parameters()}})
+    assert_close(outs[1], outs[0], rtol=1e-5)
