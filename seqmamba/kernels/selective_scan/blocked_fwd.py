@@ -81,6 +81,8 @@ STATE_LEN = 512
 # forward keeps tl.sigmoid.
 UNROLL = 1          # state-loop unroll factor (2 measured slower: register pressure)
 PAIRS = True        # bf16 B/C read as 32-bit pairs where aligned (-16 instructions a state, 3-6% faster)
+# (B/C converted to fp32 rows ahead of the kernel, which leaves no unpacking: 43 fewer instructions a state but
+# twice the bytes through L1, 1.75x slower at b1 d1536 l2^20; RESULTS session 15)
 # load the next chunk's delta and u during the current one (16-bit inputs; fp32 ones would need the registers),
 # except for a reverse scan at two channels a program, which it slowed (session 4). tuning["prefetch"] overrides.
 PREFETCH_16BIT = True
