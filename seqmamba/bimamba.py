@@ -71,7 +71,7 @@ class BiMamba(nn.Module):
     def alignment_pad(self, hidden_states: torch.Tensor) -> int:
         """Zero positions the shared-projection path appends to ``hidden_states`` ``(b, l, d_model)``, so that
         l becomes a multiple of 16: at other lengths the scan and conv rows start unaligned (the Triton scan
-        copies them into padded rows, the conv runs 2.4x slower). Where the mixers would split instead
+        and conv copy them into padded rows). Where the mixers would split instead
         (``SegmentedMixer.aligns_lengths``), which two directions sharing one pass cannot; 0 elsewhere."""
         if not self.mamba_fwd.aligns_lengths(hidden_states):
             return 0

@@ -92,8 +92,8 @@ class SegmentedMixer(nn.Module):
         return (out, new_state) if return_state else out
 
     # Segments end at multiples of ROW_ALIGN positions, except a last one of fewer: at other lengths the rows of
-    # the (b, d, l) scan and conv inputs start unaligned, and the Triton scan copies them into padded rows while
-    # the conv runs 2.4x slower. H100, Mamba d_model 768 under bf16 autocast, l131071 against l131072: inference
+    # the (b, d, l) scan and conv inputs start unaligned, and the Triton scan and conv copy them into padded rows
+    # (the conv ran 2.4x slower before it did; these figures are from then). H100, Mamba d_model 768 under bf16 autocast, l131071 against l131072: inference
     # 13.8 ms whole, 5.1 split, 4.7 aligned; training 48.4, 28.0, 24.8. A mixer class with ``split_unaligned``
     # splits such a length even when it would run whole (with autograd too: the states between the two segments
     # carry gradients), on the SPLIT_DEVICES (those of the Triton kernels), from SPLIT_MIN_ELEMENTS (b * d_inner * l):

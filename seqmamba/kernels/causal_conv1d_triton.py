@@ -14,6 +14,9 @@ Backward, with dpre = dy * act'(pre): dx[p] = sum_k w[k] dpre[p + w-1-k]; dw[k] 
 dbias = sum dpre; dh0 from the first w-1 columns of dpre (torch, tiny). The final state, the last w-1
 columns of xpad, is sliced by the caller with ordinary (differentiable) torch ops. Accumulation in fp32;
 64-bit offsets; dw/dbias are reduced through per-tile partials (no atomics: deterministic).
+
+Lengths that are not a multiple of 16 (l-contiguous x) run on copies of x (and dy) in rows padded with zeros to
+one, as the selective scan does; y and dx are views of such rows (``_row_len``).
 """
 from __future__ import annotations
 
@@ -148,13 +151,40 @@ def _grid(b, d, l, bd, bt):
     return (b * triton.cdiv(d, bd), max(triton.cdiv(l, bt), 1))
 
 
+# The backward pads only from this many elements b * d * l: it copies x and dy first, which costs more than it
+# saves at small sizes (H100 bf16 fwd+bwd, unpadded / padded: b8 d1536 l2047 0.658 / 0.719 ms, b4 d1536 l131071
+# 16.2 / 10.8, b1 d1536 l1,000,003 30.5 / 21.1); the forward copies x only and gains at every size measured
+BWD_PAD_MIN = 1 << 26
+
+
+def _row_len(x, h0, reverse, min_elements=0) -> int:
+    """The row length the kernels run on: l, or ``padded_len(l)`` where l is not a multiple of ROW_ALIGN and x
+    is l-contiguous. Rows that start unaligned make every load and store scalar (2.4x slower at b1 d1536 l~1M);
+    on padded rows the pad is zeros after the data, which no output inside [0, l) reads differently: causal taps
+    look back, and reverse taps past the end read zeros, as past l. Not with an initial state in reverse, which
+    sits right after position l - 1 (the unpadded rows are used there)."""
+    l = x.shape[-1]
+    if x.stride(-1) != 1 or (reverse and h0 is not None) or x.numel() < min_elements:
+        return l
+    return _common.padded_len(l)
+
+
+def _out_like(x, h0, reverse, min_elements=0):
+    """An empty output like x (b, d, l): rows of ``_row_len`` (a view of them), which the kernels write whole.
+    Also the fake implementations' layout."""
+    b, d, l = x.shape
+    return torch.empty(b, d, _row_len(x, h0, reverse, min_elements), device=x.device, dtype=x.dtype)[..., :l]
+
+
 def _conv_fwd(x, weight, bias, h0, silu, reverse):
     b, d, l = x.shape
     w = weight.shape[1]
-    y = torch.empty(b, d, l, device=x.device, dtype=x.dtype)
-    _conv_fwd_kernel[_grid(b, d, l, BLOCK_D, BLOCK_T)](
+    L = _row_len(x, h0, reverse)
+    y = _out_like(x, h0, reverse)
+    x = _common.aligned_rows(x, L) if L != l else x
+    _conv_fwd_kernel[_grid(b, d, L, BLOCK_D, BLOCK_T)](
         x, weight, bias if bias is not None else weight, h0 if h0 is not None else weight, y,
-        *x.stride(), d, l, W=w, HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=silu,
+        *x.stride(), d, L, W=w, HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=silu,
         REVERSE=reverse, BD=BLOCK_D, BT=BLOCK_T, num_warps=4)
     return y
 
@@ -163,19 +193,22 @@ def _conv_bwd(x, weight, bias, h0, dy, silu, reverse):
     """(dx, dweight, dbias or None, dh0 or None)."""
     b, d, l = x.shape
     w = weight.shape[1]
-    grid = _grid(b, d, l, BLOCK_D, BLOCK_T)
+    L = _row_len(x, h0, reverse, BWD_PAD_MIN)
+    dx = _out_like(x, h0, reverse, BWD_PAD_MIN)
+    if L != l:  # padded rows (_row_len): dy's pad is zeros, so no pad position adds to dw, dbias or dx
+        x, dy = _common.aligned_rows(x, L), _common.aligned_rows(dy, L)
+    grid = _grid(b, d, L, BLOCK_D, BLOCK_T)
     n_tb = grid[1]
     f32 = dict(device=x.device, dtype=torch.float32)
-    dpre = torch.empty(b, d, l, **f32)
+    dpre = torch.empty(b, d, L, **f32)
     dwp = torch.empty(b, n_tb, d, w, **f32)
     dbp = torch.empty(b, n_tb, d, **f32) if bias is not None else None
     _conv_bwd_dpre_kernel[grid](
         x, weight, bias if bias is not None else weight, h0 if h0 is not None else weight, dy, dpre, dwp,
-        dbp if dbp is not None else dwp, *x.stride(), *dy.stride(), d, l, n_tb, W=w,
+        dbp if dbp is not None else dwp, *x.stride(), *dy.stride(), d, L, n_tb, W=w,
         HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=silu, REVERSE=reverse,
         BD=BLOCK_D, BT=BLOCK_T, num_warps=4)
-    dx = torch.empty(b, d, l, device=x.device, dtype=x.dtype)
-    _conv_bwd_dx_kernel[grid](dpre, weight, dx, d, l, W=w, REVERSE=reverse, BD=BLOCK_D, BT=BLOCK_T, num_warps=4)
+    _conv_bwd_dx_kernel[grid](dpre, weight, dx, d, L, W=w, REVERSE=reverse, BD=BLOCK_D, BT=BLOCK_T, num_warps=4)
     dweight = dwp.sum((0, 1)).to(weight.dtype)
     dbias = dbp.sum((0, 1)).to(bias.dtype) if bias is not None else None
     dh0 = None
@@ -207,7 +240,7 @@ _conv_fwd_op = torch.library.custom_op(_OPS + "_fwd", _conv_fwd_impl, mutates_ar
 
 @_conv_fwd_op.register_fake
 def _(x, weight, bias, h0, silu, reverse):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _out_like(x, h0, reverse)
 
 
 def _conv_bwd_impl(x: _T, weight: _T, bias: _T | None, h0: _T | None, dy: _T, silu: bool,
@@ -221,8 +254,9 @@ _conv_bwd_op = torch.library.custom_op(_OPS + "_bwd", _conv_bwd_impl, mutates_ar
 
 @_conv_bwd_op.register_fake
 def _(x, weight, bias, h0, dy, silu, reverse):
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
-            for t in (x, weight, bias, h0)]
+    return [_out_like(x, h0, reverse, BWD_PAD_MIN)] + [
+        torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
+        for t in (weight, bias, h0)]
 
 
 def _conv_setup(ctx, inputs, output):

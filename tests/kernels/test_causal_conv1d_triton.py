@@ -16,6 +16,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def conv():
     mod = load_interpreted("seqmamba.kernels.causal_conv1d_triton")
     mod.BLOCK_D, mod.BLOCK_T = 2, 4
+    mod.BWD_PAD_MIN = 1  # the backward on padded rows at these sizes too (test_interpreted_row_layout: below it)
     return mod
 
 
@@ -82,8 +83,38 @@ def test_gpu_matches_reference(w, reverse, dtype):
     _compare(got, want, 1e-5 if dtype == torch.float32 else 2e-2)
 
 
-def test_interpreted_custom_op_opcheck(conv):
+@pytest.mark.parametrize("reverse", [True, False])
+def test_interpreted_custom_op_opcheck(conv, reverse):
+    """Schema, autograd registration and fake tensors (same strides as the real outputs: padded rows forward,
+    unpadded ones for an initial state in reverse)."""
     x = _inputs(1, 2, 5, 3, True, True, torch.float32, seed=4)
-    args = (x["x"], x["weight"].squeeze(1).detach().requires_grad_(), x["bias"], x["initial_state"], True, True)
+    args = (x["x"], x["weight"].squeeze(1).detach().requires_grad_(), x["bias"], x["initial_state"], True, reverse)
     torch.library.opcheck(conv._conv_fwd_op, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("reverse,h0", [(False, True), (True, False), (True, True)])
+def test_interpreted_row_layout(conv, reverse, h0, monkeypatch):
+    """Lengths that are not a multiple of 16 run on rows padded to one (y and dx are views of them, the pad of
+    the padded input zeros), except an initial state in reverse (unpadded rows); aligned lengths stay
+    contiguous. The backward pads from BWD_PAD_MIN elements (1 in this file; below it dx is contiguous)."""
+    for l, row in ((21, 32), (32, 32)):
+        x = _inputs(1, 3, l, 4, True, h0, torch.float32, seed=l)
+        got = _run(conv.causal_conv1d_triton, x, reverse, "silu")
+        want = _run(causal_conv1d_ref, {k: None if v is None else v.detach().double().requires_grad_()
+                                        for k, v in x.items()}, reverse, "silu")
+        _compare(got, want, 1e-5)
+        expect = l if (reverse and h0) else row
+        y = conv.causal_conv1d_triton(x["x"], x["weight"], x["bias"], x["initial_state"], activation="silu",
+                                      reverse=reverse)
+        dx, = torch.autograd.grad(y.sum(), x["x"])  # without the final state, whose gradient would add to it
+        assert y.stride() == dx.stride() == (3 * expect, expect, 1), (l, y.stride(), dx.stride())
+    monkeypatch.setattr(conv, "BWD_PAD_MIN", x["x"].numel() + 1)
+    x = _inputs(1, 3, 21, 4, True, h0, torch.float32, seed=5)
+    got = _run(conv.causal_conv1d_triton, x, reverse, "silu")
+    want = _run(causal_conv1d_ref, {k: None if v is None else v.detach().double().requires_grad_()
+                                    for k, v in x.items()}, reverse, "silu")
+    _compare(got, want, 1e-5)
+    y = conv.causal_conv1d_triton(x["x"], x["weight"], x["bias"], x["initial_state"], activation="silu",
+                                  reverse=reverse)
+    assert torch.autograd.grad(y.sum(), x["x"])[0].is_contiguous()
