@@ -33,6 +33,12 @@ def _run(fn, x, reverse, activation, seed=1):
                              x, seed)
 
 
+def _reference(x, reverse, activation):
+    """The float64 reference's outputs and gradients on the same inputs (_run)."""
+    return _run(causal_conv1d_ref, {k: None if v is None else v.detach().double().requires_grad_()
+                                    for k, v in x.items()}, reverse, activation)
+
+
 def _compare(got, want, rtol):
     bad = []
     for k in want:
@@ -56,8 +62,7 @@ CASES = [  # (w, l, bias, h0, activation, reverse)
 def test_interpreted_matches_reference(conv, w, l, bias, h0, activation, reverse):
     x = _inputs(2, 3, l, w, bias, h0, torch.float32, seed=w * 100 + l)
     got = _run(conv.causal_conv1d_triton, x, reverse, activation)
-    want = _run(causal_conv1d_ref, {k: None if v is None else v.detach().double().requires_grad_()
-                                    for k, v in x.items()}, reverse, activation)
+    want = _reference(x, reverse, activation)
     _compare(got, want, 1e-5)
 
 
@@ -65,8 +70,7 @@ def test_interpreted_bf16(conv):
     x = _inputs(1, 4, 10, 4, True, True, torch.bfloat16, seed=3)
     got = _run(conv.causal_conv1d_triton, x, False, "silu")
     assert got["y"].dtype == torch.bfloat16 and got["dx"].dtype == torch.bfloat16
-    want = _run(causal_conv1d_ref, {k: None if v is None else v.detach().double().requires_grad_()
-                                    for k, v in x.items()}, False, "silu")
+    want = _reference(x, False, "silu")
     _compare(got, want, 2e-2)
 
 
@@ -78,8 +82,7 @@ def test_interpreted_bf16(conv):
 def test_gpu_matches_reference(w, reverse, dtype):
     x = _inputs(4, 1536, 4099, w, True, True, dtype, device="cuda", seed=w)
     got = _run(lambda **k: causal_conv1d(**k, backend="triton"), x, reverse, "silu")
-    want = _run(causal_conv1d_ref, {k: None if v is None else v.detach().double().requires_grad_()
-                                    for k, v in x.items()}, reverse, "silu")
+    want = _reference(x, reverse, "silu")
     _compare(got, want, 1e-5 if dtype == torch.float32 else 2e-2)
 
 
@@ -101,8 +104,7 @@ def test_interpreted_row_layout(conv, reverse, h0, monkeypatch):
     for l, row in ((21, 32), (32, 32)):
         x = _inputs(1, 3, l, 4, True, h0, torch.float32, seed=l)
         got = _run(conv.causal_conv1d_triton, x, reverse, "silu")
-        want = _run(causal_conv1d_ref, {k: None if v is None else v.detach().double().requires_grad_()
-                                        for k, v in x.items()}, reverse, "silu")
+        want = _reference(x, reverse, "silu")
         _compare(got, want, 1e-5)
         expect = l if (reverse and h0) else row
         y = conv.causal_conv1d_triton(x["x"], x["weight"], x["bias"], x["initial_state"], activation="silu",
@@ -112,8 +114,7 @@ def test_interpreted_row_layout(conv, reverse, h0, monkeypatch):
     monkeypatch.setattr(conv, "BWD_PAD_MIN", x["x"].numel() + 1)
     x = _inputs(1, 3, 21, 4, True, h0, torch.float32, seed=5)
     got = _run(conv.causal_conv1d_triton, x, reverse, "silu")
-    want = _run(causal_conv1d_ref, {k: None if v is None else v.detach().double().requires_grad_()
-                                    for k, v in x.items()}, reverse, "silu")
+    want = _reference(x, reverse, "silu")
     _compare(got, want, 1e-5)
     y = conv.causal_conv1d_triton(x["x"], x["weight"], x["bias"], x["initial_state"], activation="silu",
                                   reverse=reverse)
