@@ -280,8 +280,7 @@ def resources(block=None, warps=None):
         "_state_pass_kernel": dict(HAS_H0=True, **flags, BS=ours.STATE_BLOCK, U=ours.STATE_UNROLL),
         "_chunk_out_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
                                   FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST),
-        "_chunk_out_heads_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
-                                        HPP=ours.OUT_HEADS),
+        "_chunk_out_pair_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots),
         "_bwd_gloc_kernel": dict(HAS_Z=True, **flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_state_pass_kernel": dict(HAS_DHT=True, **flags, BS=ours.STATE_BLOCK, U=ours.STATE_UNROLL),
         "_bwd_dx_dB_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots, FACTOR=ours.FACTOR,
@@ -291,12 +290,12 @@ def resources(block=None, warps=None):
     }
 
     def stages(name):
-        if name == "_chunk_out_heads_kernel":
+        if name == "_chunk_out_pair_kernel":
             return ours.OUT_STAGES
         return (ours.STAGES_BWD or ours.STAGES) if name.startswith("_bwd") else ours.STAGES
 
     def warps_of(name):
-        return ours.OUT_WARPS if name == "_chunk_out_heads_kernel" else w
+        return ours.OUT_WARPS if name == "_chunk_out_pair_kernel" else w
 
     print(f"sm_90, bf16, every option, block {blk}, {w} warps, {ours.STAGES} stages ({stages('_bwd')} in the "
           f"backward), triton {triton.__version__}")

@@ -15,13 +15,14 @@ nothing positive is exponentiated. ``seq_idx`` zeroes every term that crosses a 
 Forward: ``_dt_kernel`` (dt' = softplus(dt + bias) and cs, (b h, l) fp32, scan order) ->
 ``_chunk_state_kernel`` (each chunk's local end state, fp32, a tl.dot) -> ``_state_pass_kernel`` (sequential
 over chunks, carried in fp32: the state entering every chunk, stored in bf16 for bf16 inputs, and the final
-state) -> ``_chunk_out_kernel`` (y).
+state) -> ``_chunk_out_pair_kernel`` (y; two heads a program, ``_chunk_out_kernel`` one).
 
 Backward, with g = dy silu(z) and G_out[c] = dL/dH_out[c]:
   ``_bwd_gloc_kernel`` (g, and each chunk's local dL/dH_in, fp32) -> ``_bwd_state_pass_kernel`` (right to
-  left: G_out per chunk, stored like the states, dinitial_state, and exp(cs[Q-1]) <G_out, H_in> per chunk) -> ``_bwd_dx_dB_kernel`` (per
-  block of s: dx, dz, dB summed over the heads of a group, dD, and per-position scalars) -> ``_bwd_dC_kernel``
-  (per block of t: dC, and the pair sums of dA) -> ``_bwd_ddt_kernel`` (ddt, dA, ddt_bias).
+  left: G_out per chunk, stored like the states, dinitial_state, and exp(cs[Q-1]) <G_out, H_in> per chunk) ->
+  ``_bwd_dx_dB_kernel`` (per block of s: dx, dz, dB summed over the heads of a group, dD, and per-position
+  scalars) -> ``_bwd_dC_kernel`` (per block of t: dC, and the pair sums of dA) -> ``_bwd_ddt_kernel`` (ddt, dA,
+  ddt_bias).
 The gradient in da[k] (a = dt A) is summed from terms that each belong to k, never as a difference of large
 sums (which cancels to noise in bf16): the pairs s < k <= t of R[t,s] = P[t,s] (C[t].B[s]) dt[s] (g[t].x[s]),
 the incoming state's terms at t >= k, the outgoing state's terms at s < k, and the chunk decay's term.
@@ -68,10 +69,12 @@ STATE_HALF = os.environ.get("SEQMAMBA_SSD_STATE_HALF", "1") != "0"
 # so they read neighbouring bytes of the (b, l, h, p) rows and the same B/C tiles (H100, b1 l2^20: forward 20.0
 # -> 16.2 ms; SEQMAMBA_SSD_HEADS_FIRST=0: the chunks of one head first)
 HEADS_FIRST = os.environ.get("SEQMAMBA_SSD_HEADS_FIRST", "1") != "0"
-# Heads per program of the forward's output kernel (a power of two; the largest that divides h / g is used):
-# C B^T and the C, B tiles then serve that many heads. 1: one head a program (``_chunk_out_kernel``). H100, same
-# run, b1 l2^20 24x64 n128 forward: 1 head 15.9 ms; 2 heads 13.5 (4 warps, 2 stages), 17.8 (3 stages), 21.1
-# (8 warps); 4 heads (8 warps, spilling) 19.9. b8 l2048: 0.334 -> 0.249 ms.
+# Heads per program of the forward's output kernel: 2 (``_chunk_out_pair_kernel``) where the groups have an even
+# number of heads, C B^T and the C, B tiles then serving both; 1: one head a program (``_chunk_out_kernel``).
+# H100, same run, b1 l2^20 24x64 n128 forward: 1 head 15.9 ms; 2 heads in one (BLK, 2 BP) tile 13.5 (4 warps, 2
+# stages), 17.8 (3 stages), 21.1 (8 warps); 4 heads (8 warps, spilling) 19.9. Two heads with an accumulator each
+# (x tiles unscaled, straight into the products; session 16): 12.62 -> 12.05 ms (1 stage 11.99, 3 stages 15.83);
+# b8 l2048 0.221 -> 0.214; b1 l65536 0.806 -> 0.767.
 OUT_HEADS = 2
 OUT_WARPS = 4
 OUT_STAGES = 2
@@ -342,12 +345,24 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
         wgt = tl.where(keep, cb * decay * tl.load(dtp_ptr + row + js)[None, :], 0.0)
         acc = _mm(wgt.to(DT), xs, acc, PREC=PREC, UP=UP)
     if HAS_D:
-        xt = _load_rows(x_ptr, bb * sx_b + hh * sx_h, tt, sx_l, p_off, sx_p, vt, hdim).to(tl.float32)
+        xt = _load_rows(x_ptr, bb * sx_b + hh * sx_h, tt, sx_l, p_off, sx_p, vt, hdim)
+    else:
+        xt = acc  # unused
+    _out_head(acc, xt, D_ptr, z_ptr, y_ptr, ypre_ptr, hh, bb, tt, vt, p_off, hdim, sz_b, sz_l, sz_h, sz_p,
+              so_b, so_l, so_h, HAS_D, D_HP, HAS_Z, STORE_PRE)
+
+
+@triton.jit
+def _out_head(acc, xt, D_ptr, z_ptr, y_ptr, ypre_ptr, hh, bb, tt, vt, p_off, hdim, sz_b, sz_l, sz_h, sz_p,
+              so_b, so_l, so_h, HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr,
+              STORE_PRE: tl.constexpr):
+    """Writes one head's (BLK, BP) tile of y (and y before the gate): acc + D x, times silu(z)."""
+    if HAS_D:
         if D_HP:
             Dv = tl.load(D_ptr + hh * hdim + p_off, mask=p_off < hdim, other=0.0).to(tl.float32)
-            acc += Dv[None, :] * xt
+            acc += Dv[None, :] * xt.to(tl.float32)
         else:
-            acc += tl.load(D_ptr + hh).to(tl.float32) * xt
+            acc += tl.load(D_ptr + hh).to(tl.float32) * xt.to(tl.float32)
     om = vt[:, None] & (p_off < hdim)[None, :]
     out = bb * so_b + hh * so_h + tt[:, None] * so_l + p_off[None, :]
     if STORE_PRE:
@@ -359,57 +374,56 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
 
 
 @triton.jit
-def _chunk_out_heads_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
-                            sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
-                            sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, ss_b, ss_l,
-                            nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bq,
-                            HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr,
-                            STORE_PRE: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr,
-                            BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
-                            PREC: tl.constexpr, UP: tl.constexpr, HPP: tl.constexpr):
-    """``_chunk_out_kernel`` for HPP heads of one group at once (columns (head, p) of a (BLK, HPP BP) tile), so
-    that C B^T is computed, and C and B are read, once for HPP heads. The state term and the blocks before the
-    diagonal accumulate in the frame of ref = the position before this block (every factor exp(<= 0)), then
-    one exp(cs[t] - cs[ref]) per (t, head) moves them to t; the diagonal block takes one product per head.
-    1-d grid, the n_bq (batch, head quad) pairs of one block consecutive."""
+def _chunk_out_pair_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
+                           sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                           sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, ss_b, ss_l,
+                           nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bq,
+                           HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr,
+                           STORE_PRE: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr,
+                           BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
+                           PREC: tl.constexpr, UP: tl.constexpr):
+    """``_chunk_out_kernel`` for two heads (h0, h0 + 1) of one group, each with its own (BLK, BP) accumulator:
+    C B^T is computed, and the C and B tiles read, once for both. The state term and the blocks before the
+    diagonal accumulate in the frame of ref = the position before this block (every factor exp(<= 0)), then one
+    exp(cs[t] - cs[ref]) per (t, head) moves them to t. Each head's decay and dt scale the (t, s) weights, not x,
+    so the x tiles go from memory straight into the products; the diagonal block takes one product a head.
+    1-d grid, the n_bq (batch, head pair) pairs of one block consecutive."""
     NB: tl.constexpr = Q // BLK
-    W: tl.constexpr = HPP * BP
     pc = tl.program_id(0) // n_bq
     pq = tl.program_id(0) % n_bq
     c = pc // NB
     m = pc % NB
-    nq = nheads // HPP
+    nq = nheads // 2
     bb = (pq // nq).to(tl.int64)
-    h0 = (pq % nq) * HPP
+    h0 = (pq % nq) * 2
     gg = h0 // hpg
-    col = tl.arange(0, W)
-    ch = col // BP  # head of each column (within the HPP)
-    cp = col % BP  # channel of each column
-    cmask = cp < hdim
-    hq = tl.arange(0, HPP)
     p_off = tl.arange(0, BP)
     n_off = tl.arange(0, BN)
-    rows = (bb * nheads + h0 + hq).to(tl.int64) * Lp  # (HPP,) rows of dt' and cs
+    row0 = (bb * nheads + h0).to(tl.int64) * Lp  # rows of dt' and cs: head h0, then h0 + 1 at row0 + Lp
+    row1 = row0 + Lp
     c0 = c.to(tl.int64) * Q
     jt = c0 + m * BLK + tl.arange(0, BLK)
     vt = jt < seqlen
     tt = _pos(jt, seqlen, REVERSE)
     Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, tt, sC_l, n_off, sC_n, vt, dstate).to(DT)
-    cst = tl.load(cs_ptr + rows[None, :] + jt[:, None])  # (BLK, HPP)
-    ref = c0 + m * BLK - 1
-    cr = tl.where(m > 0, tl.load(cs_ptr + rows + tl.maximum(ref, c0)), 0.0)  # (HPP,) cs at ref (0 before c0)
-    # state term, in the frame of ref: (C H^T) exp(cs[ref]) over the HPP heads' (p, n) states
+    ref = tl.maximum(c0 + m * BLK - 1, c0)
+    cr0 = tl.where(m > 0, tl.load(cs_ptr + row0 + ref), 0.0)  # cs at ref (0: the chunk's start)
+    cr1 = tl.where(m > 0, tl.load(cs_ptr + row1 + ref), 0.0)
+    # state term, in the frame of ref: exp(cs[ref]) C H^T
     slot = ((bb * n_chunks + c) * nheads + h0) * hdim * dstate
-    H = tl.load(st_ptr + slot + (ch * hdim * dstate + cp * dstate)[:, None] + n_off[None, :],
-                mask=cmask[:, None] & (n_off < dstate)[None, :], other=0.0)
-    # cr per column (W loads of HPP addresses): scaling the (W, BN) state tile in fp32 instead spilled
-    sc = tl.where(m > 0, tl.load(cs_ptr + (bb * nheads + h0 + ch).to(tl.int64) * Lp + tl.maximum(ref, c0)), 0.0)
-    acc = _mm(Ct, tl.trans(H.to(DT)), PREC=PREC, UP=UP) * tl.exp(tl.minimum(sc, 0.0))[None, :]
+    hoff = p_off[:, None] * dstate + n_off[None, :]
+    hm = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
+    H0 = tl.load(st_ptr + slot + hoff, mask=hm, other=0.0).to(DT)
+    H1 = tl.load(st_ptr + slot + hdim * dstate + hoff, mask=hm, other=0.0).to(DT)
+    acc0 = _mm(Ct, tl.trans(H0), PREC=PREC, UP=UP) * tl.exp(tl.minimum(cr0, 0.0))
+    acc1 = _mm(Ct, tl.trans(H1), PREC=PREC, UP=UP) * tl.exp(tl.minimum(cr1, 0.0))
     if HAS_SEQ:
         seq_t = _seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE)
         keep_in = seq_t == _seq_at(seq_ptr, bb * ss_b, c0 - 1, seqlen, ss_l, REVERSE)
-        acc = tl.where(keep_in[:, None], acc, 0.0)
-    xbase = bb * sx_b + h0 * sx_h
+        acc0 = tl.where(keep_in[:, None], acc0, 0.0)
+        acc1 = tl.where(keep_in[:, None], acc1, 0.0)
+    x0 = bb * sx_b + h0 * sx_h
+    x1 = x0 + sx_h
     for k in range(0, m):
         js = c0 + k * BLK + tl.arange(0, BLK)
         vs = js < seqlen
@@ -417,17 +431,18 @@ def _chunk_out_heads_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, 
         Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
         cb = _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
         if HAS_SEQ:
-            keep = seq_t[:, None] == _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)[None, :]
-            cb = tl.where(keep, cb, 0.0)
-        css = tl.load(cs_ptr + rows[None, :] + js[:, None])  # (BLK, HPP)
-        f = tl.exp(tl.minimum(cr[None, :] - css, 0.0)) * tl.load(dtp_ptr + rows[None, :] + js[:, None])
-        xs = tl.load(x_ptr + xbase + ts[:, None, None] * sx_l + hq[None, :, None] * sx_h + p_off[None, None, :] * sx_p,
-                     mask=vs[:, None, None] & (p_off < hdim)[None, None, :], other=0.0).to(tl.float32)
-        xs = tl.reshape(xs * f[:, :, None], (BLK, W))
-        acc = _mm(cb.to(DT), xs.to(DT), acc, PREC=PREC, UP=UP)
+            cb = tl.where(seq_t[:, None] == _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)[None, :], cb, 0.0)
+        f0 = tl.exp(tl.minimum(cr0 - tl.load(cs_ptr + row0 + js), 0.0)) * tl.load(dtp_ptr + row0 + js)
+        f1 = tl.exp(tl.minimum(cr1 - tl.load(cs_ptr + row1 + js), 0.0)) * tl.load(dtp_ptr + row1 + js)
+        xs0 = _load_rows(x_ptr, x0, ts, sx_l, p_off, sx_p, vs, hdim).to(DT)
+        xs1 = _load_rows(x_ptr, x1, ts, sx_l, p_off, sx_p, vs, hdim).to(DT)
+        acc0 = _mm((cb * f0[None, :]).to(DT), xs0, acc0, PREC=PREC, UP=UP)
+        acc1 = _mm((cb * f1[None, :]).to(DT), xs1, acc1, PREC=PREC, UP=UP)
     # from the frame of ref to t
-    e = tl.exp(tl.minimum(cst - cr[None, :], 0.0))
-    acc = tl.reshape(tl.reshape(acc, (BLK, HPP, BP)) * e[:, :, None], (BLK, W))
+    cst0 = tl.load(cs_ptr + row0 + jt)
+    cst1 = tl.load(cs_ptr + row1 + jt)
+    acc0 = acc0 * tl.exp(tl.minimum(cst0 - cr0, 0.0))[:, None]
+    acc1 = acc1 * tl.exp(tl.minimum(cst1 - cr1, 0.0))[:, None]
     # the diagonal block: per head, the (t, s) weights C B^T exp(cs[t] - cs[s]) dt[s], s <= t
     Bt = _load_rows(B_ptr, bb * sB_b + gg * sB_g, tt, sB_l, n_off, sB_n, vt, dstate).to(DT)
     cb = _mm(Ct, tl.trans(Bt), PREC=PREC, UP=UP)
@@ -435,28 +450,16 @@ def _chunk_out_heads_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, 
     if HAS_SEQ:
         keep = keep & (seq_t[:, None] == seq_t[None, :])
     cb = tl.where(keep, cb, 0.0)
-    xt = tl.load(x_ptr + xbase + tt[:, None] * sx_l + ch[None, :] * sx_h + cp[None, :] * sx_p,
-                 mask=vt[:, None] & cmask[None, :], other=0.0)
-    for i in tl.static_range(HPP):
-        cs_i = tl.load(cs_ptr + (bb * nheads + h0 + i) * Lp + jt)
-        dt_i = tl.load(dtp_ptr + (bb * nheads + h0 + i) * Lp + jt)
-        wgt = cb * tl.exp(tl.minimum(cs_i[:, None] - cs_i[None, :], 0.0)) * dt_i[None, :]
-        acc = _mm(wgt.to(DT), tl.where((ch == i)[None, :], xt, 0.0).to(DT), acc, PREC=PREC, UP=UP)
-    if HAS_D:
-        if D_HP:
-            Dv = tl.load(D_ptr + (h0 + ch) * hdim + cp, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            Dv = tl.load(D_ptr + h0 + ch).to(tl.float32)
-        acc += Dv[None, :] * xt.to(tl.float32)
-    om = vt[:, None] & cmask[None, :]
-    out = bb * so_b + (h0 + ch)[None, :] * so_h + tt[:, None] * so_l + cp[None, :]
-    if STORE_PRE:
-        tl.store(ypre_ptr + out, acc.to(ypre_ptr.dtype.element_ty), mask=om)
-    if HAS_Z:
-        zt = tl.load(z_ptr + bb * sz_b + (h0 + ch)[None, :] * sz_h + tt[:, None] * sz_l + cp[None, :] * sz_p,
-                     mask=om, other=0.0).to(tl.float32)
-        acc = acc * zt * _sigmoid(zt)
-    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=om)
+    xt0 = _load_rows(x_ptr, x0, tt, sx_l, p_off, sx_p, vt, hdim)
+    xt1 = _load_rows(x_ptr, x1, tt, sx_l, p_off, sx_p, vt, hdim)
+    w0 = cb * tl.exp(tl.minimum(cst0[:, None] - cst0[None, :], 0.0)) * tl.load(dtp_ptr + row0 + jt)[None, :]
+    acc0 = _mm(w0.to(DT), xt0.to(DT), acc0, PREC=PREC, UP=UP)
+    w1 = cb * tl.exp(tl.minimum(cst1[:, None] - cst1[None, :], 0.0)) * tl.load(dtp_ptr + row1 + jt)[None, :]
+    acc1 = _mm(w1.to(DT), xt1.to(DT), acc1, PREC=PREC, UP=UP)
+    _out_head(acc0, xt0, D_ptr, z_ptr, y_ptr, ypre_ptr, h0, bb, tt, vt, p_off, hdim, sz_b, sz_l, sz_h, sz_p,
+              so_b, so_l, so_h, HAS_D, D_HP, HAS_Z, STORE_PRE)
+    _out_head(acc1, xt1, D_ptr, z_ptr, y_ptr, ypre_ptr, h0 + 1, bb, tt, vt, p_off, hdim, sz_b, sz_l, sz_h, sz_p,
+              so_b, so_l, so_h, HAS_D, D_HP, HAS_Z, STORE_PRE)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -901,9 +904,9 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     flags = dict(HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None,
                  STORE_PRE=ypre is not None, **common, **blocks)
     hpp = _out_heads(cfg)
-    if hpp > 1:
-        _chunk_out_heads_kernel[(nc * cfg.NB * b * h // hpp,)](*args, b * h // hpp, **flags, HPP=hpp,
-                                                               num_warps=OUT_WARPS, num_stages=OUT_STAGES)
+    if hpp == 2:
+        _chunk_out_pair_kernel[(nc * cfg.NB * b * h // 2,)](*args, b * h // 2, **flags, num_warps=OUT_WARPS,
+                                                            num_stages=OUT_STAGES)
     else:
         grid = (nc * cfg.NB * b * h,) if HEADS_FIRST else (nc * cfg.NB, b * h)
         _chunk_out_kernel[grid](*args, b * h, **flags, FACTOR=FACTOR, HEADS_FIRST=HEADS_FIRST, num_warps=warps,
@@ -912,11 +915,8 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
 
 
 def _out_heads(cfg):
-    """Heads per program of the forward's output kernel: the largest power of two <= OUT_HEADS dividing h / g."""
-    hpp = max(OUT_HEADS, 1)
-    while cfg.hpg % hpp:
-        hpp //= 2
-    return hpp
+    """Heads per program of the forward's output kernel: OUT_HEADS (1 or 2) where it divides h / g, else 1."""
+    return 2 if OUT_HEADS == 2 and cfg.hpg % 2 == 0 else 1
 
 
 def _splits(cfg, target=None):
@@ -1112,4 +1112,3 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None
                               int(t.get("blk_bwd", BLOCK_BWD or blk)), int(t.get("warps_bwd", WARPS_BWD or warps)),
                               int(t.get("splits", 0)))
     return (y, ht) if return_final_state else y
-
