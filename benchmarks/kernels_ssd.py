@@ -275,7 +275,7 @@ def resources(block=None, warps=None):
     flags = dict(REVERSE=True, HAS_SEQ=True, Q=ours.CHUNK)
     dots = dict(BLK=blk, BP=64, BN=128, DT=tl.bfloat16, PREC="tf32", UP=False)
     kernels = {
-        "_dt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
+        "_dt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK, BH=ours.DT_HEADS),
         "_chunk_state_kernel": dict(**flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_state_pass_kernel": dict(HAS_H0=True, **flags, BS=ours.STATE_BLOCK, U=ours.STATE_UNROLL),
         "_chunk_out_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
@@ -286,7 +286,7 @@ def resources(block=None, warps=None):
         "_bwd_dx_dB_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots, FACTOR=ours.FACTOR,
                                   HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_dC_kernel": dict(**flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
-        "_bwd_ddt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK),
+        "_bwd_ddt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK, BH=ours.DT_HEADS),
     }
 
     def stages(name):

@@ -108,6 +108,14 @@ def test_interpreted_heads_per_program(chunk, heads, name, monkeypatch):
     check_case(chunk, name, h=8, seed=23)
 
 
+@pytest.mark.parametrize("name", ["all-Dhp-reverse", "packed", "bias-nosoftplus-no-h0-rev"])
+def test_interpreted_dt_head_blocks(chunk, name, monkeypatch):
+    """The kernels over dt (dt' and cs forward, ddt backward) in blocks of 4 heads: 6 heads make a full block
+    and a block with 2 heads masked off (and groups of 3 heads take the one-head output kernel)."""
+    monkeypatch.setattr(chunk, "DT_HEADS", 4)
+    check_case(chunk, name, h=6, seed=41)
+
+
 @pytest.mark.parametrize("unroll", [1, 2])
 @pytest.mark.parametrize("name", ["all-Dhp-reverse", "packed-reverse", "one-block-chunks"])
 def test_interpreted_state_pass_unroll(chunk, unroll, name, monkeypatch):

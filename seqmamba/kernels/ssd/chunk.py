@@ -57,6 +57,7 @@ WARPS_BWD = 0  # 0: the forward's
 STAGES = 3  # H100, b1 l2^20: forward 15.8 ms at 3 stages, 16.2 at 2
 STAGES_BWD = 2  # 0: STAGES (the backward at 3 stages was slower: fwd+bwd +2.2 ms at b1 l2^20)
 STATE_BLOCK = 512  # elements of the (p, n) state per program of the state passes
+DT_HEADS = 8  # heads per program of the kernels over dt (the forward's dt', cs; the backward's ddt)
 TARGET_PROGRAMS = 1024  # the backward splits the heads of a group among programs until this many run
 # Off-diagonal decay tiles of the one-head output kernel and of dx/dB as outer products of two exp vectors
 # (SEQMAMBA_SSD_FACTOR=0: every pair's own exp). The dC kernel always scales its product's rows and columns.
@@ -136,27 +137,30 @@ def _decay(cs_ptr, ref, cst, css, off, FACTOR: tl.constexpr):
 
 @triton.jit
 def _dt_kernel(dt_ptr, A_ptr, bias_ptr, dtp_ptr, cs_ptr, sdt_b, sdt_l, sdt_h, nheads, seqlen, Lp,
-               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr):
-    """dt' (0 past the end) and its A-weighted cumulative sum inside each chunk, (b h, Lp) in scan order."""
+               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr,
+               BH: tl.constexpr):
+    """dt' (0 past the end) and its A-weighted cumulative sum inside each chunk, (b h, Lp) in scan order. One
+    program per (chunk, batch, block of BH heads): a position's heads sit side by side in dt."""
     c = tl.program_id(0)
-    pid = tl.program_id(1)
-    bb = (pid // nheads).to(tl.int64)
-    hh = pid % nheads
+    bb = tl.program_id(1).to(tl.int64)
+    hh = tl.program_id(2) * BH + tl.arange(0, BH)
+    hm = hh < nheads
     j = c.to(tl.int64) * Q + tl.arange(0, Q)
     valid = j < seqlen
     t = _pos(j, seqlen, REVERSE)
-    raw = tl.load(dt_ptr + bb * sdt_b + hh * sdt_h + t * sdt_l, mask=valid, other=0.0).to(tl.float32)
+    m = valid[:, None] & hm[None, :]
+    raw = tl.load(dt_ptr + bb * sdt_b + t[:, None] * sdt_l + hh[None, :] * sdt_h, mask=m, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        raw += tl.load(bias_ptr + hh).to(tl.float32)
+        raw += tl.load(bias_ptr + hh, mask=hm, other=0.0).to(tl.float32)[None, :]
     if SOFTPLUS:
         d = _softplus(raw)
     else:
         d = raw
-    d = tl.where(valid, d, 0.0)
-    cs = tl.cumsum(d * tl.load(A_ptr + hh).to(tl.float32), axis=0)
-    off = pid.to(tl.int64) * Lp + j
-    tl.store(dtp_ptr + off, d)
-    tl.store(cs_ptr + off, cs)
+    d = tl.where(m, d, 0.0)
+    cs = tl.cumsum(d * tl.load(A_ptr + hh, mask=hm, other=0.0).to(tl.float32)[None, :], axis=0)
+    off = (bb * nheads + hh)[None, :] * Lp + j[:, None]
+    tl.store(dtp_ptr + off, d, mask=hm[None, :])
+    tl.store(cs_ptr + off, cs, mask=hm[None, :])
 
 
 @triton.jit
@@ -778,40 +782,45 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
 @triton.jit
 def _bwd_ddt_kernel(dt_ptr, bias_ptr, A_ptr, dtp_ptr, q_ptr, zs_ptr, rin_ptr, dap_ptr, K_ptr, ddt_ptr, dAp_ptr,
                     dbp_ptr, sdt_b, sdt_l, sdt_h, nheads, seqlen, Lp, n_chunks,
-                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr,
+                    BH: tl.constexpr):
     """da[k] = dL/d(dt[k] A) = (pairs s < k <= t, summed over the t blocks) + sum_{t>=k} r_in[t]
     + sum_{s<k} Z[s] + K (the chunk decay's term); ddt = q + A da (through softplus), and this chunk's parts
-    of dA = sum da dt and of ddt_bias."""
+    of dA = sum da dt and of ddt_bias. One program per (chunk, batch, block of BH heads), as ``_dt_kernel``."""
     c = tl.program_id(0)
-    pid = tl.program_id(1)
-    bb = (pid // nheads).to(tl.int64)
-    hh = pid % nheads
+    bb = tl.program_id(1).to(tl.int64)
+    hh = tl.program_id(2) * BH + tl.arange(0, BH)
+    hm = hh < nheads
     ar = tl.arange(0, Q)
     j = c.to(tl.int64) * Q + ar
     valid = j < seqlen
     t = _pos(j, seqlen, REVERSE)
-    row = pid.to(tl.int64) * Lp
-    d = tl.load(dtp_ptr + row + j)
-    q = tl.load(q_ptr + row + j)
-    K = tl.load(K_ptr + pid.to(tl.int64) * n_chunks + c)
-    da = tl.load(dap_ptr + row + j)
+    pid = bb * nheads + hh  # (BH,) rows of the (b h, Lp) buffers
+    off = pid[None, :] * Lp + j[:, None]
+    rm = hm[None, :]
+    d = tl.load(dtp_ptr + off, mask=rm, other=0.0)
+    q = tl.load(q_ptr + off, mask=rm, other=0.0)
+    K = tl.load(K_ptr + pid * n_chunks + c, mask=hm, other=0.0)
+    da = tl.load(dap_ptr + off, mask=rm, other=0.0)
     # forward scans only (Triton's reverse scan has an open wrong-result report, triton-lang/triton#4362)
-    rin = tl.load(rin_ptr + row + j)
-    da += tl.sum(rin, axis=0) - tl.cumsum(rin, axis=0) + rin  # sum over t >= k
-    zz = tl.load(zs_ptr + row + j)
-    da += tl.cumsum(zz, axis=0) - zz + K  # sum over s < k
-    A = tl.load(A_ptr + hh).to(tl.float32)
-    tl.store(dAp_ptr + pid.to(tl.int64) * n_chunks + c, tl.sum(tl.where(valid, da * d, 0.0), axis=0))
-    ddt = q + A * da
+    rin = tl.load(rin_ptr + off, mask=rm, other=0.0)
+    da += tl.sum(rin, axis=0)[None, :] - tl.cumsum(rin, axis=0) + rin  # sum over t >= k
+    zz = tl.load(zs_ptr + off, mask=rm, other=0.0)
+    da += tl.cumsum(zz, axis=0) - zz + K[None, :]  # sum over s < k
+    A = tl.load(A_ptr + hh, mask=hm, other=0.0).to(tl.float32)
+    tl.store(dAp_ptr + pid * n_chunks + c, tl.sum(tl.where(valid[:, None], da * d, 0.0), axis=0), mask=hm)
+    ddt = q + A[None, :] * da
+    m = valid[:, None] & rm
     if SOFTPLUS:
-        raw = tl.load(dt_ptr + bb * sdt_b + hh * sdt_h + t * sdt_l, mask=valid, other=0.0).to(tl.float32)
+        raw = tl.load(dt_ptr + bb * sdt_b + t[:, None] * sdt_l + hh[None, :] * sdt_h, mask=m,
+                      other=0.0).to(tl.float32)
         if HAS_BIAS:
-            raw += tl.load(bias_ptr + hh).to(tl.float32)
+            raw += tl.load(bias_ptr + hh, mask=hm, other=0.0).to(tl.float32)[None, :]
         ddt = ddt * _sigmoid(raw)
-    ddt = tl.where(valid, ddt, 0.0)
+    ddt = tl.where(m, ddt, 0.0)
     if HAS_BIAS:
-        tl.store(dbp_ptr + pid.to(tl.int64) * n_chunks + c, tl.sum(ddt, axis=0))
-    tl.store(ddt_ptr + (bb * seqlen + t) * nheads + hh, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
+        tl.store(dbp_ptr + pid * n_chunks + c, tl.sum(ddt, axis=0), mask=hm)
+    tl.store(ddt_ptr + (bb * seqlen + t)[:, None] * nheads + hh[None, :], ddt.to(ddt_ptr.dtype.element_ty), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -857,6 +866,7 @@ class _Cfg:
         self.size = p * self.n
         self.BS = min(STATE_BLOCK, triton.next_power_of_2(self.size))
         self.n_sblocks = triton.cdiv(self.size, self.BS)
+        self.BH = min(triton.next_power_of_2(h), DT_HEADS)
 
 
 def _strides4(t):
@@ -880,8 +890,9 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     common = dict(REVERSE=reverse, HAS_SEQ=seq_idx is not None, Q=cfg.Q)
     dtp = torch.empty(b * h, cfg.Lp, **f32)
     cs = torch.empty(b * h, cfg.Lp, **f32)
-    _dt_kernel[(nc, b * h)](dt, A, dt_bias if dt_bias is not None else dummy, dtp, cs, *dt.stride(), h, l, cfg.Lp,
-                            HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q)
+    _dt_kernel[(nc, b, triton.cdiv(h, cfg.BH))](dt, A, dt_bias if dt_bias is not None else dummy, dtp, cs,
+                                                *dt.stride(), h, l, cfg.Lp, HAS_BIAS=dt_bias is not None,
+                                                SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q, BH=cfg.BH)
     loc = torch.empty(b, nc, h, p, n, **f32)
     dims = (h, cfg.hpg, l, cfg.Lp, nc, p, n)
     blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, **dot)
@@ -986,9 +997,11 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dAp = torch.empty(b * h, nc, **f32)
     dbp = torch.empty(b * h, nc, **f32) if dt_bias is not None else None
-    _bwd_ddt_kernel[(nc, b * h)](dt, dt_bias if dt_bias is not None else dummy, A, dtp, q, zs, rin, dap.sum(2),
-                                 kp.sum(1), ddt, dAp, dbp if dbp is not None else dummy, *dt.stride(), h, l, cfg.Lp, nc,
-                                 HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q)
+    _bwd_ddt_kernel[(nc, b, triton.cdiv(h, cfg.BH))](dt, dt_bias if dt_bias is not None else dummy, A, dtp, q, zs,
+                                                     rin, dap.sum(2), kp.sum(1), ddt, dAp,
+                                                     dbp if dbp is not None else dummy, *dt.stride(), h, l, cfg.Lp,
+                                                     nc, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
+                                                     REVERSE=reverse, Q=cfg.Q, BH=cfg.BH)
     dB = dBp.sum(1).to(B.dtype) if ns > 1 else dBp[:, 0]
     dC = dCp.sum(1).to(C.dtype) if ns > 1 else dCp[:, 0]
     dA = dAp.view(b, h, nc).sum((0, 2)).to(A.dtype)
