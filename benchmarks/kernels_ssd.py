@@ -5,14 +5,17 @@ side by side in one process, plus the PyTorch reference where it is quick enough
     python benchmarks/kernels_ssd.py --sweep         # our launch parameters (chunk, block, warps) per shape
     python benchmarks/kernels_ssd.py --shapes 8x2048 # a subset (batch x length, heads 24 x 64, N 128)
     python benchmarks/kernels_ssd.py --resources     # registers / spills per kernel for sm_90, no GPU needed
+    python benchmarks/kernels_ssd.py --dtype fp32 --sweep --grid '[{}, {"blk": 32}]' --shapes 2x8192
+                                                     # fp32 inputs (IEEE products), two launch variants
 
 mamba_ssm is imported if it is on PYTHONPATH (its pure-Triton SSD files need no build; they are never part of
-this project). Inputs as in FIELD_NOTES: bf16 x, dt, B, C; fp32 A, D (h,), dt_bias; softplus on; one group;
-no z. Times are medians of ``triton.testing.do_bench``; fwd+bwd is one forward under autograd plus the
-backward of <y, dy>. Extra memory: peak allocated above the inputs (outputs and gradients included).
-Floors: bytes (read x, dt, B, C, write y; fwd+bwd also reads dy and writes dx, ddt, dB, dC and reads the
-inputs again) over the measured copy bandwidth, and matrix flops (chunk 256: C B^T, its product with x, the
-chunk-state and state-output products, b l h (Q n + Q p + 4 p n); 3x for fwd+bwd) over 700 TFLOP/s.
+this project). Inputs as in FIELD_NOTES: bf16 x, dt, B, C (``--dtype``: fp16 or fp32 instead); fp32 A, D (h,),
+dt_bias; softplus on; one group; no z. Times are medians of ``triton.testing.do_bench``; fwd+bwd is one forward
+under autograd plus the backward of <y, dy>. Extra memory: peak allocated above the inputs (outputs and gradients
+included). Floors: bytes (read x, dt, B, C, write y, in the inputs' dtype; fwd+bwd also reads dy and writes dx,
+ddt, dB, dC and reads the inputs again) over the measured copy bandwidth, and matrix flops (chunk 256: C B^T, its
+product with x, the chunk-state and state-output products, b l h (Q n + Q p + 4 p n); 3x for fwd+bwd) over 700
+TFLOP/s.
 """
 from __future__ import annotations
 
@@ -50,13 +53,16 @@ def parse_shape(text):
     return tuple(v) if len(v) == 5 else (v[0], v[1], 24, 64, 128)
 
 
-def make(b, l, h, p, n, g=1, seed=0):
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make(b, l, h, p, n, g=1, seed=0, dtype=torch.bfloat16):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
-    x = r(b, l, h, p).bfloat16()
-    dt = (r(b, l, h) - 2).bfloat16()
+    x = r(b, l, h, p).to(dtype)
+    dt = (r(b, l, h) - 2).to(dtype)
     A = -(0.5 + 4 * torch.rand(h, generator=gen, device="cuda"))
-    B, C = r(b, l, g, n).bfloat16(), r(b, l, g, n).bfloat16()
+    B, C = r(b, l, g, n).to(dtype), r(b, l, g, n).to(dtype)
     D, dt_bias = r(h), 0.5 * r(h)
     return dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias)
 
@@ -113,10 +119,10 @@ def copy_bandwidth():
     return 2 * a.numel() / ms / 1e9  # TB/s (read + write)
 
 
-def floors(b, l, h, p, n, g, bw):
+def floors(b, l, h, p, n, g, bw, elt=2):
     tokens = b * l
-    fwd_bytes = tokens * (2 * h * p * 2 + h * 2 + 2 * g * n * 2)  # x, y, dt, B, C in bf16
-    bwd_bytes = fwd_bytes + tokens * (2 * h * p * 2 + h * 2 + 2 * g * n * 2)  # dy in, dx ddt dB dC out
+    fwd_bytes = tokens * (2 * h * p + h + 2 * g * n) * elt  # x, y, dt, B, C
+    bwd_bytes = fwd_bytes + tokens * (2 * h * p + h + 2 * g * n) * elt  # dy in, dx ddt dB dC out
     flops = tokens * h * (256 * n + 256 * p + 4 * p * n)
     return (max(fwd_bytes / bw / 1e9, flops / FLOPS * 1e3), fwd_bytes,
             max((fwd_bytes + bwd_bytes) / bw / 1e9, 3 * flops / FLOPS * 1e3), fwd_bytes + bwd_bytes)
@@ -135,13 +141,17 @@ def oom_safe(f, *a, **k):
         return None
 
 
-def table(shapes, bw):
+def inputs(b, l, h, p, n, dtype):
+    """make()'s inputs and a random dy, both in ``dtype``."""
+    return make(b, l, h, p, n, dtype=dtype), torch.randn(b, l, h, p, device="cuda").to(dtype)
+
+
+def table(shapes, bw, dtype=torch.bfloat16):
     rows = []
     for (b, l, h, p, n) in shapes:
-        inp = make(b, l, h, p, n)
-        dy = torch.randn(b, l, h, p, device="cuda").bfloat16()
-        row = dict(shape=f"b{b} l{l} h{h}x{p} n{n}")
-        f_floor, f_bytes, fb_floor, fb_bytes = floors(b, l, h, p, n, 1, bw)
+        inp, dy = inputs(b, l, h, p, n, dtype)
+        row = dict(shape=f"b{b} l{l} h{h}x{p} n{n}" + ("" if dtype == torch.bfloat16 else f" {dtype}"))
+        f_floor, f_bytes, fb_floor, fb_bytes = floors(b, l, h, p, n, 1, bw, dtype.itemsize)
         row.update(floor_fwd=f_floor, floor_fb=fb_floor)
         peer_ok = mamba_chunk_scan_combined is not None and b * l * h * p < PEER_MAX_ELEMENTS
         if peer_ok:
@@ -209,31 +219,29 @@ def with_flags(flags, f, *a, **k):
             setattr(ours, name, v)
 
 
-def sweep(shapes, grid=None):
+def sweep(shapes, grid=None, dtype=torch.bfloat16):
     """fwd and fwd+bwd times (and fwd+bwd extra memory) of each variant: module switches (``flags``, see
     LEGACY) and launch parameters (chunk, blk, warps, blk_bwd, warps_bwd, splits)."""
     for (b, l, h, p, n) in shapes:
-        inp = make(b, l, h, p, n)
-        dy = torch.randn(b, l, h, p, device="cuda").bfloat16()
+        inp, dy = inputs(b, l, h, p, n, dtype)
         for t in grid or SWEEP:
             t = dict(t)
             flags = t.pop("flags", {})
             fn = lambda i, t=t: run_ours(i, t)  # noqa: E731
             f = with_flags(flags, oom_safe, measure, fn, inp, "fwd")
             fb = with_flags(flags, oom_safe, measure, fn, inp, "fb", dy)
-            print(json.dumps(dict(shape=f"b{b} l{l} h{h}x{p} n{n}", **flags, **t, fwd=f and f[0],
+            print(json.dumps(dict(shape=f"b{b} l{l} h{h}x{p} n{n}", dtype=str(dtype), **flags, **t, fwd=f and f[0],
                                   fwd_gb=f and f[1], fb=fb and fb[0], fb_gb=fb and fb[1])), flush=True)
         del inp, dy
         gc.collect()
         torch.cuda.empty_cache()
 
 
-def profile(shapes, tuning=None, peer=True):
+def profile(shapes, tuning=None, peer=True, dtype=torch.bfloat16):
     """Per-kernel device time of fwd+bwd (ours, then mamba_ssm's unless not ``peer``) under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile as prof
     for (b, l, h, p, n) in shapes:
-        inp = make(b, l, h, p, n)
-        dy = torch.randn(b, l, h, p, device="cuda").bfloat16()
+        inp, dy = inputs(b, l, h, p, n, dtype)
         runs = [("ours", lambda i: run_ours(i, tuning))]
         if peer and mamba_chunk_scan_combined is not None:
             runs.append(("mamba_ssm", run_peer))
@@ -249,11 +257,10 @@ def profile(shapes, tuning=None, peer=True):
             print(pr.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
-def ab_factor(shapes):
+def ab_factor(shapes, dtype=torch.bfloat16):
     """Off-diagonal decay tiles factorised (default) or one exp per pair, same process."""
     for (b, l, h, p, n) in shapes:
-        inp = make(b, l, h, p, n)
-        dy = torch.randn(b, l, h, p, device="cuda").bfloat16()
+        inp, dy = inputs(b, l, h, p, n, dtype)
         for factor in (True, False):
             ours.FACTOR = factor
             f = measure(run_ours, inp, "fwd")[0]
@@ -262,18 +269,24 @@ def ab_factor(shapes):
         ours.FACTOR = True
 
 
-def resources(block=None, warps=None):
+def resources(block=None, warps=None, dtype=torch.bfloat16):
     """Registers and spill stack of every kernel compiled for sm_90 (needs no GPU: Triton's ptxas and
-    cuobjdump), for bf16 inputs with every option on."""
+    cuobjdump), for bf16 (or fp32) inputs with every option on."""
     import triton.language as tl
 
     from sm90 import compile_sm90, resource_usage
 
-    half = {"x_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "ypre_ptr", "dy_ptr", "g_ptr", "dx_ptr", "dz_ptr",
-            "dt_ptr", "ddt_ptr", "st_ptr", "gst_ptr"}  # bf16 inputs keep the states and G_out in bf16
+    if dtype == torch.bfloat16:  # bf16 inputs keep the states and G_out in bf16; products on bf16 operands
+        half = {"x_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "ypre_ptr", "dy_ptr", "g_ptr", "dx_ptr", "dz_ptr",
+                "dt_ptr", "ddt_ptr", "st_ptr", "gst_ptr"}
+        dot = dict(DT=tl.bfloat16, PREC="tf32")
+    elif dtype == torch.float32:  # fp32 everywhere, IEEE products (chunk.py's _dot_dtype)
+        half, dot = set(), dict(DT=tl.float32, PREC="ieee")
+    else:
+        raise SystemExit("--resources: --dtype bf16 or fp32")
     blk, w = block or ours.BLOCK, warps or ours.WARPS
     flags = dict(REVERSE=True, HAS_SEQ=True, Q=ours.CHUNK)
-    dots = dict(BLK=blk, BP=64, BN=128, DT=tl.bfloat16, PREC="tf32", UP=False)
+    dots = dict(BLK=blk, BP=64, BN=128, UP=False, **dot)
     kernels = {
         "_dt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK, BH=ours.DT_HEADS),
         "_chunk_state_kernel": dict(**flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
@@ -297,7 +310,7 @@ def resources(block=None, warps=None):
     def warps_of(name):
         return ours.OUT_WARPS if name == "_chunk_out_pair_kernel" else w
 
-    print(f"sm_90, bf16, every option, block {blk}, {w} warps, {ours.STAGES} stages ({stages('_bwd')} in the "
+    print(f"sm_90, {dtype}, every option, block {blk}, {w} warps, {ours.STAGES} stages ({stages('_bwd')} in the "
           f"backward), triton {triton.__version__}")
     # as the launcher specialises them for contiguous (b, l, h, p) tensors: unit strides are constants, pointers
     # and the other strides and sizes are multiples of 16
@@ -321,11 +334,14 @@ def main(argv=None):
                     help="registers and spills of each kernel compiled for sm_90 (no GPU needed)")
     ap.add_argument("--block", type=int, help="--resources: block of positions (default the kernels')")
     ap.add_argument("--warps", type=int, help="--resources: warps (default the kernels')")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="x, dt, B, C (and dy) dtype")
+    ap.add_argument("--grid", help="--sweep: a JSON list of launch-parameter dicts (default: SWEEP)")
     ap.add_argument("--shapes", nargs="*", help="BxL (heads 24 x 64, N 128) or BxLxHxPxN items, e.g. 8x2048 "
                                                "1x1048576x8x64x16")
     args = ap.parse_args(argv)
+    dtype = DTYPES[args.dtype]
     if args.resources:
-        resources(args.block, args.warps)
+        resources(args.block, args.warps, dtype)
         return
     if not torch.cuda.is_available():
         sys.exit("kernels_ssd.py needs a CUDA device")
@@ -334,15 +350,15 @@ def main(argv=None):
         print(f"mamba_ssm not importable ({PEER_ERROR}): its columns stay empty")
     bw = copy_bandwidth()
     if args.sweep:
-        sweep(shapes)
+        sweep(shapes, json.loads(args.grid) if args.grid else None, dtype)
         return
     if args.profile:
-        profile(shapes, peer=not args.no_peer)
+        profile(shapes, peer=not args.no_peer, dtype=dtype)
         return
     if args.ab_factor:
-        ab_factor(shapes)
+        ab_factor(shapes, dtype)
         return
-    print_table(table(shapes, bw), bw)
+    print_table(table(shapes, bw, dtype), bw)
 
 
 if __name__ == "__main__":
