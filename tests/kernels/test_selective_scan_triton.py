@@ -180,6 +180,36 @@ def test_interpreted_default_op_is_blocked(small_chunks, monkeypatch, reverse, p
     assert_close(got, want, rtol=2e-5)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_interpreted_minus_inf_delta_rows_are_identity_steps(small_chunks, reverse):
+    """Rows with delta = -inf under softplus, as BiMamba pads a length to a multiple of 16 (u, B, C, z there are
+    whatever the conv and projections made), with no cotangent on their outputs, through the default op (the
+    blocked pair, several chunks): y, the final state and every gradient of the real positions are those of the
+    unpadded call; the pad's own gradients are exactly 0 (softplus(-inf) = 0 and its derivative 0, never NaN),
+    in both scan directions."""
+    l, pad = 19, 13  # 32 rows: aligned, while the unpadded call takes the kernels' own zero pad to 32
+    x = make_inputs(b=2, d=4, n=3, l=l + pad, groups=2, dtype=torch.float32, seed=29)
+    gen = torch.Generator().manual_seed(30)
+    dy = torch.randn(2, 4, l + pad, generator=gen)
+    dh = torch.randn(2, 4, 3, generator=gen)
+    with torch.no_grad():
+        x["delta"][..., l:] = float("-inf")
+        dy[..., l:] = 0.0
+    per_position = ("u", "delta", "B", "C", "z")
+    real = {k: v.detach()[..., :l].clone().requires_grad_() if k in per_position else v for k, v in x.items()}
+    fn = triton_fn(small_chunks.selective_scan_triton, delta_softplus=True, reverse=reverse)
+    out = []
+    for inp, cot in ((x, dy), (real, dy[..., :l])):
+        y, h = fn(**inp)
+        grads = torch.autograd.grad((y * cot).sum() + (h * dh).sum(), list(inp.values()))
+        out.append({"y": y[..., :l], "final_state": h, **{f"d{k}": gr for k, gr in zip(inp, grads)}})
+    for k in per_position:
+        pad_grad = out[0][f"d{k}"][..., l:]
+        assert torch.equal(pad_grad, torch.zeros_like(pad_grad)), k
+        out[0][f"d{k}"] = out[0][f"d{k}"][..., :l]
+    assert_close(out[0], out[1], rtol=2e-5)
+
+
 def test_interpreted_deterministic_mode_runs_tile_kernels(small_chunks, monkeypatch):
     """In deterministic mode the custom ops run this file's kernels (no atomics): the blocked pair is not
     called, and the result is the reference's."""

@@ -125,6 +125,29 @@ def test_interpreted_state_pass_unroll(chunk, unroll, name, monkeypatch):
     check_case(chunk, name, h=4, seed=31, tuning=dict(chunk=16, blk=16))  # 3 or 4 chunks
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_interpreted_minus_inf_dt_rows_are_identity_steps(chunk, reverse):
+    """Rows with dt = -inf under softplus, as BiMamba(Mamba2) pads a length to a multiple of 16 (x, B, C, z
+    there are whatever the conv and projections made), with no cotangent on their outputs: y, the final state
+    and every gradient of the real rows are those of the unpadded call, the pad rows' own gradients are exactly
+    0 (softplus(-inf) = 0 and its derivative 0, never NaN), in both scan directions."""
+    l, pad = 37, 11
+    inp, dy, dht = make_inputs(2, l + pad, 6, 3, g=2, n=5, seed=53, dtype=torch.float32, D="h", z=True,
+                               dt_bias=True, softplus=True)
+    with torch.no_grad():
+        inp["dt"][:, l:] = float("-inf")
+        dy[:, l:] = 0.0
+    op = triton_op(chunk.ssd_scan_triton, dt_softplus=True, reverse=reverse)
+    y, ht, grads = run_with_grads(op, inp, dy, dht)
+    real = {k: v if v is None or k not in ("x", "dt", "B", "C", "z") else v.detach()[:, :l].clone().requires_grad_()
+            for k, v in inp.items()}
+    y2, ht2, grads2 = run_with_grads(op, real, dy[:, :l], dht)
+    rows = ("dx", "ddt", "dB", "dC", "dz")
+    for k in rows:
+        assert torch.equal(grads[k][:, l:], torch.zeros_like(grads[k][:, l:])), k
+    compare((y[:, :l], ht, {k: g[:, :l] if k in rows else g for k, g in grads.items()}), (y2, ht2, grads2), 2e-5)
+
+
 def test_interpreted_strong_decay_is_finite_and_accurate(chunk):
     """dt |A| up to ~55 a step at random positions: the decay over a chunk reaches thousands (exp of the
     cumulative sums themselves would overflow or underflow) while neighbouring positions stay O(1) apart."""
