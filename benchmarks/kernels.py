@@ -524,6 +524,9 @@ def main(argv=None):
     p.add_argument("--shapes", default=None, help="indices into SHAPES, comma separated")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--sweep", action="store_true", help="time tunings of the Triton scan instead")
+    p.add_argument("--grid", help="time these tunings, forward and forward+backward, at --shapes (default 0,3): a "
+                                  "JSON list of selective_scan_triton _tuning dicts, e.g. '[{\"blocked\": true}, "
+                                  "{\"blocked\": true, \"state_len\": 256, \"maxnreg_bwd\": 168}]'")
     p.add_argument("--e2e", action="store_true",
                    help="Caduceus-size backbone training/inference tokens/s and peak memory instead")
     p.add_argument("--bidirectional", action="store_true", help="fused bidirectional scan and layer rows only")
@@ -584,6 +587,12 @@ def main(argv=None):
         for shape in ((8, 1536, 16, 2048), (1, 1536, 16, 65536), (1, 1536, 16, 1 << 20)):
             sweep(shape, [dict(programs=p) for p in (2048, 8192, 32768)])
             sweep(shape, [dict(programs_bwd=p) for p in (2048, 8192, 32768)], bwd=True)
+        return
+    if args.grid:
+        grid = json.loads(args.grid)
+        for i in (int(k) for k in (args.shapes or "0,3").split(",")):
+            sweep(SHAPES[i], grid)
+            sweep(SHAPES[i], grid, bwd=True)
         return
     if args.sweep:
         fwd_cfgs = [dict(tile=t, bd_fwd=bd, warps_fwd=w) for t in (16, 32, 64, 128) for bd in (1, 2, 4, 8)

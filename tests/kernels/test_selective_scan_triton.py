@@ -90,6 +90,8 @@ CASES = [
      dict(tile=4, fwd_kernel="seqt", bwd_kernel="seq", bd_bwd=1, bwd_splits=2, programs_bwd=8)),
     ("blocked-chunks", dict(l=37, groups=2), True, False, dict(blocked=True, chunk=8, bd=2, bd_bwd=2)),
     ("blocked-reverse-one-chunk", dict(l=21, groups=None), True, True, dict(blocked=True, chunk=32)),
+    ("blocked-state-len-capped", dict(l=37, groups=2), True, True,  # the backward's chunk and register cap
+     dict(blocked=True, chunk=16, state_len=8, maxnreg_bwd=168)),
 ]
 
 

@@ -347,7 +347,7 @@ def _blocked_bwd_kernel(
 
 
 def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dout, dht=None,
-                seq_idx=None, *, chunk_len, block_d=None, num_warps=None):
+                seq_idx=None, *, chunk_len, block_d=None, num_warps=None, maxnreg=None):
     """Gradients of the selective scan from the forward's ``chunk_states``.
 
     u, delta, z, dout: (b, d, l) (any strides; copied into aligned rows when not l-contiguous or l is not a
@@ -355,7 +355,7 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
     (b, n_chunks, d, n) fp32 with n_chunks = cdiv(padded_len(l), chunk_len) (see the module docstring); dht:
     (b, d, n) or None; seq_idx: (b, l) ints or None. ``chunk_len`` (a power of two) is the forward's chunk length
     T; ``block_d`` channels per program (a power of two dividing d // g; default ``BLOCK_D``), ``num_warps``
-    (default :func:`default_warps`).
+    (default :func:`default_warps`), ``maxnreg`` (registers a thread; default uncapped).
 
     Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0): du, ddelta, dz in u's, delta's, z's dtypes,
     l-contiguous in rows of ``padded_len(l)`` (views of aligned storage where l is not a multiple of 16); dA, dB,
@@ -408,7 +408,7 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
             REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, DA_PARTIALS=partials, BD=BD, BN=BN, T=T, NT=T // V, V=V,
             HINTS=warps == 1,
-            num_warps=warps)
+            num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))
     dB, dC = (t[..., :l].to(x.dtype).contiguous().reshape(x.shape) for t, x in ((dB, B), (dC, C)))
     return (du, ddelta, dA.sum((0, 3)).to(A.dtype), dB, dC,
             dD.sum(0).to(D.dtype) if D is not None else None, dz,
