@@ -230,7 +230,8 @@ def sweep(shapes, grid=None, dtype=torch.bfloat16):
             fn = lambda i, t=t: run_ours(i, t)  # noqa: E731
             f = with_flags(flags, oom_safe, measure, fn, inp, "fwd")
             fb = with_flags(flags, oom_safe, measure, fn, inp, "fb", dy)
-            print(json.dumps(dict(shape=f"b{b} l{l} h{h}x{p} n{n}", dtype=str(dtype), **flags, **t, fwd=f and f[0],
+            print(json.dumps(dict(shape=f"b{b} l{l} h{h}x{p} n{n}", dtype=str(dtype),
+                                  fp32_matmul=torch.backends.cuda.matmul.fp32_precision, **flags, **t, fwd=f and f[0],
                                   fwd_gb=f and f[1], fb=fb and fb[0], fb_gb=fb and fb[1])), flush=True)
         del inp, dy
         gc.collect()
@@ -269,9 +270,9 @@ def ab_factor(shapes, dtype=torch.bfloat16):
         ours.FACTOR = True
 
 
-def resources(block=None, warps=None, dtype=torch.bfloat16):
+def resources(block=None, warps=None, dtype=torch.bfloat16, tf32=False):
     """Registers and spill stack of every kernel compiled for sm_90 (needs no GPU: Triton's ptxas and
-    cuobjdump), for bf16 (or fp32) inputs with every option on."""
+    cuobjdump), for bf16 (or fp32: FP32_PREC products, or TF32 ones) inputs with every option on."""
     import triton.language as tl
 
     from sm90 import compile_sm90, resource_usage
@@ -280,11 +281,12 @@ def resources(block=None, warps=None, dtype=torch.bfloat16):
         half = {"x_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "ypre_ptr", "dy_ptr", "g_ptr", "dx_ptr", "dz_ptr",
                 "dt_ptr", "ddt_ptr", "st_ptr", "gst_ptr"}
         dot = dict(DT=tl.bfloat16, PREC="tf32")
-    elif dtype == torch.float32:  # fp32 everywhere, IEEE products (chunk.py's _dot_dtype)
-        half, dot = set(), dict(DT=tl.float32, PREC="ieee")
+    elif dtype == torch.float32:  # fp32 everywhere, FP32_PREC or TF32 products (chunk.py's _dot_dtype)
+        half, dot = set(), dict(DT=tl.float32, PREC="tf32" if tf32 else ours.FP32_PREC)
     else:
         raise SystemExit("--resources: --dtype bf16 or fp32")
-    blk, w = block or ours.BLOCK, warps or ours.WARPS
+    blk = block or (ours.BLOCK_FP32[dot["PREC"]] if dtype == torch.float32 else ours.BLOCK)
+    w = warps or ours.WARPS
     flags = dict(REVERSE=True, HAS_SEQ=True, Q=ours.CHUNK)
     dots = dict(BLK=blk, BP=64, BN=128, UP=False, **dot)
     kernels = {
@@ -335,13 +337,17 @@ def main(argv=None):
     ap.add_argument("--block", type=int, help="--resources: block of positions (default the kernels')")
     ap.add_argument("--warps", type=int, help="--resources: warps (default the kernels')")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="x, dt, B, C (and dy) dtype")
+    ap.add_argument("--tf32", action="store_true", help="fp32 products in TF32 (torch's "
+                    "torch.backends.cuda.matmul.fp32_precision = 'tf32'; default chunk.py's FP32_PREC)")
     ap.add_argument("--grid", help="--sweep: a JSON list of launch-parameter dicts (default: SWEEP)")
     ap.add_argument("--shapes", nargs="*", help="BxL (heads 24 x 64, N 128) or BxLxHxPxN items, e.g. 8x2048 "
                                                "1x1048576x8x64x16")
     args = ap.parse_args(argv)
     dtype = DTYPES[args.dtype]
+    if args.tf32:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
     if args.resources:
-        resources(args.block, args.warps, dtype)
+        resources(args.block, args.warps, dtype, args.tf32)
         return
     if not torch.cuda.is_available():
         sys.exit("kernels_ssd.py needs a CUDA device")

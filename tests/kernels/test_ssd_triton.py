@@ -269,6 +269,38 @@ def test_gpu_fp32_matches_float64(reverse, packed):
     compare(got, grads_cuda(reference(reverse=reverse, seq_idx=seq_idx), upcast(inp)), 1e-4)
 
 
+@pytest.fixture
+def tf32_matmuls():
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" for the test, restored afterwards."""
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    yield
+    torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def max_rel_errors(got, want):
+    (y, ht, grads), (y2, ht2, grads2) = got, want
+    pairs = {"y": (y, y2), "ht": (ht, ht2), **{k: (grads[k], grads2[k]) for k in grads}}
+    return {k: ((a.double() - b.double()).abs().max() / b.double().abs().max()).item() for k, (a, b) in pairs.items()}
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_fp32_products_follow_torch_tf32_switch(tf32_matmuls):
+    """fp32 inputs at the realistic head size (the default 3xTF32 products are as accurate as IEEE ones there),
+    and under torch's TF32 switch one TF32 product: errors of TF32's size, well above the default's."""
+    inp = cuda_inputs(1, 2048, 8, 64, 1, 128, dtype=torch.float32, seed=11)
+    want = grads_cuda(reference(), upcast(inp))
+    tf32 = max_rel_errors(grads_cuda(public(), inp), want)
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    exact = max_rel_errors(grads_cuda(public(), inp), want)
+    print("max relative errors, fp32 products:", {k: f"{v:.1e}" for k, v in exact.items()},
+          "TF32:", {k: f"{v:.1e}" for k, v in tf32.items()})
+    sums = {"dA", "ddt_bias"}  # sums of b*l terms of both signs: their rounding does not shrink with the sum
+    assert all(v < (5e-5 if k in sums else 2e-5) for k, v in exact.items()), exact
+    assert 1e-4 < tf32["y"] < 1e-2 and max(tf32.values()) < 2e-2, tf32
+
+
 @pytest.mark.gpu
 @cuda
 def test_gpu_bf16_realistic_shape():

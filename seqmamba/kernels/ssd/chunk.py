@@ -51,6 +51,16 @@ _softplus, _sigmoid = _common.softplus, _common.sigmoid
 # (backward) were all slower; splitting each backward pair kernel in two launches (fewer spills) was no faster.
 CHUNK = 256
 BLOCK = 64
+# fp32 operands (any of x, B, C fp32): products in 3xTF32 (FP32_PREC; each operand split into a TF32 part and
+# a TF32 remainder, three tensor-core products), as accurate as IEEE fp32 (b1 l4096 8x64 n64 against float64:
+# y 6.0e-6 vs 6.1e-6, gradients alike), or in one TF32 product where torch allows TF32 for fp32 matmuls (1.7e-3).
+# H100, same runs, fp32 b1 l2^20 24x64 n128, forward / fwd+bwd ms (bf16: 11.7 / 64.2):
+#   IEEE   block 32: 179 / 1061; block 16: 223 / 1265; block 64 (b2 l8192: 39.6 / 192 against 2.95 / 20.8 at
+#          block 32: the (64, 64) fp32 products spill 6.6-24 KB a thread, each kernel compiles in 17-32 s)
+#   3xTF32 block 64: 94.6 / 874; block 32: 105 / 5415 (a backward kernel collapses)
+#   TF32   block 64: 43.6 / 273; block 32: 37.6 / 260
+FP32_PREC = "tf32x3"  # or "ieee"
+BLOCK_FP32 = {"ieee": 32, "tf32x3": 64, "tf32": 32}
 WARPS = 4
 BLOCK_BWD = 0  # 0: the forward's (the backward recomputes per block, so its block may differ)
 WARPS_BWD = 0  # 0: the forward's
@@ -840,11 +850,25 @@ def _state_dtype(x, B, C):
     return torch.bfloat16 if half else torch.float32
 
 
+def _tf32_allowed():
+    """torch's switch for fp32 matmuls on CUDA (``torch.backends.cuda.matmul.fp32_precision``, also set by
+    ``torch.set_float32_matmul_precision("high")`` and the legacy ``allow_tf32``); read through the new API,
+    which never raises on a mix of the two."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
 def _dot_dtype(x, B, C):
-    """tl.dot operand type and precision: fp32 (IEEE) if any of x, B, C is fp32, else x's half type."""
+    """tl.dot operand type and precision: fp32 if any of x, B, C is fp32 (FP32_PREC, or TF32 where torch allows
+    it for fp32 matmuls, as for the reference's einsums), else x's half type."""
     if torch.float32 in (x.dtype, B.dtype, C.dtype):
-        return dict(DT=tl.float32, PREC="ieee", UP=False)
+        return dict(DT=tl.float32, PREC="tf32" if _tf32_allowed() else FP32_PREC, UP=False)
     return dict(DT=_TL[x.dtype], PREC="tf32", UP=_INTERPRETED)
+
+
+def _default_block(x, B, C):
+    """BLOCK, or BLOCK_FP32's block for fp32 products of that precision."""
+    dot = _dot_dtype(x, B, C)
+    return BLOCK_FP32[dot["PREC"]] if dot["DT"] == tl.float32 else BLOCK
 
 
 class _Cfg:
@@ -1119,7 +1143,7 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None
     t = _tuning or {}
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
     save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors)
-    blk, warps = int(t.get("blk", BLOCK)), int(t.get("warps", WARPS))
+    blk, warps = int(t.get("blk") or _default_block(x, B, C)), int(t.get("warps", WARPS))
     y, ht, *_ = _ssd_fwd_call(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, bool(dt_softplus),
                               bool(reverse), save, int(t.get("chunk", CHUNK)), blk, warps,
                               int(t.get("blk_bwd", BLOCK_BWD or blk)), int(t.get("warps_bwd", WARPS_BWD or warps)),
