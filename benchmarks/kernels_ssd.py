@@ -293,6 +293,9 @@ def resources(block=None, warps=None, dtype=torch.bfloat16, tf32=False):
         "_dt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK, BH=ours.DT_HEADS),
         "_chunk_state_kernel": dict(**flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_state_pass_kernel": dict(HAS_H0=True, **flags, BS=ours.STATE_BLOCK, U=ours.STATE_UNROLL),
+        "_chunk_state_run_kernel": dict(**flags, **dots, RUN=ours.STATE_RUN),
+        "_run_pass_kernel": dict(HAS_H0=True, BS=ours.STATE_BLOCK),
+        "_state_fix_kernel": dict(RUN=ours.STATE_RUN, BS=ours.FIX_BLOCK),
         "_chunk_out_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
                                   FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST),
         "_chunk_out_pair_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots),
@@ -310,6 +313,8 @@ def resources(block=None, warps=None, dtype=torch.bfloat16, tf32=False):
         return (ours.STAGES_BWD or ours.STAGES) if name.startswith("_bwd") else ours.STAGES
 
     def warps_of(name):
+        if name in ("_run_pass_kernel", "_state_fix_kernel"):
+            return 4
         return ours.OUT_WARPS if name == "_chunk_out_pair_kernel" else w
 
     print(f"sm_90, {dtype}, every option, block {blk}, {w} warps, {ours.STAGES} stages ({stages('_bwd')} in the "

@@ -125,6 +125,44 @@ def test_interpreted_state_pass_unroll(chunk, unroll, name, monkeypatch):
     check_case(chunk, name, h=4, seed=31, tuning=dict(chunk=16, blk=16))  # 3 or 4 chunks
 
 
+@pytest.mark.parametrize("name,run,heads", [("all-Dhp-reverse", 2, 2), ("all-Dhp-reverse", 3, 1), ("packed", 2, 1),
+                                            ("packed", 3, 2), ("packed-reverse", 3, 2),
+                                            ("bias-nosoftplus-no-h0-rev", 2, 2)])
+def test_interpreted_states_in_runs(chunk, name, run, heads, monkeypatch):
+    """The forward's states from runs of chunks (``_chunk_state_run_kernel``, the pass over runs): 3-4 chunks of
+    16 in runs of 2 or 3 (partial last runs), sequence resets inside runs and chunks, both directions, with and
+    without an initial state, output kernels of one and two heads; y, the final state and every gradient, and y
+    and the final state without autograd, against the float64 reference. The run path is taken each time."""
+    monkeypatch.setattr(chunk, "STATE_RUN", run)
+    monkeypatch.setattr(chunk, "RUN_MIN_PROGRAMS", 1)
+    monkeypatch.setattr(chunk, "OUT_HEADS", heads)
+    launched = []
+    monkeypatch.setattr(chunk, "_chunk_state_run_kernel", _Spy(chunk._chunk_state_run_kernel, launched))
+    monkeypatch.setattr(chunk, "_state_fix_kernel", _Spy(chunk._state_fix_kernel, launched))
+    y, ht, _ = check_case(chunk, name, h=4, seed=37, tuning=dict(chunk=16, blk=16))
+    assert len(launched) == 2  # the run kernel and the fix
+    l, opt, reverse, packed, _ = CASES[name]
+    inp, _, _ = make_inputs(2, l, 4, 3, n=5, seed=37, dtype=torch.float32, **opt)
+    seq_idx = None if packed is None else torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])
+    flags = dict(dt_softplus=opt.get("softplus", False), reverse=reverse, seq_idx=seq_idx)
+    with torch.no_grad():
+        got = triton_op(chunk.ssd_scan_triton, dict(chunk=16, blk=16), **flags)(**inp)
+        want = ref_op(**flags)(**{k: None if v is None else v.double() for k, v in inp.items()})
+    assert len(launched) == 4
+    assert_all_close({"y": (got[0], want[0]), "ht": (got[1], want[1])}, 2e-5)
+
+
+class _Spy:
+    """A launcher's stand-in that records each launch's grid and forwards it."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(grid)
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_interpreted_minus_inf_dt_rows_are_identity_steps(chunk, reverse):
     """Rows with dt = -inf under softplus, as BiMamba(Mamba2) pads a length to a multiple of 16 (x, B, C, z
@@ -267,6 +305,35 @@ def test_gpu_fp32_matches_float64(reverse, packed):
         seq_idx = torch.stack([torch.repeat_interleave(torch.arange(4), c[1:] - c[:-1]) for c in cuts]).cuda()
     got = grads_cuda(public(reverse=reverse, seq_idx=seq_idx), inp)
     compare(got, grads_cuda(reference(reverse=reverse, seq_idx=seq_idx), upcast(inp)), 1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("reverse,packed", [(False, False), (True, True)])
+def test_gpu_states_in_runs_long_memory(reverse, packed, monkeypatch):
+    """The forward's states from runs of 4 chunks (forced; 32 chunks) on fp32 inputs whose decays keep memory
+    across tens of chunks (A scaled by 1e-3): y, the final state and every gradient against the float64
+    reference, and y and the final state without autograd."""
+    from seqmamba.kernels.ssd import chunk as ssd_chunk
+
+    monkeypatch.setattr(ssd_chunk, "STATE_RUN", 4)
+    monkeypatch.setattr(ssd_chunk, "RUN_MIN_PROGRAMS", 1)
+    b, l = 2, 8192
+    inp = cuda_inputs(b, l, 8, 32, 2, 64, dtype=torch.float32, seed=5 + reverse)
+    with torch.no_grad():
+        inp["A"].mul_(1e-3)
+    seq_idx = None
+    if packed:  # boundaries inside a run, at a chunk's edge, and inside a chunk
+        cuts = torch.tensor([[0, 700, 1024, 5000, l], [0, 256, 3333, 3334, l]])
+        seq_idx = torch.stack([torch.repeat_interleave(torch.arange(4), c[1:] - c[:-1]) for c in cuts]).cuda()
+    flags = dict(reverse=reverse, seq_idx=seq_idx)
+    dtp = torch.nn.functional.softplus(inp["dt"].detach() + inp["dt_bias"].detach())
+    assert torch.exp(inp["A"].detach() * dtp[:, :512].sum(1)).min() > 0.3  # decay over two chunks
+    want = grads_cuda(reference(**flags), upcast(inp))
+    compare(grads_cuda(public(**flags), inp), want, 1e-4)
+    with torch.no_grad():
+        y, ht = public(**flags)(**{k: None if v is None else v.detach() for k, v in inp.items()})
+    assert_all_close({"y": (y, want[0]), "ht": (ht, want[1])}, 1e-4)
 
 
 @pytest.fixture

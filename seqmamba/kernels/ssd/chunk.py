@@ -15,7 +15,10 @@ nothing positive is exponentiated. ``seq_idx`` zeroes every term that crosses a 
 Forward: ``_dt_kernel`` (dt' = softplus(dt + bias) and cs, (b h, l) fp32, scan order) ->
 ``_chunk_state_kernel`` (each chunk's local end state, fp32, a tl.dot) -> ``_state_pass_kernel`` (sequential
 over chunks, carried in fp32: the state entering every chunk, stored in bf16 for bf16 inputs, and the final
-state) -> ``_chunk_out_pair_kernel`` (y; two heads a program, ``_chunk_out_kernel`` one).
+state) -> ``_chunk_out_pair_kernel`` (y; two heads a program, ``_chunk_out_kernel`` one). At long lengths the
+states come from runs of ``STATE_RUN`` chunks instead: ``_chunk_state_run_kernel`` (each run carried from zero;
+the states entering its chunks, the run's end state) -> ``_run_pass_kernel`` (sequential over runs, fp32) ->
+``_state_fix_kernel`` (adds each run's entering state, decayed, to its chunks' states).
 
 Backward, with g = dy silu(z) and G_out[c] = dL/dH_out[c]:
   ``_bwd_gloc_kernel`` (g, and each chunk's local dL/dH_in, fp32) -> ``_bwd_state_pass_kernel`` (right to
@@ -30,10 +33,12 @@ The backward recomputes from the inputs, y before the gate (saved only when z is
 states;
 nothing of size (b, l, h, p, n) is stored. No atomics: per-program partials are summed by torch in a fixed
 order, so the backward is deterministic. Accumulation is fp32; tl.dot operands are bf16/fp16 for such inputs,
-fp32 (IEEE) for fp32 inputs. All offsets are 64-bit (positions themselves are 32-bit: l < 2^31).
+fp32 for fp32 inputs (3xTF32 products, or TF32 where torch allows it). All offsets are 64-bit (positions
+themselves are 32-bit: l < 2^31).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -94,6 +99,17 @@ OUT_STAGES = 2
 # 0.285, 0.222, 0.224, 0.312 ms. With the backward's pass grouped too, fwd+bwd at 1M: 68.3 at 1, 66.2 at 4,
 # 66.6 at 8
 STATE_UNROLL = 4
+# The forward's states in runs of STATE_RUN chunks (``_chunk_state_run_kernel``): each program carries one run
+# from a zero state and writes the states entering its chunks (bf16 for bf16 inputs); a pass over the runs and
+# an in-place fix add each run's entering state. The chunks' fp32 local states (3.2 GB at b1 l2^20 24x64 n128)
+# are then never written nor read. Used where the runs give at least RUN_MIN_PROGRAMS programs (0: never).
+# H100, same run, bf16 b1 l2^20, forward / fwd+bwd ms: by chunk 11.68 / 64.12; runs of 8 11.59 / 64.24, of 16
+# 11.32 / 63.93, of 32 11.18 / 63.80; 64 no faster than by chunk. At l65536 (384 programs in runs of 16) no faster:
+# 0.759 by chunk, 0.759-0.779 in runs. Completing the states inside the output kernels instead of the fix (no
+# grad) was no faster: the pair kernel then spills 232 B, and lost what the fix costs (1.1 ms at 1M).
+STATE_RUN = 32
+RUN_MIN_PROGRAMS = 2048
+FIX_BLOCK = 2048  # state elements per program of the fix
 
 
 @triton.jit
@@ -187,39 +203,136 @@ def _grid_ids(n_bh, HEADS_FIRST: tl.constexpr):
 
 
 @triton.jit
+def _chunk_local(acc, x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, xbase, Bbase, row, seq_row, c0, seqlen,
+                 sx_l, sx_p, sB_l, sB_n, ss_l, hdim, dstate, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
+                 Q: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
+                 PREC: tl.constexpr, UP: tl.constexpr):
+    """acc + the local end state of the chunk starting at c0 (from a zero state): sum_s exp(cs[Q-1] - cs[s])
+    dt[s] x[s] B[s]^T, a (BP, BN) fp32 tile."""
+    p_off = tl.arange(0, BP)
+    n_off = tl.arange(0, BN)
+    cs_last = tl.load(cs_ptr + row + c0 + Q - 1)
+    if HAS_SEQ:
+        seq_last = _seq_at(seq_ptr, seq_row, c0 + Q - 1, seqlen, ss_l, REVERSE)
+    for k in range(0, Q // BLK):
+        js = c0 + k * BLK + tl.arange(0, BLK)
+        vs = js < seqlen
+        ts = _pos(js, seqlen, REVERSE)
+        xs = _load_rows(x_ptr, xbase, ts, sx_l, p_off, sx_p, vs, hdim).to(tl.float32)
+        Bs = _load_rows(B_ptr, Bbase, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
+        w = tl.exp(tl.minimum(cs_last - tl.load(cs_ptr + row + js), 0.0)) * tl.load(dtp_ptr + row + js)
+        if HAS_SEQ:
+            w = tl.where(_seq_at(seq_ptr, seq_row, js, seqlen, ss_l, REVERSE) == seq_last, w, 0.0)
+        acc = _mm(tl.trans((xs * w[:, None]).to(DT)), Bs.to(DT), acc, PREC=PREC, UP=UP)
+    return acc
+
+
+@triton.jit
 def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
                         sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
                         nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bh,
                         REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
                         BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
                         HEADS_FIRST: tl.constexpr):
-    """Local end state of each chunk (from a zero state): sum_s exp(cs[Q-1] - cs[s]) dt[s] x[s] B[s]^T,
-    written to slot c of the (b, chunks, h, p, n) fp32 buffer of local states."""
+    """Local end state of each chunk (from a zero state), written to slot c of the (b, chunks, h, p, n) fp32
+    buffer of local states."""
     c, pid = _grid_ids(n_bh, HEADS_FIRST)
     bb = (pid // nheads).to(tl.int64)
     hh = pid % nheads
-    gg = hh // hpg
     p_off = tl.arange(0, BP)
     n_off = tl.arange(0, BN)
-    row = pid.to(tl.int64) * Lp
-    c0 = c.to(tl.int64) * Q
-    cs_last = tl.load(cs_ptr + row + c0 + Q - 1)
-    if HAS_SEQ:
-        seq_last = _seq_at(seq_ptr, bb * ss_b, c0 + Q - 1, seqlen, ss_l, REVERSE)
-    acc = tl.zeros([BP, BN], dtype=tl.float32)
-    for k in range(0, Q // BLK):
-        js = c0 + k * BLK + tl.arange(0, BLK)
-        vs = js < seqlen
-        ts = _pos(js, seqlen, REVERSE)
-        xs = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim).to(tl.float32)
-        Bs = _load_rows(B_ptr, bb * sB_b + gg * sB_g, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
-        w = tl.exp(tl.minimum(cs_last - tl.load(cs_ptr + row + js), 0.0)) * tl.load(dtp_ptr + row + js)
-        if HAS_SEQ:
-            w = tl.where(_seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE) == seq_last, w, 0.0)
-        acc = _mm(tl.trans((xs * w[:, None]).to(DT)), Bs.to(DT), acc, PREC=PREC, UP=UP)
+    acc = _chunk_local(tl.zeros([BP, BN], dtype=tl.float32), x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr,
+                       bb * sx_b + hh * sx_h, bb * sB_b + (hh // hpg) * sB_g, pid.to(tl.int64) * Lp, bb * ss_b,
+                       c.to(tl.int64) * Q, seqlen, sx_l, sx_p, sB_l, sB_n, ss_l, hdim, dstate, REVERSE, HAS_SEQ, Q,
+                       BLK, BP, BN, DT, PREC, UP)
     slot = ((bb * n_chunks + c) * nheads + hh) * hdim * dstate
     m = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
     tl.store(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :], acc, mask=m)
+
+
+@triton.jit
+def _chunk_state_run_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, agg_ptr, dagg_ptr, pre_ptr, seq_ptr,
+                            sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
+                            nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bh, n_runs,
+                            REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
+                            BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                            UP: tl.constexpr, RUN: tl.constexpr):
+    """A run of RUN consecutive chunks of one (batch, head), carried from a zero state at the run's start
+    (h <- decay h + local, in fp32). Writes the state entering each chunk to its ``st`` slot (in st's dtype),
+    the product of the decays from the run's start to each chunk (``pre``, (b h, chunks) fp32), the run's end
+    state (``agg``, (b, runs, h, p, n) fp32) and its total decay (``dagg``, (b h, runs)). ``_run_pass_kernel``
+    and ``_state_fix_kernel`` then add each run's entering state: the chunks' fp32 local states never reach
+    memory. 1-d grid, the n_bh (batch, head) pairs of one run consecutive."""
+    r, pid = _grid_ids(n_bh, True)
+    bb = (pid // nheads).to(tl.int64)
+    hh = pid % nheads
+    p_off = tl.arange(0, BP)
+    n_off = tl.arange(0, BN)
+    hoff = p_off[:, None] * dstate + n_off[None, :]
+    hm = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
+    row = pid.to(tl.int64) * Lp
+    xbase = bb * sx_b + hh * sx_h
+    Bbase = bb * sB_b + (hh // hpg) * sB_g
+    h = tl.zeros([BP, BN], dtype=tl.float32)
+    pre = tl.full((), 1.0, tl.float32)
+    c_first = r * RUN
+    for i in range(0, tl.minimum(n_chunks - c_first, RUN)):
+        c = c_first + i
+        c0 = c.to(tl.int64) * Q
+        tl.store(st_ptr + ((bb * n_chunks + c) * nheads + hh) * hdim * dstate + hoff,
+                 h.to(st_ptr.dtype.element_ty), mask=hm)
+        tl.store(pre_ptr + pid.to(tl.int64) * n_chunks + c, pre)
+        decay = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, c0, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
+        h = _chunk_local(h * decay, x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, xbase, Bbase, row, bb * ss_b, c0, seqlen,
+                         sx_l, sx_p, sB_l, sB_n, ss_l, hdim, dstate, REVERSE, HAS_SEQ, Q, BLK, BP, BN, DT, PREC, UP)
+        pre = pre * decay
+    tl.store(agg_ptr + ((bb * n_runs + r) * nheads + hh) * hdim * dstate + hoff, h, mask=hm)
+    tl.store(dagg_ptr + pid.to(tl.int64) * n_runs + r, pre)
+
+
+@triton.jit
+def _run_pass_kernel(agg_ptr, dagg_ptr, hr_ptr, ht_ptr, h0_ptr, nheads, n_runs, size, HAS_H0: tl.constexpr,
+                     BS: tl.constexpr):
+    """Over the runs of ``_chunk_state_run_kernel``: the state entering run r (fp32, to its slot of ``hr``, (b,
+    runs, h, p, n)) is dagg[r-1] * that of run r-1 + agg[r-1], starting from h0 (or 0); the final state (fp32)
+    to ``ht``. A block of BS elements of one (batch, head) state per program."""
+    pid = tl.program_id(0)
+    blk = tl.program_id(1)
+    bb = (pid // nheads).to(tl.int64)
+    hh = pid % nheads
+    e = blk * BS + tl.arange(0, BS)
+    em = e < size
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid.to(tl.int64) * size + e, mask=em, other=0.0)
+    else:
+        h = tl.zeros([BS], dtype=tl.float32)
+    step = nheads * size
+    slot = (bb * n_runs * nheads + hh) * size
+    agg = tl.load(agg_ptr + slot + e, mask=em, other=0.0)
+    for r in range(0, n_runs):
+        agg_next = tl.load(agg_ptr + slot + step + e, mask=em & (r + 1 < n_runs), other=0.0)  # in flight meanwhile
+        tl.store(hr_ptr + slot + e, h, mask=em)
+        h = tl.load(dagg_ptr + pid.to(tl.int64) * n_runs + r) * h + agg
+        agg = agg_next
+        slot += step
+    tl.store(ht_ptr + pid.to(tl.int64) * size + e, h, mask=em)
+
+
+@triton.jit
+def _state_fix_kernel(st_ptr, pre_ptr, hr_ptr, nheads, n_chunks, n_runs, size, RUN: tl.constexpr,
+                      BS: tl.constexpr):
+    """st[c] += pre[c] * (the state entering c's run), in place, for slot c = program 0 of the (b, chunks, h, p,
+    n) states: with ``_chunk_state_run_kernel``'s run-local states, the states entering each chunk."""
+    s = tl.program_id(0).to(tl.int64)
+    hh = s % nheads
+    c = (s // nheads) % n_chunks
+    bb = s // (nheads * n_chunks)
+    e = tl.program_id(1) * BS + tl.arange(0, BS)
+    em = e < size
+    pre = tl.load(pre_ptr + (bb * nheads + hh) * n_chunks + c)
+    hr = tl.load(hr_ptr + ((bb * n_runs + c // RUN) * nheads + hh) * size + e, mask=em, other=0.0)
+    st = tl.load(st_ptr + s * size + e, mask=em, other=0.0).to(tl.float32)
+    tl.store(st_ptr + s * size + e, (st + pre * hr).to(st_ptr.dtype.element_ty), mask=em)
 
 
 @triton.jit
@@ -917,20 +1030,12 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     _dt_kernel[(nc, b, triton.cdiv(h, cfg.BH))](dt, A, dt_bias if dt_bias is not None else dummy, dtp, cs,
                                                 *dt.stride(), h, l, cfg.Lp, HAS_BIAS=dt_bias is not None,
                                                 SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q, BH=cfg.BH)
-    loc = torch.empty(b, nc, h, p, n, **f32)
     dims = (h, cfg.hpg, l, cfg.Lp, nc, p, n)
     blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, **dot)
-    grid = (nc * b * h,) if HEADS_FIRST else (nc, b * h)
-    _chunk_state_kernel[grid](x, B, dtp, cs, loc, seq[0], *x.stride(), *B.stride(), *seq[1:], *dims, b * h,
-                              **common, **blocks, HEADS_FIRST=HEADS_FIRST, num_warps=warps, num_stages=STAGES)
-    sdt = _state_dtype(x, B, C)
-    st = loc if sdt == torch.float32 else torch.empty(b, nc, h, p, n, device=dev, dtype=sdt)
-    ht = torch.empty(b, h, p, n, **f32)
-    h0c = h0.float().contiguous() if h0 is not None else None
-    _state_pass_kernel[(b * h, cfg.n_sblocks)](loc, st, ht, cs, h0c if h0c is not None else dummy, *seq, h, l,
-                                               cfg.Lp, nc, cfg.size, HAS_H0=h0 is not None, **common, BS=cfg.BS,
-                                               U=STATE_UNROLL, num_warps=4)
-    del loc  # the fp32 local states are freed here when the states are kept in bf16
+    h0c = h0.float().contiguous() if h0 is not None else dummy
+    run = _state_run(cfg)
+    states = functools.partial(_states_in_runs, run=run) if run else _states_by_chunk
+    st, ht = states(x, B, C, dtp, cs, h0c, h0 is not None, seq, cfg, common, blocks)
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     ypre = torch.empty_like(y) if (store_pre and z is not None) else None
     args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy, y,
@@ -947,6 +1052,56 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
         _chunk_out_kernel[grid](*args, b * h, **flags, FACTOR=FACTOR, HEADS_FIRST=HEADS_FIRST, num_warps=warps,
                                 num_stages=STAGES)
     return y, ht, ypre, dtp, cs, st
+
+
+def _state_run(cfg):
+    """Chunks per run of the forward's state kernel: STATE_RUN where that gives RUN_MIN_PROGRAMS programs, else
+    0 (one program a chunk, then a pass over the chunks)."""
+    if not STATE_RUN or not RUN_MIN_PROGRAMS or cfg.nc <= STATE_RUN:
+        return 0
+    return STATE_RUN if cfg.b * cfg.h * triton.cdiv(cfg.nc, STATE_RUN) >= RUN_MIN_PROGRAMS else 0
+
+
+def _states_by_chunk(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks):
+    """The states entering each chunk and the final state: the chunks' local states (fp32), then a pass over
+    the chunks."""
+    b, h, p, n, nc = cfg.b, cfg.h, cfg.p, cfg.n, cfg.nc
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dims = (h, cfg.hpg, cfg.l, cfg.Lp, nc, p, n)
+    loc = torch.empty(b, nc, h, p, n, **f32)
+    grid = (nc * b * h,) if HEADS_FIRST else (nc, b * h)
+    _chunk_state_kernel[grid](x, B, dtp, cs, loc, seq[0], *x.stride(), *B.stride(), *seq[1:], *dims, b * h,
+                              **common, **blocks, HEADS_FIRST=HEADS_FIRST, num_warps=cfg.warps, num_stages=STAGES)
+    sdt = _state_dtype(x, B, C)
+    st = loc if sdt == torch.float32 else torch.empty(b, nc, h, p, n, device=x.device, dtype=sdt)
+    ht = torch.empty(b, h, p, n, **f32)
+    _state_pass_kernel[(b * h, cfg.n_sblocks)](loc, st, ht, cs, h0, *seq, h, cfg.l, cfg.Lp, nc, cfg.size,
+                                               HAS_H0=has_h0, **common, BS=cfg.BS, U=STATE_UNROLL, num_warps=4)
+    return st, ht
+
+
+def _states_in_runs(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks, run):
+    """``_states_by_chunk`` from runs of ``run`` chunks: no fp32 local state per chunk in memory."""
+    b, h, p, n, nc = cfg.b, cfg.h, cfg.p, cfg.n, cfg.nc
+    f32 = dict(device=x.device, dtype=torch.float32)
+    n_runs = triton.cdiv(nc, run)
+    st = torch.empty(b, nc, h, p, n, device=x.device, dtype=_state_dtype(x, B, C))
+    agg = torch.empty(b, n_runs, h, p, n, **f32)
+    dagg = torch.empty(b * h, n_runs, **f32)
+    pre = torch.empty(b * h, nc, **f32)
+    dims = (h, cfg.hpg, cfg.l, cfg.Lp, nc, p, n)
+    _chunk_state_run_kernel[(n_runs * b * h,)](x, B, dtp, cs, st, agg, dagg, pre, seq[0], *x.stride(), *B.stride(),
+                                               *seq[1:], *dims, b * h, n_runs, **common, **blocks, RUN=run,
+                                               num_warps=cfg.warps, num_stages=STAGES)
+    hr = torch.empty_like(agg)
+    ht = torch.empty(b, h, p, n, **f32)
+    _run_pass_kernel[(b * h, cfg.n_sblocks)](agg, dagg, hr, ht, h0, h, n_runs, cfg.size, HAS_H0=has_h0, BS=cfg.BS,
+                                             num_warps=4)
+    del agg
+    fix = min(FIX_BLOCK, triton.next_power_of_2(cfg.size))
+    _state_fix_kernel[(b * nc * h, triton.cdiv(cfg.size, fix))](st, pre, hr, h, nc, n_runs, cfg.size, RUN=run,
+                                                                BS=fix, num_warps=4)
+    return st, ht
 
 
 def _out_heads(cfg):
