@@ -103,10 +103,10 @@ STATE_UNROLL = 4
 # from a zero state and writes the states entering its chunks (bf16 for bf16 inputs); a pass over the runs and
 # an in-place fix add each run's entering state. The chunks' fp32 local states (3.2 GB at b1 l2^20 24x64 n128)
 # are then never written nor read. Used where the runs give at least RUN_MIN_PROGRAMS programs (0: never).
-# H100, same run, bf16 b1 l2^20, forward / fwd+bwd ms: by chunk 11.68 / 64.12; runs of 8 11.59 / 64.24, of 16
-# 11.32 / 63.93, of 32 11.18 / 63.80; 64 no faster than by chunk. At l65536 (384 programs in runs of 16) no faster:
-# 0.759 by chunk, 0.759-0.779 in runs. Completing the states inside the output kernels instead of the fix (no
-# grad) was no faster: the pair kernel then spills 232 B, and lost what the fix costs (1.1 ms at 1M).
+# H100, same run, bf16 b1 l2^20, forward / fwd+bwd ms: by chunk 11.71 / 63.78; runs of 16 10.83 / 63.10, of 32
+# 10.70 / 62.96 (8 warps: 11.52 / 63.86). At l65536 (384 programs in runs of 16) no faster (0.759 by chunk,
+# 0.759-0.779 in runs). Completing the states inside the output kernels instead of the fix (no grad) was no
+# faster: the pair kernel then spills 232 B, and lost what the fix costs (1.1 ms at 1M).
 STATE_RUN = 32
 RUN_MIN_PROGRAMS = 2048
 FIX_BLOCK = 2048  # state elements per program of the fix
@@ -203,28 +203,25 @@ def _grid_ids(n_bh, HEADS_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _chunk_local(acc, x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, xbase, Bbase, row, seq_row, c0, seqlen,
+def _block_local(acc, x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, xbase, Bbase, row, seq_row, c0, k, seqlen,
                  sx_l, sx_p, sB_l, sB_n, ss_l, hdim, dstate, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
                  Q: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
                  PREC: tl.constexpr, UP: tl.constexpr):
-    """acc + the local end state of the chunk starting at c0 (from a zero state): sum_s exp(cs[Q-1] - cs[s])
-    dt[s] x[s] B[s]^T, a (BP, BN) fp32 tile."""
+    """acc + block k's part of the local end state of the chunk starting at c0 (from a zero state):
+    sum_s exp(cs[Q-1] - cs[s]) dt[s] x[s] B[s]^T over the block's s, a (BP, BN) fp32 tile."""
     p_off = tl.arange(0, BP)
     n_off = tl.arange(0, BN)
     cs_last = tl.load(cs_ptr + row + c0 + Q - 1)
+    js = c0 + k * BLK + tl.arange(0, BLK)
+    vs = js < seqlen
+    ts = _pos(js, seqlen, REVERSE)
+    xs = _load_rows(x_ptr, xbase, ts, sx_l, p_off, sx_p, vs, hdim).to(tl.float32)
+    Bs = _load_rows(B_ptr, Bbase, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
+    w = tl.exp(tl.minimum(cs_last - tl.load(cs_ptr + row + js), 0.0)) * tl.load(dtp_ptr + row + js)
     if HAS_SEQ:
         seq_last = _seq_at(seq_ptr, seq_row, c0 + Q - 1, seqlen, ss_l, REVERSE)
-    for k in range(0, Q // BLK):
-        js = c0 + k * BLK + tl.arange(0, BLK)
-        vs = js < seqlen
-        ts = _pos(js, seqlen, REVERSE)
-        xs = _load_rows(x_ptr, xbase, ts, sx_l, p_off, sx_p, vs, hdim).to(tl.float32)
-        Bs = _load_rows(B_ptr, Bbase, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
-        w = tl.exp(tl.minimum(cs_last - tl.load(cs_ptr + row + js), 0.0)) * tl.load(dtp_ptr + row + js)
-        if HAS_SEQ:
-            w = tl.where(_seq_at(seq_ptr, seq_row, js, seqlen, ss_l, REVERSE) == seq_last, w, 0.0)
-        acc = _mm(tl.trans((xs * w[:, None]).to(DT)), Bs.to(DT), acc, PREC=PREC, UP=UP)
-    return acc
+        w = tl.where(_seq_at(seq_ptr, seq_row, js, seqlen, ss_l, REVERSE) == seq_last, w, 0.0)
+    return _mm(tl.trans((xs * w[:, None]).to(DT)), Bs.to(DT), acc, PREC=PREC, UP=UP)
 
 
 @triton.jit
@@ -241,10 +238,12 @@ def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
     hh = pid % nheads
     p_off = tl.arange(0, BP)
     n_off = tl.arange(0, BN)
-    acc = _chunk_local(tl.zeros([BP, BN], dtype=tl.float32), x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr,
-                       bb * sx_b + hh * sx_h, bb * sB_b + (hh // hpg) * sB_g, pid.to(tl.int64) * Lp, bb * ss_b,
-                       c.to(tl.int64) * Q, seqlen, sx_l, sx_p, sB_l, sB_n, ss_l, hdim, dstate, REVERSE, HAS_SEQ, Q,
-                       BLK, BP, BN, DT, PREC, UP)
+    acc = tl.zeros([BP, BN], dtype=tl.float32)
+    for k in range(0, Q // BLK):
+        acc = _block_local(acc, x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, bb * sx_b + hh * sx_h,
+                           bb * sB_b + (hh // hpg) * sB_g, pid.to(tl.int64) * Lp, bb * ss_b, c.to(tl.int64) * Q, k,
+                           seqlen, sx_l, sx_p, sB_l, sB_n, ss_l, hdim, dstate, REVERSE, HAS_SEQ, Q, BLK, BP, BN, DT,
+                           PREC, UP)
     slot = ((bb * n_chunks + c) * nheads + hh) * hdim * dstate
     m = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
     tl.store(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :], acc, mask=m)
@@ -276,16 +275,22 @@ def _chunk_state_run_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, agg_ptr, dagg
     h = tl.zeros([BP, BN], dtype=tl.float32)
     pre = tl.full((), 1.0, tl.float32)
     c_first = r * RUN
-    for i in range(0, tl.minimum(n_chunks - c_first, RUN)):
-        c = c_first + i
+    NB: tl.constexpr = Q // BLK
+    # one loop over the run's blocks (not chunks, then blocks): the loads stay pipelined across the chunks
+    # (H100, b1 l2^20 forward: 11.19 -> 10.70 ms)
+    for i in range(0, tl.minimum(n_chunks - c_first, RUN) * NB):
+        c = c_first + i // NB
+        k = i % NB
         c0 = c.to(tl.int64) * Q
-        tl.store(st_ptr + ((bb * n_chunks + c) * nheads + hh) * hdim * dstate + hoff,
-                 h.to(st_ptr.dtype.element_ty), mask=hm)
-        tl.store(pre_ptr + pid.to(tl.int64) * n_chunks + c, pre)
-        decay = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, c0, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
-        h = _chunk_local(h * decay, x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, xbase, Bbase, row, bb * ss_b, c0, seqlen,
+        if k == 0:
+            tl.store(st_ptr + ((bb * n_chunks + c) * nheads + hh) * hdim * dstate + hoff,
+                     h.to(st_ptr.dtype.element_ty), mask=hm)
+            tl.store(pre_ptr + pid.to(tl.int64) * n_chunks + c, pre)
+            decay = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, c0, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
+            h = h * decay
+            pre = pre * decay
+        h = _block_local(h, x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, xbase, Bbase, row, bb * ss_b, c0, k, seqlen,
                          sx_l, sx_p, sB_l, sB_n, ss_l, hdim, dstate, REVERSE, HAS_SEQ, Q, BLK, BP, BN, DT, PREC, UP)
-        pre = pre * decay
     tl.store(agg_ptr + ((bb * n_runs + r) * nheads + hh) * hdim * dstate + hoff, h, mask=hm)
     tl.store(dagg_ptr + pid.to(tl.int64) * n_runs + r, pre)
 
