@@ -106,7 +106,7 @@ STATE_UNROLL = 4
 # H100, same run, bf16 b1 l2^20, forward / fwd+bwd ms: by chunk 11.71 / 63.78; runs of 16 10.83 / 63.10, of 32
 # 10.70 / 62.96 (8 warps: 11.52 / 63.86). At l65536 (384 programs in runs of 16) no faster (0.759 by chunk,
 # 0.759-0.779 in runs). Completing the states inside the output kernels instead of the fix (no grad) was no
-# faster: the pair kernel then spills 232 B, and lost what the fix costs (1.1 ms at 1M).
+# faster: the pair kernel lost what the fix costs (1.1 ms at 1M).
 STATE_RUN = 32
 RUN_MIN_PROGRAMS = 2048
 FIX_BLOCK = 2048  # state elements per program of the fix
