@@ -296,21 +296,27 @@ def _chunk_state_run_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, agg_ptr, dagg
 
 
 @triton.jit
-def _run_pass_kernel(agg_ptr, dagg_ptr, hr_ptr, ht_ptr, h0_ptr, nheads, n_runs, size, HAS_H0: tl.constexpr,
-                     BS: tl.constexpr):
-    """Over the runs of ``_chunk_state_run_kernel``: the state entering run r (fp32, to its slot of ``hr``, (b,
-    runs, h, p, n)) is dagg[r-1] * that of run r-1 + agg[r-1], starting from h0 (or 0); the final state (fp32)
-    to ``ht``. A block of BS elements of one (batch, head) state per program."""
+def _state_block_start(h0_ptr, nheads, size, HAS_H0: tl.constexpr, BS: tl.constexpr):
+    """For a program (b h, state block) of a pass over states: its (batch, head) index, batch, head, element
+    offsets e and mask, and its block of the initial state (h0, or 0) in fp32."""
     pid = tl.program_id(0)
-    blk = tl.program_id(1)
     bb = (pid // nheads).to(tl.int64)
-    hh = pid % nheads
-    e = blk * BS + tl.arange(0, BS)
+    e = tl.program_id(1) * BS + tl.arange(0, BS)
     em = e < size
     if HAS_H0:
         h = tl.load(h0_ptr + pid.to(tl.int64) * size + e, mask=em, other=0.0)
     else:
         h = tl.zeros([BS], dtype=tl.float32)
+    return pid, bb, pid % nheads, e, em, h
+
+
+@triton.jit
+def _run_pass_kernel(agg_ptr, dagg_ptr, hr_ptr, ht_ptr, h0_ptr, nheads, n_runs, size, HAS_H0: tl.constexpr,
+                     BS: tl.constexpr):
+    """Over the runs of ``_chunk_state_run_kernel``: the state entering run r (fp32, to its slot of ``hr``, (b,
+    runs, h, p, n)) is dagg[r-1] * that of run r-1 + agg[r-1], starting from h0 (or 0); the final state (fp32)
+    to ``ht``. A block of BS elements of one (batch, head) state per program."""
+    pid, bb, hh, e, em, h = _state_block_start(h0_ptr, nheads, size, HAS_H0, BS)
     step = nheads * size
     slot = (bb * n_runs * nheads + hh) * size
     agg = tl.load(agg_ptr + slot + e, mask=em, other=0.0)
@@ -397,16 +403,7 @@ def _state_pass_kernel(loc_ptr, st_ptr, ht_ptr, cs_ptr, h0_ptr, seq_ptr, ss_b, s
     written), carried in fp32; the final state (fp32) to ``ht``. A block of BS elements of one (batch, head)
     state per program. U chunks per load, the next U in flight while these are carried (the pass is bound
     by load latency: one chunk at a time kept too few bytes in flight)."""
-    pid = tl.program_id(0)
-    blk = tl.program_id(1)
-    bb = (pid // nheads).to(tl.int64)
-    hh = pid % nheads
-    e = blk * BS + tl.arange(0, BS)
-    em = e < size
-    if HAS_H0:
-        h = tl.load(h0_ptr + pid.to(tl.int64) * size + e, mask=em, other=0.0)
-    else:
-        h = tl.zeros([BS], dtype=tl.float32)
+    pid, bb, hh, e, em, h = _state_block_start(h0_ptr, nheads, size, HAS_H0, BS)
     row = pid.to(tl.int64) * Lp
     step = nheads * size  # from one chunk's slot to the next
     base = (bb * n_chunks * nheads + hh) * size
