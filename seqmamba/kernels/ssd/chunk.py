@@ -332,8 +332,9 @@ def _run_pass_kernel(agg_ptr, dagg_ptr, hr_ptr, ht_ptr, h0_ptr, nheads, n_runs, 
 @triton.jit
 def _state_fix_kernel(st_ptr, pre_ptr, hr_ptr, nheads, n_chunks, n_runs, size, RUN: tl.constexpr,
                       BS: tl.constexpr):
-    """st[c] += pre[c] * (the state entering c's run), in place, for slot c = program 0 of the (b, chunks, h, p,
-    n) states: with ``_chunk_state_run_kernel``'s run-local states, the states entering each chunk."""
+    """st[c] += pre[c] * (the state entering c's run), in place: ``_chunk_state_run_kernel``'s run-local states
+    become the states entering each chunk. Program (slot of the (b, chunks, h, p, n) states, block of BS
+    elements)."""
     s = tl.program_id(0).to(tl.int64)
     hh = s % nheads
     c = (s // nheads) % n_chunks
