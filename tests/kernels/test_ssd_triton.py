@@ -12,7 +12,7 @@ import torch
 
 from seqmamba.kernels.ssd import ssd_scan, ssd_scan_ref
 from tests.kernels.interpret import load_interpreted
-from tests.utils import assert_all_close, module_outputs_and_grads
+from tests.utils import assert_all_close, module_outputs_and_grads, rel_err
 from tests.kernels.test_ssd import (compare, make_inputs, naive_ssd, packed_seq_idx, run_with_grads,
                                     strong_decay_inputs)
 
@@ -57,16 +57,21 @@ CASES = {
 }
 
 
-def check_case(chunk, name, h, seed, tuning=None):
-    """Runs CASES[name] (fp32, b 2, p 3, n 5, ``h`` heads; ``tuning`` overrides the case's) through the
-    interpreted kernels and compares y, the final state and every gradient with the float64 reference.
-    Returns the kernels' (y, final state, grads)."""
-    l, opt, reverse, packed, case_tuning = CASES[name]
+def case_inputs(name, h, seed):
+    """CASES[name]'s fp32 inputs (b 2, p 3, n 5, ``h`` heads), cotangents dy and dht, and the call's flags."""
+    l, opt, reverse, packed, _ = CASES[name]
     inp, dy, dht = make_inputs(2, l, h, 3, n=5, seed=seed, dtype=torch.float32, **opt)
     seq_idx = None if packed is None else torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])
-    flags = dict(dt_softplus=opt.get("softplus", False), reverse=reverse, seq_idx=seq_idx)
-    got = run_with_grads(triton_op(chunk.ssd_scan_triton, dict(case_tuning, **(tuning or {})), **flags), inp, dy,
-                         dht)
+    return inp, dy, dht, dict(dt_softplus=opt.get("softplus", False), reverse=reverse, seq_idx=seq_idx)
+
+
+def check_case(chunk, name, h, seed, tuning=None):
+    """Runs CASES[name] (``case_inputs``; ``tuning`` overrides the case's) through the interpreted kernels and
+    compares y, the final state and every gradient with the float64 reference. Returns the kernels' (y, final
+    state, grads)."""
+    inp, dy, dht, flags = case_inputs(name, h, seed)
+    got = run_with_grads(triton_op(chunk.ssd_scan_triton, dict(CASES[name][4], **(tuning or {})), **flags), inp,
+                         dy, dht)
     compare(got, run_with_grads(ref_op(**flags), as64(inp), dy, dht), 2e-5)
     return got
 
@@ -139,15 +144,12 @@ def test_interpreted_states_in_runs(chunk, name, run, heads, monkeypatch):
     launched = []
     monkeypatch.setattr(chunk, "_chunk_state_run_kernel", _Spy(chunk._chunk_state_run_kernel, launched))
     monkeypatch.setattr(chunk, "_state_fix_kernel", _Spy(chunk._state_fix_kernel, launched))
-    y, ht, _ = check_case(chunk, name, h=4, seed=37, tuning=dict(chunk=16, blk=16))
+    check_case(chunk, name, h=4, seed=37, tuning=dict(chunk=16, blk=16))
     assert len(launched) == 2  # the run kernel and the fix
-    l, opt, reverse, packed, _ = CASES[name]
-    inp, _, _ = make_inputs(2, l, 4, 3, n=5, seed=37, dtype=torch.float32, **opt)
-    seq_idx = None if packed is None else torch.stack([packed_seq_idx(r, i) for i, r in enumerate(packed)])
-    flags = dict(dt_softplus=opt.get("softplus", False), reverse=reverse, seq_idx=seq_idx)
+    inp, _, _, flags = case_inputs(name, h=4, seed=37)
     with torch.no_grad():
         got = triton_op(chunk.ssd_scan_triton, dict(chunk=16, blk=16), **flags)(**inp)
-        want = ref_op(**flags)(**{k: None if v is None else v.double() for k, v in inp.items()})
+        want = ref_op(**flags)(**as64(inp))
     assert len(launched) == 4
     assert_all_close({"y": (got[0], want[0]), "ht": (got[1], want[1])}, 2e-5)
 
@@ -348,7 +350,7 @@ def tf32_matmuls():
 def max_rel_errors(got, want):
     (y, ht, grads), (y2, ht2, grads2) = got, want
     pairs = {"y": (y, y2), "ht": (ht, ht2), **{k: (grads[k], grads2[k]) for k in grads}}
-    return {k: ((a.double() - b.double()).abs().max() / b.double().abs().max()).item() for k, (a, b) in pairs.items()}
+    return {k: rel_err(a, b) for k, (a, b) in pairs.items()}
 
 
 @pytest.mark.gpu
