@@ -303,7 +303,7 @@ def resources(block=None, warps=None, dtype=torch.bfloat16, tf32=False):
         "_bwd_state_pass_kernel": dict(HAS_DHT=True, **flags, BS=ours.STATE_BLOCK, U=ours.STATE_UNROLL),
         "_bwd_dx_dB_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots, FACTOR=ours.FACTOR,
                                   HEADS_FIRST=ours.HEADS_FIRST),
-        "_bwd_dC_kernel": dict(**flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
+        "_bwd_dC_kernel": dict(**flags, **dots, HEADS_FIRST=ours.HEADS_FIRST, HB=32),  # 24 heads a program
         "_bwd_ddt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK, BH=ours.DT_HEADS),
     }
 

@@ -113,6 +113,14 @@ def test_interpreted_heads_per_program(chunk, heads, name, monkeypatch):
     check_case(chunk, name, h=8, seed=23)
 
 
+@pytest.mark.parametrize("name", ["all-Dhp-reverse", "packed"])
+def test_interpreted_backward_heads_not_power_of_two(chunk, name, monkeypatch):
+    """One backward program per group of 3 heads: the dC kernel keeps its per-head sums in tiles of 4 heads
+    (HB), one of them unused, across its loops over s blocks and heads."""
+    monkeypatch.setattr(chunk, "TARGET_PROGRAMS", 1)
+    check_case(chunk, name, h=6, seed=29)
+
+
 @pytest.mark.parametrize("name", ["all-Dhp-reverse", "packed", "bias-nosoftplus-no-h0-rev"])
 def test_interpreted_dt_head_blocks(chunk, name, monkeypatch):
     """The kernels over dt (dt' and cs forward, ddt backward) in blocks of 4 heads: 6 heads make a full block

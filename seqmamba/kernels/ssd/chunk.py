@@ -794,38 +794,25 @@ def _dx_epilogue(D_ptr, z_ptr, dy_ptr, g_ptr, ypre_ptr, dx_ptr, dz_ptr, q_ptr, z
 
 
 @triton.jit
-def _dC_diag(x_ptr, B_ptr, dtp_ptr, cs_ptr, gt, Ct, cst, jt, vt, tt, seq_t, dC, xbase, Bbase, row,
-             sx_l, sx_p, sB_l, sB_n, hdim, dstate, p_off, n_off, HAS_SEQ: tl.constexpr, DT: tl.constexpr,
-             PREC: tl.constexpr, UP: tl.constexpr):
-    """The diagonal tile (s and t of one block) of ``_bwd_dC_kernel`` for one head: dC += (P dt GX) B[s] and
-    the tile's pair terms R[t,s] = P[t,s] dt[s] (g[t].x[s]) (C[t].B[s]), zero where s > t or across
-    sequences; every pair takes its own decay."""
-    xs = _load_rows(x_ptr, xbase, tt, sx_l, p_off, sx_p, vt, hdim).to(DT)
-    Bs = _load_rows(B_ptr, Bbase, tt, sB_l, n_off, sB_n, vt, dstate).to(DT)
-    keep = jt[:, None] >= jt[None, :]
-    if HAS_SEQ:
-        keep = keep & (seq_t[:, None] == seq_t[None, :])
-    decay = tl.exp(tl.minimum(cst[:, None] - cst[None, :], 0.0))
-    gx = _mm(gt, tl.trans(xs), PREC=PREC, UP=UP)
-    wgt = tl.where(keep, gx * decay * tl.load(dtp_ptr + row + jt)[None, :], 0.0)
-    dC = _mm(wgt.to(DT), Bs, dC, PREC=PREC, UP=UP)
-    return dC, wgt * _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
-
-
-@triton.jit
 def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr, dCp_ptr, rin_ptr, dap_ptr,
                    sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, so_b, so_l, so_h,
                    ss_b, ss_l,
                    nheads, ngroups, hpg, hps, n_splits, seqlen, Lp, n_chunks, hdim, dstate, n_prog,
                    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
                    BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
-                   HEADS_FIRST: tl.constexpr):
+                   HEADS_FIRST: tl.constexpr, HB: tl.constexpr):
     """One block of BLK target positions t, summed over the ``hps`` heads of one split of a group:
     dC[t] = sum_{s<=t} P[t,s] dt[s] (g[t].x[s]) B[s] + exp(cs[t]) g[t]^T H_in. Per head also the parts of
     the gradient in dA = dt A that do not cancel: with R[t,s] = P[t,s] (C[t].B[s]) dt[s] (g[t].x[s]) (the
     pair's term of the loss), da[k] gets sum_{s<k<=t} R[t,s] (summed here without forming differences of
     large sums: this t block's share for every k of the chunk up to it, into its own row of ``dap``), and
-    r_in[t] = exp(cs[t]) g[t].(H_in C[t]) (the incoming state's term) in scan order."""
+    r_in[t] = exp(cs[t]) g[t].(H_in C[t]) (the incoming state's term) in scan order.
+
+    The heads are the inner loops (HB = hps rounded up to a power of two): for each s block before this t
+    block, C B^T and the B tile serve every head (one product, not one a head), and the loop Triton pipelines
+    runs hps times instead of the 0 to NB-1 times of a loop over s blocks. Each head's per-t sums over those
+    s blocks (rs) and its running total of their pairs (run) wait in (BLK, HB) and (HB,) tiles for its
+    diagonal tile, which comes last with the incoming state's terms."""
     pc, pid = _grid_ids(n_prog, HEADS_FIRST)  # pid: (batch, group, split)
     NB: tl.constexpr = Q // BLK
     c = pc // NB
@@ -837,7 +824,8 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
     n_off = tl.arange(0, BN)
     st_m = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
     c0 = c.to(tl.int64) * Q
-    jt = c0 + m * BLK + tl.arange(0, BLK)
+    ar = tl.arange(0, BLK)
+    jt = c0 + m * BLK + ar
     vt = jt < seqlen
     tt = _pos(jt, seqlen, REVERSE)
     seq_t = jt  # unused without seq_idx
@@ -845,61 +833,74 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
         seq_t = _seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE)
         seq_in = _seq_at(seq_ptr, bb * ss_b, c0 - 1, seqlen, ss_l, REVERSE)
     Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, tt, sC_l, n_off, sC_n, vt, dstate).to(DT)
+    Bbase = bb * sB_b + gg * sB_g
+    h_first = gg * hpg + sp * hps
+    ref = tl.maximum(c0 + m * BLK - 1, c0)
+    before = ar[:, None] < ar[None, :]  # [i, j]: i < j
+    at_or_after = ar[:, None] >= ar[None, :]  # [t, k]: t >= k
+    hv = tl.arange(0, HB)
     dC = tl.zeros([BLK, BN], dtype=tl.float32)
+    rs_all = tl.zeros([BLK, HB], dtype=tl.float32)  # [t, head]: t's pairs with the s of earlier blocks
+    run_all = tl.zeros([HB], dtype=tl.float32)  # per head: every pair of the earlier s blocks
+    for k in range(0, m):  # s blocks before this t block: every t is >= every k of the s block
+        js = c0 + k * BLK + ar
+        vs = js < seqlen
+        ts = _pos(js, seqlen, REVERSE)
+        Bs = _load_rows(B_ptr, Bbase, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
+        cb = _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
+        if HAS_SEQ:
+            keep_s = seq_t[:, None] == _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)[None, :]
+        for i in range(0, hps):
+            hh = h_first + i
+            row = (bb * nheads + hh) * Lp
+            gt = _load_rows(g_ptr, bb * so_b + hh * so_h, tt, so_l, p_off, 1, vt, hdim).to(DT)
+            xs = _load_rows(x_ptr, bb * sx_b + hh * sx_h, ts, sx_l, p_off, sx_p, vs, hdim).to(DT)
+            # P[t,s] = exp(cs[t] - cs[ref]) exp(cs[ref] - cs[s]) through ref = the position before the t block
+            cref = tl.load(cs_ptr + row + ref)
+            a_t = tl.exp(tl.minimum(tl.load(cs_ptr + row + jt) - cref, 0.0))
+            b_s = tl.exp(tl.minimum(cref - tl.load(cs_ptr + row + js), 0.0)) * tl.load(dtp_ptr + row + js)
+            wgt = _mm(gt, tl.trans(xs), PREC=PREC, UP=UP) * a_t[:, None] * b_s[None, :]
+            if HAS_SEQ:
+                wgt = tl.where(keep_s, wgt, 0.0)
+            R = wgt * cb
+            dC = _mm(wgt.to(DT), Bs, dC, PREC=PREC, UP=UP)
+            colsum = tl.sum(R, axis=0)  # per s
+            excl = tl.sum(tl.where(before, colsum[:, None], 0.0), axis=0)  # per k of the block: s < k
+            dap_row = ((bb * nheads + hh) * n_chunks + c) * NB * Q
+            tl.store(dap_ptr + dap_row + m * Q + k * BLK + ar, excl + tl.sum(tl.where(hv == i, run_all, 0.0), axis=0))
+            run_all = tl.where(hv == i, run_all + tl.sum(colsum, axis=0), run_all)
+            rs_all = tl.where(hv[None, :] == i, rs_all + tl.sum(R, axis=1)[:, None], rs_all)
+    # per head: the incoming state's terms and the diagonal tile (s and t in this block)
+    Bt = _load_rows(B_ptr, Bbase, tt, sB_l, n_off, sB_n, vt, dstate).to(DT)
+    keep = jt[:, None] >= jt[None, :]
+    if HAS_SEQ:
+        keep = keep & (seq_t[:, None] == seq_t[None, :])
+    cbd = tl.where(keep, _mm(Ct, tl.trans(Bt), PREC=PREC, UP=UP), 0.0)
+    ones_before = tl.where(before, 1.0, 0.0).to(DT)
     for i in range(0, hps):
-        hh = gg * hpg + sp * hps + i
+        hh = h_first + i
         row = (bb * nheads + hh) * Lp
-        gt = _load_rows(g_ptr, bb * so_b + hh * so_h, tt, so_l, p_off, 1, vt, hdim).to(tl.float32)
+        g32 = _load_rows(g_ptr, bb * so_b + hh * so_h, tt, so_l, p_off, 1, vt, hdim).to(tl.float32)
         cst = tl.load(cs_ptr + row + jt)
         ein = tl.exp(tl.minimum(cst, 0.0))
         if HAS_SEQ:
             ein = tl.where(seq_t == seq_in, ein, 0.0)
         slot = ((bb * n_chunks + c) * nheads + hh) * hdim * dstate
         H = tl.load(st_ptr + slot + p_off[:, None] * dstate + n_off[None, :], mask=st_m, other=0.0).to(DT)
-        dC = _mm((gt * ein[:, None]).to(DT), H, dC, PREC=PREC, UP=UP)
-        tl.store(rin_ptr + row + jt, ein * tl.sum(gt * _mm(Ct, tl.trans(H), PREC=PREC, UP=UP), axis=1))
-        ar = tl.arange(0, BLK)
-        dap_row = ((bb * nheads + hh) * n_chunks + c) * NB * Q
-        xbase = bb * sx_b + hh * sx_h
-        Bbase = bb * sB_b + gg * sB_g
-        # The pairs s < k <= t of R, for every k of the chunk up to this t block, with no scans (tl.cumsum of
-        # tensors laid out for tl.dot is avoided): masked sums over BLK x BLK tiles and, for the diagonal tile,
-        # one product with a 0/1 matrix.
-        before = ar[:, None] < ar[None, :]  # [i, j]: i < j
-        at_or_after = ar[:, None] >= ar[None, :]  # [t, k]: t >= k
-        dC, R = _dC_diag(x_ptr, B_ptr, dtp_ptr, cs_ptr, gt.to(DT), Ct, cst, jt, vt, tt, seq_t, dC, xbase, Bbase,
-                         row, sx_l, sx_p, sB_l, sB_n, hdim, dstate, p_off, n_off, HAS_SEQ, DT, PREC, UP)
-        # diagonal tile: c1[t, k] = sum_{s<k} R[t, s], kept where t >= k (the earlier blocks' rs are added below)
-        c1 = _mm(R.to(DT), tl.where(before, 1.0, 0.0).to(DT), PREC=PREC, UP=UP)
+        dC = _mm((g32 * ein[:, None]).to(DT), H, dC, PREC=PREC, UP=UP)
+        tl.store(rin_ptr + row + jt, ein * tl.sum(g32 * _mm(Ct, tl.trans(H), PREC=PREC, UP=UP), axis=1))
+        xt = _load_rows(x_ptr, bb * sx_b + hh * sx_h, tt, sx_l, p_off, sx_p, vt, hdim).to(DT)
+        decay = tl.exp(tl.minimum(cst[:, None] - cst[None, :], 0.0))
+        wgt = tl.where(keep, _mm(g32.to(DT), tl.trans(xt), PREC=PREC, UP=UP) * decay, 0.0)
+        wgt = wgt * tl.load(dtp_ptr + row + jt)[None, :]
+        dC = _mm(wgt.to(DT), Bt, dC, PREC=PREC, UP=UP)
+        R = wgt * cbd
+        # c1[t, k] = sum_{s<k} R[t, s], kept where t >= k; then the earlier s blocks' pairs with t >= k
+        c1 = _mm(R.to(DT), ones_before, PREC=PREC, UP=UP)
         diag = tl.sum(tl.where(at_or_after, c1, 0.0), axis=0)
-        # s blocks before this t block: every s < every t. In the frame of ref = the position before the t
-        # block, P[t,s] = exp(cs[t] - cs[ref]) exp(cs[ref] - cs[s]) scales the rows (per t) and the columns (per
-        # s) of the product g x^T, both exp(<= 0): no (t, s) decay tile. H100 b1 l2^20: 23.8 -> 23.2 ms.
-        cref = tl.load(cs_ptr + row + tl.maximum(c0 + m * BLK - 1, c0))
-        a_t = tl.exp(tl.minimum(cst - cref, 0.0))
-        gt = gt.to(DT)
-        run = tl.sum(tl.zeros([BLK], dtype=tl.float32), axis=0)  # every pair of the earlier s blocks
-        rs = tl.zeros([BLK], dtype=tl.float32)  # per t: its pairs with the s of earlier blocks
-        for k in range(0, m):  # every t is >= every k of the s block
-            js = c0 + k * BLK + ar
-            vs = js < seqlen
-            ts = _pos(js, seqlen, REVERSE)
-            xs = _load_rows(x_ptr, xbase, ts, sx_l, p_off, sx_p, vs, hdim).to(DT)
-            Bs = _load_rows(B_ptr, Bbase, ts, sB_l, n_off, sB_n, vs, dstate).to(DT)
-            b_s = tl.exp(tl.minimum(cref - tl.load(cs_ptr + row + js), 0.0)) * tl.load(dtp_ptr + row + js)
-            wgt = _mm(gt, tl.trans(xs), PREC=PREC, UP=UP) * a_t[:, None] * b_s[None, :]
-            if HAS_SEQ:
-                keep = seq_t[:, None] == _seq_at(seq_ptr, bb * ss_b, js, seqlen, ss_l, REVERSE)[None, :]
-                wgt = tl.where(keep, wgt, 0.0)
-            dC = _mm(wgt.to(DT), Bs, dC, PREC=PREC, UP=UP)
-            R = wgt * _mm(Ct, tl.trans(Bs), PREC=PREC, UP=UP)
-            colsum = tl.sum(R, axis=0)  # per s
-            excl = tl.sum(tl.where(before, colsum[:, None], 0.0), axis=0)  # per k of the block: s < k
-            tl.store(dap_ptr + dap_row + m * Q + k * BLK + ar, excl + run)
-            run += tl.sum(colsum, axis=0)
-            rs += tl.sum(R, axis=1)
-        # the diagonal block's k: also every earlier s with t >= k
+        rs = tl.sum(tl.where(hv[None, :] == i, rs_all, 0.0), axis=1)
         diag += tl.sum(tl.where(at_or_after, rs[:, None], 0.0), axis=0)
+        dap_row = ((bb * nheads + hh) * n_chunks + c) * NB * Q
         tl.store(dap_ptr + dap_row + m * Q + m * BLK + ar, diag)
     tl.store(dCp_ptr + (((bb * n_splits + sp) * seqlen + tt[:, None]) * ngroups + gg) * dstate + n_off[None, :],
              dC.to(dCp_ptr.dtype.element_ty), mask=vt[:, None] & (n_off < dstate)[None, :])
@@ -1175,7 +1176,7 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     rin = torch.empty(b * h, cfg.Lp, **f32)
     dap = torch.zeros(b * h, nc, cfg.NB, cfg.Q, **f32)  # [t block, k]: only blocks k <= t block are written
     _bwd_dC_kernel[grid](x, B, C, gbuf, dtp, cs, st, seq[0], dCp, rin, dap, *x.stride(), *B.stride(), *C.stride(),
-                         *so, *seq[1:], *gdims, **kw)
+                         *so, *seq[1:], *gdims, **kw, HB=triton.next_power_of_2(cfg.hpg // ns))
     ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dAp = torch.empty(b * h, nc, **f32)
     dbp = torch.empty(b * h, nc, **f32) if dt_bias is not None else None
