@@ -864,6 +864,8 @@ def _bwd_dC_kernel(x_ptr, B_ptr, C_ptr, g_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
                 wgt = tl.where(keep_s, wgt, 0.0)
             R = wgt * cb
             dC = _mm(wgt.to(DT), Bs, dC, PREC=PREC, UP=UP)
+            # the pairs s < k <= t of R by masked sums over the tile, with no scans (tl.cumsum of tensors laid
+            # out for tl.dot is avoided)
             colsum = tl.sum(R, axis=0)  # per s
             excl = tl.sum(tl.where(before, colsum[:, None], 0.0), axis=0)  # per k of the block: s < k
             dap_row = ((bb * nheads + hh) * n_chunks + c) * NB * Q
