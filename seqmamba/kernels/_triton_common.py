@@ -86,6 +86,15 @@ def pick(x, sel, axis: tl.constexpr):
     return tl.sum(tl.where(sel, x, neg_zeros(x.shape)), axis)
 
 
+@triton.jit
+def prefetch_l2(ptrs):
+    """Asks L2 for the lines holding ``ptrs`` (one prefetch per element; no registers wait for the data): a
+    later load of them then costs an L2 hit instead of a DRAM round trip. Returns a dummy int32 tensor (the
+    asm needs an output); the asm is marked impure, so it is kept."""
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
 def pow2_divisor(x: int, cap: int) -> int:
     """Largest power of two dividing x, at most cap (a channel block that tiles a group exactly)."""
     p = 1

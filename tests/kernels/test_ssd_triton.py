@@ -320,6 +320,30 @@ def test_gpu_fp32_matches_float64(reverse, packed):
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("reverse,packed", [(False, False), (True, True)])
+def test_gpu_output_prefetch_changes_nothing(reverse, packed, monkeypatch):
+    """The pair output kernel's L2 prefetches (inline PTX, GPU only) take the path on bf16 inputs at the realistic
+    head size, with a length that ends inside a block; y and the final state are bitwise those of the kernel
+    without them."""
+    from seqmamba.kernels.ssd import chunk as ssd_chunk
+
+    b, l = 2, 3000
+    inp = cuda_inputs(b, l, 8, 64, 1, 128, seed=7 + reverse)
+    x, B, C = inp["x"], inp["B"], inp["C"]
+    assert ssd_chunk._prefetch_ok(x, B, C, ssd_chunk._Cfg(x, B, ssd_chunk.CHUNK, ssd_chunk.BLOCK, ssd_chunk.WARPS))
+    seq_idx = None
+    if packed:
+        cuts = torch.tensor([[0, 7, 1000, 1001, l], [0, 256, 257, 2999, l]])
+        seq_idx = torch.stack([torch.repeat_interleave(torch.arange(4), c[1:] - c[:-1]) for c in cuts]).cuda()
+    with torch.no_grad():
+        y, ht = public(reverse=reverse, seq_idx=seq_idx)(**inp)
+        monkeypatch.setattr(ssd_chunk, "OUT_PREFETCH", False)
+        y0, ht0 = public(reverse=reverse, seq_idx=seq_idx)(**inp)
+    assert torch.equal(y, y0) and torch.equal(ht, ht0)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("reverse,packed", [(False, False), (True, True)])
 def test_gpu_states_in_runs_long_memory(reverse, packed, monkeypatch):
     """The forward's states from runs of 4 chunks (forced; 32 chunks) on fp32 inputs whose decays keep memory
     across tens of chunks (A scaled by 1e-3): y, the final state and every gradient against the float64

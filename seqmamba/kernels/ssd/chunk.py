@@ -49,7 +49,7 @@ from seqmamba.kernels._dispatch import EagerCustomOp, kernel_module
 from seqmamba.kernels.ssd.ref import ssd_scan_ref
 
 _common = kernel_module("seqmamba.kernels._triton_common", __name__)
-_softplus, _sigmoid = _common.softplus, _common.sigmoid
+_softplus, _sigmoid, _prefetch_l2 = _common.softplus, _common.sigmoid, _common.prefetch_l2
 
 # Defaults: chunk length (mamba_ssm's), block of positions, warps. Swept on an H100 (benchmarks/kernels_ssd.py
 # --sweep, b1 l2^20 24x64 n128, 2026-11-23): chunk 128, block 128 + 8 warps (forward), 8 warps or block 32
@@ -94,6 +94,10 @@ HEADS_FIRST = os.environ.get("SEQMAMBA_SSD_HEADS_FIRST", "1") != "0"
 OUT_HEADS = 2
 OUT_WARPS = 4
 OUT_STAGES = 2
+# L2 prefetches of the diagonal block's B and x rows at the start of each pair output program (inline PTX; not in
+# interpreted runs). H100 same run, b1 l2^20 forward: 10.70 -> 10.54 ms; b1 l65536 0.760 -> 0.750. Prefetching
+# also what the program a wave later reads (its C rows and states) was slower: 11.1-11.5 ms.
+OUT_PREFETCH = True
 # Chunks read per load by the forward's and the backward's passes over chunk states (1: one at a time).
 # H100 same run, forward b1 l2^20 24x64 n128: 13.54 ms at 1, 12.52 at 4, 12.55 at 8, 12.67 at 16; b8 l2048:
 # 0.285, 0.222, 0.224, 0.312 ms. With the backward's pass grouped too, fwd+bwd at 1M: 68.3 at 1, 66.2 at 4,
@@ -511,12 +515,14 @@ def _chunk_out_pair_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, d
                            HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr,
                            STORE_PRE: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr,
                            BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
-                           PREC: tl.constexpr, UP: tl.constexpr):
+                           PREC: tl.constexpr, UP: tl.constexpr, PREFETCH: tl.constexpr):
     """``_chunk_out_kernel`` for two heads (h0, h0 + 1) of one group, each with its own (BLK, BP) accumulator:
     C B^T is computed, and the C and B tiles read, once for both. The state term and the blocks before the
     diagonal accumulate in the frame of ref = the position before this block (every factor exp(<= 0)), then one
     exp(cs[t] - cs[ref]) per (t, head) moves them to t. Each head's decay and dt scale the (t, s) weights, not x,
     so the x tiles go from memory straight into the products; the diagonal block takes one product a head.
+    PREFETCH (``_prefetch_ok``: 16-bit tensors, unit strides along p and n) asks L2 for the diagonal block's B
+    and x rows first thing: 128-byte lines, two a B row (n <= 128), one a head's x row (p <= 64).
     1-d grid, the n_bq (batch, head pair) pairs of one block consecutive."""
     NB: tl.constexpr = Q // BLK
     pc = tl.program_id(0) // n_bq
@@ -535,6 +541,11 @@ def _chunk_out_pair_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, d
     jt = c0 + m * BLK + tl.arange(0, BLK)
     vt = jt < seqlen
     tt = _pos(jt, seqlen, REVERSE)
+    if PREFETCH:  # the diagonal block's B and x rows, read last: their DRAM round trip overlaps the rest
+        tc = tl.where(vt, tt, 0)
+        two = tl.arange(0, 2)
+        _prefetch_l2(B_ptr + bb * sB_b + gg * sB_g + tc[:, None] * sB_l + (two * (dstate // 2) * sB_n)[None, :])
+        _prefetch_l2(x_ptr + bb * sx_b + (h0 + two)[None, :] * sx_h + tc[:, None] * sx_l)
     Ct = _load_rows(C_ptr, bb * sC_b + gg * sC_g, tt, sC_l, n_off, sC_n, vt, dstate).to(DT)
     ref = tl.maximum(c0 + m * BLK - 1, c0)
     cr0 = tl.where(m > 0, tl.load(cs_ptr + row0 + ref), 0.0)  # cs at ref (0: the chunk's start)
@@ -1052,12 +1063,19 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     hpp = _out_heads(cfg)
     if hpp == 2:
         _chunk_out_pair_kernel[(nc * cfg.NB * b * h // 2,)](*args, b * h // 2, **flags, num_warps=OUT_WARPS,
-                                                            num_stages=OUT_STAGES)
+                                                            num_stages=OUT_STAGES, PREFETCH=_prefetch_ok(x, B, C, cfg))
     else:
         grid = (nc * cfg.NB * b * h,) if HEADS_FIRST else (nc * cfg.NB, b * h)
         _chunk_out_kernel[grid](*args, b * h, **flags, FACTOR=FACTOR, HEADS_FIRST=HEADS_FIRST, num_warps=warps,
                                 num_stages=STAGES)
     return y, ht, ypre, dtp, cs, st
+
+
+def _prefetch_ok(x, B, C, cfg):
+    """Whether the pair output kernel's L2 prefetches apply: OUT_PREFETCH, compiled (not interpreted), 16-bit x,
+    B and C with unit strides along p and n, p <= 64 and n <= 128 (the lines it names cover such rows)."""
+    return (OUT_PREFETCH and not _INTERPRETED and all(t.element_size() == 2 for t in (x, B, C))
+            and x.stride(3) == 1 and B.stride(3) == 1 and C.stride(3) == 1 and cfg.p <= 64 and cfg.n <= 128)
 
 
 def _state_run(cfg):
