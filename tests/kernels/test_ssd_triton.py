@@ -291,6 +291,11 @@ def grads_cuda(fn, inp, seed=1):
     return y.detach(), ht.detach(), {f"d{k}": g for k, g in zip(names, grads)}
 
 
+def cuda_seq_idx(cuts):
+    """(b, l) seq_idx on the GPU from each row's 5 sequence boundaries (0, three cuts, l): sequences 0-3."""
+    return torch.stack([torch.repeat_interleave(torch.arange(4), c[1:] - c[:-1]) for c in cuts]).cuda()
+
+
 def public(**kw):
     return lambda **i: ssd_scan(**i, dt_softplus=True, return_final_state=True, backend="triton", **kw)
 
@@ -312,7 +317,7 @@ def test_gpu_fp32_matches_float64(reverse, packed):
     seq_idx = None
     if packed:
         cuts = torch.tensor([[0, 7, 1000, 1001, l], [0, 256, 257, 2999, l]])
-        seq_idx = torch.stack([torch.repeat_interleave(torch.arange(4), c[1:] - c[:-1]) for c in cuts]).cuda()
+        seq_idx = cuda_seq_idx(cuts)
     got = grads_cuda(public(reverse=reverse, seq_idx=seq_idx), inp)
     compare(got, grads_cuda(reference(reverse=reverse, seq_idx=seq_idx), upcast(inp)), 1e-4)
 
@@ -333,7 +338,7 @@ def test_gpu_output_prefetch_changes_nothing(reverse, packed, monkeypatch):
     seq_idx = None
     if packed:
         cuts = torch.tensor([[0, 7, 1000, 1001, l], [0, 256, 257, 2999, l]])
-        seq_idx = torch.stack([torch.repeat_interleave(torch.arange(4), c[1:] - c[:-1]) for c in cuts]).cuda()
+        seq_idx = cuda_seq_idx(cuts)
     with torch.no_grad():
         y, ht = public(reverse=reverse, seq_idx=seq_idx)(**inp)
         monkeypatch.setattr(ssd_chunk, "OUT_PREFETCH", False)
@@ -359,7 +364,7 @@ def test_gpu_states_in_runs_long_memory(reverse, packed, monkeypatch):
     seq_idx = None
     if packed:  # boundaries inside a run, at a chunk's edge, and inside a chunk
         cuts = torch.tensor([[0, 700, 1024, 5000, l], [0, 256, 3333, 3334, l]])
-        seq_idx = torch.stack([torch.repeat_interleave(torch.arange(4), c[1:] - c[:-1]) for c in cuts]).cuda()
+        seq_idx = cuda_seq_idx(cuts)
     flags = dict(reverse=reverse, seq_idx=seq_idx)
     dtp = torch.nn.functional.softplus(inp["dt"].detach() + inp["dt_bias"].detach())
     assert torch.exp(inp["A"].detach() * dtp[:, :512].sum(1)).min() > 0.3  # decay over two chunks

@@ -95,7 +95,7 @@ OUT_HEADS = 2
 OUT_WARPS = 4
 OUT_STAGES = 2
 # L2 prefetches of the diagonal block's B and x rows at the start of each pair output program (inline PTX; not in
-# interpreted runs). H100 same run, b1 l2^20 forward: 10.70 -> 10.54 ms; b1 l65536 0.760 -> 0.750. Prefetching
+# interpreted runs). H100 same run, b1 l2^20 forward: 10.57-10.61 -> 10.46 ms; b1 l65536 0.760 -> 0.750. Prefetching
 # also what the program a wave later reads (its C rows and states) was slower: 11.1-11.5 ms.
 OUT_PREFETCH = True
 # Chunks read per load by the forward's and the backward's passes over chunk states (1: one at a time).
