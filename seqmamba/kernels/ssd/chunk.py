@@ -1021,6 +1021,8 @@ class _Cfg:
         self.BS = min(STATE_BLOCK, triton.next_power_of_2(self.size))
         self.n_sblocks = triton.cdiv(self.size, self.BS)
         self.BH = min(triton.next_power_of_2(h), DT_HEADS)
+        # the (heads, heads a group, length, padded length, chunks, p, n) arguments every chunk kernel takes
+        self.dims = (h, self.hpg, l, self.Lp, self.nc, p, self.n)
 
 
 def _strides4(t):
@@ -1035,7 +1037,7 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     """Returns y, final_state (b, h, p, n) fp32, y_pre (or None), dt' and cs ((b h, Lp) fp32, scan order),
     and the states entering each chunk (b, chunks, h, p, n) in ``_state_dtype``."""
     cfg = _Cfg(x, B, chunk, blk, warps)
-    b, l, h, p, n, nc = cfg.b, cfg.l, cfg.h, cfg.p, cfg.n, cfg.nc
+    b, l, h, p, nc = cfg.b, cfg.l, cfg.h, cfg.p, cfg.nc
     dev = x.device
     f32 = dict(device=dev, dtype=torch.float32)
     dot = _dot_dtype(x, B, C)
@@ -1047,7 +1049,6 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     _dt_kernel[(nc, b, triton.cdiv(h, cfg.BH))](dt, A, dt_bias if dt_bias is not None else dummy, dtp, cs,
                                                 *dt.stride(), h, l, cfg.Lp, HAS_BIAS=dt_bias is not None,
                                                 SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q, BH=cfg.BH)
-    dims = (h, cfg.hpg, l, cfg.Lp, nc, p, n)
     blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, **dot)
     h0c = h0.float().contiguous() if h0 is not None else dummy
     run = _state_run(cfg)
@@ -1057,7 +1058,7 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     ypre = torch.empty_like(y) if (store_pre and z is not None) else None
     args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy, y,
             ypre if ypre is not None else y, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *C.stride(),
-            *_strides4(z), *y.stride()[:3], *seq[1:], *dims)
+            *_strides4(z), *y.stride()[:3], *seq[1:], *cfg.dims)
     flags = dict(HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None,
                  STORE_PRE=ypre is not None, **common, **blocks)
     hpp = _out_heads(cfg)
@@ -1091,10 +1092,9 @@ def _states_by_chunk(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks):
     the chunks."""
     b, h, p, n, nc = cfg.b, cfg.h, cfg.p, cfg.n, cfg.nc
     f32 = dict(device=x.device, dtype=torch.float32)
-    dims = (h, cfg.hpg, cfg.l, cfg.Lp, nc, p, n)
     loc = torch.empty(b, nc, h, p, n, **f32)
     grid = (nc * b * h,) if HEADS_FIRST else (nc, b * h)
-    _chunk_state_kernel[grid](x, B, dtp, cs, loc, seq[0], *x.stride(), *B.stride(), *seq[1:], *dims, b * h,
+    _chunk_state_kernel[grid](x, B, dtp, cs, loc, seq[0], *x.stride(), *B.stride(), *seq[1:], *cfg.dims, b * h,
                               **common, **blocks, HEADS_FIRST=HEADS_FIRST, num_warps=cfg.warps, num_stages=STAGES)
     sdt = _state_dtype(x, B, C)
     st = loc if sdt == torch.float32 else torch.empty(b, nc, h, p, n, device=x.device, dtype=sdt)
@@ -1113,9 +1113,8 @@ def _states_in_runs(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks, run)
     agg = torch.empty(b, n_runs, h, p, n, **f32)
     dagg = torch.empty(b * h, n_runs, **f32)
     pre = torch.empty(b * h, nc, **f32)
-    dims = (h, cfg.hpg, cfg.l, cfg.Lp, nc, p, n)
     _chunk_state_run_kernel[(n_runs * b * h,)](x, B, dtp, cs, st, agg, dagg, pre, seq[0], *x.stride(), *B.stride(),
-                                               *seq[1:], *dims, b * h, n_runs, **common, **blocks, RUN=run,
+                                               *seq[1:], *cfg.dims, b * h, n_runs, **common, **blocks, RUN=run,
                                                num_warps=cfg.warps, num_stages=STAGES)
     hr = torch.empty_like(agg)
     ht = torch.empty(b, h, p, n, **f32)
@@ -1155,14 +1154,13 @@ def _bwd(x, dt, A, B, C, D, z, dt_bias, softplus, reverse, seq_idx, ypre, dtp, c
     seq = _seq_args(seq_idx, dummy)
     common = dict(REVERSE=reverse, HAS_SEQ=seq_idx is not None, Q=cfg.Q)
     blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, **dot)
-    dims = (h, cfg.hpg, l, cfg.Lp, nc, p, n)
     dy = dy.to(x.dtype).contiguous()
     so = dy.stride()[:3]
     gbuf = torch.empty_like(dy) if z is not None else dy
     gl = torch.empty(b, nc, h, p, n, **f32)
     grid = (nc * b * h,) if HEADS_FIRST else (nc, b * h)
     _bwd_gloc_kernel[grid](dy, z if z is not None else dummy, C, gbuf, cs, gl, seq[0], *_strides4(z), *C.stride(),
-                           *so, *seq[1:], *dims, b * h, HAS_Z=z is not None, **common, **blocks,
+                           *so, *seq[1:], *cfg.dims, b * h, HAS_Z=z is not None, **common, **blocks,
                            HEADS_FIRST=HEADS_FIRST, num_warps=warps, num_stages=STAGES)
     kp = torch.empty(b * h, cfg.n_sblocks, nc, **f32)
     dh0 = torch.empty(b, h, p, n, **f32)
