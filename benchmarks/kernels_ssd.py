@@ -293,13 +293,15 @@ def resources(block=None, warps=None, dtype=torch.bfloat16, tf32=False):
         "_dt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK, BH=ours.DT_HEADS),
         "_chunk_state_kernel": dict(**flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_state_pass_kernel": dict(HAS_H0=True, **flags, BS=ours.STATE_BLOCK, U=ours.STATE_UNROLL),
-        "_chunk_state_run_kernel": dict(**flags, **dots, RUN=ours.STATE_RUN),
+        "_chunk_state_run_kernel": dict(**flags, **dots, RUN=ours.STATE_RUN, STATES=True),
         "_run_pass_kernel": dict(HAS_H0=True, BS=ours.STATE_BLOCK),
         "_state_fix_kernel": dict(RUN=ours.STATE_RUN, BS=ours.FIX_BLOCK),
         "_chunk_out_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
                                   FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST),
         "_chunk_out_pair_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
                                        PREFETCH=ours.OUT_PREFETCH),
+        "_run_out_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
+                                RUN=ours.STATE_RUN, STATES=True),
         "_bwd_gloc_kernel": dict(HAS_Z=True, **flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_state_pass_kernel": dict(HAS_DHT=True, **flags, BS=ours.STATE_BLOCK, U=ours.STATE_UNROLL),
         "_bwd_dx_dB_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots, FACTOR=ours.FACTOR,
@@ -311,12 +313,14 @@ def resources(block=None, warps=None, dtype=torch.bfloat16, tf32=False):
     def stages(name):
         if name == "_chunk_out_pair_kernel":
             return ours.OUT_STAGES
+        if name == "_run_out_kernel":
+            return ours.RUN_OUT_STAGES
         return (ours.STAGES_BWD or ours.STAGES) if name.startswith("_bwd") else ours.STAGES
 
     def warps_of(name):
         if name in ("_run_pass_kernel", "_state_fix_kernel"):
             return 4
-        return ours.OUT_WARPS if name == "_chunk_out_pair_kernel" else w
+        return {"_chunk_out_pair_kernel": ours.OUT_WARPS, "_run_out_kernel": ours.RUN_OUT_WARPS}.get(name, w)
 
     print(f"sm_90, {dtype}, every option, block {blk}, {w} warps, {ours.STAGES} stages ({stages('_bwd')} in the "
           f"backward), triton {triton.__version__}")

@@ -138,38 +138,49 @@ def test_interpreted_state_pass_unroll(chunk, unroll, name, monkeypatch):
     check_case(chunk, name, h=4, seed=31, tuning=dict(chunk=16, blk=16))  # 3 or 4 chunks
 
 
+@pytest.mark.parametrize("run_out", [False, True])
 @pytest.mark.parametrize("name,run,heads", [("all-Dhp-reverse", 2, 2), ("all-Dhp-reverse", 3, 1), ("packed", 2, 1),
                                             ("packed", 3, 2), ("packed-reverse", 3, 2),
                                             ("bias-nosoftplus-no-h0-rev", 2, 2)])
-def test_interpreted_states_in_runs(chunk, name, run, heads, monkeypatch):
+def test_interpreted_states_in_runs(chunk, name, run, heads, run_out, monkeypatch):
     """The forward's states from runs of chunks (``_chunk_state_run_kernel``, the pass over runs): 3-4 chunks of
     16 in runs of 2 or 3 (partial last runs), sequence resets inside runs and chunks, both directions, with and
-    without an initial state, output kernels of one and two heads; y, the final state and every gradient, and y
-    and the final state without autograd, against the float64 reference. The run path is taken each time."""
+    without an initial state; then either the fix and output kernels of one and two heads, or (``run_out``)
+    ``_run_out_kernel`` walking each run in blocks of 8 from its entering state. y, the final state and every
+    gradient, and y and the final state without autograd, against the float64 reference; the path's kernels are
+    the ones launched."""
     monkeypatch.setattr(chunk, "STATE_RUN", run)
     monkeypatch.setattr(chunk, "RUN_MIN_PROGRAMS", 1)
     monkeypatch.setattr(chunk, "OUT_HEADS", heads)
+    monkeypatch.setattr(chunk, "RUN_OUT", run_out)
+    monkeypatch.setattr(chunk, "RUN_OUT_FP32", True)  # these inputs are fp32
+    monkeypatch.setattr(chunk, "RUN_OUT_SHORTEST", run)
+    monkeypatch.setattr(chunk, "RUN_OUT_MIN_PROGRAMS", 1)
     launched = []
-    monkeypatch.setattr(chunk, "_chunk_state_run_kernel", _Spy(chunk._chunk_state_run_kernel, launched))
-    monkeypatch.setattr(chunk, "_state_fix_kernel", _Spy(chunk._state_fix_kernel, launched))
-    check_case(chunk, name, h=4, seed=37, tuning=dict(chunk=16, blk=16))
-    assert len(launched) == 2  # the run kernel and the fix
+    for kernel in ("_chunk_state_run_kernel", "_state_fix_kernel", "_run_out_kernel", "_chunk_out_kernel",
+                   "_chunk_out_pair_kernel"):
+        monkeypatch.setattr(chunk, kernel, _Spy(getattr(chunk, kernel), kernel, launched))
+    tuning = dict(chunk=16, blk=8 if run_out else 16)
+    output = "_chunk_out_pair_kernel" if heads == 2 else "_chunk_out_kernel"
+    path = ["_chunk_state_run_kernel"] + (["_run_out_kernel"] if run_out else ["_state_fix_kernel", output])
+    check_case(chunk, name, h=4, seed=37, tuning=tuning)
+    assert launched == path
     inp, _, _, flags = case_inputs(name, h=4, seed=37)
     with torch.no_grad():
-        got = triton_op(chunk.ssd_scan_triton, dict(chunk=16, blk=16), **flags)(**inp)
+        got = triton_op(chunk.ssd_scan_triton, tuning, **flags)(**inp)
         want = ref_op(**flags)(**as64(inp))
-    assert len(launched) == 4
+    assert launched == path * 2
     assert_all_close({"y": (got[0], want[0]), "ht": (got[1], want[1])}, 2e-5)
 
 
 class _Spy:
-    """A launcher's stand-in that records each launch's grid and forwards it."""
+    """A launcher's stand-in that records the name of each kernel launched and forwards the launch."""
 
-    def __init__(self, kernel, log):
-        self.kernel, self.log = kernel, log
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
 
     def __getitem__(self, grid):
-        self.log.append(grid)
+        self.log.append(self.name)
         return self.kernel[grid]
 
 
@@ -348,15 +359,21 @@ def test_gpu_output_prefetch_changes_nothing(reverse, packed, monkeypatch):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("run_out", [False, True])
 @pytest.mark.parametrize("reverse,packed", [(False, False), (True, True)])
-def test_gpu_states_in_runs_long_memory(reverse, packed, monkeypatch):
-    """The forward's states from runs of 4 chunks (forced; 32 chunks) on fp32 inputs whose decays keep memory
-    across tens of chunks (A scaled by 1e-3): y, the final state and every gradient against the float64
-    reference, and y and the final state without autograd."""
+def test_gpu_states_in_runs_long_memory(reverse, packed, run_out, monkeypatch):
+    """The forward's states from runs of 4 chunks (forced; 32 chunks), through the fix and the output kernels
+    or through ``_run_out_kernel`` (``run_out``), on fp32 inputs whose decays keep memory across tens of chunks
+    (A scaled by 1e-3): y, the final state and every gradient against the float64 reference, and y and the final
+    state without autograd."""
     from seqmamba.kernels.ssd import chunk as ssd_chunk
 
     monkeypatch.setattr(ssd_chunk, "STATE_RUN", 4)
     monkeypatch.setattr(ssd_chunk, "RUN_MIN_PROGRAMS", 1)
+    monkeypatch.setattr(ssd_chunk, "RUN_OUT", run_out)
+    monkeypatch.setattr(ssd_chunk, "RUN_OUT_FP32", True)
+    monkeypatch.setattr(ssd_chunk, "RUN_OUT_SHORTEST", 4)
+    monkeypatch.setattr(ssd_chunk, "RUN_OUT_MIN_PROGRAMS", 1)
     b, l = 2, 8192
     inp = cuda_inputs(b, l, 8, 32, 2, 64, dtype=torch.float32, seed=5 + reverse)
     with torch.no_grad():
@@ -409,8 +426,14 @@ def test_gpu_fp32_products_follow_torch_tf32_switch(tf32_matmuls):
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_bf16_realistic_shape():
-    """b2 l4096 h24 p64 n128, bf16, against the reference on the same rounded inputs in fp32."""
+@pytest.mark.parametrize("runs", [False, True])
+def test_gpu_bf16_realistic_shape(runs, monkeypatch):
+    """b2 l4096 h24 p64 n128, bf16, against the reference on the same rounded inputs in fp32; the forward by
+    chunk, or (``runs``) through ``_run_out_kernel`` in runs of 8 chunks."""
+    from seqmamba.kernels.ssd import chunk as ssd_chunk
+
+    if runs:
+        monkeypatch.setattr(ssd_chunk, "RUN_OUT_MIN_PROGRAMS", 1)
     inp = cuda_inputs(2, 4096, 24, 64, 1, 128, seed=1)
     y, ht, grads = grads_cuda(public(), inp)
     y2, ht2, grads2 = grads_cuda(reference(), upcast(inp, torch.float32))

@@ -114,6 +114,21 @@ STATE_UNROLL = 4
 STATE_RUN = 32
 RUN_MIN_PROGRAMS = 2048
 FIX_BLOCK = 2048  # state elements per program of the fix
+# 16-bit products: ``_run_out_kernel`` walks runs of chunks again, block by block, from the state entering each
+# run (no chunk state written, fixed or read, no block before the diagonal recomputed), its runs the longest of
+# STATE_RUN, STATE_RUN / 2, ... RUN_OUT_SHORTEST chunks that give RUN_OUT_MIN_PROGRAMS programs (else the chunk
+# path). H100, same runs, bf16 24x64 n128, forward ms, chunk (or fix) path -> run-out path (runs of):
+#   b1 l2^20 10.53 -> 8.15-8.30 (32; 16: 8.22; fwd+bwd 56.6 -> 55.6); b1 l262144 2.90 -> 2.05 (32; 16: 2.11);
+#   b1 l65536 0.750 -> 0.563 (8; 4: 0.607, 16: 0.666); b2 l32768 0.747 -> 0.559 (8; 16: 0.660);
+#   b4 l16384 0.755 -> 0.558 (8); b8 l2048 0.211 (chunk path) against 0.267 in runs of 4.
+#   Its own launch: 1 stage (2: 8.88 ms at 1M, 3: 19.3), 4 warps (8: 13.0-14.9 ms).
+# fp32 products (RUN_OUT_FP32) were slower: b2 l8192 1.73 -> 2.02 ms, b1 l65536 6.11 -> 6.79 (runs of 8).
+RUN_OUT = True
+RUN_OUT_FP32 = False
+RUN_OUT_SHORTEST = 8
+RUN_OUT_MIN_PROGRAMS = 768
+RUN_OUT_WARPS = 4
+RUN_OUT_STAGES = 1
 
 
 @triton.jit
@@ -259,13 +274,14 @@ def _chunk_state_run_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, agg_ptr, dagg
                             nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bh, n_runs,
                             REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
                             BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                            UP: tl.constexpr, RUN: tl.constexpr):
+                            UP: tl.constexpr, RUN: tl.constexpr, STATES: tl.constexpr):
     """A run of RUN consecutive chunks of one (batch, head), carried from a zero state at the run's start
-    (h <- decay h + local, in fp32). Writes the state entering each chunk to its ``st`` slot (in st's dtype),
-    the product of the decays from the run's start to each chunk (``pre``, (b h, chunks) fp32), the run's end
-    state (``agg``, (b, runs, h, p, n) fp32) and its total decay (``dagg``, (b h, runs)). ``_run_pass_kernel``
-    and ``_state_fix_kernel`` then add each run's entering state: the chunks' fp32 local states never reach
-    memory. 1-d grid, the n_bh (batch, head) pairs of one run consecutive."""
+    (h <- decay h + local, in fp32). Writes the run's end state (``agg``, (b, runs, h, p, n) fp32) and its total
+    decay (``dagg``, (b h, runs)); with STATES also the state entering each chunk to its ``st`` slot (in st's
+    dtype) and the product of the decays from the run's start to each chunk (``pre``, (b h, chunks) fp32), which
+    ``_run_pass_kernel`` and ``_state_fix_kernel`` then complete with each run's entering state: the chunks' fp32
+    local states never reach memory. Without STATES, ``_run_out_kernel`` walks the runs again from their entering
+    states. 1-d grid, the n_bh (batch, head) pairs of one run consecutive."""
     r, pid = _grid_ids(n_bh, True)
     bb = (pid // nheads).to(tl.int64)
     hh = pid % nheads
@@ -287,9 +303,10 @@ def _chunk_state_run_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, agg_ptr, dagg
         k = i % NB
         c0 = c.to(tl.int64) * Q
         if k == 0:
-            tl.store(st_ptr + ((bb * n_chunks + c) * nheads + hh) * hdim * dstate + hoff,
-                     h.to(st_ptr.dtype.element_ty), mask=hm)
-            tl.store(pre_ptr + pid.to(tl.int64) * n_chunks + c, pre)
+            if STATES:
+                tl.store(st_ptr + ((bb * n_chunks + c) * nheads + hh) * hdim * dstate + hoff,
+                         h.to(st_ptr.dtype.element_ty), mask=hm)
+                tl.store(pre_ptr + pid.to(tl.int64) * n_chunks + c, pre)
             decay = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, c0, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
             h = h * decay
             pre = pre * decay
@@ -601,6 +618,80 @@ def _chunk_out_pair_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, d
               so_b, so_l, so_h, HAS_D, D_HP, HAS_Z, STORE_PRE)
     _out_head(acc1, xt1, D_ptr, z_ptr, y_ptr, ypre_ptr, h0 + 1, bb, tt, vt, p_off, hdim, sz_b, sz_l, sz_h, sz_p,
               so_b, so_l, so_h, HAS_D, D_HP, HAS_Z, STORE_PRE)
+
+
+@triton.jit
+def _run_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr, hr_ptr,
+                    sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                    sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, ss_b, ss_l,
+                    nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bh, n_runs,
+                    HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, STORE_PRE: tl.constexpr,
+                    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
+                    BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+                    RUN: tl.constexpr, STATES: tl.constexpr):
+    """y for a run of RUN chunks of one (batch, head), walked block by block from the state entering the run
+    (``hr``, from ``_run_pass_kernel``), the state H carried in fp32 registers. For each block of BLK positions,
+    with ref the position before it (cs taken as 0 there at a chunk's start):
+
+        y[t] = exp(cs[t] - cs[ref]) C[t] H^T + sum_{s <= t in the block} exp(cs[t] - cs[s]) (C[t].B[s]) dt[s] x[s]
+        H   <- exp(cs[last] - cs[ref]) H + sum_s exp(cs[last] - cs[s]) dt[s] x[s] B[s]^T
+
+    then D x and silu(z) as the chunk output kernels. No chunk state is read, and no block before the diagonal
+    recomputed; STATES writes the state entering each chunk to its ``st`` slot (kept for the backward).
+    1-d grid, the n_bh (batch, head) pairs of one run consecutive."""
+    r, pid = _grid_ids(n_bh, True)
+    bb = (pid // nheads).to(tl.int64)
+    hh = pid % nheads
+    gg = hh // hpg
+    p_off = tl.arange(0, BP)
+    n_off = tl.arange(0, BN)
+    hoff = p_off[:, None] * dstate + n_off[None, :]
+    hm = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
+    row = pid.to(tl.int64) * Lp
+    xbase = bb * sx_b + hh * sx_h
+    Bbase = bb * sB_b + gg * sB_g
+    Cbase = bb * sC_b + gg * sC_g
+    H = tl.load(hr_ptr + ((bb * n_runs + r) * nheads + hh) * hdim * dstate + hoff, mask=hm, other=0.0)
+    NB: tl.constexpr = Q // BLK
+    c_first = r * RUN
+    for i in range(0, tl.minimum(n_chunks - c_first, RUN) * NB):
+        c = c_first + i // NB
+        k = i % NB
+        c0 = c.to(tl.int64) * Q
+        if STATES:
+            if k == 0:
+                tl.store(st_ptr + ((bb * n_chunks + c) * nheads + hh) * hdim * dstate + hoff,
+                         H.to(st_ptr.dtype.element_ty), mask=hm)
+        j0 = c0 + k * BLK
+        jt = j0 + tl.arange(0, BLK)
+        vt = jt < seqlen
+        tt = _pos(jt, seqlen, REVERSE)
+        cr = tl.where(k > 0, tl.load(cs_ptr + row + tl.maximum(j0 - 1, c0)), 0.0)
+        cst = tl.load(cs_ptr + row + jt)
+        dts = tl.load(dtp_ptr + row + jt)
+        cl = tl.load(cs_ptr + row + j0 + BLK - 1)
+        Ct = _load_rows(C_ptr, Cbase, tt, sC_l, n_off, sC_n, vt, dstate).to(DT)
+        Bt = _load_rows(B_ptr, Bbase, tt, sB_l, n_off, sB_n, vt, dstate).to(DT)
+        xt = _load_rows(x_ptr, xbase, tt, sx_l, p_off, sx_p, vt, hdim)
+        e_in = tl.exp(tl.minimum(cst - cr, 0.0))  # from ref to t
+        e_out = tl.exp(tl.minimum(cl - cst, 0.0)) * dts  # from s to the block's last position, times dt
+        decay = tl.exp(tl.minimum(cl - cr, 0.0))
+        keep = jt[:, None] >= jt[None, :]
+        if HAS_SEQ:
+            seq_t = _seq_at(seq_ptr, bb * ss_b, jt, seqlen, ss_l, REVERSE)
+            seq_in = _seq_at(seq_ptr, bb * ss_b, j0 - 1, seqlen, ss_l, REVERSE)
+            seq_last = _seq_at(seq_ptr, bb * ss_b, j0 + BLK - 1, seqlen, ss_l, REVERSE)
+            e_in = tl.where(seq_t == seq_in, e_in, 0.0)
+            e_out = tl.where(seq_t == seq_last, e_out, 0.0)
+            decay = tl.where(seq_last == seq_in, decay, 0.0)
+            keep = keep & (seq_t[:, None] == seq_t[None, :])
+        acc = _mm(Ct, tl.trans(H.to(DT)), PREC=PREC, UP=UP) * e_in[:, None]
+        cb = _mm(Ct, tl.trans(Bt), PREC=PREC, UP=UP)
+        w = tl.where(keep, cb * tl.exp(tl.minimum(cst[:, None] - cst[None, :], 0.0)) * dts[None, :], 0.0)
+        acc = _mm(w.to(DT), xt.to(DT), acc, PREC=PREC, UP=UP)
+        _out_head(acc, xt, D_ptr, z_ptr, y_ptr, ypre_ptr, hh, bb, tt, vt, p_off, hdim, sz_b, sz_l, sz_h, sz_p,
+                  so_b, so_l, so_h, HAS_D, D_HP, HAS_Z, STORE_PRE)
+        H = _mm(tl.trans((xt.to(tl.float32) * e_out[:, None]).to(DT)), Bt, H * decay, PREC=PREC, UP=UP)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -1051,16 +1142,26 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
                                                 SOFTPLUS=softplus, REVERSE=reverse, Q=cfg.Q, BH=cfg.BH)
     blocks = dict(BLK=cfg.BLK, BP=cfg.BP, BN=cfg.BN, **dot)
     h0c = h0.float().contiguous() if h0 is not None else dummy
-    run = _state_run(cfg)
-    states = functools.partial(_states_in_runs, run=run) if run else _states_by_chunk
-    st, ht = states(x, B, C, dtp, cs, h0c, h0 is not None, seq, cfg, common, blocks)
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     ypre = torch.empty_like(y) if (store_pre and z is not None) else None
+    flags = dict(HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None,
+                 STORE_PRE=ypre is not None, **common, **blocks)
+    run_out = _run_out(dot)
+    run = _state_run(cfg, run_out)
+    if run and run_out:
+        hr, ht, _, _ = _runs(x, B, C, dtp, cs, h0c, h0 is not None, seq, cfg, common, blocks, run, False)
+        st = torch.empty(b, nc, h, p, cfg.n, device=dev, dtype=_state_dtype(x, B, C)) if store_pre else dummy
+        _run_out_kernel[(hr.shape[1] * b * h,)](
+            x, B, C, D if D is not None else dummy, z if z is not None else dummy, y, ypre if ypre is not None else y,
+            dtp, cs, st, seq[0], hr, *x.stride(), *B.stride(), *C.stride(), *_strides4(z), *y.stride()[:3], *seq[1:],
+            *cfg.dims, b * h, hr.shape[1], **flags, RUN=run, STATES=store_pre, num_warps=RUN_OUT_WARPS,
+            num_stages=RUN_OUT_STAGES)
+        return y, ht, ypre, dtp, cs, st
+    states = functools.partial(_states_in_runs, run=run) if run else _states_by_chunk
+    st, ht = states(x, B, C, dtp, cs, h0c, h0 is not None, seq, cfg, common, blocks)
     args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy, y,
             ypre if ypre is not None else y, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *C.stride(),
             *_strides4(z), *y.stride()[:3], *seq[1:], *cfg.dims)
-    flags = dict(HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None,
-                 STORE_PRE=ypre is not None, **common, **blocks)
     hpp = _out_heads(cfg)
     if hpp == 2:
         _chunk_out_pair_kernel[(nc * cfg.NB * b * h // 2,)](*args, b * h // 2, **flags, num_warps=OUT_WARPS,
@@ -1079,12 +1180,27 @@ def _prefetch_ok(x, B, C, cfg):
             and x.stride(3) == 1 and B.stride(3) == 1 and C.stride(3) == 1 and cfg.p <= 64 and cfg.n <= 128)
 
 
-def _state_run(cfg):
-    """Chunks per run of the forward's state kernel: STATE_RUN where that gives RUN_MIN_PROGRAMS programs, else
-    0 (one program a chunk, then a pass over the chunks)."""
+def _state_run(cfg, run_out):
+    """Chunks per run of the forward's state kernel, 0 for one program a chunk and a pass over the chunks. For
+    ``_run_out_kernel``: the longest of STATE_RUN, STATE_RUN / 2, ... RUN_OUT_SHORTEST that gives
+    RUN_OUT_MIN_PROGRAMS programs; for the fix: STATE_RUN where that gives RUN_MIN_PROGRAMS. Runs are shorter
+    than the row."""
+    programs = lambda run: cfg.b * cfg.h * triton.cdiv(cfg.nc, run)  # noqa: E731
+    if run_out:
+        run = STATE_RUN
+        while run >= max(RUN_OUT_SHORTEST, 1):
+            if cfg.nc > run and programs(run) >= RUN_OUT_MIN_PROGRAMS:
+                return run
+            run //= 2
+        return 0
     if not STATE_RUN or not RUN_MIN_PROGRAMS or cfg.nc <= STATE_RUN:
         return 0
-    return STATE_RUN if cfg.b * cfg.h * triton.cdiv(cfg.nc, STATE_RUN) >= RUN_MIN_PROGRAMS else 0
+    return STATE_RUN if programs(STATE_RUN) >= RUN_MIN_PROGRAMS else 0
+
+
+def _run_out(dot):
+    """Whether runs of chunks go to ``_run_out_kernel`` (RUN_OUT; fp32 products only with RUN_OUT_FP32)."""
+    return RUN_OUT and (RUN_OUT_FP32 or dot["DT"] != tl.float32)
 
 
 def _states_by_chunk(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks):
@@ -1104,26 +1220,36 @@ def _states_by_chunk(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks):
     return st, ht
 
 
-def _states_in_runs(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks, run):
-    """``_states_by_chunk`` from runs of ``run`` chunks: no fp32 local state per chunk in memory."""
+def _runs(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks, run, states):
+    """``_chunk_state_run_kernel`` over runs of ``run`` chunks, then the pass over the runs. Returns the states
+    entering the runs (hr, (b, runs, h, p, n) fp32), the final state, and with ``states`` the run-local states
+    entering each chunk (in ``_state_dtype``) and their decays from the run's start (else None, None)."""
     b, h, p, n, nc = cfg.b, cfg.h, cfg.p, cfg.n, cfg.nc
     f32 = dict(device=x.device, dtype=torch.float32)
     n_runs = triton.cdiv(nc, run)
-    st = torch.empty(b, nc, h, p, n, device=x.device, dtype=_state_dtype(x, B, C))
     agg = torch.empty(b, n_runs, h, p, n, **f32)
     dagg = torch.empty(b * h, n_runs, **f32)
-    pre = torch.empty(b * h, nc, **f32)
-    _chunk_state_run_kernel[(n_runs * b * h,)](x, B, dtp, cs, st, agg, dagg, pre, seq[0], *x.stride(), *B.stride(),
-                                               *seq[1:], *cfg.dims, b * h, n_runs, **common, **blocks, RUN=run,
-                                               num_warps=cfg.warps, num_stages=STAGES)
+    st = pre = None
+    if states:
+        st = torch.empty(b, nc, h, p, n, device=x.device, dtype=_state_dtype(x, B, C))
+        pre = torch.empty(b * h, nc, **f32)
+    _chunk_state_run_kernel[(n_runs * b * h,)](x, B, dtp, cs, st if states else agg, agg, dagg,
+                                               pre if states else dagg, seq[0], *x.stride(), *B.stride(), *seq[1:],
+                                               *cfg.dims, b * h, n_runs, **common, **blocks, RUN=run,
+                                               STATES=states, num_warps=cfg.warps, num_stages=STAGES)
     hr = torch.empty_like(agg)
     ht = torch.empty(b, h, p, n, **f32)
     _run_pass_kernel[(b * h, cfg.n_sblocks)](agg, dagg, hr, ht, h0, h, n_runs, cfg.size, HAS_H0=has_h0, BS=cfg.BS,
                                              num_warps=4)
-    del agg
+    return hr, ht, st, pre
+
+
+def _states_in_runs(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks, run):
+    """``_states_by_chunk`` from runs of ``run`` chunks: no fp32 local state per chunk in memory."""
+    hr, ht, st, pre = _runs(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks, run, True)
     fix = min(FIX_BLOCK, triton.next_power_of_2(cfg.size))
-    _state_fix_kernel[(b * nc * h, triton.cdiv(cfg.size, fix))](st, pre, hr, h, nc, n_runs, cfg.size, RUN=run,
-                                                                BS=fix, num_warps=4)
+    _state_fix_kernel[(cfg.b * cfg.nc * cfg.h, triton.cdiv(cfg.size, fix))](st, pre, hr, cfg.h, cfg.nc, hr.shape[1],
+                                                                            cfg.size, RUN=run, BS=fix, num_warps=4)
     return st, ht
 
 
