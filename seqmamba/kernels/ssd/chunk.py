@@ -16,9 +16,12 @@ Forward: ``_dt_kernel`` (dt' = softplus(dt + bias) and cs, (b h, l) fp32, scan o
 ``_chunk_state_kernel`` (each chunk's local end state, fp32, a tl.dot) -> ``_state_pass_kernel`` (sequential
 over chunks, carried in fp32: the state entering every chunk, stored in bf16 for bf16 inputs, and the final
 state) -> ``_chunk_out_pair_kernel`` (y; two heads a program, ``_chunk_out_kernel`` one). At long lengths the
-states come from runs of ``STATE_RUN`` chunks instead: ``_chunk_state_run_kernel`` (each run carried from zero;
-the states entering its chunks, the run's end state) -> ``_run_pass_kernel`` (sequential over runs, fp32) ->
-``_state_fix_kernel`` (adds each run's entering state, decayed, to its chunks' states).
+length is cut into runs of chunks instead: ``_chunk_state_run_kernel`` (each run carried from zero to its end
+state) -> ``_run_pass_kernel`` (sequential over runs, fp32: the state entering each run) ->
+``_run_out_kernel`` (each run walked again block by block from its entering state, the state carried in
+registers: y, and the states entering the chunks where the backward needs them). With fp32 products the run
+kernel writes the run-local states entering its chunks, ``_state_fix_kernel`` adds each run's entering state,
+decayed, and the chunk output kernels follow.
 
 Backward, with g = dy silu(z) and G_out[c] = dL/dH_out[c]:
   ``_bwd_gloc_kernel`` (g, and each chunk's local dL/dH_in, fp32) -> ``_bwd_state_pass_kernel`` (right to
