@@ -124,7 +124,8 @@ FIX_BLOCK = 2048  # state elements per program of the fix
 #   b1 l2^20 10.53 -> 8.15-8.30 (32; 16: 8.22; fwd+bwd 56.6 -> 55.6); b1 l262144 2.90 -> 2.05 (32; 16: 2.11);
 #   b1 l65536 0.750 -> 0.563 (8; 4: 0.607, 16: 0.666); b2 l32768 0.747 -> 0.559 (8; 16: 0.660);
 #   b4 l16384 0.755 -> 0.558 (8); b8 l2048 0.211 (chunk path) against 0.267 in runs of 4.
-#   Its own launch: 1 stage (2: 8.88 ms at 1M, 3: 19.3), 4 warps (8: 13.0-14.9 ms).
+#   Its own launch at 1M: 1 stage (2: 8.88 ms, 3: 19.3), 4 warps (8: 13.0-14.9 ms), the forward's block of 64
+#   (RUN_OUT_BLOCK 32 on 4 / 2 warps: 10.4 / 10.7 ms; 128 on 8 / 4 warps: 12.8 / 28.0).
 # fp32 products (RUN_OUT_FP32) were slower: b2 l8192 1.73 -> 2.02 ms, b1 l65536 6.11 -> 6.79 (runs of 8).
 RUN_OUT = True
 RUN_OUT_FP32 = False
@@ -132,6 +133,7 @@ RUN_OUT_SHORTEST = 8
 RUN_OUT_MIN_PROGRAMS = 768
 RUN_OUT_WARPS = 4
 RUN_OUT_STAGES = 1
+RUN_OUT_BLOCK = 0  # 0: the forward's block
 
 
 @triton.jit
@@ -1157,8 +1159,8 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
         _run_out_kernel[(hr.shape[1] * b * h,)](
             x, B, C, D if D is not None else dummy, z if z is not None else dummy, y, ypre if ypre is not None else y,
             dtp, cs, st, seq[0], hr, *x.stride(), *B.stride(), *C.stride(), *_strides4(z), *y.stride()[:3], *seq[1:],
-            *cfg.dims, b * h, hr.shape[1], **flags, RUN=run, STATES=store_pre, num_warps=RUN_OUT_WARPS,
-            num_stages=RUN_OUT_STAGES)
+            *cfg.dims, b * h, hr.shape[1], **dict(flags, BLK=RUN_OUT_BLOCK or cfg.BLK), RUN=run, STATES=store_pre,
+            num_warps=RUN_OUT_WARPS, num_stages=RUN_OUT_STAGES)
         return y, ht, ypre, dtp, cs, st
     states = functools.partial(_states_in_runs, run=run) if run else _states_by_chunk
     st, ht = states(x, B, C, dtp, cs, h0c, h0 is not None, seq, cfg, common, blocks)
