@@ -227,6 +227,13 @@ def _grid_ids(n_bh, HEADS_FIRST: tl.constexpr):
 
 
 @triton.jit
+def _batch_head_group(pid, nheads, hpg):
+    """(batch (int64), head, group) of a (batch, head) index."""
+    hh = pid % nheads
+    return (pid // nheads).to(tl.int64), hh, hh // hpg
+
+
+@triton.jit
 def _block_local(acc, x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, xbase, Bbase, row, seq_row, c0, k, seqlen,
                  sx_l, sx_p, sB_l, sB_n, ss_l, hdim, dstate, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
                  Q: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
@@ -274,6 +281,20 @@ def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
 
 
 @triton.jit
+def _run_program(n_bh, nheads, hpg, hdim, dstate, Lp, sx_b, sx_h, sB_b, sB_g, BP: tl.constexpr, BN: tl.constexpr):
+    """For a program of a kernel over runs (1-d grid, the n_bh (batch, head) pairs of one run consecutive): its
+    run, (batch, head) index, batch, head, group, row of dt' and cs, bases of its x and B rows, and the offsets
+    and mask of a (BP, BN) state tile."""
+    r, pid = _grid_ids(n_bh, True)
+    bb, hh, gg = _batch_head_group(pid, nheads, hpg)
+    p_off = tl.arange(0, BP)
+    n_off = tl.arange(0, BN)
+    hoff = p_off[:, None] * dstate + n_off[None, :]
+    hm = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
+    return r, pid, bb, hh, gg, pid.to(tl.int64) * Lp, bb * sx_b + hh * sx_h, bb * sB_b + gg * sB_g, hoff, hm
+
+
+@triton.jit
 def _chunk_state_run_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, agg_ptr, dagg_ptr, pre_ptr, seq_ptr,
                             sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
                             nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bh, n_runs,
@@ -287,16 +308,8 @@ def _chunk_state_run_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, agg_ptr, dagg
     ``_run_pass_kernel`` and ``_state_fix_kernel`` then complete with each run's entering state: the chunks' fp32
     local states never reach memory. Without STATES, ``_run_out_kernel`` walks the runs again from their entering
     states. 1-d grid, the n_bh (batch, head) pairs of one run consecutive."""
-    r, pid = _grid_ids(n_bh, True)
-    bb = (pid // nheads).to(tl.int64)
-    hh = pid % nheads
-    p_off = tl.arange(0, BP)
-    n_off = tl.arange(0, BN)
-    hoff = p_off[:, None] * dstate + n_off[None, :]
-    hm = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
-    row = pid.to(tl.int64) * Lp
-    xbase = bb * sx_b + hh * sx_h
-    Bbase = bb * sB_b + (hh // hpg) * sB_g
+    r, pid, bb, hh, gg, row, xbase, Bbase, hoff, hm = _run_program(n_bh, nheads, hpg, hdim, dstate, Lp, sx_b, sx_h,
+                                                                   sB_b, sB_g, BP, BN)
     h = tl.zeros([BP, BN], dtype=tl.float32)
     pre = tl.full((), 1.0, tl.float32)
     c_first = r * RUN
@@ -467,9 +480,7 @@ def _chunk_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_pt
     NB: tl.constexpr = Q // BLK
     c = pc // NB
     m = pc % NB
-    bb = (pid // nheads).to(tl.int64)
-    hh = pid % nheads
-    gg = hh // hpg
+    bb, hh, gg = _batch_head_group(pid, nheads, hpg)
     p_off = tl.arange(0, BP)
     n_off = tl.arange(0, BN)
     row = pid.to(tl.int64) * Lp
@@ -644,18 +655,11 @@ def _run_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_ptr,
     then D x and silu(z) as the chunk output kernels. No chunk state is read, and no block before the diagonal
     recomputed; STATES writes the state entering each chunk to its ``st`` slot (kept for the backward).
     1-d grid, the n_bh (batch, head) pairs of one run consecutive."""
-    r, pid = _grid_ids(n_bh, True)
-    bb = (pid // nheads).to(tl.int64)
-    hh = pid % nheads
-    gg = hh // hpg
+    r, pid, bb, hh, gg, row, xbase, Bbase, hoff, hm = _run_program(n_bh, nheads, hpg, hdim, dstate, Lp, sx_b, sx_h,
+                                                                   sB_b, sB_g, BP, BN)
+    Cbase = bb * sC_b + gg * sC_g
     p_off = tl.arange(0, BP)
     n_off = tl.arange(0, BN)
-    hoff = p_off[:, None] * dstate + n_off[None, :]
-    hm = (p_off < hdim)[:, None] & (n_off < dstate)[None, :]
-    row = pid.to(tl.int64) * Lp
-    xbase = bb * sx_b + hh * sx_h
-    Bbase = bb * sB_b + gg * sB_g
-    Cbase = bb * sC_b + gg * sC_g
     H = tl.load(hr_ptr + ((bb * n_runs + r) * nheads + hh) * hdim * dstate + hoff, mask=hm, other=0.0)
     NB: tl.constexpr = Q // BLK
     c_first = r * RUN
@@ -711,9 +715,7 @@ def _bwd_gloc_kernel(dy_ptr, z_ptr, C_ptr, g_ptr, cs_ptr, gst_ptr, seq_ptr,
     """g = dy silu(z) (written when z is given) and each chunk's local dL/dH_in = sum_t exp(cs[t]) g[t]^T C[t]
     into slot c of the (b, chunks, h, p, n) fp32 gradient buffer."""
     c, pid = _grid_ids(n_bh, HEADS_FIRST)
-    bb = (pid // nheads).to(tl.int64)
-    hh = pid % nheads
-    gg = hh // hpg
+    bb, hh, gg = _batch_head_group(pid, nheads, hpg)
     p_off = tl.arange(0, BP)
     n_off = tl.arange(0, BN)
     row = pid.to(tl.int64) * Lp
