@@ -153,7 +153,7 @@ def test_interpreted_states_in_runs(chunk, name, run, heads, run_out, monkeypatc
     monkeypatch.setattr(chunk, "RUN_MIN_PROGRAMS", 1)
     monkeypatch.setattr(chunk, "OUT_HEADS", heads)
     monkeypatch.setattr(chunk, "RUN_OUT", run_out)
-    monkeypatch.setattr(chunk, "RUN_OUT_FP32", True)  # these inputs are fp32
+    monkeypatch.setattr(chunk, "RUN_OUT_FP32", dict.fromkeys(("ieee", "tf32", "tf32x3"), 8))  # fp32 inputs
     monkeypatch.setattr(chunk, "RUN_OUT_SHORTEST", run)
     monkeypatch.setattr(chunk, "RUN_OUT_MIN_PROGRAMS", 1)
     launched = []
@@ -363,15 +363,14 @@ def test_gpu_output_prefetch_changes_nothing(reverse, packed, monkeypatch):
 @pytest.mark.parametrize("reverse,packed", [(False, False), (True, True)])
 def test_gpu_states_in_runs_long_memory(reverse, packed, run_out, monkeypatch):
     """The forward's states from runs of 4 chunks (forced; 32 chunks), through the fix and the output kernels
-    or through ``_run_out_kernel`` (``run_out``), on fp32 inputs whose decays keep memory across tens of chunks
-    (A scaled by 1e-3): y, the final state and every gradient against the float64 reference, and y and the final
-    state without autograd."""
+    or through ``_run_out_kernel`` (``run_out``; its fp32 block), on fp32 inputs whose decays keep memory across
+    tens of chunks (A scaled by 1e-3): y, the final state and every gradient against the float64 reference, and y
+    and the final state without autograd."""
     from seqmamba.kernels.ssd import chunk as ssd_chunk
 
     monkeypatch.setattr(ssd_chunk, "STATE_RUN", 4)
     monkeypatch.setattr(ssd_chunk, "RUN_MIN_PROGRAMS", 1)
     monkeypatch.setattr(ssd_chunk, "RUN_OUT", run_out)
-    monkeypatch.setattr(ssd_chunk, "RUN_OUT_FP32", True)
     monkeypatch.setattr(ssd_chunk, "RUN_OUT_SHORTEST", 4)
     monkeypatch.setattr(ssd_chunk, "RUN_OUT_MIN_PROGRAMS", 1)
     b, l = 2, 8192

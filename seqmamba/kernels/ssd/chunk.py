@@ -126,9 +126,12 @@ FIX_BLOCK = 2048  # state elements per program of the fix
 #   b4 l16384 0.755 -> 0.558 (8); b8 l2048 0.211 (chunk path) against 0.267 in runs of 4.
 #   Its own launch at 1M: 1 stage (2: 8.88 ms, 3: 19.3), 4 warps (8: 13.0-14.9 ms), the forward's block of 64
 #   (RUN_OUT_BLOCK 32 on 4 / 2 warps: 10.4 / 10.7 ms; 128 on 8 / 4 warps: 12.8 / 28.0).
-# fp32 products (RUN_OUT_FP32) were slower: b2 l8192 1.73 -> 2.02 ms, b1 l65536 6.11 -> 6.79 (runs of 8).
+# fp32 products: the run-out kernel's block for each precision (at most the forward's block); a precision not
+# listed keeps the fix path. H100, same run, fp32 inputs, 3xTF32, b1 l65536 / l262144 forward ms: fix or chunk
+# path 5.98-6.08 / 23.7-23.8; run-out in blocks of 64: 6.84 / 27.0 (the fp32 state and tiles spill), of 32: 8.96 /
+# 36.7, of 16: 5.40 / 21.2 (fwd+bwd 48.7 -> 48.2 / 187.7 -> 186.5). Single TF32 (block 32) was not measured.
 RUN_OUT = True
-RUN_OUT_FP32 = False
+RUN_OUT_FP32 = {"tf32x3": 16}
 RUN_OUT_SHORTEST = 8
 RUN_OUT_MIN_PROGRAMS = 768
 RUN_OUT_WARPS = 4
@@ -1161,7 +1164,7 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
         _run_out_kernel[(hr.shape[1] * b * h,)](
             x, B, C, D if D is not None else dummy, z if z is not None else dummy, y, ypre if ypre is not None else y,
             dtp, cs, st, seq[0], hr, *x.stride(), *B.stride(), *C.stride(), *_strides4(z), *y.stride()[:3], *seq[1:],
-            *cfg.dims, b * h, hr.shape[1], **dict(flags, BLK=RUN_OUT_BLOCK or cfg.BLK), RUN=run, STATES=store_pre,
+            *cfg.dims, b * h, hr.shape[1], **dict(flags, BLK=_run_out_block(cfg, dot)), RUN=run, STATES=store_pre,
             num_warps=RUN_OUT_WARPS, num_stages=RUN_OUT_STAGES)
         return y, ht, ypre, dtp, cs, st
     states = functools.partial(_states_in_runs, run=run) if run else _states_by_chunk
@@ -1206,8 +1209,17 @@ def _state_run(cfg, run_out):
 
 
 def _run_out(dot):
-    """Whether runs of chunks go to ``_run_out_kernel`` (RUN_OUT; fp32 products only with RUN_OUT_FP32)."""
-    return RUN_OUT and (RUN_OUT_FP32 or dot["DT"] != tl.float32)
+    """Whether runs of chunks go to ``_run_out_kernel`` (RUN_OUT; fp32 products in a precision RUN_OUT_FP32
+    lists)."""
+    return RUN_OUT and (dot["DT"] != tl.float32 or dot["PREC"] in RUN_OUT_FP32)
+
+
+def _run_out_block(cfg, dot):
+    """Block of ``_run_out_kernel``: RUN_OUT_BLOCK, else the forward's (16-bit products) or RUN_OUT_FP32's for the
+    precision, at most the forward's (fp32 products)."""
+    if RUN_OUT_BLOCK:
+        return RUN_OUT_BLOCK
+    return min(RUN_OUT_FP32[dot["PREC"]], cfg.BLK) if dot["DT"] == tl.float32 else cfg.BLK
 
 
 def _states_by_chunk(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks):
