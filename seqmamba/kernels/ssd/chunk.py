@@ -19,9 +19,9 @@ state) -> ``_chunk_out_pair_kernel`` (y; two heads a program, ``_chunk_out_kerne
 length is cut into runs of chunks instead: ``_chunk_state_run_kernel`` (each run carried from zero to its end
 state) -> ``_run_pass_kernel`` (sequential over runs, fp32: the state entering each run) ->
 ``_run_out_kernel`` (each run walked again block by block from its entering state, the state carried in
-registers: y, and the states entering the chunks where the backward needs them). With fp32 products the run
-kernel writes the run-local states entering its chunks, ``_state_fix_kernel`` adds each run's entering state,
-decayed, and the chunk output kernels follow.
+registers: y, and the states entering the chunks where the backward needs them). For fp32 products in a
+precision without a run-out block (``RUN_OUT_FP32``) the run kernel writes the run-local states entering its
+chunks, ``_state_fix_kernel`` adds each run's entering state, decayed, and the chunk output kernels follow.
 
 Backward, with g = dy silu(z) and G_out[c] = dL/dH_out[c]:
   ``_bwd_gloc_kernel`` (g, and each chunk's local dL/dH_in, fp32) -> ``_bwd_state_pass_kernel`` (right to
