@@ -289,6 +289,7 @@ def resources(block=None, warps=None, dtype=torch.bfloat16, tf32=False):
     w = warps or ours.WARPS
     flags = dict(REVERSE=True, HAS_SEQ=True, Q=ours.CHUNK)
     dots = dict(BLK=blk, BP=64, BN=128, UP=False, **dot)
+    run_out_blk = min(ours.RUN_OUT_FP32.get(dot["PREC"], blk), blk) if dtype == torch.float32 else blk
     kernels = {
         "_dt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK, BH=ours.DT_HEADS),
         "_chunk_state_kernel": dict(**flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
@@ -300,8 +301,8 @@ def resources(block=None, warps=None, dtype=torch.bfloat16, tf32=False):
                                   FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST),
         "_chunk_out_pair_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
                                        PREFETCH=ours.OUT_PREFETCH),
-        "_run_out_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
-                                RUN=ours.STATE_RUN, STATES=True),
+        "_run_out_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags,
+                                **dict(dots, BLK=run_out_blk), RUN=ours.STATE_RUN, STATES=True),
         "_bwd_gloc_kernel": dict(HAS_Z=True, **flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_bwd_state_pass_kernel": dict(HAS_DHT=True, **flags, BS=ours.STATE_BLOCK, U=ours.STATE_UNROLL),
         "_bwd_dx_dB_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, **flags, **dots, FACTOR=ours.FACTOR,

@@ -1252,6 +1252,7 @@ def _runs(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks, run, states):
     if states:
         st = torch.empty(b, nc, h, p, n, device=x.device, dtype=_state_dtype(x, B, C))
         pre = torch.empty(b * h, nc, **f32)
+    # without STATES the st and pre arguments are placeholders (never written)
     _chunk_state_run_kernel[(n_runs * b * h,)](x, B, dtp, cs, st if states else agg, agg, dagg,
                                                pre if states else dagg, seq[0], *x.stride(), *B.stride(), *seq[1:],
                                                *cfg.dims, b * h, n_runs, **common, **blocks, RUN=run,
