@@ -289,14 +289,13 @@ def resources(block=None, warps=None, dtype=torch.bfloat16, tf32=False):
     w = warps or ours.WARPS
     flags = dict(REVERSE=True, HAS_SEQ=True, Q=ours.CHUNK)
     dots = dict(BLK=blk, BP=64, BN=128, UP=False, **dot)
-    run_out_blk = min(ours.RUN_OUT_FP32.get(dot["PREC"], blk), blk) if dtype == torch.float32 else blk
+    run_out_blk = min(ours.RUN_OUT_BLOCK_FP32, blk) if dtype == torch.float32 else blk
     kernels = {
         "_dt_kernel": dict(HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, Q=ours.CHUNK, BH=ours.DT_HEADS),
         "_chunk_state_kernel": dict(**flags, **dots, HEADS_FIRST=ours.HEADS_FIRST),
         "_state_pass_kernel": dict(HAS_H0=True, **flags, BS=ours.STATE_BLOCK, U=ours.STATE_UNROLL),
-        "_chunk_state_run_kernel": dict(**flags, **dots, RUN=ours.STATE_RUN, STATES=True),
+        "_chunk_state_run_kernel": dict(**flags, **dots, RUN=ours.STATE_RUN),
         "_run_pass_kernel": dict(HAS_H0=True, BS=ours.STATE_BLOCK),
-        "_state_fix_kernel": dict(RUN=ours.STATE_RUN, BS=ours.FIX_BLOCK),
         "_chunk_out_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
                                   FACTOR=ours.FACTOR, HEADS_FIRST=ours.HEADS_FIRST),
         "_chunk_out_pair_kernel": dict(HAS_D=True, D_HP=False, HAS_Z=True, STORE_PRE=True, **flags, **dots,
@@ -319,7 +318,7 @@ def resources(block=None, warps=None, dtype=torch.bfloat16, tf32=False):
         return (ours.STAGES_BWD or ours.STAGES) if name.startswith("_bwd") else ours.STAGES
 
     def warps_of(name):
-        if name in ("_run_pass_kernel", "_state_fix_kernel"):
+        if name == "_run_pass_kernel":
             return 4
         return {"_chunk_out_pair_kernel": ours.OUT_WARPS, "_run_out_kernel": ours.RUN_OUT_WARPS}.get(name, w)
 

@@ -138,31 +138,22 @@ def test_interpreted_state_pass_unroll(chunk, unroll, name, monkeypatch):
     check_case(chunk, name, h=4, seed=31, tuning=dict(chunk=16, blk=16))  # 3 or 4 chunks
 
 
-@pytest.mark.parametrize("run_out", [False, True])
-@pytest.mark.parametrize("name,run,heads", [("all-Dhp-reverse", 2, 2), ("all-Dhp-reverse", 3, 1), ("packed", 2, 1),
-                                            ("packed", 3, 2), ("packed-reverse", 3, 2),
-                                            ("bias-nosoftplus-no-h0-rev", 2, 2)])
-def test_interpreted_states_in_runs(chunk, name, run, heads, run_out, monkeypatch):
-    """The forward's states from runs of chunks (``_chunk_state_run_kernel``, the pass over runs): 3-4 chunks of
-    16 in runs of 2 or 3 (partial last runs), sequence resets inside runs and chunks, both directions, with and
-    without an initial state; then either the fix and output kernels of one and two heads, or (``run_out``)
-    ``_run_out_kernel`` walking each run in blocks of 8 from its entering state. y, the final state and every
-    gradient, and y and the final state without autograd, against the float64 reference; the path's kernels are
-    the ones launched."""
+@pytest.mark.parametrize("name,run", [("all-Dhp-reverse", 2), ("all-Dhp-reverse", 3), ("packed", 2), ("packed", 3),
+                                      ("packed-reverse", 3), ("bias-nosoftplus-no-h0-rev", 2)])
+def test_interpreted_states_in_runs(chunk, name, run, monkeypatch):
+    """The forward in runs of chunks: ``_chunk_state_run_kernel`` (each run's end state), the pass over runs, and
+    ``_run_out_kernel`` walking each run in blocks of 8 (two a chunk of 16) from its entering state. 3-4 chunks
+    in runs of 2 or 3 (partial last runs), sequence resets inside runs, chunks and blocks, both directions, with
+    and without an initial state; y, the final state and every gradient, and y and the final state without
+    autograd, against the float64 reference; the run path's kernels are the ones launched."""
     monkeypatch.setattr(chunk, "STATE_RUN", run)
-    monkeypatch.setattr(chunk, "RUN_MIN_PROGRAMS", 1)
-    monkeypatch.setattr(chunk, "OUT_HEADS", heads)
-    monkeypatch.setattr(chunk, "RUN_OUT", run_out)
-    monkeypatch.setattr(chunk, "RUN_OUT_FP32", dict.fromkeys(("ieee", "tf32", "tf32x3"), 8))  # fp32 inputs
     monkeypatch.setattr(chunk, "RUN_OUT_SHORTEST", run)
     monkeypatch.setattr(chunk, "RUN_OUT_MIN_PROGRAMS", 1)
     launched = []
-    for kernel in ("_chunk_state_run_kernel", "_state_fix_kernel", "_run_out_kernel", "_chunk_out_kernel",
-                   "_chunk_out_pair_kernel"):
+    for kernel in ("_chunk_state_run_kernel", "_run_out_kernel", "_chunk_out_kernel", "_chunk_out_pair_kernel"):
         monkeypatch.setattr(chunk, kernel, _Spy(getattr(chunk, kernel), kernel, launched))
-    tuning = dict(chunk=16, blk=8 if run_out else 16)
-    output = "_chunk_out_pair_kernel" if heads == 2 else "_chunk_out_kernel"
-    path = ["_chunk_state_run_kernel"] + (["_run_out_kernel"] if run_out else ["_state_fix_kernel", output])
+    tuning = dict(chunk=16, blk=8)
+    path = ["_chunk_state_run_kernel", "_run_out_kernel"]
     check_case(chunk, name, h=4, seed=37, tuning=tuning)
     assert launched == path
     inp, _, _, flags = case_inputs(name, h=4, seed=37)
@@ -362,14 +353,12 @@ def test_gpu_output_prefetch_changes_nothing(reverse, packed, monkeypatch):
 @pytest.mark.parametrize("run_out", [False, True])
 @pytest.mark.parametrize("reverse,packed", [(False, False), (True, True)])
 def test_gpu_states_in_runs_long_memory(reverse, packed, run_out, monkeypatch):
-    """The forward's states from runs of 4 chunks (forced; 32 chunks), through the fix and the output kernels
-    or through ``_run_out_kernel`` (``run_out``; its fp32 block), on fp32 inputs whose decays keep memory across
-    tens of chunks (A scaled by 1e-3): y, the final state and every gradient against the float64 reference, and y
-    and the final state without autograd."""
+    """The forward by chunk, or (``run_out``) in runs of 4 chunks (forced; 32 chunks) through ``_run_out_kernel``
+    in its fp32 block, on fp32 inputs whose decays keep memory across tens of chunks (A scaled by 1e-3): y, the
+    final state and every gradient against the float64 reference, and y and the final state without autograd."""
     from seqmamba.kernels.ssd import chunk as ssd_chunk
 
     monkeypatch.setattr(ssd_chunk, "STATE_RUN", 4)
-    monkeypatch.setattr(ssd_chunk, "RUN_MIN_PROGRAMS", 1)
     monkeypatch.setattr(ssd_chunk, "RUN_OUT", run_out)
     monkeypatch.setattr(ssd_chunk, "RUN_OUT_SHORTEST", 4)
     monkeypatch.setattr(ssd_chunk, "RUN_OUT_MIN_PROGRAMS", 1)

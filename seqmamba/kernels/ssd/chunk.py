@@ -19,9 +19,7 @@ state) -> ``_chunk_out_pair_kernel`` (y; two heads a program, ``_chunk_out_kerne
 length is cut into runs of chunks instead: ``_chunk_state_run_kernel`` (each run carried from zero to its end
 state) -> ``_run_pass_kernel`` (sequential over runs, fp32: the state entering each run) ->
 ``_run_out_kernel`` (each run walked again block by block from its entering state, the state carried in
-registers: y, and the states entering the chunks where the backward needs them). For fp32 products in a
-precision without a run-out block (``RUN_OUT_FP32``) the run kernel writes the run-local states entering its
-chunks, ``_state_fix_kernel`` adds each run's entering state, decayed, and the chunk output kernels follow.
+registers: y, and the states entering the chunks where the backward needs them).
 
 Backward, with g = dy silu(z) and G_out[c] = dL/dH_out[c]:
   ``_bwd_gloc_kernel`` (g, and each chunk's local dL/dH_in, fp32) -> ``_bwd_state_pass_kernel`` (right to
@@ -41,7 +39,6 @@ themselves are 32-bit: l < 2^31).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -106,37 +103,30 @@ OUT_PREFETCH = True
 # 0.285, 0.222, 0.224, 0.312 ms. With the backward's pass grouped too, fwd+bwd at 1M: 68.3 at 1, 66.2 at 4,
 # 66.6 at 8
 STATE_UNROLL = 4
-# The forward's states in runs of STATE_RUN chunks (``_chunk_state_run_kernel``): each program carries one run
-# from a zero state and writes the states entering its chunks (bf16 for bf16 inputs); a pass over the runs and
-# an in-place fix add each run's entering state. The chunks' fp32 local states (3.2 GB at b1 l2^20 24x64 n128)
-# are then never written nor read. Used where the runs give at least RUN_MIN_PROGRAMS programs (0: never).
-# H100, same run, bf16 b1 l2^20, forward / fwd+bwd ms: by chunk 11.71 / 63.78; runs of 16 10.83 / 63.10, of 32
-# 10.70 / 62.96 (8 warps: 11.52 / 63.86). At l65536 (384 programs in runs of 16) no faster (0.759 by chunk,
-# 0.759-0.779 in runs). Completing the states inside the output kernels instead of the fix (no grad) was no
-# faster: the pair kernel lost what the fix costs (1.1 ms at 1M).
-STATE_RUN = 32
-RUN_MIN_PROGRAMS = 2048
-FIX_BLOCK = 2048  # state elements per program of the fix
-# 16-bit products: ``_run_out_kernel`` walks runs of chunks again, block by block, from the state entering each
-# run (no chunk state written, fixed or read, no block before the diagonal recomputed), its runs the longest of
-# STATE_RUN, STATE_RUN / 2, ... RUN_OUT_SHORTEST chunks that give RUN_OUT_MIN_PROGRAMS programs (else the chunk
-# path). H100, same runs, bf16 24x64 n128, forward ms, chunk (or fix) path -> run-out path (runs of):
+# At long lengths the forward cuts the length into runs of chunks: ``_chunk_state_run_kernel`` carries each run
+# from a zero state to its end state, a pass over the runs gives the state entering each run, and
+# ``_run_out_kernel`` walks each run again, block by block, from that state (no chunk state written or read, no
+# block before the diagonal recomputed). Runs are the longest of STATE_RUN, STATE_RUN / 2, ... RUN_OUT_SHORTEST
+# chunks that give RUN_OUT_MIN_PROGRAMS programs, else (and with RUN_OUT off) the chunk path. H100, same runs,
+# bf16 24x64 n128, forward ms, the chunk path or session 18's runs (chunk states fixed in place, then the pair
+# output kernel) -> run-out (runs of):
 #   b1 l2^20 10.53 -> 8.15-8.30 (32; 16: 8.22; fwd+bwd 56.6 -> 55.6); b1 l262144 2.90 -> 2.05 (32; 16: 2.11);
 #   b1 l65536 0.750 -> 0.563 (8; 4: 0.607, 16: 0.666); b2 l32768 0.747 -> 0.559 (8; 16: 0.660);
 #   b4 l16384 0.755 -> 0.558 (8); b8 l2048 0.211 (chunk path) against 0.267 in runs of 4.
 #   Its own launch at 1M: 1 stage (2: 8.88 ms, 3: 19.3), 4 warps (8: 13.0-14.9 ms), the forward's block of 64
 #   (RUN_OUT_BLOCK 32 on 4 / 2 warps: 10.4 / 10.7 ms; 128 on 8 / 4 warps: 12.8 / 28.0).
-# fp32 products: the run-out kernel's block for each precision (at most the forward's block); a precision not
-# listed keeps the fix path. H100, same run, fp32 inputs, 3xTF32, b1 l65536 / l262144 forward ms: fix or chunk
-# path 5.98-6.08 / 23.7-23.8; run-out in blocks of 64: 6.84 / 27.0 (the fp32 state and tiles spill), of 32: 8.96 /
-# 36.7, of 16: 5.40 / 21.2 (fwd+bwd 48.7 -> 48.2 / 187.7 -> 186.5). Single TF32 (block 32) was not measured.
+# fp32 products run it in blocks of RUN_OUT_BLOCK_FP32 (at most the forward's block). H100, same runs, fp32 inputs,
+# forward ms, b1 l65536 / l262144: 3xTF32, the chunk path (or fix) 5.98-6.08 / 23.7-23.8, run-out in blocks of 64
+# 6.84 / 27.0 (the fp32 state and tiles spill), of 32 8.96 / 36.7, of 16 5.40 / 21.2; single TF32 (torch's
+# switch), b1 l65536 / l2^20: chunk path / fix 2.39 / 36.1-36.3, blocks of 32 2.31 / 35.1, of 16 2.22 / 33.8.
+STATE_RUN = 32
 RUN_OUT = True
-RUN_OUT_FP32 = {"tf32x3": 16}
 RUN_OUT_SHORTEST = 8
 RUN_OUT_MIN_PROGRAMS = 768
 RUN_OUT_WARPS = 4
 RUN_OUT_STAGES = 1
-RUN_OUT_BLOCK = 0  # 0: the forward's block
+RUN_OUT_BLOCK = 0  # 0: the forward's block (RUN_OUT_BLOCK_FP32 for fp32 products)
+RUN_OUT_BLOCK_FP32 = 16
 
 
 @triton.jit
@@ -298,19 +288,16 @@ def _run_program(n_bh, nheads, hpg, hdim, dstate, Lp, sx_b, sx_h, sB_b, sB_g, BP
 
 
 @triton.jit
-def _chunk_state_run_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, agg_ptr, dagg_ptr, pre_ptr, seq_ptr,
+def _chunk_state_run_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, agg_ptr, dagg_ptr, seq_ptr,
                             sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
                             nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bh, n_runs,
                             REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
                             BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                            UP: tl.constexpr, RUN: tl.constexpr, STATES: tl.constexpr):
+                            UP: tl.constexpr, RUN: tl.constexpr):
     """A run of RUN consecutive chunks of one (batch, head), carried from a zero state at the run's start
-    (h <- decay h + local, in fp32). Writes the run's end state (``agg``, (b, runs, h, p, n) fp32) and its total
-    decay (``dagg``, (b h, runs)); with STATES also the state entering each chunk to its ``st`` slot (in st's
-    dtype) and the product of the decays from the run's start to each chunk (``pre``, (b h, chunks) fp32), which
-    ``_run_pass_kernel`` and ``_state_fix_kernel`` then complete with each run's entering state: the chunks' fp32
-    local states never reach memory. Without STATES, ``_run_out_kernel`` walks the runs again from their entering
-    states. 1-d grid, the n_bh (batch, head) pairs of one run consecutive."""
+    (h <- decay h + local, in fp32): its end state (``agg``, (b, runs, h, p, n) fp32) and total decay (``dagg``,
+    (b h, runs)), for ``_run_pass_kernel``; the chunks' local states never reach memory. 1-d grid, the n_bh
+    (batch, head) pairs of one run consecutive."""
     r, pid, bb, hh, gg, row, xbase, Bbase, hoff, hm = _run_program(n_bh, nheads, hpg, hdim, dstate, Lp, sx_b, sx_h,
                                                                    sB_b, sB_g, BP, BN)
     h = tl.zeros([BP, BN], dtype=tl.float32)
@@ -324,10 +311,6 @@ def _chunk_state_run_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, st_ptr, agg_ptr, dagg
         k = i % NB
         c0 = c.to(tl.int64) * Q
         if k == 0:
-            if STATES:
-                tl.store(st_ptr + ((bb * n_chunks + c) * nheads + hh) * hdim * dstate + hoff,
-                         h.to(st_ptr.dtype.element_ty), mask=hm)
-                tl.store(pre_ptr + pid.to(tl.int64) * n_chunks + c, pre)
             decay = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, c0, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
             h = h * decay
             pre = pre * decay
@@ -369,24 +352,6 @@ def _run_pass_kernel(agg_ptr, dagg_ptr, hr_ptr, ht_ptr, h0_ptr, nheads, n_runs, 
         agg = agg_next
         slot += step
     tl.store(ht_ptr + pid.to(tl.int64) * size + e, h, mask=em)
-
-
-@triton.jit
-def _state_fix_kernel(st_ptr, pre_ptr, hr_ptr, nheads, n_chunks, n_runs, size, RUN: tl.constexpr,
-                      BS: tl.constexpr):
-    """st[c] += pre[c] * (the state entering c's run), in place: ``_chunk_state_run_kernel``'s run-local states
-    become the states entering each chunk. Program (slot of the (b, chunks, h, p, n) states, block of BS
-    elements)."""
-    s = tl.program_id(0).to(tl.int64)
-    hh = s % nheads
-    c = (s // nheads) % n_chunks
-    bb = s // (nheads * n_chunks)
-    e = tl.program_id(1) * BS + tl.arange(0, BS)
-    em = e < size
-    pre = tl.load(pre_ptr + (bb * nheads + hh) * n_chunks + c)
-    hr = tl.load(hr_ptr + ((bb * n_runs + c // RUN) * nheads + hh) * size + e, mask=em, other=0.0)
-    st = tl.load(st_ptr + s * size + e, mask=em, other=0.0).to(tl.float32)
-    tl.store(st_ptr + s * size + e, (st + pre * hr).to(st_ptr.dtype.element_ty), mask=em)
 
 
 @triton.jit
@@ -1156,10 +1121,9 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     ypre = torch.empty_like(y) if (store_pre and z is not None) else None
     flags = dict(HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None,
                  STORE_PRE=ypre is not None, **common, **blocks)
-    run_out = _run_out(dot)
-    run = _state_run(cfg, run_out)
-    if run and run_out:
-        hr, ht, _, _ = _runs(x, B, C, dtp, cs, h0c, h0 is not None, seq, cfg, common, blocks, run, False)
+    run = _state_run(cfg)
+    if run:
+        hr, ht = _run_states(x, B, dtp, cs, h0c, h0 is not None, seq, cfg, common, blocks, run)
         st = torch.empty(b, nc, h, p, cfg.n, device=dev, dtype=_state_dtype(x, B, C)) if store_pre else dummy
         _run_out_kernel[(hr.shape[1] * b * h,)](
             x, B, C, D if D is not None else dummy, z if z is not None else dummy, y, ypre if ypre is not None else y,
@@ -1167,8 +1131,7 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
             *cfg.dims, b * h, hr.shape[1], **dict(flags, BLK=_run_out_block(cfg, dot)), RUN=run, STATES=store_pre,
             num_warps=RUN_OUT_WARPS, num_stages=RUN_OUT_STAGES)
         return y, ht, ypre, dtp, cs, st
-    states = functools.partial(_states_in_runs, run=run) if run else _states_by_chunk
-    st, ht = states(x, B, C, dtp, cs, h0c, h0 is not None, seq, cfg, common, blocks)
+    st, ht = _states_by_chunk(x, B, C, dtp, cs, h0c, h0 is not None, seq, cfg, common, blocks)
     args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy, y,
             ypre if ypre is not None else y, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *C.stride(),
             *_strides4(z), *y.stride()[:3], *seq[1:], *cfg.dims)
@@ -1190,36 +1153,24 @@ def _prefetch_ok(x, B, C, cfg):
             and x.stride(3) == 1 and B.stride(3) == 1 and C.stride(3) == 1 and cfg.p <= 64 and cfg.n <= 128)
 
 
-def _state_run(cfg, run_out):
-    """Chunks per run of the forward's state kernel, 0 for one program a chunk and a pass over the chunks. For
-    ``_run_out_kernel``: the longest of STATE_RUN, STATE_RUN / 2, ... RUN_OUT_SHORTEST that gives
-    RUN_OUT_MIN_PROGRAMS programs; for the fix: STATE_RUN where that gives RUN_MIN_PROGRAMS. Runs are shorter
-    than the row."""
-    programs = lambda run: cfg.b * cfg.h * triton.cdiv(cfg.nc, run)  # noqa: E731
-    if run_out:
-        run = STATE_RUN
-        while run >= max(RUN_OUT_SHORTEST, 1):
-            if cfg.nc > run and programs(run) >= RUN_OUT_MIN_PROGRAMS:
-                return run
-            run //= 2
-        return 0
-    if not STATE_RUN or not RUN_MIN_PROGRAMS or cfg.nc <= STATE_RUN:
-        return 0
-    return STATE_RUN if programs(STATE_RUN) >= RUN_MIN_PROGRAMS else 0
-
-
-def _run_out(dot):
-    """Whether runs of chunks go to ``_run_out_kernel`` (RUN_OUT; fp32 products in a precision RUN_OUT_FP32
-    lists)."""
-    return RUN_OUT and (dot["DT"] != tl.float32 or dot["PREC"] in RUN_OUT_FP32)
+def _state_run(cfg):
+    """Chunks per run of the forward (``_run_out_kernel``): the longest of STATE_RUN, STATE_RUN / 2, ...
+    RUN_OUT_SHORTEST shorter than the row that gives RUN_OUT_MIN_PROGRAMS programs; 0 (the chunk path) if none
+    does or RUN_OUT is off."""
+    run = STATE_RUN if RUN_OUT else 0
+    while run and run >= RUN_OUT_SHORTEST:
+        if cfg.nc > run and cfg.b * cfg.h * triton.cdiv(cfg.nc, run) >= RUN_OUT_MIN_PROGRAMS:
+            return run
+        run //= 2
+    return 0
 
 
 def _run_out_block(cfg, dot):
-    """Block of ``_run_out_kernel``: RUN_OUT_BLOCK, else the forward's (16-bit products) or RUN_OUT_FP32's for the
-    precision, at most the forward's (fp32 products)."""
+    """Block of ``_run_out_kernel``: RUN_OUT_BLOCK, else the forward's block (16-bit products) or
+    RUN_OUT_BLOCK_FP32, at most the forward's (fp32 products)."""
     if RUN_OUT_BLOCK:
         return RUN_OUT_BLOCK
-    return min(RUN_OUT_FP32[dot["PREC"]], cfg.BLK) if dot["DT"] == tl.float32 else cfg.BLK
+    return min(RUN_OUT_BLOCK_FP32, cfg.BLK) if dot["DT"] == tl.float32 else cfg.BLK
 
 
 def _states_by_chunk(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks):
@@ -1239,38 +1190,22 @@ def _states_by_chunk(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks):
     return st, ht
 
 
-def _runs(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks, run, states):
-    """``_chunk_state_run_kernel`` over runs of ``run`` chunks, then the pass over the runs. Returns the states
-    entering the runs (hr, (b, runs, h, p, n) fp32), the final state, and with ``states`` the run-local states
-    entering each chunk (in ``_state_dtype``) and their decays from the run's start (else None, None)."""
-    b, h, p, n, nc = cfg.b, cfg.h, cfg.p, cfg.n, cfg.nc
+def _run_states(x, B, dtp, cs, h0, has_h0, seq, cfg, common, blocks, run):
+    """``_chunk_state_run_kernel`` over runs of ``run`` chunks, then the pass over the runs: the states entering
+    the runs (b, runs, h, p, n) and the final state (b, h, p, n), fp32."""
+    b, h, p, n = cfg.b, cfg.h, cfg.p, cfg.n
     f32 = dict(device=x.device, dtype=torch.float32)
-    n_runs = triton.cdiv(nc, run)
+    n_runs = triton.cdiv(cfg.nc, run)
     agg = torch.empty(b, n_runs, h, p, n, **f32)
     dagg = torch.empty(b * h, n_runs, **f32)
-    st = pre = None
-    if states:
-        st = torch.empty(b, nc, h, p, n, device=x.device, dtype=_state_dtype(x, B, C))
-        pre = torch.empty(b * h, nc, **f32)
-    # without STATES the st and pre arguments are placeholders (never written)
-    _chunk_state_run_kernel[(n_runs * b * h,)](x, B, dtp, cs, st if states else agg, agg, dagg,
-                                               pre if states else dagg, seq[0], *x.stride(), *B.stride(), *seq[1:],
+    _chunk_state_run_kernel[(n_runs * b * h,)](x, B, dtp, cs, agg, dagg, seq[0], *x.stride(), *B.stride(), *seq[1:],
                                                *cfg.dims, b * h, n_runs, **common, **blocks, RUN=run,
-                                               STATES=states, num_warps=cfg.warps, num_stages=STAGES)
+                                               num_warps=cfg.warps, num_stages=STAGES)
     hr = torch.empty_like(agg)
     ht = torch.empty(b, h, p, n, **f32)
     _run_pass_kernel[(b * h, cfg.n_sblocks)](agg, dagg, hr, ht, h0, h, n_runs, cfg.size, HAS_H0=has_h0, BS=cfg.BS,
                                              num_warps=4)
-    return hr, ht, st, pre
-
-
-def _states_in_runs(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks, run):
-    """``_states_by_chunk`` from runs of ``run`` chunks: no fp32 local state per chunk in memory."""
-    hr, ht, st, pre = _runs(x, B, C, dtp, cs, h0, has_h0, seq, cfg, common, blocks, run, True)
-    fix = min(FIX_BLOCK, triton.next_power_of_2(cfg.size))
-    _state_fix_kernel[(cfg.b * cfg.nc * cfg.h, triton.cdiv(cfg.size, fix))](st, pre, hr, cfg.h, cfg.nc, hr.shape[1],
-                                                                            cfg.size, RUN=run, BS=fix, num_warps=4)
-    return st, ht
+    return hr, ht
 
 
 def _out_heads(cfg):
