@@ -605,10 +605,10 @@ def _chunk_out_pair_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, d
 
 
 @triton.jit
-def _run_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr, hr_ptr,
+def _run_out_kernel(x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, ypre_ptr, dtp_ptr, cs_ptr, st_ptr, seq_ptr,
                     sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                     sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, ss_b, ss_l,
-                    nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, n_bh, n_runs,
+                    nheads, hpg, seqlen, Lp, n_chunks, hdim, dstate, hr_ptr, n_bh, n_runs,
                     HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, STORE_PRE: tl.constexpr,
                     REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLK: tl.constexpr,
                     BP: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
@@ -1101,7 +1101,8 @@ def _seq_args(seq_idx, dummy):
 
 def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pre, chunk, blk, warps):
     """Returns y, final_state (b, h, p, n) fp32, y_pre (or None), dt' and cs ((b h, Lp) fp32, scan order),
-    and the states entering each chunk (b, chunks, h, p, n) in ``_state_dtype``."""
+    and the states entering each chunk (b, chunks, h, p, n) in ``_state_dtype`` (in runs of chunks: only with
+    ``store_pre``, the backward's inputs; else a placeholder)."""
     cfg = _Cfg(x, B, chunk, blk, warps)
     b, l, h, p, nc = cfg.b, cfg.l, cfg.h, cfg.p, cfg.nc
     dev = x.device
@@ -1125,18 +1126,16 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, reverse, seq_idx, store_pr
     if run:
         hr, ht = _run_states(x, B, dtp, cs, h0c, h0 is not None, seq, cfg, common, blocks, run)
         st = torch.empty(b, nc, h, p, cfg.n, device=dev, dtype=_state_dtype(x, B, C)) if store_pre else dummy
-        _run_out_kernel[(hr.shape[1] * b * h,)](
-            x, B, C, D if D is not None else dummy, z if z is not None else dummy, y, ypre if ypre is not None else y,
-            dtp, cs, st, seq[0], hr, *x.stride(), *B.stride(), *C.stride(), *_strides4(z), *y.stride()[:3], *seq[1:],
-            *cfg.dims, b * h, hr.shape[1], **dict(flags, BLK=_run_out_block(cfg, dot)), RUN=run, STATES=store_pre,
-            num_warps=RUN_OUT_WARPS, num_stages=RUN_OUT_STAGES)
-        return y, ht, ypre, dtp, cs, st
-    st, ht = _states_by_chunk(x, B, C, dtp, cs, h0c, h0 is not None, seq, cfg, common, blocks)
+    else:
+        st, ht = _states_by_chunk(x, B, C, dtp, cs, h0c, h0 is not None, seq, cfg, common, blocks)
     args = (x, B, C, D if D is not None else dummy, z if z is not None else dummy, y,
             ypre if ypre is not None else y, dtp, cs, st, seq[0], *x.stride(), *B.stride(), *C.stride(),
             *_strides4(z), *y.stride()[:3], *seq[1:], *cfg.dims)
-    hpp = _out_heads(cfg)
-    if hpp == 2:
+    if run:
+        flags["BLK"] = _run_out_block(cfg, dot)
+        _run_out_kernel[(hr.shape[1] * b * h,)](*args, hr, b * h, hr.shape[1], **flags, RUN=run, STATES=store_pre,
+                                                num_warps=RUN_OUT_WARPS, num_stages=RUN_OUT_STAGES)
+    elif _out_heads(cfg) == 2:
         _chunk_out_pair_kernel[(nc * cfg.NB * b * h // 2,)](*args, b * h // 2, **flags, num_warps=OUT_WARPS,
                                                             num_stages=OUT_STAGES, PREFETCH=_prefetch_ok(x, B, C, cfg))
     else:
