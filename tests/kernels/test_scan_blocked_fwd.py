@@ -111,6 +111,10 @@ CASES = [
     ("unpadded-pieces", dict(l=48, groups=2), True, False, None, dict(chunk=16, state_len=4, bd=2)),
     ("unpadded-pieces-seq_idx-reverse", dict(l=48, groups=2), True, True, [5, 13, 29, 40],
      dict(chunk=16, state_len=8)),
+    # B/C loaded without masks (whole chunks only; by default only without saved states: forced here)
+    ("mask-free-reverse", dict(l=32, groups=1), True, True, None, dict(chunk=16, bc_full=True)),
+    ("mask-free-pieces-seq_idx", dict(l=48, groups=2), True, False, [5, 13, 29, 40],
+     dict(chunk=16, state_len=4, bd=2, bc_full=True)),
 ]
 
 
@@ -155,6 +159,23 @@ def test_interpreted_full_warp_pieces(bf, dtype, reverse):
     x.update({k: x[k].to(dtype) for k in L_ARGS})
     check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, chunk=256, state_len=64,
           num_warps=1)
+
+
+@pytest.mark.parametrize("dtype,l,chunk,reverse", [(torch.float32, 64, 16, False), (torch.float32, 64, 16, True),
+                                                   (torch.bfloat16, 1024, 512, True)])
+def test_interpreted_mask_free_without_states(bf, dtype, l, chunk, reverse):
+    """A forward without saved states over whole chunks loads B/C without masks by default (bf16: as pairs, the
+    default plan's tile): y and the final state against the float64 reference."""
+    assert bf._mask_free(l, chunk, False, {}) and not bf._mask_free(l + chunk // 2, chunk, False, {})
+    x = inputs(b=1, d=2, n=3, l=l, groups=1, seed=l + reverse)
+    x.update({k: x[k].to(dtype) for k in L_ARGS})
+    y, h, cs = bf.blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
+                              softplus=True, initial_state=x["initial_state"], reverse=reverse, chunk=chunk,
+                              num_warps=1)
+    y_ref, h_ref = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True,
+                                      reverse=reverse, return_final_state=True)
+    assert cs is None
+    assert_all_close({"y": (y, y_ref), "final_state": (h, h_ref)}, 1e-2 if dtype == torch.bfloat16 else 2e-5)
 
 
 def test_interpreted_channel_last_inputs(bf):
@@ -233,17 +254,18 @@ def test_gpu_fp32_matches_reference(shape, groups, cuts, tuning, reverse):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("l", [4000, 4001])
+@pytest.mark.parametrize("l,save_states", [(4000, True), (4001, True), (4096, False)])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_gpu_bf16_default_tiles_match_reference(reverse, l):
+def test_gpu_bf16_default_tiles_match_reference(reverse, l, save_states):
     """bf16 at b2 d1536 (the default tiles for many channels: one channel and one warp a program, 16 positions a
     thread in two V-blocks, chunk prefetch, B/C pairs, capped registers; reverse: mirrored blocks flipped
-    in-thread; an odd length: rows padded to 4016) vs the float64 reference."""
+    in-thread; an odd length: rows padded to 4016; whole chunks without saved states: B/C loads without masks)
+    vs the float64 reference."""
     b, d, n = 2, 1536, 16
     x = _cuda(inputs(b=b, d=d, n=n, l=l, groups=1, seed=11), torch.bfloat16)
     y, h, cs = _compiled().blocked_fwd(**{k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
                                        softplus=True, initial_state=x["initial_state"], reverse=reverse,
-                                       save_states=True)
+                                       save_states=save_states)
     y_ref, h_ref = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True,
                                       reverse=reverse, return_final_state=True)
     assert_all_close({"y": (y, y_ref), "final_state": (h, h_ref)}, 1e-2)

@@ -80,6 +80,13 @@ STATE_LEN = 512
 # tl.sigmoid, took 27.0 ms against 24.5 and the L1 hit rate fell to 62% (the programs drift apart), so the
 # forward keeps tl.sigmoid.
 UNROLL = 1          # state-loop unroll factor (2 measured slower: register pressure)
+# B/C loads without masks where every chunk lies inside the rows (l a multiple of the chunk): no zero-fill or
+# predicate a load (sm_90: 229 -> 223 instructions a state). Only without saved states and up to
+# BC_FULL_MAX_CHUNKS chunks a row. H100, same run, no-grad forward ms, masked / mask-free: b8 d1536 l2048 0.308 /
+# 0.297, b1 d1536 l65536 1.234 / 1.174, l131072 2.464 / 2.480, l262144 5.184 / 5.448, l2^20 19.72 / 20.51 (the
+# programs an SM holds share B/C through its L1 only while they walk in step: see the B/C note above); saving
+# states, fwd+bwd b8 l2048 2.023 / 2.005, b1 l65536 7.09 / 7.22, b2 l32768 8.04 / 8.18
+BC_FULL_MAX_CHUNKS = 128
 PAIRS = True        # bf16 B/C read as 32-bit pairs where aligned (-16 instructions a state, 3-6% faster)
 # (B/C converted to fp32 rows ahead of the kernel, which leaves no unpacking: 43 fewer instructions a state but
 # twice the bytes through L1, 1.75x slower at b1 d1536 l2^20; RESULTS session 15)
@@ -139,7 +146,7 @@ def _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, k, n_chunks, T: tl.co
 
 @triton.jit
 def _bc_offsets(k, n_chunks, seqlen, T: tl.constexpr, NT: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr,
-                PAIRS: tl.constexpr):
+                PAIRS: tl.constexpr, FULL: tl.constexpr):
     """Offsets in a B or C row of scan-order chunk k, in load order, and their mask (none when k >= n_chunks),
     for ``_bc_load``. With PAIRS (bf16 rows at even offsets, seqlen even, V >= 2) a row is read as T/2 32-bit
     words (offsets in words): a word is then wholly in or out of range."""
@@ -152,9 +159,11 @@ def _bc_offsets(k, n_chunks, seqlen, T: tl.constexpr, NT: tl.constexpr, V: tl.co
 
 
 @triton.jit
-def _bc_load(B_row, C_row, w, m):
+def _bc_load(B_row, C_row, w, m, FULL: tl.constexpr):
     """A state's B and C rows of one chunk as loaded (zero where masked), for ``_bc_row``: B_row, C_row point
     at the rows' starts (bf16, or int32 words with PAIRS), w and m from ``_bc_offsets``."""
+    if FULL:  # no mask: no zero-fill of the registers and no predicate
+        return (tl.load(B_row + w, eviction_policy="evict_last"), tl.load(C_row + w, eviction_policy="evict_last"))
     return (tl.load(B_row + w, mask=m, other=0, eviction_policy="evict_last"),
             tl.load(C_row + w, mask=m, other=0, eviction_policy="evict_last"))
 
@@ -261,7 +270,7 @@ def _blocked_fwd_kernel(
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
     ACCUM: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, NT: tl.constexpr,
-    V: tl.constexpr, UNROLL: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr,
+    V: tl.constexpr, UNROLL: tl.constexpr, PAIRS: tl.constexpr, PREFETCH: tl.constexpr, BC_FULL: tl.constexpr = False,
 ):
     """One program: batch row pid // (d / BD), channels [BD * (pid % (d / BD)), + BD). u, delta, z, B, C have
     l-stride 1 (the launcher makes sure). States (b, [n_chunks,] d, n) fp32 contiguous. With PADDED the rows are
@@ -323,8 +332,8 @@ def _blocked_fwd_kernel(
     # loads its first rows itself
     PEEL: tl.constexpr = 0 if SAVE_STATES and (REVERSE or NT > 32) else 1
     if PEEL:
-        w0, m0 = _bc_offsets(0, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS)
-        B_w, C_w = _bc_load(B_base, C_base, w0, m0)
+        w0, m0 = _bc_offsets(0, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS, BC_FULL)
+        B_w, C_w = _bc_load(B_base, C_base, w0, m0, BC_FULL)
     a2_first = _state_scalars(A_ptr, hT_ptr, d_off, h_row, 0, nstate)[0]
     # chunk 0's delta and u; with PREFETCH each chunk then loads the next chunk's while it computes
     dl_x, u_x = _chunk_inputs(delta_ptr, u_ptr, dl_row, u_row, seqlen, 0, n_chunks, T, NT, V, REVERSE)
@@ -375,22 +384,23 @@ def _blocked_fwd_kernel(
         h_in = _state_scalars(A_ptr, hT_ptr, d_off, h_row, 0, nstate)[1]
         a2 = a2_first
         # the offsets in this chunk's B and C rows (chunk-constant: no per-state address arithmetic)
-        w_cur, m_cur = _bc_offsets(k, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS)
+        w_cur, m_cur = _bc_offsets(k, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS, BC_FULL)
         if not PEEL:  # this chunk's first B and C rows
-            B_w, C_w = _bc_load(B_base, C_base, w_cur, m_cur)
+            B_w, C_w = _bc_load(B_base, C_base, w_cur, m_cur, BC_FULL)
         for n in tl.range(0, nstate - PEEL, loop_unroll_factor=UNROLL):
             if PEEL:
-                B_x, C_x = _bc_load(B_base + (n + 1) * sBn, C_base + (n + 1) * sCn, w_cur, m_cur)
+                B_x, C_x = _bc_load(B_base + (n + 1) * sBn, C_base + (n + 1) * sCn, w_cur, m_cur, BC_FULL)
             else:
-                B_x, C_x = _bc_load(B_base + (n + 1) * sBn, C_base + (n + 1) * sCn, w_cur, m_cur & (n + 1 < nstate))
+                n_x = tl.minimum(n + 1, nstate - 1)  # the last state loads its own rows again (unused)
+                B_x, C_x = _bc_load(B_base + n_x * sBn, C_base + n_x * sCn, w_cur, m_cur, BC_FULL)
             a2_x, h_x = _state_scalars(A_ptr, hT_ptr, d_off, h_row, n + 1, nstate)
             acc = _state_step(acc, n, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk, pb, d_off, h_row,
                               hT_ptr, cs_ptr, dim, nstate, n_saved, HAS_SEQ, SAVE_STATES, S, T, NT, V, REVERSE,
                               PAIRS)
             B_w, C_w, a2, h_in = B_x, C_x, a2_x, h_x
         if PEEL:  # the last state loads the next chunk's first B and C rows
-            w_nxt, m_nxt = _bc_offsets(k + 1, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS)
-            B_x, C_x = _bc_load(B_base, C_base, w_nxt, m_nxt)
+            w_nxt, m_nxt = _bc_offsets(k + 1, n_chunks, seqlen, T, NT, V, REVERSE, PAIRS, BC_FULL)
+            B_x, C_x = _bc_load(B_base, C_base, w_nxt, m_nxt, BC_FULL)
             acc = _state_step(acc, nstate - 1, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk, pb, d_off,
                               h_row, hT_ptr, cs_ptr, dim, nstate, n_saved, HAS_SEQ, SAVE_STATES, S, T, NT, V,
                               REVERSE, PAIRS)
@@ -439,6 +449,15 @@ def _plan(rows: int, cpg: int, elt_size: int, reverse: bool, tuning: dict) -> tu
     return T, bd, warps, bool(prefetch)
 
 
+def _mask_free(lp: int, T: int, save_states: bool, tuning: dict) -> bool:
+    """Whether B/C load without masks: every chunk inside rows of ``lp`` positions, and ``tuning["bc_full"]``
+    (None: without saved states, at most BC_FULL_MAX_CHUNKS chunks)."""
+    forced = tuning.get("bc_full")
+    if forced is None:
+        forced = not save_states and lp // T <= BC_FULL_MAX_CHUNKS
+    return lp % T == 0 and bool(forced)
+
+
 def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False, initial_state=None,
                 reverse=False, seq_idx=None, save_states=False, out=None, **tuning):
     """Selective scan forward in one pass. u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l) or (b, g, n, l);
@@ -453,8 +472,8 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     the state entering each piece of S positions), else None. ``tuning`` (each optional, None = default):
     ``chunk`` (T, a power of two; default by the row count b * d, see PLANS), ``state_len`` (S, a power of two
     <= T; default :func:`state_spacing`), ``bd`` (channels per program, capped to a power of two dividing
-    d // g), ``num_warps``, ``unroll`` (state loop), ``pairs``, ``prefetch`` (bools), ``maxnreg`` (registers a
-    thread, 0: uncapped; default MAXNREG).
+    d // g), ``num_warps``, ``unroll`` (state loop), ``pairs``, ``prefetch``, ``bc_full`` (bools), ``maxnreg``
+    (registers a thread, 0: uncapped; default MAXNREG).
     """
     b, d, l = u.shape
     n = A.shape[1]
@@ -502,7 +521,8 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse),
         HAS_SEQ=seq is not None, ACCUM=out is not None, BD=bd, BN=BN, T=T, NT=nt, V=vec,
         UNROLL=int(tuning.get("unroll") or UNROLL), PAIRS=pairs,
-        PREFETCH=prefetch, num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+        PREFETCH=prefetch, BC_FULL=_mask_free(lp, T, save_states, tuning), num_warps=warps,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
     if accum is not None and out is None:
         y = accum.add_(y)
     return y, final, (states if save_states else None)
