@@ -472,7 +472,7 @@ def resources():
     """Registers, spill stack and the per-state loop's SASS instruction count of the blocked selective-scan
     kernels compiled for sm_90 (no GPU needed), as launched for bf16 inputs at b1 d1536 (softplus, z, D,
     delta_bias; one group), with the chunk/warps configurations blocked_fwd and chunk.py pick (the forward's
-    registers capped as its launch caps them)."""
+    registers capped as its launch caps them; B/C loads masked, as at 2^20 positions)."""
     import triton
     from sm90 import compile_sm90, innermost_loop, resource_usage
 
@@ -485,7 +485,8 @@ def resources():
                "so_b", "so_d", "sy_b", "sy_d", "ss_b", "dim", "nstate", "seqlen", "cpg", "n_chunks", "n_saved"}
     opts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, HAS_SEQ=False, PADDED=False,
                 BN=16)
-    fwd = dict(HAS_H0=False, ACCUM=False, UNROLL=blocked_fwd.UNROLL, PAIRS=True, PREFETCH=True, **opts)
+    fwd = dict(HAS_H0=False, ACCUM=False, UNROLL=blocked_fwd.UNROLL, PAIRS=True, PREFETCH=True, BC_FULL=False,
+               **opts)
     T, warps = blocked_fwd.default_plan(1536)
     nt, v = blocked_fwd.tile_layout(T, warps, 2, T)
     rows = [("forward, no grad", blocked_fwd._blocked_fwd_kernel, warps,
