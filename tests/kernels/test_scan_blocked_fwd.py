@@ -178,6 +178,23 @@ def test_interpreted_mask_free_without_states(bf, dtype, l, chunk, reverse):
     assert_all_close({"y": (y, y_ref), "final_state": (h, h_ref)}, 1e-2 if dtype == torch.bfloat16 else 2e-5)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_interpreted_mask_free_loads_stay_in_rows(reverse, pairs):
+    """The chunk after the last one (the peeled prefetch at the end of the walk): with masks its loads are all
+    masked off; without them (whole chunks) it reads the last chunk again, inside the rows."""
+    mod = load_interpreted("tests.kernels._scan_kernels")
+    T, NT, V, n_chunks = 32, 4, 4, 3
+    seqlen = n_chunks * T
+    words = seqlen // 2 if pairs else seqlen
+    w, m = mod.bc_offsets(n_chunks, n_chunks, seqlen, T, NT, V, reverse, pairs, full=False)
+    assert not m.any()
+    w, m = mod.bc_offsets(n_chunks, n_chunks, seqlen, T, NT, V, reverse, pairs, full=True)
+    last, _ = mod.bc_offsets(n_chunks - 1, n_chunks, seqlen, T, NT, V, reverse, pairs, full=True)
+    assert 0 <= int(w.min()) and int(w.max()) < words
+    assert torch.equal(w, last)
+
+
 def test_interpreted_channel_last_inputs(bf):
     """(b, l, d) / (b, l, n) storage seen as (b, d, l) / (b, n, l) views gives the same result (the wrapper
     makes them l-contiguous)."""

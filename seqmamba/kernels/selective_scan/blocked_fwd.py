@@ -149,7 +149,11 @@ def _bc_offsets(k, n_chunks, seqlen, T: tl.constexpr, NT: tl.constexpr, V: tl.co
                 PAIRS: tl.constexpr, FULL: tl.constexpr):
     """Offsets in a B or C row of scan-order chunk k, in load order, and their mask (none when k >= n_chunks),
     for ``_bc_load``. With PAIRS (bf16 rows at even offsets, seqlen even, V >= 2) a row is read as T/2 32-bit
-    words (offsets in words): a word is then wholly in or out of range."""
+    words (offsets in words): a word is then wholly in or out of range. FULL (every chunk lies inside the rows,
+    the loads take no mask): a chunk past the last one reads the last one instead (the peeled prefetch after the
+    last chunk, whose rows nobody uses), so no load leaves the rows."""
+    if FULL:
+        k = tl.minimum(k, n_chunks - 1)
     if PAIRS:
         w = _load_addresses(k, seqlen // 2, T // 2, NT, V // 2, REVERSE)
         return w, (k < n_chunks) & (w >= 0) & (w < seqlen // 2)
