@@ -16,7 +16,7 @@ def _bc_offsets_kernel(w_ptr, m_ptr, k, n_chunks, seqlen, T: tl.constexpr, NT: t
     W: tl.constexpr = T // 2 if PAIRS else T
     ar = tl.arange(0, W)
     tl.store(w_ptr + ar, w)
-    tl.store(m_ptr + ar, (m & (ar >= 0)).to(tl.int32))
+    tl.store(m_ptr + ar, m.to(tl.int32))
 
 
 def bc_offsets(k: int, n_chunks: int, seqlen: int, T: int, NT: int, V: int, reverse: bool, pairs: bool,
