@@ -301,7 +301,7 @@ def _chunk_state_run_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, agg_ptr, dagg_ptr, se
     r, pid, bb, hh, gg, row, xbase, Bbase, hoff, hm = _run_program(n_bh, nheads, hpg, hdim, dstate, Lp, sx_b, sx_h,
                                                                    sB_b, sB_g, BP, BN)
     h = tl.zeros([BP, BN], dtype=tl.float32)
-    pre = tl.full((), 1.0, tl.float32)
+    run_decay = tl.full((), 1.0, tl.float32)
     c_first = r * RUN
     NB: tl.constexpr = Q // BLK
     # one loop over the run's blocks (not chunks, then blocks): the loads stay pipelined across the chunks
@@ -313,11 +313,11 @@ def _chunk_state_run_kernel(x_ptr, B_ptr, dtp_ptr, cs_ptr, agg_ptr, dagg_ptr, se
         if k == 0:
             decay = _chunk_decay(cs_ptr, row, seq_ptr, bb * ss_b, c0, seqlen, ss_l, HAS_SEQ, REVERSE, Q)
             h = h * decay
-            pre = pre * decay
+            run_decay = run_decay * decay
         h = _block_local(h, x_ptr, B_ptr, dtp_ptr, cs_ptr, seq_ptr, xbase, Bbase, row, bb * ss_b, c0, k, seqlen,
                          sx_l, sx_p, sB_l, sB_n, ss_l, hdim, dstate, REVERSE, HAS_SEQ, Q, BLK, BP, BN, DT, PREC, UP)
     tl.store(agg_ptr + ((bb * n_runs + r) * nheads + hh) * hdim * dstate + hoff, h, mask=hm)
-    tl.store(dagg_ptr + pid.to(tl.int64) * n_runs + r, pre)
+    tl.store(dagg_ptr + pid.to(tl.int64) * n_runs + r, run_decay)
 
 
 @triton.jit
