@@ -472,7 +472,8 @@ def resources():
     """Registers, spill stack and the per-state loop's SASS instruction count of the blocked selective-scan
     kernels compiled for sm_90 (no GPU needed), as launched for bf16 inputs at b1 d1536 (softplus, z, D,
     delta_bias; one group), with the chunk/warps configurations blocked_fwd and chunk.py pick (the forward's
-    registers capped as its launch caps them; B/C loads masked, as at 2^20 positions)."""
+    registers capped as its launch caps them; B/C loads masked, as at 2^20 positions), and the backward at two
+    channels a program, as from 2048 rows (positions: (channel, position) pairs a thread)."""
     import triton
     from sm90 import compile_sm90, innermost_loop, resource_usage
 
@@ -495,11 +496,12 @@ def resources():
     nt, v = blocked_fwd.tile_layout(T, warps, 2, S)
     rows.append(("forward under autograd", blocked_fwd._blocked_fwd_kernel, warps,
                  dict(fwd, SAVE_STATES=True, S=S, BD=1, T=T, NT=nt, V=v)))
-    for S in sorted({s for _, s in chunk.GRAD_STATE_LENS}):
+    for S, bd in sorted({(s, 1) for _, s in chunk.GRAD_STATE_LENS} | {(128, 2)}):
         w = blocked_bwd.default_warps(S)
         v = blocked_bwd.positions_per_thread(S, w, 2)
-        rows.append((f"backward, chunk {S}", blocked_bwd._blocked_bwd_kernel, w,
-                     dict(opts, BD=1, T=S, NT=S // v, V=v, DA_PARTIALS=w > 1, HINTS=w == 1)))
+        rows.append((f"backward, chunk {S}" + (f", {bd} channels" if bd > 1 else ""), blocked_bwd._blocked_bwd_kernel,
+                     w, dict(opts, BD=bd, T=S, NT=S // v, V=v, DA_PARTIALS=w > 1, HINTS=w == 1,
+                             GATHER=blocked_bwd._gather(None, False, v, bd))))
     print(f"sm_90, bf16, triton {triton.__version__}; loop = the per-state loop, SASS instructions (top opcodes)")
     for name, fn, warps, consts in rows:
         maxnreg = blocked_fwd.MAXNREG if fn is blocked_fwd._blocked_fwd_kernel else None

@@ -116,21 +116,27 @@ def test_interpreted_low_precision(blocked, dtype):
     assert_close(got, want, rtol=2e-2 if dtype == torch.bfloat16 else 5e-3)
 
 
-@pytest.mark.parametrize("dtype,T,reverse,seq,warps", [
-    (torch.float32, 64, False, False, 1), (torch.float32, 128, True, True, 1), (torch.bfloat16, 128, False, True, 1),
-    (torch.bfloat16, 256, True, False, 1), (torch.bfloat16, 512, False, True, 2), (torch.float32, 256, True, False, 2)])
-def test_interpreted_full_warp_chunks(blocked, dtype, T, reverse, seq, warps):
+@pytest.mark.parametrize("dtype,T,reverse,seq,warps,tuning", [
+    (torch.float32, 64, False, False, 1, {}), (torch.float32, 128, True, True, 1, {}),
+    (torch.bfloat16, 128, False, True, 1, {}), (torch.bfloat16, 256, True, False, 1, {}),
+    (torch.bfloat16, 512, False, True, 2, {}), (torch.float32, 256, True, False, 2, {}),
+    # two channels a program (the plan from 2048 rows): g by gather in both directions, or by the suffix scan
+    (torch.bfloat16, 128, False, True, 1, dict(block_d=2)), (torch.float32, 128, True, False, 1, dict(block_d=2)),
+    (torch.bfloat16, 128, False, False, 1, dict(block_d=2, gather=False)),
+    (torch.float32, 128, False, True, 1, dict(gather=True))])
+def test_interpreted_full_warp_chunks(blocked, dtype, T, reverse, seq, warps, tuning):
     """Chunks on full warps with 2, 4 or 8 positions a thread, the layout the GPU kernels run (their reverse scans
     combine in-thread runs and per-thread maps: at the tiny chunks above every thread holds one position), both
-    directions, a ragged end, packed sequences, one warp and two (where dA is kept as per-thread partials); every
-    gradient against the float64 reference."""
+    directions, a ragged end, packed sequences, one warp and two (where dA is kept as per-thread partials), one
+    channel a program and two, either cross-lane form of the backward-running scan; every gradient against the
+    float64 reference."""
     x = make_inputs(b=1, d=2, n=3, l=300, groups=1, dtype=torch.float32, seed=T)
     x = {k: (v.detach().to(dtype) if k in ("u", "delta", "B", "C", "z") else v.detach()) for k, v in x.items()}
     gen = torch.Generator().manual_seed(T)
     dy = torch.randn(1, 2, 300, generator=gen).to(dtype)
     dh = torch.randn(1, 2, 3, generator=gen)
     seq_idx = packed_seq_idx(1, 300, seed=T) if seq else None
-    got = kernel_grads(blocked.blocked_bwd, x, dy, dh, True, reverse, seq_idx, T, num_warps=warps)
+    got = kernel_grads(blocked.blocked_bwd, x, dy, dh, True, reverse, seq_idx, T, num_warps=warps, **tuning)
     want = reference_grads(x, dy.float(), dh, True, reverse, seq_idx)
     assert_close(got, want, rtol=2e-2 if dtype == torch.bfloat16 else 2e-5)
 

@@ -264,7 +264,8 @@ def _cuda_inputs(b, d, n, l, groups=1, dtype=torch.float32, seed=0):
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("shape,groups", [((2, 64, 16, 3000), 1), ((1, 96, 8, 70000), 3), ((3, 32, 32, 129), None)])
+@pytest.mark.parametrize("shape,groups", [((2, 64, 16, 3000), 1), ((1, 96, 8, 70000), 3), ((3, 32, 32, 129), None),
+                                          ((2, 1024, 16, 3000), 2)])  # 2048 rows: two channels a backward program
 def test_gpu_fp32_matches_reference(shape, groups, reverse):
     x = _cuda_inputs(*shape, groups=groups, seed=sum(shape))
     got = outputs_and_grads(public_fn(delta_softplus=True, reverse=reverse), x)

@@ -65,8 +65,32 @@ LOG2E = 1.4426950408889634
 # (12.9 / 2.65; 8 warps 20.8 / 3.95), T2048:8 (14.1 / 2.96). With both (session 8, same run, l65536 / l2^20 bwd
 # ms): T128 one warp 6.7 / 105, two channels a program 8.7 / 139; T256 one warp 8.3 / 120, two warps 9.7 / 154;
 # T512 two warps 8.0 / 125, four 10.5 / 168; T64 one warp, two channels 13.1 / 209. Which T a call gets: chunk.py.
-BLOCK_D = 1
+# Session 22 (same run, blocked_bwd alone, T128 one warp, bf16, ms for 1 / 2 channels a program, forward / reverse
+# scan): b1 d1536 l2^20 (1536 rows) 89.3 / 115.5, 98.6 / 99.1; b1 d2048 l2^18 (2048) 29.7 / 29.4, 31.4 / 24.0;
+# b2 d1536 l32768 (3072) 6.63 / 6.54, 6.66 / 5.32; b4 d1536 l16384 (6144) 5.52 / 5.51, 5.49 / 4.52; b8 d1536 l2048
+# (12288) 1.70 / 1.43, 1.69 / 1.21. Two channels hold both rows in each thread (~240 registers, 8 programs an SM):
+# B and C load once for both and dB/dC take half the atomics, which pays once there are programs enough to fill
+# the SMs. (from this many (batch, channel) rows, channels a program):
+BLOCK_D_ROWS = ((2048, 2), (0, 1))
 WARPS = {128: 1, 256: 1, 512: 2, 1024: 4, 2048: 8}
+# The backward-running scan (g for a forward scan, h for a reverse one) crosses lanes by gather (_reverse_scan) at
+# V <= 4 positions a thread, except for a forward scan at one channel a program. H100, blocked_bwd alone, same run:
+# the reverse scan's h by gather, b1 d1536 l2^20 105.8 -> 90.8 ms (at 8 positions it was 5% slower); the forward
+# scan's g by gather (session 22, ms, suffix scan / gather), one channel a program: b1 d1536 l2^20 88.9 / 96.3,
+# b8 d1536 l2048 1.67 / 1.65; two: b1 d2048 l2^18 29.4 / 27.0, b2 d1536 l32768 6.54 / 6.00, b8 l2048 1.42 / 1.32
+# (fp32 inputs 1.69 / 1.32).
+
+
+def _gather(gather, reverse: bool, V: int, BD: int) -> bool:
+    """Whether the backward-running scan crosses lanes by gather: ``gather`` if given, else the rule above."""
+    if gather is not None:
+        return bool(gather)
+    return V <= 4 and (bool(reverse) or BD > 1)
+
+
+def default_block_d(rows: int) -> int:
+    """Channels a program for a call on ``rows`` = b * d rows (BLOCK_D_ROWS)."""
+    return next(bd for min_rows, bd in BLOCK_D_ROWS if rows >= min_rows)
 
 
 def default_warps(T: int) -> int:
@@ -159,7 +183,7 @@ def _blocked_bwd_kernel(
     PADDED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, DA_PARTIALS: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
-    NT: tl.constexpr, V: tl.constexpr, HINTS: tl.constexpr,
+    NT: tl.constexpr, V: tl.constexpr, HINTS: tl.constexpr, GATHER: tl.constexpr,
 ):
     """u, delta, z, dout, B, C have unit l-stride; du, ddelta, dz are contiguous (b, d, seqlen). ``g_ptr`` (b, d, n)
     fp32 holds dht (or 0) on entry: it carries g at the first position of the chunk last done (read by all
@@ -285,14 +309,11 @@ def _blocked_bwd_kernel(
             # the carried state folded into the chunk's first step (in scan order), the carried g into its last
             beta = dyp * Cn
             if REVERSE:
-                # by gather at 4 positions a thread (H100, b1 d1536 l2^20, kernel 105.8 -> 90.8 ms; at 8 positions
-                # it was 5% slower). The forward direction's g keeps the suffix scan: by gather its kernel took
-                # 100.6 ms against 93.2 at full clocks, though ncu (base clocks, l2^18) had it 10% faster.
-                h = _reverse_scan(a, tl.where(last, x + a * h0, x), NT, V, V <= 4)
+                h = _reverse_scan(a, tl.where(last, x + a * h0, x), NT, V, GATHER)
                 _, g = tl.associative_scan((an, tl.where(first, beta + an * gc, beta)), 1, _combine)
             else:
                 _, h = tl.associative_scan((a, tl.where(first, x + a * h0, x)), 1, _combine)
-                g = _reverse_scan(an, tl.where(last, beta + an * gc, beta), NT, V, False)
+                g = _reverse_scan(an, tl.where(last, beta + an * gc, beta), NT, V, GATHER)
             gxa = g * (h - x)                                                          # g_j a_j h_{j-1}
             sgB += g * Bn
             ddt += gxa * An
@@ -347,15 +368,16 @@ def _blocked_bwd_kernel(
 
 
 def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dout, dht=None,
-                seq_idx=None, *, chunk_len, block_d=None, num_warps=None, maxnreg=None):
+                seq_idx=None, *, chunk_len, block_d=None, num_warps=None, maxnreg=None, gather=None):
     """Gradients of the selective scan from the forward's ``chunk_states``.
 
     u, delta, z, dout: (b, d, l) (any strides; copied into aligned rows when not l-contiguous or l is not a
     multiple of 16); A: (d, n); B, C: (b, n, l) or (b, g, n, l); D, delta_bias: (d,) or None; chunk_states:
     (b, n_chunks, d, n) fp32 with n_chunks = cdiv(padded_len(l), chunk_len) (see the module docstring); dht:
     (b, d, n) or None; seq_idx: (b, l) ints or None. ``chunk_len`` (a power of two) is the forward's chunk length
-    T; ``block_d`` channels per program (a power of two dividing d // g; default ``BLOCK_D``), ``num_warps``
-    (default :func:`default_warps`), ``maxnreg`` (registers a thread; default uncapped).
+    T; ``block_d`` channels per program (a power of two dividing d // g; default :func:`default_block_d`),
+    ``num_warps`` (default :func:`default_warps`), ``maxnreg`` (registers a thread; default uncapped), ``gather``
+    (the cross-lane part of the backward-running scan by gather, see ``_reverse_scan``; default by ``_gather``).
 
     Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0): du, ddelta, dz in u's, delta's, z's dtypes,
     l-contiguous in rows of ``padded_len(l)`` (views of aligned storage where l is not a multiple of 16); dA, dB,
@@ -374,7 +396,7 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
     B4, C4 = _grouped(B), _grouped(C)
     g = B4.shape[1]
     cpg = d // g
-    BD = _common.pow2_divisor(cpg, block_d or BLOCK_D)
+    BD = _common.pow2_divisor(cpg, block_d or default_block_d(b * d))
     BN = max(triton.next_power_of_2(n), 2)
     u, delta, z, dout, B4, C4 = (_common.aligned_rows(t, lp) for t in (u, delta, z, dout, B4, C4))
     dev = u.device
@@ -407,7 +429,7 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
             seq[1], seq[2], d, n, lp, l, cpg, g, n_chunks, PADDED=lp != l,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
             REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, DA_PARTIALS=partials, BD=BD, BN=BN, T=T, NT=T // V, V=V,
-            HINTS=warps == 1,
+            HINTS=warps == 1, GATHER=_gather(gather, reverse, V, BD),
             num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))
     dB, dC = (t[..., :l].to(x.dtype).contiguous().reshape(x.shape) for t, x in ((dB, B), (dC, C)))
     return (du, ddelta, dA.sum((0, 3)).to(A.dtype), dB, dC,
