@@ -21,14 +21,19 @@ Input: the forward's ``chunk_states`` (b, n_chunks, d, n) fp32, the state ENTERI
 positions, T being the forward's ``state_len`` (chunk_states[:, 0] = initial state or 0; raw, before any seq_idx
 reset at the chunk's first position): the contract of ``blocked_fwd.py``.
 
-One program per (batch, block of ``BD`` channels) walks the chunks in reverse scan order and carries g at the
-first position of the chunk just done, (BD, n), in a slab of the dh0 buffer. Per chunk it loads u, delta, z, dy
-(BD, T) and delta one position later (a_{j+1}), and for each state index n (the next state's B, C and carries
-loading meanwhile): rescans h from the chunk state (a forward ``tl.associative_scan``), scans g backward from
-the carry (``_reverse_scan``: Triton's own reverse scan shuffles every element across lanes), and accumulates
-every gradient. Two exps per (position, channel, state). The chunk is short (under autograd chunk.py picks
-``T`` = 128 on one warp, 4 positions a thread, unless there are few (batch, channel) rows): the forward saves
-the state entering every T positions for it, however long its own chunks are.
+One program per (batch, block of ``BD`` channels) walks the chunks in reverse scan order and carries, in a slab of
+the dh0 buffer, w = a g at the first position of the chunk just done (BD, n): the term a_{j+1} g_{j+1} that
+enters the g of the chunk's last position, and at scan position 0 dh0 itself. Per chunk it loads u, delta, z,
+dy (BD, T), and for each state index n (the next state's B, C and carries loading meanwhile): rescans h from
+the chunk state (a forward ``tl.associative_scan``), scans g backward from the carry (``_reverse_scan``:
+Triton's own reverse scan shuffles every element across lanes), and accumulates every gradient. One exp per
+(position, channel, state): on one warp a_{j+1} is a_j moved over by one position (``_scan_successor``: moves
+within each thread's registers and one shuffle a thread; H100, blocked_bwd alone, same run, against a second
+exp from delta loaded one position later: b8 d1536 l2048 1.326 -> 1.192 ms, b4 l16384 5.09 -> 4.51, b1 l2^20
+88.9 -> 86.7, reverse 104.8 -> 100.0; across warps the move would go through shared memory, so two-warp plans
+keep the second exp). The chunk is short (under autograd chunk.py picks ``T`` = 128 on one warp, 4 positions
+a thread, unless there are few (batch, channel) rows): the forward saves the state entering every T positions
+for it, however long its own chunks are.
 
 Loads carry eviction hints on one-warp plans, as in the forward: B and C rows (the same for every channel of a
 group, read through L1 by the programs an SM holds) evict_last, the per-channel streams evict_first (H100, same
@@ -86,6 +91,12 @@ def _gather(gather, reverse: bool, V: int, BD: int) -> bool:
     if gather is not None:
         return bool(gather)
     return V <= 4 and (bool(reverse) or BD > 1)
+
+
+def _shift_decays(shift, NT: int) -> bool:
+    """Whether a_{j+1} is moved over from a_j (SHIFT) rather than computed again: ``shift`` if given, else on one
+    warp (NT <= 32; across warps the move would go through shared memory)."""
+    return bool(shift if shift is not None else NT <= 32)
 
 
 def default_block_d(rows: int) -> int:
@@ -154,6 +165,41 @@ def _reverse_scan(a, b, NT: tl.constexpr, V: tl.constexpr, GATHER: tl.constexpr)
 
 
 @triton.jit
+def _shift(x, edge, V: tl.constexpr, DOWN: tl.constexpr):
+    """(R, NT, V) tile, each thread's V consecutive positions in its registers, moved by one position within each
+    thread: y[v] = x[v + 1] with ``edge`` (R, NT) entering at v = V - 1 (DOWN), else y[v] = x[v - 1] with ``edge``
+    at v = 0. Halving the V axis (tl.split) and interleaving the halves back (tl.join) keeps every value in its
+    thread's registers: no instruction moves data between threads."""
+    if V == 1:
+        y = edge[:, :, None]
+    else:
+        R: tl.constexpr = x.shape[0]
+        NT: tl.constexpr = x.shape[1]
+        even, odd = tl.split(tl.reshape(x, (R, NT, V // 2, 2)))
+        if DOWN:  # the even slots take the odd values, the odd ones the next even values
+            y = tl.reshape(tl.join(odd, _shift(even, edge, V // 2, DOWN)), (R, NT, V))
+        else:
+            y = tl.reshape(tl.join(_shift(odd, edge, V // 2, DOWN), even), (R, NT, V))
+    return y
+
+
+@triton.jit
+def _scan_successor(a, NT: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr):
+    """(R, T) tile -> the value at each position's successor in scan order (the next element, or the previous one
+    for a reverse scan's ascending tile; the chunk's last scan position gets its own thread's neighbour, unused):
+    in-thread moves (``_shift``) and one shuffle a value across lanes (one warp: NT <= 32)."""
+    R: tl.constexpr = a.shape[0]
+    a3 = tl.reshape(a, (R, NT, V))
+    v = tl.arange(0, V)[None, None, :]
+    q = tl.broadcast_to(tl.arange(0, NT)[None, :], (R, NT))
+    if REVERSE:  # the previous thread's last value enters at v = 0
+        edge = tl.gather(_common.pick(a3, v == V - 1, 2), tl.maximum(q - 1, 0), 1)
+    else:  # the next thread's first value enters at v = V - 1
+        edge = tl.gather(_common.pick(a3, v == 0, 2), tl.minimum(q + 1, NT - 1), 1)
+    return tl.reshape(_shift(a3, edge, V, not REVERSE), (R, NT * V))
+
+
+@triton.jit
 def _state_operands(A_ptr, B_base, C_base, cs_ptr, g_ptr, A_row, cs_row, gc_row, t, valid, sB_n, sC_n, n, nstate,
                     EV_LAST: tl.constexpr):
     """State n's operands for one chunk (all zero when n >= nstate): A[:, n] (BD, 1), B and C rows (1, T), the
@@ -183,13 +229,13 @@ def _blocked_bwd_kernel(
     PADDED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, DA_PARTIALS: tl.constexpr,
     BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
-    NT: tl.constexpr, V: tl.constexpr, HINTS: tl.constexpr, GATHER: tl.constexpr,
+    NT: tl.constexpr, V: tl.constexpr, HINTS: tl.constexpr, GATHER: tl.constexpr, SHIFT: tl.constexpr,
 ):
     """u, delta, z, dout, B, C have unit l-stride; du, ddelta, dz are contiguous (b, d, seqlen). ``g_ptr`` (b, d, n)
-    fp32 holds dht (or 0) on entry: it carries g at the first position of the chunk last done (read by all
-    threads in the next chunk, after a barrier) and is dh0 on exit. With PADDED the rows are ``seqlen`` long and
-    hold ``live_len`` positions, then zeros (blocked_fwd's padding): identity steps (dt = 0) whose ddelta is not
-    summed; seq_idx (b, live_len) is read unpadded."""
+    fp32 holds dht (or 0) on entry: it carries g at the first position of the chunk last done, times its a with
+    SHIFT (read by all threads in the next chunk, after a barrier), and is dh0 on exit. With PADDED the rows are
+    ``seqlen`` long and hold ``live_len`` positions, then zeros (blocked_fwd's padding): identity steps (dt = 0)
+    whose ddelta is not summed; seq_idx (b, live_len) is read unpadded."""
     # eviction hints on one-warp plans (module docstring)
     EV_LAST: tl.constexpr = "evict_last" if HINTS else ""
     EV_FIRST: tl.constexpr = "evict_first" if HINTS else ""
@@ -261,14 +307,16 @@ def _blocked_bwd_kernel(
             valid_n = tn < seqlen
             not_start = t > 0
         dl, dt = _dt(delta_ptr, dl_row + t, valid, bias, HAS_BIAS, SOFTPLUS, EV_FIRST)
-        _, dtn = _dt(delta_ptr, dl_row + tn, valid_n, bias, HAS_BIAS, SOFTPLUS, EV_FIRST)
+        if not SHIFT:  # dt one position later in scan order, for a_{j+1}
+            _, dtn = _dt(delta_ptr, dl_row + tn, valid_n, bias, HAS_BIAS, SOFTPLUS, EV_FIRST)
         live = valid
         live_n = valid_n
         if PADDED:  # the pad: loaded (aligned loads), but identity steps
             live = valid & (t < n_live)
-            live_n = valid_n & (tn < n_live)
             dt = tl.where(live, dt, 0.0)
-            dtn = tl.where(live_n, dtn, 0.0)
+            if not SHIFT:
+                live_n = valid_n & (tn < n_live)
+                dtn = tl.where(live_n, dtn, 0.0)
         u = tl.load(u_ptr + u_row + t, mask=valid, other=0.0, eviction_policy=EV_FIRST).to(tl.float32)
         dy = tl.load(dout_ptr + o_row + t, mask=valid, other=0.0, eviction_policy=EV_FIRST).to(tl.float32)
         if HAS_Z:
@@ -283,7 +331,8 @@ def _blocked_bwd_kernel(
             else:
                 tp = t - 1
             keep = _keep(seq_ptr, seq_row, t, tp, live & not_start, ss_l)
-            keep_n = _keep(seq_ptr, seq_row, tn, t, live_n & live, ss_l)
+            if not SHIFT:
+                keep_n = _keep(seq_ptr, seq_row, tn, t, live_n & live, ss_l)
         dtu = dt * u
         ddt = tl.zeros([BD, T], dtype=tl.float32)
         sgB = tl.zeros([BD, T], dtype=tl.float32)
@@ -301,19 +350,25 @@ def _blocked_bwd_kernel(
                                                            gc_row, t, valid, sB_n, sC_n, n + 1, nstate, EV_LAST)
             A2n = An * 1.4426950408889634
             a = tl.exp2(dt * A2n)
-            an = tl.exp2(dtn * A2n)                                                    # a_{j+1}
             if HAS_SEQ:
                 a = tl.where(keep, a, 0.0)
-                an = tl.where(keep_n, an, 0.0)
+            if SHIFT:  # a_{j+1} moved over from a; the carry is already w = a g of the next chunk's first position
+                an = _scan_successor(a, NT, V, REVERSE)
+                w_in = gc
+            else:
+                an = tl.exp2(dtn * A2n)                                                # a_{j+1}
+                if HAS_SEQ:
+                    an = tl.where(keep_n, an, 0.0)
+                w_in = an * gc
             x = dtu * Bn
             # the carried state folded into the chunk's first step (in scan order), the carried g into its last
             beta = dyp * Cn
             if REVERSE:
                 h = _reverse_scan(a, tl.where(last, x + a * h0, x), NT, V, GATHER)
-                _, g = tl.associative_scan((an, tl.where(first, beta + an * gc, beta)), 1, _combine)
+                _, g = tl.associative_scan((an, tl.where(first, beta + w_in, beta)), 1, _combine)
             else:
                 _, h = tl.associative_scan((a, tl.where(first, x + a * h0, x)), 1, _combine)
-                g = _reverse_scan(an, tl.where(last, beta + an * gc, beta), NT, V, GATHER)
+                g = _reverse_scan(an, tl.where(last, beta + w_in, beta), NT, V, GATHER)
             gxa = g * (h - x)                                                          # g_j a_j h_{j-1}
             sgB += g * Bn
             ddt += gxa * An
@@ -331,6 +386,8 @@ def _blocked_bwd_kernel(
             # g at the chunk's first position, the next chunk's carry: stored by the thread that holds it, from its
             # own register (a masked store of the tile went through a shared-memory layout conversion every state)
             g_start = _common.pick(tl.reshape(g, (BD, NT, V)), start_v, 2)             # (BD, NT), in-thread
+            if SHIFT:  # carried as w = a g
+                g_start *= _common.pick(tl.reshape(a, (BD, NT, V)), start_v, 2)
             tl.store(g_ptr + (gc_row + n)[:, None] + lane * 0, g_start, mask=start_lane)
             bc_t += seqlen                                                             # next state's row
             An, Bn, Cn, h0, gc = An_x, Bn_x, Cn_x, h0_x, gc_x
@@ -349,18 +406,19 @@ def _blocked_bwd_kernel(
         db_acc += tl.sum(ddt, axis=1)
         dD_acc += tl.sum(u * dyp, axis=1)
 
-    # dh0 = a_0 g_0: the decay of scan position 0 (never a sequence start)
-    if REVERSE:
-        t0 = seqlen - 1
-    else:
-        t0 = 0
-    _, dt0 = _dt(delta_ptr, dl_row + t0 + tl.zeros([1, 1], dtype=tl.int64), (d_off[:, None] < dim) & (t0 < n_live),
-                 bias, HAS_BIAS, SOFTPLUS, EV_FIRST)
-    A2 = tl.load(A_ptr + A_row[:, None] + n_off[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-    tl.debug_barrier()
-    g0 = tl.load(g_ptr + dn_off, mask=dn_mask, other=0.0)
-    tl.debug_barrier()  # every thread has read g_0 before it is overwritten
-    tl.store(g_ptr + dn_off, g0 * tl.exp2(dt0 * A2), mask=dn_mask)
+    if not SHIFT:  # dh0 = a_0 g_0: the decay of scan position 0 (never a sequence start); with SHIFT the carry is it
+        if REVERSE:
+            t0 = seqlen - 1
+        else:
+            t0 = 0
+        _, dt0 = _dt(delta_ptr, dl_row + t0 + tl.zeros([1, 1], dtype=tl.int64),
+                     (d_off[:, None] < dim) & (t0 < n_live), bias, HAS_BIAS, SOFTPLUS, EV_FIRST)
+        A2 = tl.load(A_ptr + A_row[:, None] + n_off[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+        A2 = A2 * 1.4426950408889634
+        tl.debug_barrier()
+        g0 = tl.load(g_ptr + dn_off, mask=dn_mask, other=0.0)
+        tl.debug_barrier()  # every thread has read g_0 before it is overwritten
+        tl.store(g_ptr + dn_off, g0 * tl.exp2(dt0 * A2), mask=dn_mask)
     if not DA_PARTIALS:
         tl.store(dA_ptr + dn_off, dA_acc, mask=dn_mask)
     tl.store(dD_ptr + pb * dim + d_off, dD_acc)
@@ -368,7 +426,7 @@ def _blocked_bwd_kernel(
 
 
 def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dout, dht=None,
-                seq_idx=None, *, chunk_len, block_d=None, num_warps=None, maxnreg=None, gather=None):
+                seq_idx=None, *, chunk_len, block_d=None, num_warps=None, maxnreg=None, gather=None, shift=None):
     """Gradients of the selective scan from the forward's ``chunk_states``.
 
     u, delta, z, dout: (b, d, l) (any strides; copied into aligned rows when not l-contiguous or l is not a
@@ -377,7 +435,8 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
     (b, d, n) or None; seq_idx: (b, l) ints or None. ``chunk_len`` (a power of two) is the forward's chunk length
     T; ``block_d`` channels per program (a power of two dividing d // g; default :func:`default_block_d`),
     ``num_warps`` (default :func:`default_warps`), ``maxnreg`` (registers a thread; default uncapped), ``gather``
-    (the cross-lane part of the backward-running scan by gather, see ``_reverse_scan``; default by ``_gather``).
+    (the cross-lane part of the backward-running scan by gather, see ``_reverse_scan``; default by ``_gather``),
+    ``shift`` (a_{j+1} moved over from a_j, not a second exp; default on one warp: ``_shift_decays``).
 
     Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0): du, ddelta, dz in u's, delta's, z's dtypes,
     l-contiguous in rows of ``padded_len(l)`` (views of aligned storage where l is not a multiple of 16); dA, dB,
@@ -429,7 +488,7 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
             seq[1], seq[2], d, n, lp, l, cpg, g, n_chunks, PADDED=lp != l,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
             REVERSE=bool(reverse), HAS_SEQ=seq_idx is not None, DA_PARTIALS=partials, BD=BD, BN=BN, T=T, NT=T // V, V=V,
-            HINTS=warps == 1, GATHER=_gather(gather, reverse, V, BD),
+            HINTS=warps == 1, GATHER=_gather(gather, reverse, V, BD), SHIFT=_shift_decays(shift, T // V),
             num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))
     dB, dC = (t[..., :l].to(x.dtype).contiguous().reshape(x.shape) for t, x in ((dB, B), (dC, C)))
     return (du, ddelta, dA.sum((0, 3)).to(A.dtype), dB, dC,
