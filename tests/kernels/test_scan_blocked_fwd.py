@@ -151,14 +151,18 @@ def test_interpreted_full_warp_tiles(bf, dtype, l, chunk, reverse):
     check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, chunk=chunk, num_warps=1)
 
 
-@pytest.mark.parametrize("dtype,reverse", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, True)])
-def test_interpreted_full_warp_pieces(bf, dtype, reverse):
-    """States every 64 positions of 256-position chunks on one warp (8 bf16 / 4 fp32 positions a thread, the
-    vector wider than 2: pieces end inside the tile, at thread boundaries), length not a multiple of either."""
+@pytest.mark.parametrize("dtype,reverse,chunk,state_len", [
+    (torch.bfloat16, False, 256, 64), (torch.bfloat16, True, 256, 64), (torch.float32, True, 256, 64),
+    (torch.bfloat16, False, 512, 8), (torch.bfloat16, True, 512, 8)])
+def test_interpreted_full_warp_pieces(bf, dtype, reverse, chunk, state_len):
+    """Saved states inside the chunks on one warp, length not a multiple of either: every 64 positions of
+    256-position chunks (8 bf16 / 4 fp32 positions a thread: pieces end at thread boundaries, stored from the
+    cross-thread scan's results), and every 8 of 512-position chunks (16 positions a thread in two V-blocks:
+    pieces end inside threads, stored from the blocks' states)."""
     x = inputs(b=1, d=2, n=3, l=600, groups=1, seed=5)
     x.update({k: x[k].to(dtype) for k in L_ARGS})
-    check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, chunk=256, state_len=64,
-          num_warps=1)
+    check(bf, x, True, reverse, None, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, chunk=chunk,
+          state_len=state_len, num_warps=1)
 
 
 @pytest.mark.parametrize("dtype,l,chunk,reverse", [(torch.float32, 64, 16, False), (torch.float32, 64, 16, True),

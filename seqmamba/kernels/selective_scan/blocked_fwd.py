@@ -255,7 +255,17 @@ def _state_step(acc, n, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk
         h_exit = H_ex + P_ex * h_in[:, None]
     tl.store(hT_ptr + (h_row + n)[:, None] + q2 * 0, h_exit, mask=q2 == NT - 1)   # the next chunk's carry
     h_blk_in = He_in + Pe_in * h_enter[:, None, :]                  # (BD, R, NT): state entering each block
-    if SAVE_STATES and S < T:
+    if SAVE_STATES and S < T and S % (R * V) == 0 and REVERSE:
+        # pieces end where threads end: the state after such a thread, from the cross-thread scan. H100, T512 S128
+        # one warp, same run, ms against the block states below: reverse b8 d1536 l2048 0.356 -> 0.320, b1 l65536
+        # 1.571 -> 1.304, l2^20 30.98 -> 20.75; forward 0.360 -> 0.347, 1.447 -> 1.509, 23.77 -> 27.12 (sm_90
+        # state loop 264 -> 244 reverse, 273 -> 244 forward: the forward at long lengths is not bound by its
+        # instruction count, see the B/C note by the tuning constants), so forward scans keep the block states
+        thr_end = (q2 + 1) * (R * V)                                    # (1, NT)
+        j2 = k * (T // S) + thr_end // S
+        tl.store(cs_ptr + ((pb * n_saved + j2) * dim + d_off[:, None]) * nstate + n, h_exit,
+                 mask=(thr_end % S == 0) & (thr_end < T) & (j2 < n_saved))
+    elif SAVE_STATES and S < T:
         j = k * (T // S) + block_end // S                               # the piece it enters
         tl.store(cs_ptr + ((pb * n_saved + j) * dim + d_off[:, None, None]) * nstate + n,
                  h_blk + P_blk * h_blk_in, mask=saves & (j < n_saved))
