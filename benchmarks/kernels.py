@@ -502,7 +502,8 @@ def resources():
         rows.append((f"backward, chunk {S}" + (f", {bd} channels" if bd > 1 else ""), blocked_bwd._blocked_bwd_kernel,
                      w, dict(opts, BD=bd, T=S, NT=S // v, V=v, DA_PARTIALS=w > 1, HINTS=w == 1,
                              GATHER=blocked_bwd._gather(None, False, v, bd),
-                             SHIFT=blocked_bwd._shift_decays(None, S // v))))
+                             SHIFT=blocked_bwd._shift_decays(None, S // v),
+                             WHOLE=blocked_bwd._whole_chunks(None, 1 << 20, S, bd))))
     print(f"sm_90, bf16, triton {triton.__version__}; loop = the per-state loop, SASS instructions (top opcodes)")
     for name, fn, warps, consts in rows:
         maxnreg = blocked_fwd.MAXNREG if fn is blocked_fwd._blocked_fwd_kernel else None

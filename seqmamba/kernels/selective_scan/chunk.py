@@ -1144,13 +1144,14 @@ def _blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, r
 def _blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dy, dht, seq_idx,
                  tuning=None):
     """``blocked_bwd`` from the chunk states of ``_blocked_fwd`` called with the same ``tuning`` (its state
-    spacing is the backward's chunk); tuning: also bd_bwd, warps_bwd, maxnreg_bwd, gather_bwd, shift_bwd."""
+    spacing is the backward's chunk); tuning: also bd_bwd, warps_bwd, maxnreg_bwd, gather_bwd, shift_bwd,
+    whole_bwd."""
     tuning = tuning or {}
     return _blocked_bwd_mod.blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dy,
                                         dht, seq_idx, chunk_len=_grad_lengths(tuning, u.shape[0] * u.shape[1])[1],
                                         block_d=tuning.get("bd_bwd"), num_warps=tuning.get("warps_bwd"),
                                         maxnreg=tuning.get("maxnreg_bwd"), gather=tuning.get("gather_bwd"),
-                                        shift=tuning.get("shift_bwd"))
+                                        shift=tuning.get("shift_bwd"), whole=tuning.get("whole_bwd"))
 
 
 def _blocked_states_like(u, A, save_states):
