@@ -86,13 +86,6 @@ WARPS = {128: 1, 256: 1, 512: 2, 1024: 4, 2048: 8}
 # (fp32 inputs 1.69 / 1.32).
 
 
-# dB/dC reductions without the chunk's mask where every chunk lies inside the rows (lp % T == 0): Triton wraps a
-# masked atomic in a branch (sm_90 state loop 248 -> 242 instructions). H100, blocked_bwd alone, same run, masked
-# / unmasked ms: one channel a program, b1 d1536 l65536 5.61 / 5.56 (reverse 5.90 / 5.68), l2^20 86.7 / 84.5
-# (99.6 / 96.6); two, b8 d1536 l2048 1.193 / 1.212 (1.186 / 1.175), b4 l16384 4.50 / 4.59 (4.47 / 4.45): so only
-# one-channel programs go unmasked (_whole_chunks)
-
-
 def _gather(gather, reverse: bool, V: int, BD: int) -> bool:
     """Whether the backward-running scan crosses lanes by gather: ``gather`` if given, else the rule above."""
     if gather is not None:
@@ -106,9 +99,14 @@ def _shift_decays(shift, NT: int) -> bool:
     return bool(shift if shift is not None else NT <= 32)
 
 
+# dB/dC reductions without the chunk's mask where every chunk lies inside the rows (lp % T == 0): Triton wraps a
+# masked atomic in a branch (sm_90 state loop 248 -> 242 instructions). H100, blocked_bwd alone, same run, masked
+# / unmasked ms: one channel a program, b1 d1536 l65536 5.61 / 5.56 (reverse 5.90 / 5.68), l2^20 86.7 / 84.5
+# (99.6 / 96.6); two, b8 d1536 l2048 1.193 / 1.212 (1.186 / 1.175), b4 l16384 4.50 / 4.59 (4.47 / 4.45): so only
+# one-channel programs go unmasked
 def _whole_chunks(whole, lp: int, T: int, BD: int) -> bool:
     """Whether the dB/dC reductions go unmasked: rows of ``lp`` positions in whole chunks, and ``whole`` if given,
-    else at one channel a program (the note above ``_gather``)."""
+    else at one channel a program (the note above)."""
     return lp % T == 0 and bool(whole if whole is not None else BD == 1)
 
 
