@@ -214,11 +214,6 @@ def _state_step(acc, n, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk
     q3 = tl.arange(0, NT)[None, None, :]
     q2 = tl.arange(0, NT)[None, :]
     last_r = r3 == R - 1
-    # scan positions where each V-block ends (the thread's r-th block is block q * R + r); with SAVE_STATES the
-    # state after a block is saved where that position ends one of the chunk's S-position pieces (all but the
-    # chunk's last piece: that state is the next chunk's, saved at its start); S is a multiple of V
-    block_end = (q3 * R + r3 + 1) * V                                       # (1, R, NT)
-    saves = (block_end % S == 0) & (block_end < T)
     if SAVE_STATES:  # the state entering the chunk: the carry in, already in registers (one thread stores)
         tl.store(cs_ptr + (((pb * n_saved + k * (T // S)) * dim + d_off) * nstate + n)[:, None] + q2 * 0,
                  h_in[:, None] + 0.0 * q2, mask=q2 == 0)
@@ -266,6 +261,11 @@ def _state_step(acc, n, k, a2, h_in, B_w, C_w, dt4, dtu4, dt_blk, keep, keep_blk
         tl.store(cs_ptr + ((pb * n_saved + j2) * dim + d_off[:, None]) * nstate + n, h_exit,
                  mask=(thr_end % S == 0) & (thr_end < T) & (j2 < n_saved))
     elif SAVE_STATES and S < T:
+        # scan positions where each V-block ends (the thread's r-th block is block q * R + r): the state after a
+        # block is saved where that position ends one of the chunk's S-position pieces (all but the chunk's last
+        # piece: that state is the next chunk's, saved at its start); S is a multiple of V
+        block_end = (q3 * R + r3 + 1) * V                                   # (1, R, NT)
+        saves = (block_end % S == 0) & (block_end < T)
         j = k * (T // S) + block_end // S                               # the piece it enters
         tl.store(cs_ptr + ((pb * n_saved + j) * dim + d_off[:, None, None]) * nstate + n,
                  h_blk + P_blk * h_blk_in, mask=saves & (j < n_saved))
