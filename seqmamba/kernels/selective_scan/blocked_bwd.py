@@ -23,7 +23,8 @@ reset at the chunk's first position): the contract of ``blocked_fwd.py``.
 
 One program per (batch, block of ``BD`` channels) walks the chunks in reverse scan order and carries, in a slab of
 the dh0 buffer, w = a g at the first position of the chunk just done (BD, n): the term a_{j+1} g_{j+1} that
-enters the g of the chunk's last position, and at scan position 0 dh0 itself. Per chunk it loads u, delta, z,
+enters the g of the chunk's last position, and at scan position 0 dh0 itself (two-warp plans carry g and take
+dh0 = a_0 g_0 at the end). Per chunk it loads u, delta, z,
 dy (BD, T), and for each state index n (the next state's B, C and carries loading meanwhile): rescans h from
 the chunk state (a forward ``tl.associative_scan``), scans g backward from the carry (``_reverse_scan``:
 Triton's own reverse scan shuffles every element across lanes), and accumulates every gradient. One exp per
