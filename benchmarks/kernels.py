@@ -491,11 +491,11 @@ def resources():
     T, warps = blocked_fwd.default_plan(1536)
     nt, v = blocked_fwd.tile_layout(T, warps, 2, T)
     rows = [("forward, no grad", blocked_fwd._blocked_fwd_kernel, warps,
-             dict(fwd, SAVE_STATES=False, S=T, BD=1, T=T, NT=nt, V=v))]
-    T, S = chunk._grad_lengths({}, 1536)
+             dict(fwd, SAVE_STATES=False, S=T, BD=1, T=T, NT=nt, V=v), blocked_fwd.MAXNREG)]
+    T, S = chunk._grad_lengths({}, 1536, False, torch.device("cpu"))  # off the GPU: an H100's 132 SMs
     nt, v = blocked_fwd.tile_layout(T, warps, 2, S)
     rows.append(("forward under autograd", blocked_fwd._blocked_fwd_kernel, warps,
-                 dict(fwd, SAVE_STATES=True, S=S, BD=1, T=T, NT=nt, V=v)))
+                 dict(fwd, SAVE_STATES=True, S=S, BD=1, T=T, NT=nt, V=v), blocked_fwd.MAXNREG))
     for S, bd in sorted({(s, 1) for _, s in chunk.GRAD_STATE_LENS} | {(128, 2)}):
         w = blocked_bwd.default_warps(S)
         v = blocked_bwd.positions_per_thread(S, w, 2)
@@ -503,10 +503,10 @@ def resources():
                      w, dict(opts, BD=bd, T=S, NT=S // v, V=v, DA_PARTIALS=w > 1, HINTS=w == 1,
                              GATHER=blocked_bwd._gather(None, False, v, bd),
                              SHIFT=blocked_bwd._shift_decays(None, S // v),
-                             WHOLE=blocked_bwd._whole_chunks(None, 1 << 20, S, bd))))
+                             WHOLE=blocked_bwd._whole_chunks(None, 1 << 20, S, bd)),
+                     blocked_bwd.default_maxnreg(S, w, bd)))
     print(f"sm_90, bf16, triton {triton.__version__}; loop = the per-state loop, SASS instructions (top opcodes)")
-    for name, fn, warps, consts in rows:
-        maxnreg = blocked_fwd.MAXNREG if fn is blocked_fwd._blocked_fwd_kernel else None
+    for name, fn, warps, consts, maxnreg in rows:
         cubin = compile_sm90(fn, consts, half=half, i64={"seq_ptr"}, aligned=aligned, unit=unit, num_warps=warps,
                              maxnreg=maxnreg)
         regs, stack = resource_usage(cubin)

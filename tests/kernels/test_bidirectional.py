@@ -146,6 +146,26 @@ def test_interpreted_fake_layouts_match_real(chunk, channel_last, blocked, monke
         assert [(t.shape, t.dtype, t.stride()) for t in real] == [(t.shape, t.dtype, t.stride()) for t in fake]
 
 
+def test_interpreted_directions_save_states_at_their_own_spacing(chunk, monkeypatch):
+    """Under autograd each direction saves states at its own spacing (forward scans at 256 positions where reverse
+    ones take 128: chunk.py's _state_len): the fakes give the real shapes, and output and gradients match two
+    float64 reference calls."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(chunk, "GRAD_CHUNK", 256)
+    monkeypatch.setattr(chunk, "GRAD_STATE_LENS", ((2, 128), (0, 512)))  # 2 rows: S = 128, forward scans 256
+    fwd, rev = make_pair(1, 2, 2, 300, seed=17)
+    pairs = [t.detach() for k in SCAN for t in (fwd[k], rev[k])]
+    args = (*pairs, True, True, None, True)
+    real = chunk._bi_fwd_op(*args)
+    assert (real[1].shape[1], real[2].shape[1]) == (2, 3)  # cdiv(304, 256) and cdiv(304, 128) saved states
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = chunk._bi_fwd_op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert [t.shape for t in real] == [t.shape for t in fake]
+    got = grads_of(chunk.selective_scan_bidirectional_triton(fwd, rev, delta_softplus=True), leaves_of(fwd, rev))
+    y_ref, f64, r64 = two_call_reference(fwd, rev)
+    assert_close(got, grads_of(y_ref, leaves_of(f64, r64)), rtol=2e-5)
+
+
 def test_interpreted_no_grad_and_bf16(chunk):
     """bf16 activations (fp32 A, D, bias): y in bf16, close to the fp32 reference on the same inputs; no
     tile states are kept without autograd."""

@@ -123,7 +123,10 @@ def test_interpreted_low_precision(blocked, dtype):
     # two channels a program (the plan from 2048 rows): g by gather in both directions, or by the suffix scan
     (torch.bfloat16, 128, False, True, 1, dict(block_d=2)), (torch.float32, 128, True, False, 1, dict(block_d=2)),
     (torch.bfloat16, 128, False, False, 1, dict(block_d=2, gather=False)),
-    (torch.float32, 128, False, True, 1, dict(gather=True))])
+    (torch.float32, 128, False, True, 1, dict(gather=True)),
+    # 8 positions a thread on one warp (chunk 256, the plan up to one wave of rows): gather by default, both
+    # directions, and the suffix scan
+    (torch.bfloat16, 256, False, True, 1, {}), (torch.bfloat16, 256, True, True, 1, dict(gather=False))])
 def test_interpreted_full_warp_chunks(blocked, dtype, T, reverse, seq, warps, tuning):
     """Chunks on full warps with 2, 4 or 8 positions a thread, the layout the GPU kernels run (their reverse scans
     combine in-thread runs and per-thread maps: at the tiny chunks above every thread holds one position), both

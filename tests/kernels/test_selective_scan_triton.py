@@ -284,6 +284,18 @@ def test_gpu_bf16_realistic_shape():
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_bf16_one_wave_of_rows(reverse):
+    """1280 rows, one wave of 256-position backward programs (8 positions a thread, registers capped, the
+    backward-running scan by gather), in both directions, and a ragged end: every gradient."""
+    x = _cuda_inputs(1, 1280, 16, 4000, dtype=torch.bfloat16, seed=5)
+    got = outputs_and_grads(public_fn(delta_softplus=True, reverse=reverse), x)
+    want = outputs_and_grads(ref_fn(delta_softplus=True, reverse=reverse), detached(x, torch.float64))
+    assert_close(got, want, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@cuda
 def test_gpu_deterministic_backward():
     """torch.use_deterministic_algorithms(True): two runs give bitwise equal outputs and gradients."""
     x = _cuda_inputs(2, 256, 16, 8192, groups=2, dtype=torch.bfloat16, seed=4)

@@ -32,9 +32,10 @@ Triton's own reverse scan shuffles every element across lanes), and accumulates 
 within each thread's registers and one shuffle a thread; H100, blocked_bwd alone, same run, against a second
 exp from delta loaded one position later: b8 d1536 l2048 1.326 -> 1.192 ms, b4 l16384 5.09 -> 4.51, b1 l2^20
 88.9 -> 86.7, reverse 104.8 -> 100.0; across warps the move would go through shared memory, so two-warp plans
-keep the second exp). The chunk is short (under autograd chunk.py picks ``T`` = 128 on one warp, 4 positions
-a thread, unless there are few (batch, channel) rows): the forward saves the state entering every T positions
-for it, however long its own chunks are.
+keep the second exp). The chunk is short (under autograd chunk.py picks ``T`` = 256 on one warp, 8 positions a
+thread, while one wave of such programs holds every (batch, channel) row, and T = 128 with more rows, or 512 on
+two warps with few; see chunk.py's GRAD_STATE_LENS): the forward saves the state entering every T positions for
+it, however long its own chunks are.
 
 Loads carry eviction hints on one-warp plans, as in the forward: B and C rows (the same for every channel of a
 group, read through L1 by the programs an SM holds) evict_last, the per-channel streams evict_first (H100, same
@@ -80,18 +81,35 @@ LOG2E = 1.4426950408889634
 BLOCK_D_ROWS = ((2048, 2), (0, 1))
 WARPS = {128: 1, 256: 1, 512: 2, 1024: 4, 2048: 8}
 # The backward-running scan (g for a forward scan, h for a reverse one) crosses lanes by gather (_reverse_scan) at
-# V <= 4 positions a thread, except for a forward scan at one channel a program. H100, blocked_bwd alone, same run:
-# the reverse scan's h by gather, b1 d1536 l2^20 105.8 -> 90.8 ms (at 8 positions it was 5% slower); the forward
-# scan's g by gather (session 22, ms, suffix scan / gather), one channel a program: b1 d1536 l2^20 88.9 / 96.3,
-# b8 d1536 l2048 1.67 / 1.65; two: b1 d2048 l2^18 29.4 / 27.0, b2 d1536 l32768 6.54 / 6.00, b8 l2048 1.42 / 1.32
-# (fp32 inputs 1.69 / 1.32).
+# 8 positions a thread, and at V <= 4 except for a forward scan at one channel a program. H100, blocked_bwd alone,
+# same run: the reverse scan's h by gather, b1 d1536 l2^20 105.8 -> 90.8 ms; the forward scan's g by gather
+# (session 22, ms, suffix scan / gather), one channel a program: b1 d1536 l2^20 88.9 / 96.3, b8 d1536 l2048 1.67 /
+# 1.65; two: b1 d2048 l2^18 29.4 / 27.0, b2 d1536 l32768 6.54 / 6.00, b8 l2048 1.42 / 1.32 (fp32 inputs 1.69 /
+# 1.32). At 8 positions (T = 256, one warp; session 23, ms, suffix scan / gather, uncapped registers): b1 d1536
+# l2^20 128.5 / 121.4, b1 d768 l2^20 57.6 / 54.2 (reverse 60.1 / 58.4), b1 d1024 l2^20 67.4 / 65.3 (reverse 68.8 /
+# 65.6), b2 d512 l2^19 32.6 / 31.0 (reverse 32.9 / 31.3); capped at 168 registers, b1 d1536 l2^20 91.3 / 81.5
+# (reverse 94.7 / 94.6).
 
 
 def _gather(gather, reverse: bool, V: int, BD: int) -> bool:
     """Whether the backward-running scan crosses lanes by gather: ``gather`` if given, else the rule above."""
     if gather is not None:
         return bool(gather)
-    return V <= 4 and (bool(reverse) or BD > 1)
+    return V == 8 or (V <= 4 and (bool(reverse) or BD > 1))
+
+
+# Registers a thread of one-warp, one-channel programs by chunk length T: at T = 256 (8 positions a thread) ptxas
+# takes 230 uncapped, so 8 programs share an SM; capped at 168 (no spills in the state loop, 370 SASS instructions
+# a state against 373), 12 do. H100, blocked_bwd alone, same run (session 23), gather on, ms uncapped / capped:
+# b1 d1536 l2^20 121.4 / 81.5, b1 d1280 l2^20 119.0 / 71.5 (reverse 121.8 / 77.7), b1 d1024 l2^20 65.3 / 55.4
+# (reverse 65.6 / 65.8), b1 d768 l2^20 54.2 / 52.3 (reverse 58.4 / 57.7), b2 d512 l2^19 31.0 / 27.4 (reverse
+# 31.3 / 32.1), b1 d1024 l65536 3.97 / 3.70 (reverse 4.03 / 4.15). Other plans run uncapped.
+MAXNREG = {256: 168}
+
+
+def default_maxnreg(T: int, warps: int, BD: int) -> int | None:
+    """The register cap of a backward launch without ``maxnreg`` (MAXNREG; None: uncapped)."""
+    return MAXNREG.get(T) if warps == 1 and BD == 1 else None
 
 
 def _shift_decays(shift, NT: int) -> bool:
@@ -452,7 +470,8 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
     (b, n_chunks, d, n) fp32 with n_chunks = cdiv(padded_len(l), chunk_len) (see the module docstring); dht:
     (b, d, n) or None; seq_idx: (b, l) ints or None. ``chunk_len`` (a power of two) is the forward's chunk length
     T; ``block_d`` channels per program (a power of two dividing d // g; default :func:`default_block_d`),
-    ``num_warps`` (default :func:`default_warps`), ``maxnreg`` (registers a thread; default uncapped), ``gather``
+    ``num_warps`` (default :func:`default_warps`), ``maxnreg`` (registers a thread; 0: uncapped; default
+    :func:`default_maxnreg`), ``gather``
     (the cross-lane part of the backward-running scan by gather, see ``_reverse_scan``; default by ``_gather``),
     ``shift`` (a_{j+1} moved over from a_j, not a second exp; default on one warp: ``_shift_decays``), ``whole``
     (dB/dC reductions unmasked where the rows hold whole chunks; default ``_whole_chunks``).
@@ -487,6 +506,8 @@ def blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_st
     warps = num_warps or default_warps(T)
     V = positions_per_thread(T, warps, max(t.element_size() for t in (u, delta, z, dout, B4, C4) if t is not None))
     partials = warps > 1
+    if maxnreg is None:
+        maxnreg = default_maxnreg(T, warps, BD)
     dA = torch.zeros(b, d, n, T // V if partials else 1, **f32)  # summed over its last dim below
     dD = torch.empty(b, d, **f32)
     dbias = torch.empty(b, d, **f32)

@@ -1115,16 +1115,43 @@ GRAD_CHUNK = None
 #   b1 d1024 l262144     28.2      22.0      27.0      28.8
 #   b1 d1536 l2^20       138       158 (forward chunk 512)
 #   b4 d512 l16384       2.71      2.83      3.39      3.63
-GRAD_STATE_LENS = ((1280, 128), (768, 256), (0, 512))   # (from this many rows, S)
+# Session 23: with S = 256 programs capped at 168 registers (blocked_bwd.MAXNREG: 12 an SM) and crossing lanes by
+# gather, S = 256 wins wherever one wave holds every row; with more rows its programs run in two waves (b1 d1792
+# l2^20: 135.2 ms against 104.1 at S = 128). Forward scans keep it up to there, reverse ones below 1536 rows.
+# H100, blocked_bwd alone, same run, ms S = 128 / 256 (forward scan; reverse):
+#   b1 d1536 l2^20     84.5 / 81.5 (92.4 / 94.6)     b1 d1536 l2^18     21.6 / 21.0 (22.6 / 23.5)
+#   b1 d1536 l131072   10.7 / 10.1                   b1 d1536 l65536    5.57 / 5.25 (5.66 / 5.76)
+#   b1 d1280 l2^20     83.6 / 71.5 (86.6 / 77.7)     b1 d1792 l2^20     104.1 / 135.2
+# The forward under autograd takes the same time at either spacing (b1 d1536 l2^20 23.7 / 23.5 ms).
+GRAD_STATE_LENS = ((1536, 128), (768, 256), (0, 512))   # (from this many rows, S); see _state_len
+GRAD_S256_PER_SM = 12  # S = 256 backward programs an SM (blocked_bwd.MAXNREG)
 
 
-def _grad_lengths(tuning, rows):
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (an H100's 132 off the GPU: the interpreted kernels of the tests)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _state_len(rows: int, reverse: bool, sms: int) -> int:
+    """S for ``rows`` = b * d rows: GRAD_STATE_LENS, but 256 for forward scans up to one wave of S = 256 programs
+    (GRAD_S256_PER_SM a streaming multiprocessor), and 128 past one wave."""
+    s = next(s for min_rows, s in GRAD_STATE_LENS if rows >= min_rows)
+    if s == 128 and not reverse:
+        s = 256
+    if s == 256 and rows > GRAD_S256_PER_SM * sms:
+        s = 128
+    return s
+
+
+def _grad_lengths(tuning, rows, reverse, device):
     """(forward chunk, saved-state spacing S = the backward's chunk) of a call on ``rows`` = b * d (batch,
-    channel) rows that saves states with ``tuning``."""
+    channel) rows, scanning in this direction on ``device``, that saves states with ``tuning``."""
     chunk = tuning.get("chunk") or GRAD_CHUNK or _blocked_fwd_mod.default_plan(rows)[0]
     state_len = tuning.get("state_len")
     if state_len is None:
-        state_len = min(next(s for min_rows, s in GRAD_STATE_LENS if rows >= min_rows), chunk)
+        state_len = min(_state_len(rows, reverse, _sm_count(device)), chunk)
     return chunk, state_len
 
 
@@ -1135,7 +1162,7 @@ def _blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, r
     tuning = tuning or {}
     chunk, warps, bd, state_len = tuning.get("chunk"), tuning.get("warps"), tuning.get("bd"), None
     if save_states:
-        chunk, state_len = _grad_lengths(tuning, u.shape[0] * u.shape[1])
+        chunk, state_len = _grad_lengths(tuning, u.shape[0] * u.shape[1], reverse, u.device)
     return _blocked_fwd_mod.blocked_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, reverse,
                                         seq_idx, save_states, out=out, chunk=chunk, state_len=state_len, bd=bd,
                                         num_warps=warps)
@@ -1148,18 +1175,19 @@ def _blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_s
     whole_bwd."""
     tuning = tuning or {}
     return _blocked_bwd_mod.blocked_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk_states, dy,
-                                        dht, seq_idx, chunk_len=_grad_lengths(tuning, u.shape[0] * u.shape[1])[1],
+                                        dht, seq_idx,
+                                        chunk_len=_grad_lengths(tuning, u.shape[0] * u.shape[1], reverse, u.device)[1],
                                         block_d=tuning.get("bd_bwd"), num_warps=tuning.get("warps_bwd"),
                                         maxnreg=tuning.get("maxnreg_bwd"), gather=tuning.get("gather_bwd"),
                                         shift=tuning.get("shift_bwd"), whole=tuning.get("whole_bwd"))
 
 
-def _blocked_states_like(u, A, save_states):
+def _blocked_states_like(u, A, save_states, reverse):
     """Empty chunk states with the blocked forward's shape (fake implementations)."""
     b, d, l = u.shape
     if not save_states:
         return _empty(u)
-    n_saved = triton.cdiv(_common.padded_len(l), _grad_lengths({}, b * d)[1])
+    n_saved = triton.cdiv(_common.padded_len(l), _grad_lengths({}, b * d, reverse, u.device)[1])
     return u.new_empty(b, n_saved, d, A.shape[1], dtype=torch.float32)
 
 
@@ -1239,7 +1267,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, sav
     n = A.shape[1]
     if blocked:
         return _blocked_rows_like(u), u.new_empty(b, d, n, dtype=torch.float32), _blocked_states_like(u, A,
-                                                                                                      save_states)
+                                                                                                      save_states,
+                                                                                                      reverse)
     n_tiles = max(triton.cdiv(l, TILE), 1)
     ts = u.new_empty(b, n_tiles, d, n, dtype=torch.float32) if save_states else _empty(u)
     return new_output(u, delta), u.new_empty(b, d, n, dtype=torch.float32), ts
@@ -1359,8 +1388,8 @@ def _(u_f, u_r, delta_f, delta_r, A_f, A_r, B_f, B_r, C_f, C_r, D_f, D_r, z_f, z
     b, d, l = u_f.shape
     n = A_f.shape[1]
     if blocked:
-        return (_blocked_rows_like(u_f), _blocked_states_like(u_f, A_f, save_states),
-                _blocked_states_like(u_f, A_f, save_states))
+        return (_blocked_rows_like(u_f), _blocked_states_like(u_f, A_f, save_states, False),
+                _blocked_states_like(u_f, A_f, save_states, True))
     n_tiles = max(triton.cdiv(l, TILE), 1)
     ts = (lambda: u_f.new_empty(b, n_tiles, d, n, dtype=torch.float32)) if save_states else (lambda: _empty(u_f))
     return new_output(u_f, delta_f), ts(), ts()
