@@ -126,7 +126,9 @@ def test_interpreted_low_precision(blocked, dtype):
     (torch.float32, 128, False, True, 1, dict(gather=True)),
     # 8 positions a thread on one warp (chunk 256, the plan up to one wave of rows): gather by default, both
     # directions, and the suffix scan
-    (torch.bfloat16, 256, False, True, 1, {}), (torch.bfloat16, 256, True, True, 1, dict(gather=False))])
+    (torch.bfloat16, 256, False, True, 1, {}), (torch.bfloat16, 256, True, True, 1, dict(gather=False)),
+    # 1024 positions on four warps (the plan for up to two rows an SM)
+    (torch.bfloat16, 1024, True, True, 4, {})])
 def test_interpreted_full_warp_chunks(blocked, dtype, T, reverse, seq, warps, tuning):
     """Chunks on full warps with 2, 4 or 8 positions a thread, the layout the GPU kernels run (their reverse scans
     combine in-thread runs and per-thread maps: at the tiny chunks above every thread holds one position), both

@@ -285,10 +285,12 @@ def test_gpu_bf16_realistic_shape():
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("reverse", [False, True])
-def test_gpu_bf16_one_wave_of_rows(reverse):
-    """1280 rows, one wave of 256-position backward programs (8 positions a thread, registers capped, the
-    backward-running scan by gather), in both directions, and a ragged end: every gradient."""
-    x = _cuda_inputs(1, 1280, 16, 4000, dtype=torch.bfloat16, seed=5)
+@pytest.mark.parametrize("d", [1280, 256])
+def test_gpu_bf16_one_wave_of_rows(d, reverse):
+    """Rows that one wave of backward programs holds: 1280 (256-position programs, 8 positions a thread, registers
+    capped, the backward-running scan by gather) and 256 (1024-position programs on four warps), in both
+    directions, and a ragged end: every gradient."""
+    x = _cuda_inputs(1, d, 16, 4000, dtype=torch.bfloat16, seed=5)
     got = outputs_and_grads(public_fn(delta_softplus=True, reverse=reverse), x)
     want = outputs_and_grads(ref_fn(delta_softplus=True, reverse=reverse), detached(x, torch.float64))
     assert_close(got, want, rtol=2e-2)

@@ -33,9 +33,9 @@ within each thread's registers and one shuffle a thread; H100, blocked_bwd alone
 exp from delta loaded one position later: b8 d1536 l2048 1.326 -> 1.192 ms, b4 l16384 5.09 -> 4.51, b1 l2^20
 88.9 -> 86.7, reverse 104.8 -> 100.0; across warps the move would go through shared memory, so two-warp plans
 keep the second exp). The chunk is short (under autograd chunk.py picks ``T`` = 256 on one warp, 8 positions a
-thread, while one wave of such programs holds every (batch, channel) row, and T = 128 with more rows, or 512 on
-two warps with few; see chunk.py's GRAD_STATE_LENS): the forward saves the state entering every T positions for
-it, however long its own chunks are.
+thread, while one wave of such programs holds every (batch, channel) row, and T = 128 with more rows, 512 on two
+warps with few, 1024 on four with very few; see chunk.py's _state_len): the forward saves the state entering
+every T positions for it, however long its own chunks are.
 
 Loads carry eviction hints on one-warp plans, as in the forward: B and C rows (the same for every channel of a
 group, read through L1 by the programs an SM holds) evict_last, the per-channel streams evict_first (H100, same

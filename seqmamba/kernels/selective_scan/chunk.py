@@ -1123,8 +1123,13 @@ GRAD_CHUNK = None
 #   b1 d1536 l131072   10.7 / 10.1                   b1 d1536 l65536    5.57 / 5.25 (5.66 / 5.76)
 #   b1 d1280 l2^20     83.6 / 71.5 (86.6 / 77.7)     b1 d1792 l2^20     104.1 / 135.2
 # The forward under autograd takes the same time at either spacing (b1 d1536 l2^20 23.7 / 23.5 ms).
+# With up to two rows an SM, S = 1024 (four warps, 8 positions a thread, ~254 registers: two programs an SM) beats
+# S = 512 on two warps: blocked_bwd alone, same run, ms S = 512 / 1024 (forward scan; reverse): b1 d256 l2^20
+# 26.3 / 17.1 (25.0 / 17.3); with more rows it runs in two waves: b1 d512 l2^20 32.2 / 33.8 (31.3 / 33.9), b2
+# d256 l2^18 8.16 / 8.54 (7.93 / 8.57).
 GRAD_STATE_LENS = ((1536, 128), (768, 256), (0, 512))   # (from this many rows, S); see _state_len
 GRAD_S256_PER_SM = 12  # S = 256 backward programs an SM (blocked_bwd.MAXNREG)
+GRAD_S1024_PER_SM = 2  # S = 1024 backward programs an SM
 
 
 def _sm_count(device: torch.device) -> int:
@@ -1136,12 +1141,15 @@ def _sm_count(device: torch.device) -> int:
 
 def _state_len(rows: int, reverse: bool, sms: int) -> int:
     """S for ``rows`` = b * d rows: GRAD_STATE_LENS, but 256 for forward scans up to one wave of S = 256 programs
-    (GRAD_S256_PER_SM a streaming multiprocessor), and 128 past one wave."""
+    (GRAD_S256_PER_SM a streaming multiprocessor), 128 past one wave, and 1024 where one wave of S = 1024
+    programs (GRAD_S1024_PER_SM an SM) holds every row."""
     s = next(s for min_rows, s in GRAD_STATE_LENS if rows >= min_rows)
     if s == 128 and not reverse:
         s = 256
     if s == 256 and rows > GRAD_S256_PER_SM * sms:
         s = 128
+    if s == 512 and rows <= GRAD_S1024_PER_SM * sms:
+        s = 1024
     return s
 
 
