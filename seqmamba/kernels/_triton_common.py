@@ -95,6 +95,13 @@ def prefetch_l2(ptrs):
                                      is_pure=False, pack=1)
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (an H100's 132 off the GPU: the interpreted kernels of the tests)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def pow2_divisor(x: int, cap: int) -> int:
     """Largest power of two dividing x, at most cap (a channel block that tiles a group exactly)."""
     p = 1

@@ -294,6 +294,29 @@ def test_gpu_bf16_default_tiles_match_reference(reverse, l, save_states):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("save_states", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_bf16_wide_rows_registers_capped_lower(reverse, save_states):
+    """b1 d2048: more one-warp programs than 12 an SM hold, which run at 128 registers a thread (one wave of 16
+    an SM): outputs and states bitwise equal to the 168-register launch, and close to the float64 reference."""
+    x = _cuda(inputs(b=1, d=2048, n=16, l=1504, groups=1, seed=12), torch.bfloat16)
+    args = {k: x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")}
+    kw = dict(softplus=True, initial_state=x["initial_state"], reverse=reverse, save_states=save_states)
+    blocked = _compiled()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if 12 * sms < 2048 <= 16 * sms:  # an H100 or H200 (132 SMs)
+        assert blocked.default_maxnreg(2048, 1, sms) == 128
+    got = blocked.blocked_fwd(**args, **kw)
+    at_168 = blocked.blocked_fwd(**args, **kw, maxnreg=168)
+    for a, c in zip(got, at_168):
+        assert (a is None and c is None) or torch.equal(a, c)
+    y_ref, h_ref = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True,
+                                      reverse=reverse, return_final_state=True)
+    assert_all_close({"y": (got[0], y_ref), "final_state": (got[1], h_ref)}, 1e-2)
+
+
+@pytest.mark.gpu
+@cuda
 def test_gpu_bf16_1m_finite_and_two_halves():
     """bf16 b1 d1536 l2^20: finite, and two calls carrying the state equal one shot."""
     b, d, n, l = 1, 1536, 16, 1 << 20

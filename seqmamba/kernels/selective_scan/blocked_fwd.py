@@ -70,6 +70,11 @@ PLANS = ((1024, 512, 1), (0, 1024, 2))
 # registers a thread: 168 lets 12 one-warp programs share an SM (b1 d1536: 1536 programs, one wave on 132 SMs);
 # uncapped, ptxas takes ~205 and b1 d1536 l2^20 takes 39.7 ms instead of 23.1 (b8 0.407 / 0.341 ms)
 MAXNREG = 168
+# With more one-warp programs than one wave of 12 an SM, up to 16 an SM, 128 registers a thread (no spill in the
+# no-grad state loop, 229 instructions) let one wave hold them all. H100, same run, b1 l2^19 no-grad forward ms, 168
+# / 128 registers: d1792 19.19 / 14.96, d2048 19.57 / 15.25; one wave either way, d1536 10.40 / 13.93; two waves
+# either way, d2560 19.61 / 27.00 (152 and 136 registers: slower than 168 at every row count measured).
+MAXNREG_WIDE = 128
 # the default spacing of saved states (state_len): divides every plan's chunk
 STATE_LEN = 512
 # B and C rows are the same for every channel of a group: the programs an SM holds (channels i, i + 132, ...) read
@@ -463,6 +468,14 @@ def _plan(rows: int, cpg: int, elt_size: int, reverse: bool, tuning: dict) -> tu
     return T, bd, warps, bool(prefetch)
 
 
+def default_maxnreg(programs: int, warps: int, sms: int) -> int:
+    """Registers a thread for ``programs`` programs of ``warps`` warps on ``sms`` SMs: MAXNREG, or MAXNREG_WIDE
+    where one-warp programs fit one wave of 16 an SM but not of 12."""
+    if warps == 1 and 12 * sms < programs <= 16 * sms:
+        return MAXNREG_WIDE
+    return MAXNREG
+
+
 def _mask_free(lp: int, T: int, save_states: bool, tuning: dict) -> bool:
     """Whether B/C load without masks: every chunk inside rows of ``lp`` positions, and ``tuning["bc_full"]``
     (None: without saved states, at most BC_FULL_MAX_CHUNKS chunks)."""
@@ -487,7 +500,7 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
     ``chunk`` (T, a power of two; default by the row count b * d, see PLANS), ``state_len`` (S, a power of two
     <= T; default :func:`state_spacing`), ``bd`` (channels per program, capped to a power of two dividing
     d // g), ``num_warps``, ``unroll`` (state loop), ``pairs``, ``prefetch``, ``bc_full`` (bools), ``maxnreg``
-    (registers a thread, 0: uncapped; default MAXNREG).
+    (registers a thread, 0: uncapped; default :func:`default_maxnreg`).
     """
     b, d, l = u.shape
     n = A.shape[1]
@@ -521,7 +534,7 @@ def blocked_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=Fal
         s % 2 == 0 for s in (*B4.stride()[:3], *C4.stride()[:3], lp, B4.storage_offset(), C4.storage_offset()))
     if b * d == 0:
         return y, final.zero_() if h0 is None else final.copy_(h0), (states if save_states else None)
-    maxnreg = tuning.get("maxnreg", MAXNREG)
+    maxnreg = tuning.get("maxnreg", default_maxnreg(b * (d // bd), warps, _common.sm_count(u.device)))
     _blocked_fwd_kernel[(b * (d // bd),)](
         u, delta, A.contiguous(), B4, C4, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, y, h0 if h0 is not None else dummy, final, states,

@@ -1132,13 +1132,6 @@ GRAD_S256_PER_SM = 12  # S = 256 backward programs an SM (blocked_bwd.MAXNREG)
 GRAD_S1024_PER_SM = 2  # S = 1024 backward programs an SM
 
 
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (an H100's 132 off the GPU: the interpreted kernels of the tests)."""
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _state_len(rows: int, reverse: bool, sms: int) -> int:
     """S for ``rows`` = b * d rows: GRAD_STATE_LENS, but 256 for forward scans up to one wave of S = 256 programs
     (GRAD_S256_PER_SM a streaming multiprocessor), 128 past one wave, and 1024 where one wave of S = 1024
@@ -1159,7 +1152,7 @@ def _grad_lengths(tuning, rows, reverse, device):
     chunk = tuning.get("chunk") or GRAD_CHUNK or _blocked_fwd_mod.default_plan(rows)[0]
     state_len = tuning.get("state_len")
     if state_len is None:
-        state_len = min(_state_len(rows, reverse, _sm_count(device)), chunk)
+        state_len = min(_state_len(rows, reverse, _common.sm_count(device)), chunk)
     return chunk, state_len
 
 
