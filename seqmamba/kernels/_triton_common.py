@@ -102,6 +102,11 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def warps_per_sm(regs_per_thread: int) -> int:
+    """Warps whose threads' registers an SM's 64K-register file holds (one-warp programs an SM)."""
+    return 65536 // (32 * regs_per_thread)
+
+
 def pow2_divisor(x: int, cap: int) -> int:
     """Largest power of two dividing x, at most cap (a channel block that tiles a group exactly)."""
     p = 1

@@ -471,8 +471,7 @@ def _plan(rows: int, cpg: int, elt_size: int, reverse: bool, tuning: dict) -> tu
 def default_maxnreg(programs: int, warps: int, sms: int) -> int:
     """Registers a thread for ``programs`` programs of ``warps`` warps on ``sms`` SMs: MAXNREG, or MAXNREG_WIDE
     where one-warp programs fit one wave at MAXNREG_WIDE (16 an SM) but not at MAXNREG (12)."""
-    def per_sm(regs):  # one-warp programs an SM's 64K registers hold
-        return 65536 // (32 * regs)
+    per_sm = _common.warps_per_sm
     if warps == 1 and per_sm(MAXNREG) * sms < programs <= per_sm(MAXNREG_WIDE) * sms:
         return MAXNREG_WIDE
     return MAXNREG

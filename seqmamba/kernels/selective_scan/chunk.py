@@ -1128,7 +1128,7 @@ GRAD_CHUNK = None
 # 26.3 / 17.1 (25.0 / 17.3); with more rows it runs in two waves: b1 d512 l2^20 32.2 / 33.8 (31.3 / 33.9), b2
 # d256 l2^18 8.16 / 8.54 (7.93 / 8.57).
 GRAD_STATE_LENS = ((1536, 128), (768, 256), (0, 512))   # (from this many rows, S); see _state_len
-GRAD_S256_PER_SM = 12  # S = 256 backward programs an SM (blocked_bwd.MAXNREG)
+GRAD_S256_PER_SM = _common.warps_per_sm(_blocked_bwd_mod.MAXNREG[256])  # S = 256 backward programs an SM (12)
 GRAD_S1024_PER_SM = 2  # S = 1024 backward programs an SM
 
 
